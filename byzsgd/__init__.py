@@ -1,0 +1,2 @@
+"""byzsgd: Byzantine-resilient distributed SGD with several parameter servers and workers."""
+__version__ = "0.1.0"

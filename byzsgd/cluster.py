@@ -1,0 +1,843 @@
+"""Multi-host deployments: what ``scripts/run_exp.sh`` and ``scripts/kill.sh`` run.
+
+``python -m byzsgd.cluster run``  starts one ``python -m byzsgd.trainer`` per rank, each on its
+host, through a *runner* (a command that runs ``sh -s`` on a host: ``ssh`` by default), waits
+for the run, collects the files and writes ``summary.json``.  ``kill RUN_DIR`` stops exactly the
+ranks of a run.  ``wait``, ``status`` and ``collect`` act on a run started with ``--detach``;
+``describe`` writes ``deployment.json`` for a run started by SLURM (``scripts/slurm_byzsgd.sbatch``).
+
+Only the standard library is needed on the launching machine (torch is used, when present,
+to check the configuration before anything starts).
+
+Hosts files (``servers``, ``workers``): one rank per line, ``HOST [key=value ...]``; ``#``
+starts a comment; a host may appear on several lines (several ranks there).  The first server
+is the master (rank 0); ranks are the servers in file order, then the workers.  Keys:
+
+``addr=``    address the other nodes use to reach this host (default: HOST without ``user@``);
+``python=``  interpreter on that host (default: ``<repo>/.venv/bin/python`` when it exists
+             there, else ``python3``);
+``repo=``    byzsgd checkout on that host (default: ``--repo``, i.e. this checkout's path);
+``dir=``     run directory on that host (default: ``--remote_dir``, else the local run dir);
+``listen=``  address to listen on (default ``0.0.0.0``).
+
+Runner (``--runner`` or ``$BYZSGD_RUNNER``; default ``ssh -o BatchMode=yes``): a command line;
+``{host}`` in it is replaced by the host, else the host is appended; then ``sh -s`` is
+appended and the script for that host is written to its stdin, so nothing secret is ever on a
+command line (``ps``).  ``BYZSGD_RUNNER="ip netns exec"`` with namespaces as hosts (and
+``addr=`` their addresses) is the one-machine test bed of ``scripts/netns_cluster.sh``;
+``BYZSGD_RUNNER=local`` runs everything here, whatever the host names.
+
+Ports: rank r listens on ``--base_port + r`` (``--ports fixed``, the default; the master is
+``addr0:base_port``), or, with ``--ports ephemeral``, every rank but the master on a port the
+kernel picks, announced through the rendezvous.
+
+Secret: ``--secret_file`` / ``$BYZSGD_SECRET_FILE`` or a fresh random one (``RUN_DIR/secret``,
+0600); it reaches each host through the runner's stdin (``printf``, a shell builtin), into
+``<dir>/secret`` (0600, umask 077), and the trainers get ``--secret_file``.  TLS certificates
+(``--tls_cert/--tls_key/--tls_ca``, local files) travel the same way; the HMAC handshake over
+the secret always runs, TLS under it when certificates are given.
+
+Each rank runs as ``setsid sh -c '<trainer> & echo $! > <role><rank>.pid; wait; echo $? >
+<role><rank>.rc'``: its own session (the process group id, ``.pgid``, is the wrapper's pid),
+the trainer's exact pid, its exit code; the environment carries ``BYZSGD_RUN_ID`` so that
+``kill`` checks, before signalling, that a pid is still one of this run's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from byzsgd.errors import ByzSGDError, ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_RUNNER = "ssh -o BatchMode=yes"
+RUNNER_ENV = "BYZSGD_RUNNER"
+RUN_ID_ENV = "BYZSGD_RUN_ID"
+HOST_KEYS = ("addr", "python", "repo", "dir", "listen")
+#: trainer flags the deployment sets per rank: refused in the config
+OWNED_FLAGS = ("rank", "master", "port", "listen_host", "advertise_host", "secret_file", "metrics",
+               "peers")
+TLS_FLAGS = ("tls_cert", "tls_key", "tls_ca")
+
+
+# ----------------------------------------------------------------------------- parsing
+@dataclass
+class Host:
+    name: str
+    addr: str
+    python: str | None = None
+    repo: str | None = None
+    dir: str | None = None
+    listen: str = "0.0.0.0"
+    line: str = ""
+
+
+def parse_hosts(text: str, source: str = "hosts") -> list[Host]:
+    """One rank per non-empty line: ``HOST [key=value ...]``; ``#`` comments."""
+    hosts = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        try:
+            words = shlex.split(raw, comments=True)
+        except ValueError as exc:
+            raise ConfigError(f"{source}:{number}: {exc}") from None
+        if not words:
+            continue
+        name, opts = words[0], {}
+        if "=" in name:
+            raise ConfigError(f"{source}:{number}: a line starts with the host, got {name!r}")
+        for word in words[1:]:
+            key, sep, value = word.partition("=")
+            if not sep or key not in HOST_KEYS:
+                raise ConfigError(f"{source}:{number}: unknown setting {word!r} (known: "
+                                  f"{', '.join(k + '=' for k in HOST_KEYS)})")
+            if not value:
+                raise ConfigError(f"{source}:{number}: empty {key}=")
+            opts[key] = value
+        addr = opts.pop("addr", name.rpartition("@")[2])
+        hosts.append(Host(name=name, addr=addr, line=raw.strip(), **opts))
+    return hosts
+
+
+def read_hosts(path: str | os.PathLike) -> list[Host]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the hosts file {path}: {exc}") from None
+    hosts = parse_hosts(text, str(path))
+    if not hosts:
+        raise ConfigError(f"the hosts file {path} lists no host")
+    return hosts
+
+
+def read_config(path: str | os.PathLike | None) -> list[str]:
+    """Trainer flags of a config file: shell words (quotes, ``#`` comments), any layout."""
+    if not path:
+        return []
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {path}: {exc}") from None
+    try:
+        return shlex.split(text, comments=True)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def split_flags(argv: list[str]) -> dict[str, str | None]:
+    """``--name value`` / ``--name=value`` pairs (last wins); a flag with no value maps to None."""
+    out: dict[str, str | None] = {}
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if not word.startswith("--"):
+            raise ConfigError(f"expected a --flag, got {word!r} (in {' '.join(argv)!r})")
+        name, sep, value = word[2:].partition("=")
+        if sep:
+            out[name] = value
+            i += 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            out[name] = argv[i + 1]
+            i += 2
+        else:
+            out[name] = None
+            i += 1
+    return out
+
+
+def runner_argv(runner: str, host: str) -> list[str]:
+    """The local command that runs ``sh -s`` on ``host`` (script on its stdin)."""
+    if runner.strip() in ("", "local"):
+        return ["sh", "-s"]
+    words = shlex.split(runner)
+    if any("{host}" in w for w in words):
+        words = [w.replace("{host}", host) for w in words]
+    else:
+        words.append(host)
+    return words + ["sh", "-s"]
+
+
+def run_script(runner: str, host: str, script: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """Run ``script`` with ``sh`` on ``host`` through the runner (never raises on failure)."""
+    argv = runner_argv(runner, host)
+    try:
+        return subprocess.run(argv, input=script, capture_output=True, text=True, timeout=timeout,
+                              stdin=None)
+    except subprocess.TimeoutExpired as exc:
+        return subprocess.CompletedProcess(argv, 124, exc.stdout or "", f"runner timed out after {timeout}s")
+    except OSError as exc:
+        return subprocess.CompletedProcess(argv, 127, "", f"cannot run {argv[0]!r}: {exc}")
+
+
+def parallel(fn, items: Iterable) -> list:
+    """``[fn(x) for x in items]``, one thread each (runner calls are I/O bound)."""
+    items = list(items)
+    results: list[Any] = [None] * len(items)
+
+    def one(i, x):
+        results[i] = fn(x)
+
+    threads = [threading.Thread(target=one, args=(i, x), daemon=True) for i, x in enumerate(items)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def q(value: Any) -> str:
+    return shlex.quote(str(value))
+
+
+# ----------------------------------------------------------------------------- the plan
+@dataclass
+class Rank:
+    rank: int
+    role: str
+    host: Host
+    port: int | None
+    dir: str
+    argv: list[str] = field(default_factory=list)
+    pid: int | None = None
+    pgid: int | None = None
+
+    @property
+    def stem(self) -> str:
+        return f"{self.role}{self.rank}"
+
+    def remote(self, suffix: str) -> str:
+        return f"{self.dir}/{self.stem}{suffix}"
+
+    @property
+    def remote_metrics(self) -> str | None:
+        return f"{self.dir}/metrics-{self.stem}.jsonl" if self.role == "ps" else None
+
+
+@dataclass
+class Plan:
+    run_dir: Path
+    run_id: str
+    runner: str
+    base_port: int
+    ports: str
+    num_ps: int
+    num_workers: int
+    flags: list[str]
+    ranks: list[Rank]
+    tls: dict[str, str]
+    secret_file: Path
+    started: float = 0.0
+
+    @property
+    def master(self) -> str:
+        return f"{self.ranks[0].host.addr}:{self.base_port}"
+
+    def hosts(self) -> dict[str, list[Rank]]:
+        """Ranks grouped by (runner host, run directory), in rank order."""
+        out: dict[str, list[Rank]] = {}
+        for r in self.ranks:
+            out.setdefault(r.host.name, []).append(r)
+        return out
+
+    def local(self, r: Rank, what: str) -> Path:
+        names = {"log": f"{r.stem}.log", "pid": f"{r.stem}.pid", "pgid": f"{r.stem}.pgid",
+                 "rc": f"{r.stem}.rc", "metrics": f"metrics-{r.stem}.jsonl"}
+        return self.run_dir / names[what]
+
+    def describe(self) -> dict:
+        ranks = []
+        for r in self.ranks:
+            ranks.append(dict(
+                rank=r.rank, role=r.role, host=r.host.name, addr=r.host.addr, port=r.port,
+                pid=r.pid, pgid=r.pgid, byzantine=False, attack=None, attack_args={},
+                log=str(self.local(r, "log")),
+                metrics=str(self.local(r, "metrics")) if r.role == "ps" else None,
+                remote_dir=r.dir, remote_log=r.remote(".log"), remote_metrics=r.remote_metrics,
+                python=r.host.python, repo=r.host.repo, cmd=r.argv))
+        return dict(num_ps=self.num_ps, num_workers=self.num_workers, kind="multihost",
+                    run_dir=str(self.run_dir), run_id=self.run_id, runner=self.runner,
+                    master=self.master, base_port=self.base_port, ports=self.ports,
+                    launcher_pid=os.getpid(), started=self.started,
+                    secret_file=str(self.secret_file), flags=self.flags,
+                    tls=bool(self.tls), byzantine_ranks=[], ranks=ranks)
+
+    def write_description(self) -> Path:
+        path = self.run_dir / "deployment.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.describe(), indent=1))
+        os.replace(tmp, path)
+        return path
+
+
+def check_flags(flags: list[str], num_ps: int, num_workers: int) -> dict[str, str | None]:
+    """Refuse flags the deployment owns; validate the rest with the trainer's own parser."""
+    given = split_flags(flags)
+    for name in OWNED_FLAGS:
+        if name in given:
+            raise ConfigError(f"--{name} is set per rank by the deployment; remove it from the "
+                              f"config / command line")
+    for name, count, what in (("num_ps", num_ps, "servers"), ("num_workers", num_workers, "workers")):
+        if name in given and given[name] != str(count):
+            raise ConfigError(f"--{name} {given[name]} but the {what} file lists {count} "
+                              f"rank{'s' if count != 1 else ''}")
+    from byzsgd.config import config_from_args
+    from byzsgd.trainer import build_parser
+
+    parser = build_parser()
+    parser.exit_on_error = False
+    rest = [w for w in flags]
+    try:
+        args = parser.parse_args(rest + ["--rank", "0", "--num_ps", str(num_ps),
+                                         "--num_workers", str(num_workers)])
+    except (argparse.ArgumentError, SystemExit) as exc:
+        raise ConfigError(f"bad trainer flags {' '.join(rest)!r}: {exc}") from None
+    cfg = config_from_args(args)
+    try:
+        import torch  # noqa: F401  (the GAR check needs it; the launching machine may lack it)
+    except ImportError:
+        return given
+    cfg.check_resilience()
+    return given
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    servers = read_hosts(args.servers)
+    workers = read_hosts(args.workers)
+    flags = read_config(args.config) + list(args.trainer_flags)
+    # TLS files given as trainer flags are local files shipped like the secret.
+    given = split_flags(flags)
+    tls = {k: getattr(args, k) for k in TLS_FLAGS if getattr(args, k, None)}
+    for k in TLS_FLAGS:
+        if k in given:
+            tls.setdefault(k, given[k])
+    kept, i = [], 0
+    while i < len(flags):
+        name = flags[i][2:].partition("=")[0] if flags[i].startswith("--") else None
+        if name in TLS_FLAGS:
+            i += 1 if "=" in flags[i] else 2
+            continue
+        kept.append(flags[i])
+        i += 1
+    flags = kept
+    if bool(tls.get("tls_cert")) != bool(tls.get("tls_key")):
+        raise ConfigError("--tls_cert and --tls_key go together")
+    for k, path in tls.items():
+        if not Path(path).is_file():
+            raise ConfigError(f"--{k} {path}: no such file")
+    check_flags(flags, len(servers), len(workers))
+    if args.ports not in ("fixed", "ephemeral"):
+        raise ConfigError(f"--ports must be fixed or ephemeral, got {args.ports!r}")
+    world = len(servers) + len(workers)
+    if not 1 <= args.base_port <= 65535 - (world if args.ports == "fixed" else 0):
+        raise ConfigError(f"--base_port {args.base_port}: ports up to base_port + {world - 1} must exist")
+    run_dir = Path(args.run_dir or Path("runs") / time.strftime("multihost-%Y%m%d-%H%M%S")).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if (run_dir / "deployment.json").exists() and not args.force:
+        raise ConfigError(f"{run_dir} already holds a deployment (deployment.json); pick another "
+                          f"--run_dir, or --force")
+    runner = args.runner if args.runner is not None else os.environ.get(RUNNER_ENV, DEFAULT_RUNNER)
+    secret_file = Path(args.secret_file or os.environ.get("BYZSGD_SECRET_FILE") or run_dir / "secret")
+    plan = Plan(run_dir=run_dir, run_id=f"{os.uname().nodename}-{os.getpid()}-{secrets.token_hex(4)}",
+                runner=runner, base_port=args.base_port, ports=args.ports, num_ps=len(servers),
+                num_workers=len(workers), flags=flags, ranks=[], tls=tls, secret_file=secret_file)
+    for rank, host in enumerate(servers + workers):
+        host.repo = host.repo or args.repo
+        host.python = host.python or args.python
+        role = "ps" if rank < len(servers) else "worker"
+        port = args.base_port + rank if (args.ports == "fixed" or rank == 0) else None
+        r = Rank(rank, role, host, port, (host.dir or args.remote_dir or str(run_dir)).rstrip("/") or "/")
+        plan.ranks.append(r)
+    for r in plan.ranks:
+        argv = ["--rank", str(r.rank), "--master", plan.master, "--num_ps", str(plan.num_ps),
+                "--num_workers", str(plan.num_workers), "--port", str(r.port or 0),
+                "--listen_host", r.host.listen, "--advertise_host", r.host.addr,
+                "--secret_file", f"{r.dir}/secret"]
+        if r.role == "ps":
+            argv += ["--metrics", r.remote_metrics]
+        for k in TLS_FLAGS:
+            if k in tls:
+                argv += [f"--{k}", f"{r.dir}/{k.replace('_', '-')}.pem"]
+        r.argv = argv + flags
+    return plan
+
+
+# ----------------------------------------------------------------------------- scripts
+PY_PICK = """\
+if [ -n "$PYSEL" ]; then PY=$PYSEL
+elif [ -x "$REPO/.venv/bin/python" ]; then PY=$REPO/.venv/bin/python
+else PY=python3; fi
+command -v "$PY" >/dev/null 2>&1 || { echo "byzsgd-error: no python '$PY' on $(hostname)"; exit 3; }
+cd "$REPO" || { echo "byzsgd-error: no byzsgd checkout at '$REPO' on $(hostname)"; exit 3; }
+"""
+
+#: the per-rank wrapper: own session, exact trainer pid, exit code kept
+WRAPPER = ('echo $$ > "$1.pgid"; s=$1; shift; "$@" & echo $! > "$s.pid"; wait $!; '
+           'echo $? > "$s.rc"')
+
+
+def start_script(plan: Plan, ranks: list[Rank], secret: str, probe: str, redact: bool = False) -> str:
+    host = ranks[0].host
+    dirs = sorted({r.dir for r in ranks})
+    lines = ["set -u", "umask 077"]
+    for d in dirs:
+        lines.append(f"mkdir -p {q(d)} || {{ echo 'byzsgd-error: cannot create {d}'; exit 3; }}")
+        # printf is a shell builtin: the secret is never on a command line
+        lines.append(f"printf '%s\\n' {q('<secret>' if redact else secret)} > {q(d + '/secret')}")
+        for k, path in plan.tls.items():
+            text = "<pem>" if redact else Path(path).read_text()
+            lines.append(f"printf '%s' {q(text)} > {q(d + '/' + k.replace('_', '-') + '.pem')}")
+        lines.append(f": > {q(d + '/.probe-' + probe)}")
+    lines += [f"REPO={q(host.repo)}", f"PYSEL={q(host.python or '')}", PY_PICK.rstrip()]
+    env = (f"{RUN_ID_ENV}={q(plan.run_id)} OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1 "
+           f"PYTHONPATH=\"$REPO${{PYTHONPATH:+:$PYTHONPATH}}\"")
+    for r in ranks:
+        stem = q(r.dir + "/" + r.stem)
+        lines.append(f"rm -f {stem}.pid {stem}.pgid {stem}.rc")
+        lines.append(f"{env} setsid sh -c {q(WRAPPER)} byzsgd-rank {stem} \"$PY\" -m byzsgd.trainer "
+                     + " ".join(q(a) for a in r.argv) + f" < /dev/null >> {q(r.remote('.log'))} 2>&1 &")
+    # report the exact pids once every wrapper wrote them
+    lines.append("n=0")
+    wait_for = " ".join(f"{q(r.remote('.pid'))} {q(r.remote('.pgid'))}" for r in ranks)
+    lines.append(f"for f in {wait_for}; do while [ ! -s \"$f\" ] && [ $n -lt 200 ]; do "
+                 f"sleep 0.05; n=$((n+1)); done; done")
+    for r in ranks:
+        lines.append(f"echo \"byzsgd-rank {r.rank} $(cat {q(r.remote('.pid'))} 2>/dev/null || echo -) "
+                     f"$(cat {q(r.remote('.pgid'))} 2>/dev/null || echo -)\"")
+    return "\n".join(lines) + "\n"
+
+
+def _ours(run_id: str) -> str:
+    """Shell function: is pid $1 (still) a process of this run?"""
+    return ("ours() { [ -r /proc/$1/environ ] && tr '\\0' '\\n' < /proc/$1/environ 2>/dev/null | "
+            f"grep -qx {q(RUN_ID_ENV + '=' + run_id)}; }}")
+
+
+def status_script(run_id: str, ranks: list[dict]) -> str:
+    lines = ["set -u", _ours(run_id)]
+    for r in ranks:
+        stem = q(f"{r['remote_dir']}/{r['role']}{r['rank']}")
+        lines.append(f"pg=$(cat {stem}.pgid 2>/dev/null || echo {r.get('pgid') or 0}); alive=0; "
+                     f"[ \"$pg\" -gt 0 ] 2>/dev/null && ours \"$pg\" && alive=1; "
+                     f"rc=$(cat {stem}.rc 2>/dev/null || echo -); "
+                     f"echo \"byzsgd-status {r['rank']} $alive ${{rc:--}}\"")
+        if r.get("remote_metrics"):
+            lines.append(f"tail -n 1 {q(r['remote_metrics'])} 2>/dev/null | sed 's/^/byzsgd-metric {r['rank']} /'")
+    return "\n".join(lines) + "\n"
+
+
+def kill_script(run_id: str, ranks: list[dict], grace: float) -> str:
+    """SIGTERM each rank's process group, SIGKILL what is left after ``grace``; report."""
+    lines = ["set -u", _ours(run_id), "groups="]
+    for r in ranks:
+        stem = q(f"{r['remote_dir']}/{r['role']}{r['rank']}")
+        lines.append(f"for p in $(cat {stem}.pgid 2>/dev/null) {r.get('pgid') or ''} "
+                     f"$(cat {stem}.pid 2>/dev/null) {r.get('pid') or ''}; do "
+                     f"ours $p && {{ groups=\"$groups {r['rank']}:$p\"; break; }}; done")
+    lines.append("""\
+alive() { for m in /proc/[0-9]*; do ours "${m#/proc/}" && return 0; done; return 1; }
+for g in $groups; do p=${g#*:}; kill -TERM -- -$p 2>/dev/null || kill -TERM $p 2>/dev/null; done
+n=0
+while alive && [ $n -lt %d ]; do sleep 0.1; n=$((n+1)); done
+for m in /proc/[0-9]*; do p=${m#/proc/}; ours $p && kill -KILL $p 2>/dev/null; done
+n=0
+while alive && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done
+left=""
+for m in /proc/[0-9]*; do p=${m#/proc/}; ours $p && left="$left $p"; done
+echo "byzsgd-killed $groups"
+echo "byzsgd-left $left"
+""" % max(1, int(grace * 10)))
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- start / monitor
+def start(plan: Plan, quiet: bool = False) -> None:
+    if plan.secret_file == plan.run_dir / "secret" and not plan.secret_file.exists():
+        fd = os.open(plan.secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+    try:
+        secret = plan.secret_file.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the secret file {plan.secret_file}: {exc}") from None
+    if not secret or any(c in secret for c in "\n\r\0"):
+        raise ConfigError(f"the secret file {plan.secret_file} must hold one non-empty line")
+    plan.started = time.time()
+    plan.write_description()
+    groups = plan.hosts()
+    probe = secrets.token_hex(4)
+
+    def launch(item):
+        host, ranks = item
+        return host, run_script(plan.runner, host, start_script(plan, ranks, secret, probe), timeout=120)
+
+    errors = []
+    for host, res in parallel(launch, groups.items()):
+        got = {}
+        for line in res.stdout.splitlines():
+            if line.startswith("byzsgd-rank "):
+                _, rank, pid, pgid = line.split()
+                got[int(rank)] = (pid, pgid)
+            elif line.startswith("byzsgd-error"):
+                errors.append(f"{host}: {line}")
+        for r in groups[host]:
+            pid, pgid = got.get(r.rank, ("-", "-"))
+            r.pid = int(pid) if pid.isdigit() else None
+            r.pgid = int(pgid) if pgid.isdigit() else None
+            if r.pid is None:
+                errors.append(f"{host}: rank {r.rank} did not start (runner exit {res.returncode}: "
+                              f"{(res.stderr or res.stdout).strip()[-500:]})")
+            else:
+                local_pid = plan.local(r, "pid")
+                if not (local_pid.exists() and local_pid.read_text().strip() == str(r.pid)):
+                    local_pid.write_text(f"{r.pid}\n")
+                    plan.local(r, "pgid").write_text(f"{r.pgid}\n")
+    for d in {r.dir for r in plan.ranks}:
+        pass
+    plan.shared = {h: Path(ranks[0].dir) == plan.run_dir and (plan.run_dir / f".probe-{probe}").exists()
+                   for h, ranks in groups.items()}
+    plan.write_description()
+    doc = json.loads((plan.run_dir / "deployment.json").read_text())
+    doc["shared_dirs"] = plan.shared
+    (plan.run_dir / "deployment.json").write_text(json.dumps(doc, indent=1))
+    if errors:
+        raise StartError("; ".join(errors))
+
+
+class StartError(ByzSGDError):
+    pass
+
+
+def load(run_dir: str | os.PathLike) -> dict:
+    path = Path(run_dir) / "deployment.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+
+
+def by_host(doc: dict) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in doc["ranks"]:
+        out.setdefault(r["host"], []).append(r)
+    return out
+
+
+def poll(doc: dict, runner: str | None = None) -> dict[int, dict]:
+    """{rank: {alive, rc, metric}} for every rank whose host answered."""
+    runner = runner if runner is not None else doc["runner"]
+    out: dict[int, dict] = {}
+
+    def one(item):
+        host, ranks = item
+        return run_script(runner, host, status_script(doc["run_id"], ranks), timeout=30)
+
+    for res in parallel(one, by_host(doc).items()):
+        for line in res.stdout.splitlines():
+            words = line.split(" ", 3)
+            if words[0] == "byzsgd-status" and len(words) >= 4:
+                out.setdefault(int(words[1]), {}).update(
+                    alive=words[2] == "1", rc=int(words[3]) if words[3].lstrip("-").isdigit() else None)
+            elif words[0] == "byzsgd-metric" and len(words) >= 3:
+                try:
+                    out.setdefault(int(words[1]), {})["metric"] = json.loads(line.split(" ", 2)[2])
+                except ValueError:
+                    pass
+    return out
+
+
+def kill(doc: dict, grace: float = 5.0, runner: str | None = None) -> dict[str, list[int]]:
+    """Stop every rank of the run; returns {host: [pids still there]} (empty lists: all gone)."""
+    runner = runner if runner is not None else doc["runner"]
+
+    def one(item):
+        host, ranks = item
+        return host, run_script(runner, host, kill_script(doc["run_id"], ranks, grace), timeout=grace + 30)
+
+    left: dict[str, list[int]] = {}
+    for host, res in parallel(one, by_host(doc).items()):
+        pids = None
+        for line in res.stdout.splitlines():
+            if line.startswith("byzsgd-left"):
+                pids = [int(p) for p in line.split()[1:]]
+        if pids is None:
+            print(f"byzsgd.cluster: kill on {host} failed (runner exit {res.returncode}): "
+                  f"{res.stderr.strip()[-300:]}", file=sys.stderr)
+            pids = [-1]
+        left[host] = pids
+    return left
+
+
+def collect(doc: dict, runner: str | None = None) -> None:
+    """Copy logs, metrics and exit codes of hosts without a shared run directory (via ``cat``)."""
+    runner = runner if runner is not None else doc["runner"]
+    shared = doc.get("shared_dirs", {})
+    run_dir = Path(doc["run_dir"])
+    jobs = []
+    for r in doc["ranks"]:
+        if shared.get(r["host"]):
+            continue
+        stem = f"{r['role']}{r['rank']}"
+        files = [(r["remote_log"], run_dir / f"{stem}.log"), (f"{r['remote_dir']}/{stem}.rc", run_dir / f"{stem}.rc")]
+        if r.get("remote_metrics"):
+            files.append((r["remote_metrics"], run_dir / f"metrics-{stem}.jsonl"))
+        jobs += [(r["host"], remote, local) for remote, local in files]
+
+    def one(job):
+        host, remote, local = job
+        res = run_script(runner, host, f"cat {q(remote)}\n", timeout=120)
+        if res.returncode == 0:
+            Path(local).write_text(res.stdout)
+
+    parallel(one, jobs)
+
+
+def read_metric_records(path: str | os.PathLike) -> list[dict]:
+    from byzsgd.metrics import read_metrics
+
+    return list(read_metrics(path))
+
+
+def summarize(doc: dict, outcome: str, codes: dict[int, int | None]) -> dict:
+    final, times, last_steps = {}, [], {}
+    for r in doc["ranks"]:
+        if r["role"] != "ps":
+            continue
+        recs = read_metric_records(r["metrics"])
+        done = next((x for x in reversed(recs) if x.get("event") == "done"), None)
+        accs = [x["accuracy"] for x in recs if x.get("accuracy") is not None and "event" not in x]
+        steps = [x["step"] for x in recs if "step_time" in x and "event" not in x]
+        last_steps[str(r["rank"])] = max(steps) + 1 if steps else 0
+        final[str(r["rank"])] = done.get("final_accuracy") if done else (accs[-1] if accs else None)
+        if done and done.get("median_step_time") is not None:
+            times.append(done["median_step_time"])
+    accs = [a for a in final.values() if a is not None]
+    return dict(outcome=outcome, run_dir=doc["run_dir"], steps_done=last_steps,
+                final_accuracy=final, min_accuracy=min(accs) if accs else None,
+                median_step_time=statistics.median(times) if times else None,
+                wall_time=time.time() - doc["started"], byzantine_ranks=[],
+                returncodes={str(k): v for k, v in codes.items()})
+
+
+def monitor(doc: dict, *, timeout: float, quiet: bool, interval: float = 2.0,
+            worker_grace: float = 15.0) -> tuple[str, dict[int, int | None]]:
+    """Wait for every PS to finish (outcome 'ok'), a rank to fail ('failed:<rank>'), or the
+    timeout ('timeout').  Exit codes: {rank: rc or None while running / unknown}."""
+    started = doc["started"]
+    roles = {r["rank"]: r["role"] for r in doc["ranks"]}
+    codes: dict[int, int | None] = {r: None for r in roles}
+    last_print, ok_since = 0.0, None
+    while True:
+        st = poll(doc)
+        for rank, s in st.items():
+            if s.get("rc") is not None:
+                codes[rank] = s["rc"]
+        failed = [r for r, c in codes.items() if c not in (None, 0)]
+        if failed:
+            return f"failed:{failed[0]}", codes
+        if all(codes[r] == 0 for r in roles if roles[r] == "ps"):
+            if ok_since is None:
+                ok_since = time.monotonic()
+            if all(c == 0 for c in codes.values()) or time.monotonic() - ok_since > worker_grace:
+                return "ok", codes
+        if timeout and time.time() - started > timeout:
+            return "timeout", codes
+        if not quiet and time.time() - last_print > 10:
+            steps = [s["metric"].get("step", -1) + 1 for r, s in st.items()
+                     if roles.get(r) == "ps" and isinstance(s.get("metric"), dict)]
+            running = sum(1 for s in st.values() if s.get("alive"))
+            print(f"byzsgd.cluster: step {min(steps) if steps else 0}/? (slowest PS), "
+                  f"{running}/{len(roles)} ranks running, {time.time() - started:.0f}s",
+                  file=sys.stderr, flush=True)
+            last_print = time.time()
+        time.sleep(interval)
+
+
+def finish(doc: dict, outcome: str, codes: dict, *, as_json: bool, grace: float = 5.0) -> int:
+    left = kill(doc, grace)
+    collect(doc)
+    for r in doc["ranks"]:
+        rc_file = Path(doc["run_dir"]) / f"{r['role']}{r['rank']}.rc"
+        if codes.get(r["rank"]) is None and rc_file.exists():
+            text = rc_file.read_text().strip()
+            codes[r["rank"]] = int(text) if text.lstrip("-").isdigit() else None
+    summary = summarize(doc, outcome, codes)
+    summary["left_behind"] = {h: p for h, p in left.items() if p}
+    (Path(doc["run_dir"]) / "summary.json").write_text(json.dumps(summary, indent=1))
+    for rank, acc in summary["final_accuracy"].items():
+        acc_s = f"{acc:.2f}%" if isinstance(acc, (int, float)) else "n/a"
+        print(f"byzsgd.cluster: PS {rank} final accuracy {acc_s}", file=sys.stderr)
+    if summary["median_step_time"] is not None:
+        print(f"byzsgd.cluster: median step time {summary['median_step_time']:.4f} s, wall time "
+              f"{summary['wall_time']:.1f} s", file=sys.stderr)
+    if outcome.startswith("failed"):
+        rank = int(outcome.split(":")[1])
+        r = doc["ranks"][rank]
+        print(f"byzsgd.cluster: {r['role']} {rank} on {r['host']} failed (exit {codes.get(rank)}); "
+              f"its log: {r['log']}", file=sys.stderr)
+        try:
+            tail = Path(r["log"]).read_text(errors="replace").splitlines()[-15:]
+            print("\n".join("  | " + line for line in tail), file=sys.stderr)
+        except OSError:
+            pass
+    if summary["left_behind"]:
+        print(f"byzsgd.cluster: processes left behind: {summary['left_behind']}", file=sys.stderr)
+    if as_json:
+        print(json.dumps(summary))
+    return 0 if outcome == "ok" and not summary["left_behind"] else 1
+
+
+# ----------------------------------------------------------------------------- SLURM
+def describe_slurm(run_dir: Path, num_ps: int, num_workers: int, master: str, wait: float) -> dict:
+    """deployment.json for ranks started by srun: each task wrote <role><rank>.pid/.host."""
+    deadline = time.monotonic() + wait
+    world = num_ps + num_workers
+    while True:
+        ranks = []
+        for rank in range(world):
+            role = "ps" if rank < num_ps else "worker"
+            pid, host = run_dir / f"{role}{rank}.pid", run_dir / f"{role}{rank}.host"
+            if pid.exists() and host.exists() and pid.read_text().strip() and host.read_text().strip():
+                ranks.append(dict(rank=rank, role=role, host=host.read_text().strip(), addr=None,
+                                  port=None, pid=int(pid.read_text().strip()), byzantine=False,
+                                  attack=None, attack_args={}, log=str(run_dir / f"{role}{rank}.log"),
+                                  metrics=str(run_dir / f"metrics-{role}{rank}.jsonl") if role == "ps" else None))
+        if len(ranks) == world or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    doc = dict(num_ps=num_ps, num_workers=num_workers, kind="slurm", run_dir=str(run_dir),
+               master=master, job_id=os.environ.get("SLURM_JOB_ID"), started=time.time(),
+               secret_file=str(run_dir / "secret"), byzantine_ranks=[], ranks=ranks)
+    tmp = run_dir / "deployment.tmp"
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, run_dir / "deployment.json")
+    return doc
+
+
+# ----------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m byzsgd.cluster",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="start a multi-host deployment (scripts/run_exp.sh)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("--servers", default="servers", help="hosts of the PSes, one rank a line")
+    r.add_argument("--workers", default="workers", help="hosts of the workers, one rank a line")
+    r.add_argument("--config", default=None, help="file of trainer flags (shell words, # comments)")
+    r.add_argument("--run_dir", default=None, help="local run directory (default runs/multihost-<time>)")
+    r.add_argument("--remote_dir", default=None, help="run directory on the hosts (default: --run_dir)")
+    r.add_argument("--repo", default=str(REPO), help="byzsgd checkout on the hosts (default: this one)")
+    r.add_argument("--python", default=None, help="python on the hosts (default <repo>/.venv/bin/python or python3)")
+    r.add_argument("--runner", default=None, help=f"remote command runner (default ${RUNNER_ENV} or '{DEFAULT_RUNNER}')")
+    r.add_argument("--base_port", type=int, default=29500, help="rank r listens on base_port + r")
+    r.add_argument("--ports", default="fixed", choices=("fixed", "ephemeral"),
+                   help="fixed: base_port + rank; ephemeral: only the master's port is fixed")
+    r.add_argument("--secret_file", default=None, help="cluster secret (default: a fresh random one)")
+    for k in TLS_FLAGS:
+        r.add_argument(f"--{k}", default=None, help="local PEM file, shipped to every host (TLS on)")
+    r.add_argument("--timeout", type=float, default=0, help="stop the run after N s (0: never)")
+    r.add_argument("--detach", action="store_true", help="start and return (see wait / kill)")
+    r.add_argument("--force", action="store_true", help="reuse a run directory")
+    r.add_argument("--dry_run", action="store_true", help="print the per-host scripts (secret redacted)")
+    r.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    r.add_argument("--quiet", action="store_true", help="no progress lines")
+    r.add_argument("trainer_flags", nargs=argparse.REMAINDER,
+                   help="after --: more trainer flags (override the config file)")
+    w = sub.add_parser("wait", help="wait for a detached run, then stop, collect, summarize")
+    w.add_argument("run_dir")
+    w.add_argument("--timeout", type=float, default=0)
+    w.add_argument("--json", action="store_true")
+    w.add_argument("--quiet", action="store_true")
+    k = sub.add_parser("kill", help="stop every rank of a run (scripts/kill.sh)")
+    k.add_argument("run_dir")
+    k.add_argument("--grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL")
+    s = sub.add_parser("status", help="per-rank state of a run, as JSON")
+    s.add_argument("run_dir")
+    c = sub.add_parser("collect", help="copy logs/metrics of non-shared hosts into the run dir")
+    c.add_argument("run_dir")
+    d = sub.add_parser("describe", help="write deployment.json for a SLURM run")
+    d.add_argument("run_dir")
+    d.add_argument("--num_ps", type=int, required=True)
+    d.add_argument("--num_workers", type=int, required=True)
+    d.add_argument("--master", default="")
+    d.add_argument("--wait", type=float, default=120.0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "run":
+            if args.trainer_flags and args.trainer_flags[0] == "--":
+                args.trainer_flags = args.trainer_flags[1:]
+            plan = make_plan(args)
+            if args.dry_run:
+                for host, ranks in plan.hosts().items():
+                    print(f"# {' '.join(runner_argv(plan.runner, host))} <<'EOF'")
+                    print(start_script(plan, ranks, "", "probe", redact=True) + "EOF")
+                return 0
+            print(f"byzsgd.cluster: {plan.num_ps} PS + {plan.num_workers} workers on "
+                  f"{len(plan.hosts())} hosts, master {plan.master}, runner {plan.runner!r}; "
+                  f"run dir {plan.run_dir}", file=sys.stderr)
+            try:
+                start(plan, args.quiet)
+            except (StartError, KeyboardInterrupt) as exc:
+                doc = load(plan.run_dir)
+                kill(doc, 2.0)
+                if isinstance(exc, KeyboardInterrupt):
+                    return 130
+                raise
+            doc = load(plan.run_dir)
+            if args.detach:
+                print(str(plan.run_dir))
+                return 0
+            return wait_and_finish(doc, args)
+        if args.cmd == "wait":
+            return wait_and_finish(load(args.run_dir), args)
+        if args.cmd == "kill":
+            doc = load(args.run_dir)
+            left = kill(doc, args.grace, os.environ.get(RUNNER_ENV) or None)
+            for host, pids in left.items():
+                if pids:
+                    print(f"byzsgd.cluster: {host}: still running: {pids}", file=sys.stderr)
+            return 1 if any(left.values()) else 0
+        if args.cmd == "status":
+            print(json.dumps({str(k): v for k, v in poll(load(args.run_dir)).items()}, indent=1))
+            return 0
+        if args.cmd == "collect":
+            collect(load(args.run_dir))
+            return 0
+        if args.cmd == "describe":
+            doc = describe_slurm(Path(args.run_dir), args.num_ps, args.num_workers, args.master, args.wait)
+            missing = args.num_ps + args.num_workers - len(doc["ranks"])
+            if missing:
+                print(f"byzsgd.cluster: {missing} rank(s) did not report a pid", file=sys.stderr)
+                return 1
+            return 0
+    except ByzSGDError as exc:
+        print(f"byzsgd.cluster: error: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+def wait_and_finish(doc: dict, args) -> int:
+    try:
+        outcome, codes = monitor(doc, timeout=args.timeout, quiet=args.quiet)
+    except KeyboardInterrupt:
+        finish(doc, "interrupted", {}, as_json=args.json)
+        return 130
+    return finish(doc, outcome, codes, as_json=args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

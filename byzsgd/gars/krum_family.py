@@ -1,0 +1,94 @@
+"""Distance-based selection rules: Krum, Multi-Krum, Bulyan.
+
+Distances come from one Gram-matrix product (``X X^T``, see
+:func:`byzsgd.gars._select.pairwise_sq_dists`), not ``torch.cdist``: DESIGN §9 measured
+2.7-11x the copy floor against 13-53x.  The O(n^2 log n) scoring is done on the small
+[n, n] float64 matrix.
+
+Non-finite inputs: a row with any NaN/Inf coordinate (or whose squared norm overflows) is
+infinitely far from all others, so its Krum score is +inf and it is never selected while
+n is within the bound.  Ties in score go to the lowest row index (deterministic).
+"""
+from __future__ import annotations
+
+import torch
+
+from byzsgd.gars import _compiled, _select, _triton_select
+from byzsgd.gars.median_family import mean_around
+from byzsgd.gars.registry import register
+
+__all__ = ["krum", "multi_krum", "bulyan", "krum_select", "bulyan_select"]
+
+
+def _order(scores: torch.Tensor) -> torch.Tensor:
+    """Indices by increasing score, ties by increasing index."""
+    return torch.sort(scores, stable=True).indices
+
+
+def krum_select(vectors: torch.Tensor, f: int, m: int = 1) -> torch.Tensor:
+    """Indices (on CPU, int64) of the m rows with the best (lowest) Krum scores."""
+    scores = _select.krum_scores(_select.pairwise_sq_dists(vectors), f)
+    return _order(scores.cpu())[:m]
+
+
+@register("krum", min_inputs=lambda f: 2 * f + 3, condition="n >= 2f + 3",
+          reference="Blanchard, El Mhamdi, Guerraoui, Stainer, NeurIPS 2017 (Krum)")
+def krum(vectors: torch.Tensor, f: int) -> torch.Tensor:
+    """Krum (Blanchard et al., "Machine Learning with Adversaries: Byzantine Tolerant
+    Gradient Descent", NeurIPS 2017): the input whose sum of SQUARED distances to its
+    n - f - 2 nearest other inputs is smallest.  Returns a copy of that row."""
+    i = int(krum_select(vectors, f, 1)[0])
+    return vectors[i].clone()
+
+
+@register("multi_krum", min_inputs=lambda f: 2 * f + 3, condition="n >= 2f + 3",
+          reference="Blanchard et al., NeurIPS 2017 / El Mhamdi et al., ICML 2018 (Multi-Krum)",
+          params=("m",))
+def multi_krum(vectors: torch.Tensor, f: int, m: int | None = None) -> torch.Tensor:
+    """Multi-Krum (Blanchard et al. 2017; El Mhamdi, Guerraoui, Rouault, ICML 2018): the
+    mean of the m inputs with the lowest Krum scores (scores computed once on all n);
+    default m = n - f.  m = 1 is Krum."""
+    n = vectors.shape[0]
+    if m is None:
+        m = n - f
+    if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= n:
+        raise ValueError(f"multi_krum: m must be an int in [1, n={n}], got {m!r}")
+    dists, bad = _select.pairwise_sq_dists(vectors, return_bad=True)
+    idx = _order(_select.krum_scores(dists, f).cpu())[:m]
+    return _select.mean_of_rows(vectors, idx, all_finite=not bool(bad.any()))
+
+
+def bulyan_select(vectors: torch.Tensor, f: int) -> torch.Tensor:
+    """Bulyan's selection: theta = n - 2f indices chosen by iterated Krum.
+
+    Each round runs Krum (n' - f - 2 nearest neighbours, n' the remaining count) on the
+    rows not yet selected, selects the winner and removes it.  Returned in selection order
+    (CPU int64).
+    """
+    n = vectors.shape[0]
+    theta = n - 2 * f
+    dists = _select.pairwise_sq_dists(vectors).cpu()
+    active = list(range(n))
+    chosen: list[int] = []
+    for _ in range(theta):
+        idx = torch.tensor(active)
+        sub = dists.index_select(0, idx).index_select(1, idx)
+        best = int(torch.argmin(_select.krum_scores(sub, f)))  # first minimum
+        chosen.append(active.pop(best))
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+@register("bulyan", min_inputs=lambda f: 4 * f + 3, condition="n >= 4f + 3",
+          reference="El Mhamdi, Guerraoui, Rouault, 'The Hidden Vulnerability of Distributed "
+                    "Learning in Byzantium', ICML 2018 (Bulyan over Krum)")
+def bulyan(vectors: torch.Tensor, f: int) -> torch.Tensor:
+    """Bulyan (El Mhamdi et al., ICML 2018) over Krum: select theta = n - 2f inputs by
+    iterated Krum (each time removing the selected one and re-scoring the rest), then per
+    coordinate average the beta = theta - 2f selected values closest to the coordinate's
+    (numpy) median of the selected.  Non-finite rows are never selected within the bound
+    (infinite Krum score)."""
+    sel = bulyan_select(vectors, f).to(vectors.device)
+    if _triton_select.available(vectors) or _compiled.enabled(vectors):
+        # The fused kernels read a dense [theta, d] tensor: one gather, then one pass.
+        return mean_around(vectors.index_select(0, sel), 2 * f, "median")
+    return mean_around(vectors, 2 * f, "median", rows=sel)

@@ -1,0 +1,318 @@
+"""Where a message is framed: limits, the ``Message`` type, encoding and header validation.
+
+Wire layout of one frame (after the handshake)::
+
+    prefix  : 12 bytes, little endian  <u32 header_len> <u64 body_len>
+    header  : header_len bytes of msgpack: [kind, step, sender, [[dtype, [shape...], nbytes], ...], meta]
+    body    : body_len bytes: the raw tensor bytes, each tensor starting at a multiple of 64
+
+The prefix alone lets the receiver refuse an oversized header or body *before allocating
+anything*; the header is decoded with msgpack's strict options (``raw=False``,
+``strict_map_key=True``, small ``max_*_len``, no ext types) and then validated field by field
+(type, dtype whitelist, ``prod(shape) * itemsize == nbytes``, layout adding up exactly to
+``body_len``, registered kind and shapes, authenticated sender).  Only then is a body buffer taken
+from the pool.  Nothing from a peer is ever pickled, evaluated or ``torch.load``-ed.
+
+Sending never copies tensor data: ``encode`` returns the prefix+header bytes and memoryviews over
+the tensors' own storage, for ``transport.writelines``.
+"""
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import msgpack
+import torch
+
+from . import errors
+from .codec import ALIGN, DTYPE_TO_NAME, ITEMSIZE, MAX_NDIM, NAME_TO_DTYPE, align, from_buffer, tensor_view
+
+__all__ = ["FrameLimits", "Message", "Header", "TensorSpec", "PREFIX", "encode", "parse_prefix",
+           "decode_header", "DEFAULT_DTYPES", "MAX_META_ITEMS"]
+
+PREFIX = struct.Struct("<IQ")
+MAX_META_ITEMS = 64
+MAX_KIND_LEN = 64
+_ZEROS = bytes(ALIGN)
+
+DEFAULT_DTYPES = frozenset({
+    torch.float32, torch.float64, torch.float16, torch.bfloat16,
+    torch.int64, torch.int32, torch.uint8, torch.bool,
+})
+
+
+@dataclass(frozen=True)
+class FrameLimits:
+    """Hard limits a node enforces on every frame it receives (and checks on frames it sends).
+
+    ``max_frame_bytes`` bounds the body (the tensor bytes, alignment padding included);
+    ``max_header_bytes`` bounds the msgpack header.  Derive the frame limit from the model with
+    :meth:`for_model` so a Byzantine peer cannot make a node allocate more than a model's worth.
+    """
+
+    max_header_bytes: int = 65536
+    max_frame_bytes: int = 64 << 20
+    max_tensors: int = 8
+    allowed_dtypes: frozenset = DEFAULT_DTYPES
+
+    def __post_init__(self):
+        if not (isinstance(self.max_header_bytes, int) and 64 <= self.max_header_bytes <= (1 << 24)):
+            raise errors.ConfigError(f"max_header_bytes must be an int in [64, 16 MiB], got {self.max_header_bytes!r}")
+        if not (isinstance(self.max_frame_bytes, int) and 0 <= self.max_frame_bytes < (1 << 48)):
+            raise errors.ConfigError(f"max_frame_bytes must be a non-negative int, got {self.max_frame_bytes!r}")
+        if not (isinstance(self.max_tensors, int) and 0 <= self.max_tensors <= 4096):
+            raise errors.ConfigError(f"max_tensors must be an int in [0, 4096], got {self.max_tensors!r}")
+        dts = frozenset(self.allowed_dtypes)
+        unknown = [d for d in dts if d not in DTYPE_TO_NAME]
+        if unknown:
+            raise errors.ConfigError(f"dtypes not supported on the wire: {unknown}; supported: {list(DTYPE_TO_NAME)}")
+        object.__setattr__(self, "allowed_dtypes", dts)
+
+    @classmethod
+    def for_model(cls, num_params: int, *, dtype: torch.dtype = torch.float32, max_tensors: int = 8,
+                  slack: float = 0.25, max_header_bytes: int = 65536,
+                  allowed_dtypes: frozenset = DEFAULT_DTYPES) -> "FrameLimits":
+        """Limits for messages that carry at most about one model's worth of ``dtype`` values:
+        ``num_params * itemsize * (1 + slack)`` plus alignment padding for ``max_tensors``."""
+        if not isinstance(num_params, int) or num_params < 0:
+            raise errors.ConfigError(f"num_params must be a non-negative int, got {num_params!r}")
+        if dtype not in ITEMSIZE:
+            raise errors.ConfigError(f"unsupported dtype {dtype}")
+        if slack < 0:
+            raise errors.ConfigError(f"slack must be >= 0, got {slack}")
+        body = int(math.ceil(num_params * ITEMSIZE[dtype] * (1.0 + slack))) + ALIGN * (max_tensors + 1) + 4096
+        return cls(max_header_bytes=max_header_bytes, max_frame_bytes=body, max_tensors=max_tensors,
+                   allowed_dtypes=allowed_dtypes)
+
+
+@dataclass
+class Message:
+    """One received (or locally delivered) message.
+
+    ``sender`` is the *authenticated* rank of the connection it came on (the header's claim is
+    checked against it).  For received messages ``tensors`` are zero-copy views into a pooled
+    buffer: the message owns that buffer until :meth:`release` gives it back to the pool, after
+    which the tensors may be overwritten by a later message at any time.  Clone what you keep
+    (``t.clone()``) or keep the message unreleased while you use its tensors.  ``release`` is
+    idempotent; a message never released is garbage-collected normally (its buffer is then
+    simply not reused).
+    """
+
+    kind: str
+    step: int
+    sender: int
+    tensors: list = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+    _buffer: Any = field(default=None, repr=False, compare=False)
+    _release_to: Callable | None = field(default=None, repr=False, compare=False)
+
+    def release(self) -> None:
+        buf, fn = self._buffer, self._release_to
+        self._buffer = self._release_to = None
+        if buf is not None and fn is not None:
+            self.tensors = []
+            fn(buf)
+
+    @property
+    def released(self) -> bool:
+        return self._buffer is None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    dtype: torch.dtype
+    shape: tuple
+    nbytes: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class Header:
+    kind: str
+    step: int
+    sender: int
+    specs: tuple
+    meta: dict
+    body_len: int
+
+
+# ----------------------------------------------------------------------------------- encoding
+def _check_meta(meta) -> dict:
+    if meta is None:
+        return {}
+    if not isinstance(meta, Mapping):
+        raise TypeError(f"meta must be a mapping, got {type(meta).__name__}")
+    if len(meta) > MAX_META_ITEMS:
+        raise ValueError(f"meta has {len(meta)} items, at most {MAX_META_ITEMS}")
+    for k, v in meta.items():
+        if not isinstance(k, str):
+            raise TypeError(f"meta keys must be str, got {k!r}")
+        if not (v is None or isinstance(v, (bool, int, float, str, bytes))):
+            raise TypeError(f"meta[{k!r}] must be a scalar, str or bytes, got {type(v).__name__}")
+    return dict(meta)
+
+
+def _prepare(t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"tensors must be torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"tensors must be on the CPU to be sent, got {t.device}; call .cpu()")
+    if t.dtype not in DTYPE_TO_NAME:
+        raise errors.BadDtype(f"dtype {t.dtype} cannot be sent")
+    if t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()
+    if not t.is_contiguous():
+        t = t.contiguous()  # a copy, only for non-contiguous input
+    return t
+
+
+def encode(kind: str, step: int, sender: int, tensors: Sequence[torch.Tensor] = (), meta=None,
+           limits: FrameLimits | None = None) -> tuple[list, int, list]:
+    """Frame a message without copying tensor data.
+
+    Returns ``(buffers, total_bytes, keep)``: ``buffers`` is for ``transport.writelines`` (the
+    prefix+header bytes, then memoryviews over the tensors' storage and padding), ``keep`` the
+    tensors that must stay alive and unmodified until the write completes.  Raises ``TypeError``/
+    ``ValueError``/:class:`errors.ProtocolError` for a message this node's limits would refuse.
+    """
+    if not isinstance(kind, str) or not kind or len(kind) > MAX_KIND_LEN:
+        raise ValueError(f"kind must be a non-empty str of at most {MAX_KIND_LEN} chars, got {kind!r}")
+    if type(step) is not int or step < 0 or step >= 1 << 63:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    meta = _check_meta(meta)
+    ts = [_prepare(t) for t in tensors]
+    if limits is not None:
+        if len(ts) > limits.max_tensors:
+            raise errors.TooManyTensors(f"{len(ts)} tensors, limit {limits.max_tensors}")
+        for t in ts:
+            if t.dtype not in limits.allowed_dtypes:
+                raise errors.BadDtype(f"dtype {t.dtype} not allowed")
+    specs = []
+    views = []
+    off = 0
+    for t in ts:
+        nb = t.numel() * ITEMSIZE[t.dtype]
+        start = align(off)
+        if start > off:
+            views.append(_ZEROS[: start - off])
+        specs.append([DTYPE_TO_NAME[t.dtype], list(t.shape), nb])
+        if nb:
+            views.append(tensor_view(t))
+        off = start + nb
+    body_len = off
+    if limits is not None and body_len > limits.max_frame_bytes:
+        raise errors.FrameTooLarge(f"body of {body_len} bytes, limit {limits.max_frame_bytes}")
+    header = msgpack.packb([kind, step, sender, specs, meta], use_bin_type=True)
+    if limits is not None and len(header) > limits.max_header_bytes:
+        raise errors.HeaderTooLarge(f"header of {len(header)} bytes, limit {limits.max_header_bytes}")
+    head = PREFIX.pack(len(header), body_len) + header
+    return [head, *views], len(head) + body_len, ts
+
+
+# ----------------------------------------------------------------------------------- decoding
+def parse_prefix(data, limits: FrameLimits) -> tuple[int, int]:
+    """(header_len, body_len) from the 12-byte prefix; refuses before anything is allocated."""
+    hlen, blen = PREFIX.unpack_from(data)
+    if hlen == 0 or hlen > limits.max_header_bytes:
+        raise errors.HeaderTooLarge(f"header length {hlen} outside [1, {limits.max_header_bytes}]")
+    if blen > limits.max_frame_bytes:
+        raise errors.FrameTooLarge(f"body length {blen} above limit {limits.max_frame_bytes}")
+    return hlen, blen
+
+
+def _unpack(data, limit: int):
+    try:
+        return msgpack.unpackb(
+            data, raw=False, strict_map_key=True, use_list=True, max_str_len=limit,
+            max_bin_len=limit, max_array_len=max(limit // 2, 16), max_map_len=max(limit // 4, 16),
+            max_ext_len=0,
+        )
+    except Exception as e:  # msgpack raises a zoo (ExtraData, FormatError, StackError, ValueError, ...)
+        raise errors.BadHeader(f"invalid msgpack: {type(e).__name__}: {e}"[:200]) from None
+
+
+def _int(x) -> bool:
+    return type(x) is int
+
+
+def decode_header(data, body_len: int, limits: FrameLimits, *,
+                  kinds: Mapping[str, Any] | None = None, sender: int | None = None) -> Header:
+    """Validate a header (bytes-like) against ``limits``.
+
+    ``kinds`` maps each registered kind to its expected shapes (a list of shape tuples) or None
+    (any shapes); a kind not in it is :class:`errors.UnknownKind`.  ``kinds=None`` accepts any
+    kind.  ``sender`` is the authenticated rank; the header must claim exactly it.
+    Raises only :class:`errors.ProtocolError` subclasses.
+    """
+    obj = _unpack(data, limits.max_header_bytes)
+    if type(obj) is not list or len(obj) != 5:
+        raise errors.BadHeader("header must be a 5-element array")
+    kind, step, hsender, tspecs, meta = obj
+    if type(kind) is not str or not kind or len(kind) > MAX_KIND_LEN:
+        raise errors.BadHeader("kind must be a non-empty short str")
+    if kinds is not None and kind not in kinds:
+        raise errors.UnknownKind(f"kind {kind[:MAX_KIND_LEN]!r} is not registered")
+    if not _int(step) or step < 0:
+        raise errors.BadStep(f"step must be a non-negative int, got {type(step).__name__}")
+    if not _int(hsender):
+        raise errors.BadHeader("sender must be an int")
+    if sender is not None and hsender != sender:
+        raise errors.SenderMismatch(f"header claims sender {hsender}, connection is rank {sender}")
+    if type(meta) is not dict:
+        raise errors.BadHeader("meta must be a map")
+    if len(meta) > MAX_META_ITEMS:
+        raise errors.BadMeta(f"meta has {len(meta)} items, at most {MAX_META_ITEMS}")
+    for k, v in meta.items():
+        if type(k) is not str:
+            raise errors.BadMeta("meta keys must be str")
+        if not (v is None or type(v) in (bool, int, float, str, bytes)):
+            raise errors.BadMeta(f"meta values must be scalars, got {type(v).__name__}")
+    if type(tspecs) is not list:
+        raise errors.BadHeader("tensor list must be an array")
+    if len(tspecs) > limits.max_tensors:
+        raise errors.TooManyTensors(f"{len(tspecs)} tensors, limit {limits.max_tensors}")
+    expected = kinds.get(kind) if kinds is not None else None
+    if expected is not None and len(expected) != len(tspecs):
+        raise errors.ShapeMismatch(f"kind {kind!r} expects {len(expected)} tensors, got {len(tspecs)}")
+    specs = []
+    off = 0
+    for i, ts in enumerate(tspecs):
+        if type(ts) is not list or len(ts) != 3:
+            raise errors.BadHeader("tensor spec must be [dtype, shape, nbytes]")
+        dname, shape, nbytes = ts
+        if type(dname) is not str:
+            raise errors.BadHeader("dtype must be a str")
+        dtype = NAME_TO_DTYPE.get(dname)
+        if dtype is None or dtype not in limits.allowed_dtypes:
+            raise errors.BadDtype(f"dtype {dname[:16]!r} not allowed")
+        if type(shape) is not list or len(shape) > MAX_NDIM or not all(_int(d) and d >= 0 for d in shape):
+            raise errors.BadHeader("shape must be a list of at most 16 non-negative ints")
+        if not _int(nbytes) or nbytes < 0:
+            raise errors.BadHeader("nbytes must be a non-negative int")
+        n = 1
+        for d in shape:  # early exit keeps the product small
+            n *= d
+            if n * ITEMSIZE[dtype] > limits.max_frame_bytes:
+                raise errors.ShapeMismatch("shape exceeds the frame limit")
+        if n * ITEMSIZE[dtype] != nbytes:
+            raise errors.ShapeMismatch(f"tensor {i}: prod(shape)*itemsize = {n * ITEMSIZE[dtype]} != nbytes {nbytes}")
+        shape = tuple(shape)
+        if expected is not None and tuple(expected[i]) != shape:
+            raise errors.ShapeMismatch(f"tensor {i} of {kind!r}: shape {shape}, expected {tuple(expected[i])}")
+        start = align(off)
+        specs.append(TensorSpec(dtype, shape, nbytes, start))
+        off = start + nbytes
+    if off != body_len:
+        raise errors.ShapeMismatch(f"tensors add up to {off} bytes, body is {body_len}")
+    return Header(kind, step, hsender, tuple(specs), meta, body_len)
+
+
+def build_message(h: Header, buf, release: Callable | None) -> Message:
+    tensors = [from_buffer(buf, s.offset, s.dtype, s.shape, s.nbytes) for s in h.specs]
+    return Message(h.kind, h.step, h.sender, tensors, h.meta, buf if release else None, release)

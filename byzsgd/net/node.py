@@ -1,0 +1,551 @@
+"""Where a process joins the cluster: one ``Node`` per process, one connection per peer.
+
+A node listens on its own address, dials every peer of *lower* rank (the higher rank dials, so a
+pair never ends up with two connections), reconnects with exponential backoff for as long as it
+runs, authenticates every connection (:mod:`.handshake`), refuses a second live connection for a
+rank, and dispatches received frames to the handler registered for their kind.  Sending goes
+through a bounded per-peer outbox (:mod:`.outbox`) and never blocks the caller.
+
+Threading: everything runs on the event loop that called :meth:`Node.start`; call ``send`` /
+``broadcast`` from that loop.
+
+Error contract: a misbehaving peer (malformed frame, unknown kind, bad HMAC, duplicate rank...)
+only ever costs its own connection: it is closed with a reason logged on ``byzsgd.net`` and
+counted in ``node.stats.rejected[reason]``.  A handler that raises is logged (and counted in
+``stats.handler_errors``) and never kills the node.  Configuration mistakes raise
+:class:`byzsgd.errors.ConfigError` in the constructor.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import logging
+import random
+import ssl as _ssl
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+from . import errors
+from .bufpool import BufferPool
+from .frame import FrameLimits, Message, encode
+from .handshake import PROTOCOL_VERSION, check_hello_fields, mac, new_nonce, transcript, verify
+from .outbox import Outbox
+from .peers import PeerDirectory, role_of
+from .protocol import Connection
+from .quorum import Mailbox
+from .rendezvous import Rendezvous
+
+__all__ = ["Node", "NodeStats"]
+
+log = logging.getLogger("byzsgd.net")
+
+ROLES = ("ps", "worker")
+
+
+@dataclass
+class NodeStats:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    frames_sent: int = 0
+    frames_received: int = 0
+    dropped: int = 0          # sends dropped by an outbox overflow
+    handler_errors: int = 0
+    connects: int = 0         # authenticated connections made (both directions)
+    rejected: collections.Counter = field(default_factory=collections.Counter)
+
+
+class Node:
+    """A cluster member.  See the module docstring and DESIGN §4."""
+
+    BACKOFF_MIN = 0.05
+    BACKOFF_MAX = 2.0
+
+    def __init__(self, rank: int, role: str, secret: bytes, *, directory: PeerDirectory | None = None,
+                 master: tuple[str, int] | None = None, world_size: int | None = None,
+                 num_ps: int | None = None, limits: FrameLimits, listen_host: str = "0.0.0.0",
+                 advertise_host: str | None = None, listen_port: int = 0,
+                 ssl_server: _ssl.SSLContext | None = None, ssl_client: _ssl.SSLContext | None = None,
+                 connect_timeout: float = 5.0, handshake_timeout: float = 5.0, outbox_depth: int = 16,
+                 pool_bytes: int | None = None):
+        C = errors.ConfigError
+        if type(rank) is not int or rank < 0:
+            raise C(f"rank must be a non-negative int, got {rank!r}")
+        if role not in ROLES:
+            raise C(f"role must be one of {ROLES}, got {role!r}")
+        if isinstance(secret, str):
+            raise C("secret must be bytes (encode the --secret / BYZSGD_SECRET string first)")
+        if not isinstance(secret, (bytes, bytearray)) or len(secret) == 0:
+            raise C("a non-empty cluster secret (bytes) is required: pass --secret or set BYZSGD_SECRET")
+        if not isinstance(limits, FrameLimits):
+            raise C(f"limits must be a FrameLimits, got {type(limits).__name__}")
+        if (directory is None) == (master is None):
+            raise C("give exactly one of directory= (static peer list) or master= (rendezvous)")
+        for name, v in (("connect_timeout", connect_timeout), ("handshake_timeout", handshake_timeout)):
+            if not isinstance(v, (int, float)) or not v > 0:
+                raise C(f"{name} must be a positive number of seconds, got {v!r}")
+        if type(outbox_depth) is not int or outbox_depth < 1:
+            raise C(f"outbox_depth must be an int >= 1, got {outbox_depth!r}")
+        if ssl_server is not None and not isinstance(ssl_server, _ssl.SSLContext):
+            raise C("ssl_server must be an ssl.SSLContext")
+        if ssl_client is not None and not isinstance(ssl_client, _ssl.SSLContext):
+            raise C("ssl_client must be an ssl.SSLContext")
+        if type(listen_port) is not int or not 0 <= listen_port <= 65535:
+            raise C(f"listen_port must be in [0, 65535], got {listen_port!r}")
+        if directory is not None:
+            if not isinstance(directory, PeerDirectory):
+                raise C("directory must be a PeerDirectory")
+            if rank not in directory:
+                raise C(f"rank {rank} is not in the directory (world size {directory.world_size})")
+            if world_size is not None and world_size != directory.world_size:
+                raise C(f"world_size={world_size} but the directory has {directory.world_size} ranks")
+            if num_ps is not None and num_ps != directory.num_ps:
+                raise C(f"num_ps={num_ps} but the directory has {directory.num_ps} servers")
+            world_size, num_ps = directory.world_size, directory.num_ps
+        else:
+            try:
+                mhost, mport = master
+            except (TypeError, ValueError):
+                raise C(f"master must be (host, port), got {master!r}") from None
+            if not isinstance(mhost, str) or not mhost or type(mport) is not int or not 1 <= mport <= 65535:
+                raise C(f"master must be (host, port 1..65535), got {master!r}")
+            if type(world_size) is not int or world_size < 1:
+                raise C("rendezvous through a master needs world_size (an int >= 1)")
+            if type(num_ps) is not int or not 0 <= num_ps <= world_size:
+                raise C(f"rendezvous needs num_ps in [0, world_size], got {num_ps!r}")
+            if rank >= world_size:
+                raise C(f"rank {rank} >= world_size {world_size}")
+        if role != role_of(rank, num_ps):
+            raise C(f"rank {rank} is a {role_of(rank, num_ps)} (ranks < num_ps={num_ps} are PS), not a {role}")
+        self.rank, self.role, self.secret = rank, role, bytes(secret)
+        if len(self.secret) < 16:
+            log.warning("rank %d: the cluster secret is only %d bytes; use 16+ random bytes", rank, len(self.secret))
+        self.world_size, self.num_ps = world_size, num_ps
+        self.limits = limits
+        self.listen_host, self.advertise_host, self.listen_port = listen_host, advertise_host, listen_port
+        self.master = master
+        self.ssl_server, self.ssl_client = ssl_server, ssl_client
+        self.connect_timeout, self.handshake_timeout = float(connect_timeout), float(handshake_timeout)
+        self.outbox_depth = outbox_depth
+        self.pool = BufferPool(pool_bytes if pool_bytes is not None else max(4 * limits.max_frame_bytes, 64 << 20))
+        self.stats = NodeStats()
+        self._directory = directory
+        self._kinds: dict[str, list | None] = {}
+        self._handlers: dict[str, tuple[Callable, bool]] = {}
+        self._mailboxes: list[Mailbox] = []
+        self._peers: dict[int, Outbox] = {}
+        self._conns: dict[int, Connection] = {}
+        self._connections: set[Connection] = set()
+        self._dialers: dict[int, asyncio.Task] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._conn_waiters: set[asyncio.Future] = set()
+        self._server = None
+        self._port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = False
+        self._closing = False
+        self._rdv: Rendezvous | None = Rendezvous(self) if directory is None else None
+        if self._rdv is not None:
+            self._rdv.register_kinds()
+
+    # ------------------------------------------------------------------ registration
+    def on(self, kind: str, handler: Callable, *, shapes: list[tuple[int, ...]] | None = None) -> None:
+        """Route frames of ``kind`` to ``handler(msg)`` (sync or ``async def``).  Handlers run on
+        the loop in arrival order per connection; the handler owns ``msg`` (``msg.release()``
+        when done with its tensors).  ``shapes``: the exact shapes every frame of this kind must
+        carry (else the frame is a violation).  Register before :meth:`start`."""
+        self._register(kind, handler, shapes, internal=False)
+
+    def _register(self, kind, handler, shapes, *, internal: bool) -> None:
+        if self._started:
+            raise errors.ConfigError(f"register kind {kind!r} before start()")
+        if not isinstance(kind, str) or not kind or len(kind) > 64:
+            raise errors.ConfigError(f"kind must be a non-empty str of at most 64 chars, got {kind!r}")
+        if kind.startswith("__") and not internal:
+            raise errors.ConfigError(f"kinds starting with '__' are reserved, got {kind!r}")
+        if kind in self._handlers:
+            raise errors.ConfigError(f"a handler for kind {kind!r} is already registered")
+        if not callable(handler):
+            raise errors.ConfigError("handler must be callable")
+        if shapes is not None:
+            try:
+                shapes = [tuple(int(d) for d in s) for s in shapes]
+            except (TypeError, ValueError):
+                raise errors.ConfigError(f"shapes must be a list of int tuples, got {shapes!r}") from None
+            if len(shapes) > self.limits.max_tensors:
+                raise errors.ConfigError(f"{len(shapes)} shapes > limits.max_tensors={self.limits.max_tensors}")
+        self._kinds[kind] = shapes
+        self._handlers[kind] = (handler, inspect.iscoroutinefunction(handler))
+
+    def mailbox(self, kind: str, *, window: int = 8, shapes=None, senders=None) -> Mailbox:
+        """Register a handler that files every ``kind`` message into a new :class:`Mailbox`."""
+        mb = Mailbox(kind, window=window, senders=senders)
+        self.on(kind, mb.deliver, shapes=shapes)
+        self._mailboxes.append(mb)
+        return mb
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("the node is not listening yet: await start() first")
+        return self._port
+
+    @property
+    def directory(self) -> PeerDirectory:
+        if self._directory is None:
+            raise RuntimeError("the directory is not known yet (rendezvous not complete)")
+        return self._directory
+
+    @property
+    def connected(self) -> set[int]:
+        return {r for r, c in self._conns.items() if not c.closed}
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self, *, timeout: float | None = None) -> None:
+        """Listen, start the dialers, and (rendezvous mode) return once the directory is complete.
+        ``timeout`` bounds the rendezvous wait (:class:`errors.RendezvousError`)."""
+        if self._started:
+            raise RuntimeError("start() called twice")
+        self._started = True
+        self._loop = asyncio.get_running_loop()
+        if self._directory is not None:
+            port = self._directory[self.rank][1]
+        elif self.rank == 0:
+            port = self.master[1]
+        else:
+            port = self.listen_port
+        self._server = await self._loop.create_server(
+            lambda: Connection(self), host=self.listen_host, port=port, ssl=self.ssl_server,
+            reuse_address=True, backlog=max(128, 4 * self.world_size),
+            ssl_handshake_timeout=self.handshake_timeout if self.ssl_server else None)
+        self._port = self._server.sockets[0].getsockname()[1]
+        log.info("rank %d (%s) listening on %s:%d", self.rank, self.role, self.listen_host, self._port)
+        if self._directory is not None:
+            self._set_directory(self._directory)
+        else:
+            await self._rdv.run(timeout)
+
+    def _set_directory(self, directory: PeerDirectory) -> None:
+        self._directory = directory
+        for r in directory:
+            if r != self.rank and r not in self._peers:
+                self._peers[r] = Outbox(r, self.outbox_depth, self.stats)
+            if r < self.rank and r not in self._dialers and not self._closing:
+                self._dialers[r] = self._loop.create_task(self._dial_loop(r))
+
+    def _address(self, rank: int) -> tuple[str, int]:
+        if self._directory is not None and rank in self._directory:
+            return self._directory[rank]
+        if rank == 0 and self.master is not None:
+            return self.master
+        raise errors.UnknownPeer(f"no address for rank {rank}")
+
+    async def close(self) -> None:
+        """Close everything (idempotent): dialers, listener, connections, outboxes (pending send
+        futures resolve False), mailboxes (pending collects are cancelled)."""
+        if self._closing:
+            return
+        self._closing = True
+        for t in list(self._dialers.values()) + list(self._tasks):
+            t.cancel()
+        if self._rdv is not None:
+            self._rdv.close()
+        if self._server is not None:
+            self._server.close()
+        conns = list(self._connections)
+        for c in conns:
+            c.close()
+        for ob in self._peers.values():
+            ob.close()
+        for mb in self._mailboxes:
+            mb.cancel()
+        for f in self._conn_waiters:
+            if not f.done():
+                f.set_result(None)
+        pending = [t for t in list(self._dialers.values()) + list(self._tasks) if not t.done()]
+        waits = [c.wait_closed() for c in conns if c.transport is not None]
+        if pending or waits:
+            await asyncio.wait([*pending, *[asyncio.ensure_future(w) for w in waits]], timeout=2.0)
+        if self._server is not None:
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+            except (asyncio.TimeoutError, Exception):
+                pass
+        self.pool.clear()
+
+    async def __aenter__(self) -> "Node":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ connecting
+    async def _dial_loop(self, rank: int) -> None:
+        backoff = self.BACKOFF_MIN
+        loop = self._loop
+        while not self._closing:
+            conn = None
+            try:
+                host, port = self._address(rank)
+                _, conn = await asyncio.wait_for(loop.create_connection(
+                    lambda: Connection(self, expect_rank=rank), host, port, ssl=self.ssl_client,
+                    server_hostname=host if self.ssl_client is not None else None,
+                    ssl_handshake_timeout=self.handshake_timeout if self.ssl_client else None),
+                    self.connect_timeout)
+                await asyncio.wait_for(self._dial_handshake(conn), self.handshake_timeout)
+            except asyncio.CancelledError:
+                if conn is not None:
+                    conn.close()
+                raise
+            except errors.HandshakeError as e:
+                if conn is not None:
+                    conn.abort(e)
+                else:
+                    self.stats.rejected[e.reason] += 1
+                log.info("rank %d: handshake with rank %d failed: %s", self.rank, rank, e)
+            except (OSError, asyncio.TimeoutError, errors.NetError, _ssl.SSLError) as e:
+                if conn is not None:
+                    conn.close()
+                log.debug("rank %d: cannot reach rank %d yet: %r", self.rank, rank, e)
+            except Exception as e:  # never let a dialer die
+                if conn is not None:
+                    conn.close()
+                log.exception("rank %d: unexpected error dialing rank %d: %r", self.rank, rank, e)
+            else:
+                backoff = self.BACKOFF_MIN
+                await conn.wait_closed()
+                if not self._closing:
+                    log.info("rank %d: connection to rank %d lost; reconnecting", self.rank, rank)
+                continue
+            if self._closing:
+                break
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, self.BACKOFF_MAX)
+
+    async def _dial_handshake(self, conn: Connection) -> None:
+        want = conn.expect_rank
+        nonce_d = new_nonce()
+        conn.send_hs({"v": PROTOCOL_VERSION, "role": self.role, "rank": self.rank, "want": want, "nonce": nonce_d})
+        reply = await conn.recv_hs()
+        l_role, l_rank, nonce_l = check_hello_fields(reply, dialer=False)
+        if l_rank != want or l_role != role_of(want, self.num_ps):
+            raise errors.BadRank(f"dialed rank {want} but reached rank {l_rank} ({l_role})")
+        tr = transcript(self.role, self.rank, nonce_d, l_role, l_rank, nonce_l)
+        verify(self.secret, True, tr, reply.get("mac"))
+        conn.send_hs({"mac": mac(self.secret, False, tr)})
+        ok = await conn.recv_hs()
+        if ok.get("ok") is not True:
+            check_hello_fields(ok, dialer=False)  # raises the peer's refusal
+            raise errors.HandshakeError("no ok from the listener")
+        self._attach(conn, l_rank, l_role)
+
+    async def _serve_handshake(self, conn: Connection) -> None:
+        try:
+            async with asyncio.timeout(self.handshake_timeout):
+                hello = await conn.recv_hs()
+                try:
+                    d_role, d_rank, nonce_d = check_hello_fields(hello, dialer=True)
+                    self._check_inbound(d_rank, d_role, hello["want"])
+                except errors.VersionMismatch as e:
+                    conn.send_hs({"err": f"version: this node speaks {PROTOCOL_VERSION}"})
+                    raise e
+                except errors.BadRank as e:
+                    conn.send_hs({"err": f"rank: {e}"[:200]})
+                    raise e
+                nonce_l = new_nonce()
+                tr = transcript(d_role, d_rank, nonce_d, self.role, self.rank, nonce_l)
+                conn.send_hs({"v": PROTOCOL_VERSION, "role": self.role, "rank": self.rank,
+                              "nonce": nonce_l, "mac": mac(self.secret, True, tr)})
+                reply = await conn.recv_hs()
+                verify(self.secret, False, tr, reply.get("mac"))
+                old = self._conns.get(d_rank)
+                if old is not None and not old.closed:
+                    conn.send_hs({"err": f"duplicate: rank {d_rank} already has a live connection"})
+                    raise errors.DuplicateRank(f"rank {d_rank} already has a live connection")
+                conn.send_hs({"ok": True})
+                self._attach(conn, d_rank, d_role)
+        except (TimeoutError, asyncio.TimeoutError):
+            conn.abort(errors.HandshakeTimeout(f"no complete handshake within {self.handshake_timeout}s"))
+        except errors.HandshakeError as e:
+            conn.abort(e)
+        except errors.PeerClosed:
+            pass
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        except Exception as e:
+            log.exception("rank %d: unexpected handshake error: %r", self.rank, e)
+            conn.abort(errors.HandshakeError(repr(e)))
+
+    def _check_inbound(self, rank: int, role: str, want) -> None:
+        if want != self.rank:
+            raise errors.BadRank(f"the dialer wants rank {want!r}, this is rank {self.rank}")
+        if rank >= self.world_size:
+            raise errors.BadRank(f"rank {rank} outside the world of {self.world_size}")
+        if role != role_of(rank, self.num_ps):
+            raise errors.BadRank(f"rank {rank} claims role {role}, but is a {role_of(rank, self.num_ps)}")
+        if rank <= self.rank:
+            raise errors.BadRank(f"rank {rank} dialed rank {self.rank}: only higher ranks dial lower ones")
+
+    def _attach(self, conn: Connection, rank: int, role: str) -> None:
+        old = self._conns.get(rank)
+        if old is not None and not old.closed:
+            raise errors.DuplicateRank(f"rank {rank} already has a live connection")
+        if self._closing:
+            raise errors.PeerClosed("node closing")
+        conn.role = role
+        self._conns[rank] = conn
+        self.stats.connects += 1
+        ob = self._peers.get(rank)
+        if ob is None:
+            ob = self._peers[rank] = Outbox(rank, self.outbox_depth, self.stats)
+        conn.start_frames(rank)
+        if conn.closed:
+            return
+        ob.attach(conn)
+        log.info("rank %d: connected to rank %d (%s) at %s", self.rank, rank, role, conn.peername)
+        for f in self._conn_waiters:
+            if not f.done():
+                f.set_result(None)
+        if self._rdv is not None:
+            self._rdv.on_connect(conn)
+
+    def _connection_lost(self, conn: Connection) -> None:
+        self._connections.discard(conn)
+        r = conn.rank
+        if r is not None and self._conns.get(r) is conn:
+            del self._conns[r]
+            ob = self._peers.get(r)
+            if ob is not None:
+                ob.detach(conn)
+        if conn._dispatch_task is not None and not conn._dispatch_task.done() and self._closing:
+            conn._dispatch_task.cancel()
+
+    async def wait_connected(self, ranks: Iterable[int], timeout: float) -> set[int]:
+        """Wait until every rank in ``ranks`` is connected or ``timeout`` passes; returns the
+        connected subset (never raises on timeout)."""
+        want = set(ranks)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self._closing:
+            have = want & self.connected
+            left = deadline - loop.time()
+            if have == want or left <= 0:
+                return have
+            f = loop.create_future()
+            self._conn_waiters.add(f)
+            try:
+                await asyncio.wait([f], timeout=left)
+            finally:
+                self._conn_waiters.discard(f)
+        return want & self.connected
+
+    # ------------------------------------------------------------------ receiving
+    def _dispatch(self, conn: Connection, msg: Message) -> None:
+        self.stats.frames_received += 1
+        entry = self._handlers.get(msg.kind)
+        if entry is None:  # cannot happen for frames (the decoder checks kinds); local sends
+            msg.release()
+            return
+        handler, is_async = entry
+        if is_async or conn._dispatch_q:
+            if conn._dispatch_q is None:
+                conn._dispatch_q = collections.deque()
+            conn._dispatch_q.append((handler, msg))
+            if conn._dispatch_task is None or conn._dispatch_task.done():
+                conn._dispatch_task = self._loop.create_task(self._drain_dispatch(conn))
+            if len(conn._dispatch_q) >= 8 and conn.transport is not None and not conn.closed:
+                conn.transport.pause_reading()  # slow async handlers push back on the sender
+                conn._dispatch_paused = True
+            return
+        self._call(handler, msg)
+
+    def _call(self, handler, msg) -> None:
+        try:
+            r = handler(msg)
+            if inspect.isawaitable(r):
+                t = self._loop.create_task(r)
+                self._tasks.add(t)
+                t.add_done_callback(self._task_done)
+        except Exception:
+            self.stats.handler_errors += 1
+            log.exception("rank %d: handler for %r raised (message from rank %d, step %d)",
+                          self.rank, msg.kind, msg.sender, msg.step)
+
+    def _task_done(self, t: asyncio.Task) -> None:
+        self._tasks.discard(t)
+        if not t.cancelled() and t.exception() is not None:
+            self.stats.handler_errors += 1
+            log.error("rank %d: async handler raised", self.rank, exc_info=t.exception())
+
+    async def _drain_dispatch(self, conn: Connection) -> None:
+        q = conn._dispatch_q
+        while q:
+            handler, msg = q[0]
+            try:
+                r = handler(msg)
+                if inspect.isawaitable(r):
+                    await r
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.stats.handler_errors += 1
+                log.exception("rank %d: handler for %r raised (message from rank %d, step %d)",
+                              self.rank, msg.kind, msg.sender, msg.step)
+            q.popleft()
+            if getattr(conn, "_dispatch_paused", False) and len(q) < 4 and not conn.closed:
+                conn._dispatch_paused = False
+                conn.transport.resume_reading()
+
+    # ------------------------------------------------------------------ sending
+    def send(self, rank: int, kind: str, step: int, tensors=(), meta=None) -> asyncio.Future:
+        """Queue a message for ``rank``; returns at once a future that resolves True once the
+        kernel took every byte, False if it was dropped (outbox overflow, connection lost while
+        writing, node closed).  The tensors are sent from their own memory: do not modify them
+        until the future resolves (send a snapshot, e.g. ``t.clone()``, if you must).  A send
+        to a known peer that is not connected waits in its outbox.  ``rank == self.rank``
+        delivers a copy locally.  Raises :class:`errors.UnknownPeer` for a rank not in the
+        directory, ``ValueError``/``TypeError``/:class:`errors.ProtocolError` for a message the
+        limits refuse.  Call from the node's event loop."""
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("start() the node before sending")
+        fut = loop.create_future()
+        if self._closing:
+            buffers = encode(kind, step, self.rank, tensors, meta, self.limits)
+            fut.set_result(False)
+            return fut
+        if rank == self.rank:
+            return self._send_local(kind, step, tensors, meta, fut)
+        ob = self._peers.get(rank)
+        if ob is None:
+            raise errors.UnknownPeer(f"rank {rank!r} is not a known peer of rank {self.rank}")
+        buffers, nbytes, keep = encode(kind, step, self.rank, tensors, meta, self.limits)
+        ob.put(buffers, nbytes, fut, keep)
+        return fut
+
+    def _send_local(self, kind, step, tensors, meta, fut):
+        encode(kind, step, self.rank, tensors, meta, self.limits)  # same checks as the wire
+        if kind not in self._handlers:
+            fut.set_result(False)
+            return fut
+        msg = Message(kind, step, self.rank, [t.detach().clone() for t in tensors], dict(meta or {}))
+        self._loop.call_soon(self._dispatch_local, msg)
+        fut.set_result(True)
+        return fut
+
+    def _dispatch_local(self, msg: Message) -> None:
+        if self._closing:
+            return
+        self.stats.frames_received += 1
+        handler, _ = self._handlers[msg.kind]
+        self._call(handler, msg)
+
+    def broadcast(self, ranks: Iterable[int], kind: str, step: int, tensors=(), meta=None) -> list:
+        """``send`` to each rank (the same tensor memory is shared by every outbox: do not
+        modify the tensors until all futures resolved)."""
+        return [self.send(r, kind, step, tensors, meta) for r in ranks]

@@ -1,0 +1,345 @@
+"""Where bytes become messages: the receive state machine and the asyncio protocol around it.
+
+:class:`FrameReader` is sans-IO (no sockets, no loop) so it can be fuzzed directly: it owns a
+small staging buffer for prefixes, headers and small bodies, and for each frame takes a body
+buffer from the :class:`~byzsgd.net.bufpool.BufferPool` *after* the prefix and the header passed
+every check.  While a body is being received, ``get_buffer()`` hands out a view of exactly the
+missing part of that body, so the kernel copies large tensors straight into their final place
+(``asyncio.BufferedProtocol``; ``StreamReader.readexactly`` is 6-9x slower, DESIGN §9).
+
+:class:`Connection` is the ``asyncio.BufferedProtocol``: it runs the handshake (through tiny
+length-prefixed msgpack messages, at most ``HS_MAX`` bytes, parsed by the same reader in its
+handshake mode), then feeds frames to the node.  Error contract: any
+:class:`~byzsgd.net.errors.ProtocolError` or :class:`~byzsgd.net.errors.HandshakeError` raised
+while reading closes *this* connection (``abort``) with a logged, counted reason; nothing
+propagates to the event loop.  Writes are driven by the peer's outbox (:mod:`.outbox`): the
+transport's high-water mark is 0 so ``pause_writing``/``resume_writing`` tell exactly when the
+kernel has taken all the bytes of a message (the moment its send future resolves True).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+from typing import Any, Callable, Mapping
+
+import msgpack
+
+from . import errors
+from .bufpool import BufferPool
+from .frame import PREFIX, FrameLimits, Header, build_message, decode_header, parse_prefix
+
+__all__ = ["FrameReader", "Connection", "HS_MAX", "HS_PREFIX"]
+
+log = logging.getLogger("byzsgd.net")
+
+HS_PREFIX = struct.Struct("<H")
+HS_MAX = 1024
+_HEAD, _BODY = 0, 1
+
+
+class FrameReader:
+    """Incremental frame decoder.  Usage: ``mv = r.get_buffer()``; write ``n`` bytes into
+    ``mv[:n]``; ``msgs = r.feed(n)``.  In handshake mode (the initial mode) ``feed`` returns
+    nothing and complete handshake messages are taken with :meth:`pop_handshake`; after
+    :meth:`start_frames` it returns complete :class:`Message` objects.  Raises only
+    :class:`errors.ProtocolError` / :class:`errors.HandshakeError`; after one the reader is dead.
+    """
+
+    def __init__(self, limits: FrameLimits, pool: BufferPool, *, kinds: Mapping[str, Any] | None = None,
+                 sender: int | None = None, handshake: bool = True, stage_bytes: int = 256 * 1024):
+        self.limits, self.pool, self.kinds, self.sender = limits, pool, kinds, sender
+        self.handshake = handshake
+        self._stage = bytearray(max(stage_bytes, PREFIX.size + limits.max_header_bytes + 4096))
+        self._smv = memoryview(self._stage)
+        self._start = self._end = 0
+        self._state = _HEAD
+        self._hdr: Header | None = None
+        self._body: bytearray | None = None
+        self._bmv: memoryview | None = None
+        self._filled = 0
+        self.bytes_in = 0
+
+    # ------------------------------------------------------------------ buffer hand-out
+    def get_buffer(self) -> memoryview:
+        if self._state == _BODY:
+            return self._bmv[self._filled:self._hdr.body_len]
+        if self._end >= len(self._stage) - 1024:  # little room left: compact
+            n = self._end - self._start
+            self._smv[:n] = self._smv[self._start:self._end]
+            self._start, self._end = 0, n
+        return self._smv[self._end:]
+
+    def feed(self, n: int) -> list:
+        self.bytes_in += n
+        if self._state == _BODY:
+            self._filled += n
+            if self._filled < self._hdr.body_len:
+                return []
+            out = [self._finish_body()]
+            if self._end > self._start and not self.handshake:
+                out.extend(self._parse())
+            return out
+        self._end += n
+        if self.handshake:
+            return []
+        return self._parse()
+
+    # ------------------------------------------------------------------ handshake mode
+    def free_space(self) -> int:
+        """Room left in the staging buffer (after compaction) while not inside a body."""
+        return len(self._stage) - (self._end - self._start)
+
+    def pop_handshake(self) -> bytes | None:
+        avail = self._end - self._start
+        if avail < HS_PREFIX.size:
+            return None
+        (ln,) = HS_PREFIX.unpack_from(self._stage, self._start)
+        if ln == 0 or ln > HS_MAX:
+            raise errors.HandshakeError(f"handshake message of {ln} bytes (limit {HS_MAX})")
+        if avail < HS_PREFIX.size + ln:
+            return None
+        s = self._start + HS_PREFIX.size
+        data = bytes(self._smv[s:s + ln])
+        self._start = s + ln
+        return data
+
+    def start_frames(self, sender: int | None) -> list:
+        """Leave handshake mode; parse whatever frames already arrived."""
+        self.handshake = False
+        self.sender = sender
+        return self._parse()
+
+    # ------------------------------------------------------------------ frames
+    def _parse(self) -> list:
+        out = []
+        lim = self.limits
+        psize = PREFIX.size
+        while True:
+            avail = self._end - self._start
+            if avail < psize:
+                break
+            hlen, blen = parse_prefix(self._smv[self._start:self._start + psize], lim)
+            if avail < psize + hlen:
+                break  # the staging buffer always has room for prefix + max header
+            hs = self._start + psize
+            hdr = decode_header(self._smv[hs:hs + hlen], blen, lim, kinds=self.kinds, sender=self.sender)
+            self._start = hs + hlen
+            self._hdr = hdr
+            if blen == 0:
+                self._body = None
+                out.append(build_message(hdr, None, None))
+                self._hdr = None
+                continue
+            body = self.pool.acquire(blen)
+            self._body, self._bmv = body, memoryview(body)
+            k = min(blen, self._end - self._start)
+            if k:
+                self._bmv[:k] = self._smv[self._start:self._start + k]
+                self._start += k
+            self._filled = k
+            if k == blen:
+                out.append(self._finish_body())
+                continue
+            self._state = _BODY
+            break
+        if self._start == self._end:
+            self._start = self._end = 0
+        return out
+
+    def _finish_body(self):
+        hdr, body = self._hdr, self._body
+        self._hdr = self._body = self._bmv = None
+        self._state = _HEAD
+        self._filled = 0
+        return build_message(hdr, body, self.pool.release)
+
+    def close(self) -> None:
+        """Return a half-received body to the pool."""
+        if self._body is not None:
+            self._bmv = None
+            self.pool.release(self._body)
+            self._body = None
+        self._state = _HEAD
+
+
+def hs_pack(obj) -> bytes:
+    data = msgpack.packb(obj, use_bin_type=True)
+    if len(data) > HS_MAX:
+        raise ValueError("handshake message too large")
+    return HS_PREFIX.pack(len(data)) + data
+
+
+def hs_unpack(data: bytes) -> dict:
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, max_str_len=HS_MAX,
+                              max_bin_len=HS_MAX, max_array_len=16, max_map_len=16, max_ext_len=0)
+    except Exception as e:
+        raise errors.HandshakeError(f"invalid handshake message: {type(e).__name__}") from None
+    if type(obj) is not dict:
+        raise errors.HandshakeError("handshake message must be a map")
+    return obj
+
+
+def _keepalive(sock) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 10)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+
+
+class Connection(asyncio.BufferedProtocol):
+    """One TCP connection to one peer.  ``rank`` is None until the handshake authenticated it.
+
+    ``on_ready(conn)`` is called by the node once authenticated; frames go to
+    ``node._dispatch(conn, msg)``; ``node._connection_lost(conn)`` on close.
+    """
+
+    def __init__(self, node, *, expect_rank: int | None = None):
+        self.node = node
+        self.expect_rank = expect_rank  # set on the dialing side
+        self.rank: int | None = None
+        self.role: str | None = None
+        self.transport: asyncio.Transport | None = None
+        self.reader = FrameReader(node.limits, node.pool, kinds=node._kinds)
+        self.closed = False
+        self.close_reason: str | None = None
+        self.write_paused = False
+        self.outbox = None  # the peer's Outbox once attached
+        self.peername = None
+        self._hs_waiter: asyncio.Future | None = None
+        self._lost = node._loop.create_future()
+        self._dispatch_q = None  # deque of pending messages for async handlers
+        self._dispatch_task = None
+        self.handshake_task: asyncio.Task | None = None
+        self._read_paused = False
+        self._dispatch_paused = False
+
+    # ------------------------------------------------------------------ asyncio callbacks
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.peername = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            _keepalive(sock)
+        try:
+            transport.set_write_buffer_limits(high=0, low=0)
+        except Exception:  # pragma: no cover - every transport we use supports it
+            pass
+        if self.node._closing:
+            self.abort(None)
+            return
+        self.node._connections.add(self)
+        if self.expect_rank is None:  # accepted side: the server runs its half of the handshake
+            self.handshake_task = self.node._loop.create_task(self.node._serve_handshake(self))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.reader.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.closed:
+            return
+        try:
+            msgs = self.reader.feed(nbytes)
+        except (errors.ProtocolError, errors.HandshakeError) as e:
+            self.abort(e)
+            return
+        if self.reader.handshake:
+            if self.reader.free_space() < 4096 and not self.closed:
+                self.transport.pause_reading()  # resumed by start_frames; else the handshake times out
+                self._read_paused = True
+            self._wake_hs()
+            return
+        self.node.stats.bytes_received += nbytes
+        for m in msgs:
+            self.node._dispatch(self, m)
+
+    def eof_received(self):
+        return False  # close the transport
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.outbox is not None:
+            self.outbox.on_resume(self)
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.reader.close()
+        if self._hs_waiter is not None and not self._hs_waiter.done():
+            self._hs_waiter.set_exception(errors.PeerClosed("connection closed during handshake"))
+        if not self._lost.done():
+            self._lost.set_result(None)
+        self.node._connection_lost(self)
+
+    # ------------------------------------------------------------------ handshake I/O
+    def _wake_hs(self) -> None:
+        w = self._hs_waiter
+        if w is not None and not w.done():
+            try:
+                data = self.reader.pop_handshake()
+            except errors.HandshakeError as e:
+                self.abort(e)
+                return
+            if data is not None:
+                self._hs_waiter = None
+                w.set_result(data)
+
+    async def recv_hs(self) -> dict:
+        if self.closed:
+            raise errors.PeerClosed("connection closed during handshake")
+        data = self.reader.pop_handshake()
+        if data is None:
+            self._hs_waiter = self.node._loop.create_future()
+            data = await self._hs_waiter
+        return hs_unpack(data)
+
+    def send_hs(self, obj) -> None:
+        if not self.closed:
+            self.transport.write(hs_pack(obj))
+
+    def start_frames(self, rank: int) -> None:
+        """Authenticated: switch the reader to frames and process what is already buffered."""
+        self.rank = rank
+        try:
+            msgs = self.reader.start_frames(rank)
+        except errors.ProtocolError as e:
+            self.abort(e)
+            return
+        for m in msgs:
+            self.node._dispatch(self, m)
+        if self._read_paused and not self.closed:
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    # ------------------------------------------------------------------ closing
+    def abort(self, err: BaseException | None) -> None:
+        """Close now (drop unsent data) with a logged and counted reason."""
+        if self.closed:
+            return
+        self.closed = True
+        if err is not None:
+            reason = getattr(err, "reason", type(err).__name__)
+            self.close_reason = reason
+            self.node.stats.rejected[reason] += 1
+            log.warning("rank %s: closing connection from %s (rank %s): %s: %s", self.node.rank,
+                        self.peername, self.rank, reason, err)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.abort()
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._lost)

@@ -1,0 +1,77 @@
+"""Where fault injection starts: a raw, hand-driven dialer for tests and fault scripts.
+
+It speaks the handshake by hand (optionally wrongly) and then lets the caller write arbitrary
+bytes, so tests can check that every malformed input only costs the offender its connection.
+Not used by :class:`~byzsgd.net.Node` itself.
+"""
+from __future__ import annotations
+
+import asyncio
+
+from . import handshake as hs
+from .frame import PREFIX, encode
+from .peers import role_of
+from .protocol import HS_PREFIX, hs_pack, hs_unpack
+
+__all__ = ["RawPeer"]
+
+
+class RawPeer:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, host: str, port: int) -> "RawPeer":
+        r, w = await asyncio.open_connection(host, port)
+        return cls(r, w)
+
+    async def recv_hs(self, timeout: float = 5.0) -> dict:
+        (n,) = HS_PREFIX.unpack(await asyncio.wait_for(self.reader.readexactly(HS_PREFIX.size), timeout))
+        return hs_unpack(await asyncio.wait_for(self.reader.readexactly(n), timeout))
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def handshake(self, secret: bytes, rank: int, want: int, num_ps: int, *, role: str | None = None,
+                        version: int = hs.PROTOCOL_VERSION, bad_mac: bool = False) -> dict:
+        """Run the dialer side; returns the listener's final message ({'ok': True} or {'err': ...})."""
+        role = role or role_of(rank, num_ps)
+        nonce = hs.new_nonce()
+        self.write(hs_pack({"v": version, "role": role, "rank": rank, "want": want, "nonce": nonce}))
+        reply = await self.recv_hs()
+        if "err" in reply:
+            return reply
+        tr = hs.transcript(role, rank, nonce, reply["role"], reply["rank"], reply["nonce"])
+        m = hs.mac(secret, False, tr)
+        if bad_mac:
+            m = bytes(32)
+        self.write(hs_pack({"mac": m}))
+        try:
+            return await self.recv_hs()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return {"closed": True}
+
+    def send_frame(self, kind: str, step: int, sender: int, tensors=(), meta=None) -> None:
+        buffers, _, _ = encode(kind, step, sender, tensors, meta)
+        for b in buffers:
+            self.writer.write(bytes(b))
+
+    async def closed_by_peer(self, timeout: float = 5.0) -> bool:
+        """True once the other side closed the connection (EOF or reset) within ``timeout``."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    data = await self.reader.read(65536)
+                    if not data:
+                        return True
+        except (ConnectionError, OSError):
+            return True
+        except TimeoutError:
+            return False
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except Exception:
+            pass

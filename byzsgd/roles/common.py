@@ -1,0 +1,116 @@
+"""What both roles need: logging, the node's network endpoint, signals, the peer directory.
+
+Message kinds exchanged by the roles (the only kinds a node accepts):
+
+* ``model``    PS -> worker: the PS's model for step t, i.e. a gradient request.
+* ``grad``     worker -> PS: gradient for step t (+ BatchNorm buffers when the model has any);
+               ``meta = {"loss": float}``.
+* ``ps_model`` PS -> PS: the PS's updated model for step t (the gather phase).
+* ``done``     PS -> worker: the PS has finished its last step.
+
+In paper mode the same kinds are used: a worker takes the first q_ps ``model`` messages of
+step t, aggregates them with the coordinate-wise median and sends one ``grad`` to every PS.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import ssl
+import sys
+from pathlib import Path
+
+from byzsgd.config import RunConfig, parse_host_port
+from byzsgd.errors import ConfigError
+from byzsgd.net import FrameLimits, Node, PeerDirectory
+
+KIND_MODEL = "model"
+KIND_GRAD = "grad"
+KIND_PS_MODEL = "ps_model"
+KIND_DONE = "done"
+
+log = logging.getLogger("byzsgd.roles")
+
+
+def setup_logging(cfg: RunConfig) -> None:
+    level = logging.INFO if cfg.log else logging.WARNING
+    logging.basicConfig(
+        level=level, stream=sys.stderr,
+        format=f"%(asctime)s {cfg.role}{cfg.rank} %(levelname)s %(name)s: %(message)s")
+
+
+def load_directory(path: str) -> PeerDirectory:
+    """Read the launcher's deployment description (``deployment.json``) as a directory."""
+    try:
+        doc = json.loads(Path(path).read_text())
+        addresses = {int(r["rank"]): (str(r["host"]), int(r["port"])) for r in doc["ranks"]}
+        return PeerDirectory(addresses, int(doc["num_ps"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"cannot read the peer directory {path}: {exc}") from None
+
+
+def tls_contexts(cfg: RunConfig) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+    """Server and client TLS contexts when a certificate is given (HMAC auth runs on top)."""
+    if not cfg.tls_cert:
+        return None, None
+    try:
+        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cfg.tls_ca or cfg.tls_cert)
+        # Peers are addressed by IP in most clusters; identity is proven by the HMAC handshake
+        # over the cluster secret, the CA proves the certificate is the cluster's.
+        client.check_hostname = False
+        if cfg.tls_ca:
+            server.verify_mode = ssl.CERT_OPTIONAL
+            server.load_verify_locations(cfg.tls_ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot set up TLS with {cfg.tls_cert}/{cfg.tls_key}: {exc}") from None
+    return server, client
+
+
+def make_node(cfg: RunConfig, limits: FrameLimits) -> Node:
+    """The node's endpoint: from --peers when given, else a rendezvous through --master."""
+    ssl_server, ssl_client = tls_contexts(cfg)
+    common = dict(limits=limits, listen_host=cfg.listen_host, advertise_host=cfg.advertise_host,
+                  ssl_server=ssl_server, ssl_client=ssl_client)
+    if cfg.peers:
+        directory = load_directory(cfg.peers)
+        if directory.world_size != cfg.world_size or directory.num_ps != cfg.num_ps:
+            raise ConfigError(
+                f"the peer directory {cfg.peers} describes {directory.num_ps} PS and "
+                f"{directory.world_size - directory.num_ps} workers, but the flags say "
+                f"{cfg.num_ps} PS and {cfg.num_workers} workers")
+        return Node(cfg.rank, cfg.role, cfg.secret(), directory=directory, **common)
+    host, port = parse_host_port(cfg.master)
+    listen_port = cfg.port if cfg.port is not None else (port if cfg.rank == 0 else 0)
+    return Node(cfg.rank, cfg.role, cfg.secret(), master=(host, port), world_size=cfg.world_size,
+                num_ps=cfg.num_ps, listen_port=listen_port, **common)
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    """SIGINT/SIGTERM set ``stop``: the node finishes its current step and closes cleanly."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - non-main thread
+            pass
+
+
+async def until_stopped(coro, stop: asyncio.Event):
+    """Run ``coro`` unless ``stop`` is set first; returns (done, result_or_None)."""
+    task = asyncio.ensure_future(coro)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if task.done():
+        return True, task.result()
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):
+        pass
+    return False, None

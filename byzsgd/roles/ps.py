@@ -1,0 +1,242 @@
+"""A parameter server: ``python -m byzsgd.roles.ps``.
+
+Mode ``garfield`` (DESIGN.md §3), step t:
+
+1. send the model (tagged t) to every worker — the gradient request;
+2. take gradients for step t as they arrive: the first q_w = n_w - fw distinct workers;
+3. g = GAR(grads, f=fw); optimizer step;
+4. gather: send the updated model to every other PS, take peers' step-t models as they
+   arrive until q_ps = n_ps - fps (own included); model = GAR(models, f=fps);
+5. every --acc_freq steps evaluate the (consistent) model and log a metrics line.
+
+No sleeps, no polling: each wait is a quorum future of :class:`byzsgd.net.Mailbox`.  A
+request nobody answered within --resend_after is sent again to those who did not answer
+(a restarted peer lost it), so a late or silent node is never waited for beyond a quorum.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import math
+import statistics
+import sys
+import time
+
+import torch
+
+from byzsgd import gars
+from byzsgd.config import RunConfig, add_arguments, config_from_args
+from byzsgd.errors import ByzSGDError, ConfigError
+from byzsgd.metrics import MetricsWriter
+from byzsgd.net import FrameLimits, Message, install_event_loop
+from byzsgd.net import errors as net_errors
+from byzsgd.roles import byzantine
+from byzsgd.roles.common import (KIND_DONE, KIND_GRAD, KIND_MODEL, KIND_PS_MODEL, install_stop_signals,
+                                 make_node, setup_logging, until_stopped)
+from byzsgd.roles.replica import Replica
+
+log = logging.getLogger("byzsgd.ps")
+
+
+class ParameterServer:
+    """One PS: owns a model replica, a node, and the step loop."""
+
+    def __init__(self, cfg: RunConfig):
+        if not cfg.is_ps:
+            raise ConfigError(f"rank {cfg.rank} is a worker (ranks below --num_ps={cfg.num_ps} are PS)")
+        cfg.check_resilience()
+        self.cfg = cfg
+        self.replica = Replica(cfg, with_test_set=True)
+        self.limits = FrameLimits.for_model(self.replica.state_size)
+        self.node = make_node(cfg, self.limits)
+        grad_shapes = [(self.replica.grad_size,)]
+        if self.replica.buffer_size:
+            grad_shapes.append((self.replica.buffer_size,))
+        window = max(8, 2 * cfg.gather_period + 2)
+        self.grad_box = self.node.mailbox(KIND_GRAD, window=window, shapes=grad_shapes)
+        self.model_box = self.node.mailbox(KIND_PS_MODEL, window=window,
+                                           shapes=[(self.replica.state_size,)])
+        self.behaviour = byzantine.ps_behaviour(cfg) if cfg.attack else None
+        self.metrics = MetricsWriter(cfg.metrics)
+        self.stop: asyncio.Event | None = None  # created inside the event loop
+        self.step = 0
+
+    # -- sending ----------------------------------------------------------------------
+    def _send_model(self, ranks, kind: str, step: int, state: torch.Tensor) -> None:
+        """Send ``state`` (a snapshot nobody mutates) to ``ranks``; a Byzantine PS forges."""
+        if self.behaviour is None:
+            self.node.broadcast(ranks, kind, step, [state])
+        else:
+            self.behaviour.send(self.node, ranks, kind, step, state)
+
+    # -- quorums ----------------------------------------------------------------------
+    async def _quorum(self, box, step: int, q: int, ranks: list[int], resend) -> dict[int, Message]:
+        """Wait for q distinct senders of ``step``; re-send the request to the silent ones."""
+        started = time.monotonic()
+        warned = False
+        while True:
+            try:
+                return await box.collect(step, q, senders=ranks, timeout=self.cfg.resend_after)
+            except net_errors.QuorumTimeout as exc:
+                answered = set(getattr(exc, "senders", ()) or ())
+                silent = [r for r in ranks if r not in answered]
+                if resend is not None and silent:
+                    resend(silent)
+                waited = time.monotonic() - started
+                if waited > self.cfg.step_timeout and not warned:
+                    warned = True
+                    log.warning("step %d: quorum of %d for %s not reached after %.0f s "
+                                "(answered: %s); still waiting", step, q, box.kind, waited,
+                                sorted(answered))
+
+    @staticmethod
+    def _stack(messages: dict[int, Message], index: int, out: torch.Tensor) -> torch.Tensor:
+        """Copy tensor ``index`` of each message into a row of ``out`` (sender order), release."""
+        for row, sender in enumerate(sorted(messages)):
+            msg = messages[sender]
+            out[row].copy_(msg.tensors[index])
+        return out
+
+    # -- the step loop ------------------------------------------------------------------
+    async def run(self) -> int:
+        self.stop = asyncio.Event()
+        install_stop_signals(self.stop)
+        cfg = self.cfg
+        await self.node.start()
+        log.info("PS %d listening on port %d (%s mode, gar=%s, model rule=%s, q_w=%d, q_ps=%d)",
+                 cfg.rank, self.node.port, cfg.mode, cfg.gar, cfg.model_rule, cfg.q_w, cfg.q_ps)
+        self.metrics.write(event="start", rank=cfg.rank, role="ps", config=cfg.to_dict(),
+                           parameters=self.replica.grad_size, state_size=self.replica.state_size)
+        try:
+            finished, _ = await until_stopped(self._train(), self.stop)
+        except ByzSGDError as exc:
+            log.error("PS %d stopped: %s", cfg.rank, exc)
+            self.metrics.write(event="error", error=str(exc))
+            return 1
+        finally:
+            await self._shutdown()
+        if not finished:
+            log.info("PS %d stopped by signal at step %d", cfg.rank, self.step)
+            self.metrics.write(event="stopped", step=self.step)
+        return 0
+
+    async def _shutdown(self) -> None:
+        # Tell the workers we are done, so they can leave once every PS is.
+        try:
+            self.node.broadcast(self.cfg.worker_ranks, KIND_DONE, self.step, [])
+        except Exception:  # pragma: no cover - closing anyway
+            pass
+        await self.node.close()
+        self.metrics.close()
+
+    async def _train(self) -> None:
+        cfg, replica = self.cfg, self.replica
+        workers = cfg.worker_ranks
+        peers = [r for r in cfg.ps_ranks if r != cfg.rank]
+        q_peers = cfg.q_ps - 1
+        G = torch.empty(cfg.q_w, replica.grad_size)
+        B = torch.empty(cfg.q_w, replica.buffer_size) if replica.buffer_size else None
+        M = torch.empty(cfg.q_ps, replica.state_size)
+        step_times: list[float] = []
+        accuracy = None
+        for t in range(self.step, cfg.num_iter):
+            self.step = t
+            started = time.perf_counter()
+            if self.behaviour is not None and self.behaviour.before_step(t):
+                return  # crash / silent behaviours end here
+            # 1. gradient request: the model of step t to every worker.
+            snapshot = replica.state_vector()
+            self._send_model(workers, KIND_MODEL, t, snapshot)
+            # 2. the first q_w distinct workers' gradients, as they arrive.
+            grads = await self._quorum(
+                self.grad_box, t, cfg.q_w, workers,
+                lambda silent: self._send_model(silent, KIND_MODEL, t, snapshot))
+            losses = []
+            try:
+                self._stack(grads, 0, G)
+                if B is not None:
+                    self._stack(grads, 1, B)
+                for msg in grads.values():
+                    loss = msg.meta.get("loss") if isinstance(msg.meta, dict) else None
+                    if isinstance(loss, (int, float)) and math.isfinite(loss):
+                        losses.append(float(loss))
+            finally:
+                for msg in grads.values():
+                    msg.release()
+            # 3. aggregate and step.
+            g = gars.aggregate(cfg.gar, G, cfg.fw, **cfg.gar_args)
+            buffers = gars.aggregate(cfg.gar, B, cfg.fw, **cfg.gar_args) if B is not None else None
+            replica.apply_gradient(g, buffers)
+            # 4. gather the peers' models of step t.
+            if q_peers > 0 and (cfg.mode == "garfield" or (t + 1) % cfg.gather_period == 0):
+                own = replica.state_vector()
+                self._send_model(peers, KIND_PS_MODEL, t, own)
+                models = await self._quorum(
+                    self.model_box, t, q_peers, peers,
+                    lambda silent: self._send_model(silent, KIND_PS_MODEL, t, own))
+                try:
+                    M[0].copy_(own)
+                    self._stack(models, 0, M[1:])
+                finally:
+                    for msg in models.values():
+                        msg.release()
+                replica.load_state_vector(gars.aggregate(cfg.model_rule, M, cfg.fps, **(
+                    cfg.gar_args if cfg.model_rule == cfg.gar else {})))
+            else:
+                self.model_box.advance(t + 1)
+            step_time = time.perf_counter() - started
+            step_times.append(step_time)
+            # 5. evaluate a consistent snapshot.
+            last = t == cfg.num_iter - 1
+            record = dict(step=t, step_time=step_time,
+                          loss=statistics.fmean(losses) if losses else None,
+                          bytes_sent=self.node.stats.bytes_sent,
+                          bytes_received=self.node.stats.bytes_received)
+            if last or (t + 1) % cfg.acc_freq == 0:
+                accuracy, test_loss = replica.evaluate(full=last)
+                record.update(accuracy=accuracy, test_loss=test_loss)
+                if cfg.log:
+                    log.info("step %d/%d loss %.4f accuracy %.2f%% (%.3f s/step)", t + 1,
+                             cfg.num_iter, record["loss"] or float("nan"), accuracy,
+                             statistics.median(step_times[-cfg.acc_freq:]))
+            elif cfg.bench:
+                log.info("step %d: %.4f s", t, step_time)
+            self.metrics.write(**record)
+        self.step = cfg.num_iter
+        warm = step_times[min(5, len(step_times) - 1):] if step_times else [0.0]
+        self.metrics.write(event="done", step=cfg.num_iter, final_accuracy=accuracy,
+                           median_step_time=statistics.median(warm),
+                           bytes_sent=self.node.stats.bytes_sent,
+                           bytes_received=self.node.stats.bytes_received)
+        log.info("PS %d done: %d steps, final accuracy %.2f%%, median %.4f s/step", cfg.rank,
+                 cfg.num_iter, accuracy if accuracy is not None else float("nan"),
+                 statistics.median(warm))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m byzsgd.roles.ps",
+        description="A ByzSGD parameter server (one process). Ranks 0..num_ps-1 are parameter "
+                    "servers; workers follow. See README.md for a whole local deployment.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser, role="ps")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        setup_logging(cfg)
+        torch.set_num_threads(cfg.threads)
+        ps = ParameterServer(cfg)
+    except ByzSGDError as exc:
+        print(f"byzsgd.roles.ps: error: {exc}", file=sys.stderr)
+        return 2
+    install_event_loop()
+    return asyncio.run(ps.run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

