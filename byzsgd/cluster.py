@@ -38,7 +38,7 @@ Secret: ``--secret_file`` / ``$BYZSGD_SECRET_FILE`` or a fresh random one (``RUN
 the secret always runs, TLS under it when certificates are given.
 
 Each rank runs as ``setsid sh -c '<trainer> & echo $! > <role><rank>.pid; wait; echo $? >
-<role><rank>.rc'``: its own session (the process group id, ``.pgid``, is the wrapper's pid),
+<role><rank>.rc'`` (see ``WRAPPER``): its own session (the process group id, ``.pgid``, is the wrapper's pid),
 the trainer's exact pid, its exit code; the environment carries ``BYZSGD_RUN_ID`` so that
 ``kill`` checks, before signalling, that a pid is still one of this run's.
 """
@@ -237,10 +237,12 @@ class Plan:
     tls: dict[str, str]
     secret_file: Path
     started: float = 0.0
+    shared: dict[str, bool] = field(default_factory=dict)  # host -> run dir shared with us
 
     @property
     def master(self) -> str:
-        return f"{self.ranks[0].host.addr}:{self.base_port}"
+        addr = self.ranks[0].host.addr
+        return f"[{addr}]:{self.base_port}" if ":" in addr else f"{addr}:{self.base_port}"
 
     def hosts(self) -> dict[str, list[Rank]]:
         """Ranks grouped by (runner host, run directory), in rank order."""
@@ -263,13 +265,14 @@ class Plan:
                 log=str(self.local(r, "log")),
                 metrics=str(self.local(r, "metrics")) if r.role == "ps" else None,
                 remote_dir=r.dir, remote_log=r.remote(".log"), remote_metrics=r.remote_metrics,
-                python=r.host.python, repo=r.host.repo, cmd=r.argv))
+                python=r.host.python, repo=r.host.repo,
+                cmd=[r.host.python or "<repo>/.venv/bin/python|python3", "-m", "byzsgd.trainer"] + r.argv))
         return dict(num_ps=self.num_ps, num_workers=self.num_workers, kind="multihost",
                     run_dir=str(self.run_dir), run_id=self.run_id, runner=self.runner,
                     master=self.master, base_port=self.base_port, ports=self.ports,
                     launcher_pid=os.getpid(), started=self.started,
                     secret_file=str(self.secret_file), flags=self.flags,
-                    tls=bool(self.tls), byzantine_ranks=[], ranks=ranks)
+                    tls=bool(self.tls), shared_dirs=self.shared, byzantine_ranks=[], ranks=ranks)
 
     def write_description(self) -> Path:
         path = self.run_dir / "deployment.json"
@@ -381,8 +384,10 @@ cd "$REPO" || { echo "byzsgd-error: no byzsgd checkout at '$REPO' on $(hostname)
 """
 
 #: the per-rank wrapper: own session, exact trainer pid, exit code kept
-WRAPPER = ('echo $$ > "$1.pgid"; s=$1; shift; "$@" & echo $! > "$s.pid"; wait $!; '
-           'echo $? > "$s.rc"')
+#: (a signal to the wrapper is passed on to the trainer, and the wrapper stays to record its exit)
+WRAPPER = ('echo $$ > "$1.pgid"; s=$1; shift; "$@" & c=$!; echo $c > "$s.pid"; '
+           'trap \'kill -TERM $c 2>/dev/null\' TERM INT HUP; wait $c; rc=$?; '
+           'while kill -0 $c 2>/dev/null; do wait $c; rc=$?; done; echo $rc > "$s.rc"')
 
 
 def start_script(plan: Plan, ranks: list[Rank], secret: str, probe: str, redact: bool = False) -> str:
@@ -417,9 +422,12 @@ def start_script(plan: Plan, ranks: list[Rank], secret: str, probe: str, redact:
 
 
 def _ours(run_id: str) -> str:
-    """Shell function: is pid $1 (still) a process of this run?"""
-    return ("ours() { [ -r /proc/$1/environ ] && tr '\\0' '\\n' < /proc/$1/environ 2>/dev/null | "
-            f"grep -qx {q(RUN_ID_ENV + '=' + run_id)}; }}")
+    """Shell functions: ``ours PID`` -- is PID (still) a process of this run?  ``members`` --
+    every pid of this run on the host (one grep over /proc/*/environ, no per-process fork)."""
+    marker = q(RUN_ID_ENV + "=" + run_id)
+    return (f"ours() {{ grep -qzx {marker} /proc/$1/environ 2>/dev/null; }}\n"
+            f"members() {{ grep -lzx {marker} /proc/[0-9]*/environ 2>/dev/null | "
+            "sed -n 's|^/proc/\\([0-9]*\\)/environ$|\\1|p'; }")
 
 
 def status_script(run_id: str, ranks: list[dict]) -> str:
@@ -444,17 +452,19 @@ def kill_script(run_id: str, ranks: list[dict], grace: float) -> str:
                      f"$(cat {stem}.pid 2>/dev/null) {r.get('pid') or ''}; do "
                      f"ours $p && {{ groups=\"$groups {r['rank']}:$p\"; break; }}; done")
     lines.append("""\
-alive() { for m in /proc/[0-9]*; do ours "${m#/proc/}" && return 0; done; return 1; }
-for g in $groups; do p=${g#*:}; kill -TERM -- -$p 2>/dev/null || kill -TERM $p 2>/dev/null; done
+# SIGTERM to each rank's process group: the trainer stops cleanly (closes its connections)
+for g in $groups; do p=${g#*:}; kill -TERM -$p 2>/dev/null || kill -TERM $p 2>/dev/null; done
+# (a process that exited but is not reaped yet has no environ: members skips zombies)
 n=0
-while alive && [ $n -lt %d ]; do sleep 0.1; n=$((n+1)); done
-for m in /proc/[0-9]*; do p=${m#/proc/}; ours $p && kill -KILL $p 2>/dev/null; done
+while [ -n "$(members)" ] && [ $n -lt %d ]; do sleep 0.1; n=$((n+1)); done
+# SIGKILL whatever of this run is left on the host (the groups, and any stray process that
+# carries the run's id: a rank restarted by hand, a child that left its group)
+for g in $groups; do kill -KILL -${g#*:} 2>/dev/null; done
+for p in $(members); do kill -KILL $p 2>/dev/null; done
 n=0
-while alive && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done
-left=""
-for m in /proc/[0-9]*; do p=${m#/proc/}; ours $p && left="$left $p"; done
+while [ -n "$(members)" ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done
 echo "byzsgd-killed $groups"
-echo "byzsgd-left $left"
+echo "byzsgd-left" $(members)
 """ % max(1, int(grace * 10)))
     return "\n".join(lines) + "\n"
 
@@ -501,14 +511,15 @@ def start(plan: Plan, quiet: bool = False) -> None:
                 if not (local_pid.exists() and local_pid.read_text().strip() == str(r.pid)):
                     local_pid.write_text(f"{r.pid}\n")
                     plan.local(r, "pgid").write_text(f"{r.pgid}\n")
-    for d in {r.dir for r in plan.ranks}:
-        pass
-    plan.shared = {h: Path(ranks[0].dir) == plan.run_dir and (plan.run_dir / f".probe-{probe}").exists()
+    # A host whose run directory is ours (same path, and the file it just wrote is here) needs
+    # no copying back; the others are collected through the runner at the end.
+    probe_file = plan.run_dir / f".probe-{probe}"
+    seen = probe_file.exists()
+    if seen:
+        probe_file.unlink()
+    plan.shared = {h: seen and all(Path(r.dir) == plan.run_dir for r in ranks)
                    for h, ranks in groups.items()}
     plan.write_description()
-    doc = json.loads((plan.run_dir / "deployment.json").read_text())
-    doc["shared_dirs"] = plan.shared
-    (plan.run_dir / "deployment.json").write_text(json.dumps(doc, indent=1))
     if errors:
         raise StartError("; ".join(errors))
 
@@ -636,6 +647,8 @@ def monitor(doc: dict, *, timeout: float, quiet: bool, interval: float = 2.0,
     roles = {r["rank"]: r["role"] for r in doc["ranks"]}
     codes: dict[int, int | None] = {r: None for r in roles}
     last_print, ok_since = 0.0, None
+    total = split_flags(doc.get("flags", [])).get("num_iter") or "100"
+    total = int(total) if str(total).isdigit() else 100
     while True:
         st = poll(doc)
         for rank, s in st.items():
@@ -652,10 +665,10 @@ def monitor(doc: dict, *, timeout: float, quiet: bool, interval: float = 2.0,
         if timeout and time.time() - started > timeout:
             return "timeout", codes
         if not quiet and time.time() - last_print > 10:
-            steps = [s["metric"].get("step", -1) + 1 for r, s in st.items()
+            steps = [min(s["metric"].get("step", -1) + 1, total) for r, s in st.items()
                      if roles.get(r) == "ps" and isinstance(s.get("metric"), dict)]
             running = sum(1 for s in st.values() if s.get("alive"))
-            print(f"byzsgd.cluster: step {min(steps) if steps else 0}/? (slowest PS), "
+            print(f"byzsgd.cluster: step {min(steps) if steps else 0}/{total} (slowest PS), "
                   f"{running}/{len(roles)} ranks running, {time.time() - started:.0f}s",
                   file=sys.stderr, flush=True)
             last_print = time.time()
@@ -765,6 +778,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir")
     c = sub.add_parser("collect", help="copy logs/metrics of non-shared hosts into the run dir")
     c.add_argument("run_dir")
+    sm = sub.add_parser("summary", help="summary of a finished run (metrics of the PSes), as JSON")
+    sm.add_argument("run_dir")
     d = sub.add_parser("describe", help="write deployment.json for a SLURM run")
     d.add_argument("run_dir")
     d.add_argument("--num_ps", type=int, required=True)
@@ -814,6 +829,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "status":
             print(json.dumps({str(k): v for k, v in poll(load(args.run_dir)).items()}, indent=1))
             return 0
+        if args.cmd == "summary":
+            doc = load(args.run_dir)
+            codes = {}
+            for r in doc["ranks"]:
+                rc = Path(doc["run_dir"]) / f"{r['role']}{r['rank']}.rc"
+                text = rc.read_text().strip() if rc.exists() else ""
+                codes[r["rank"]] = int(text) if text.lstrip("-").isdigit() else None
+            done = all(codes.get(r["rank"]) == 0 for r in doc["ranks"] if r["role"] == "ps")
+            summary = summarize(doc, "ok" if done else "unknown", codes)
+            (Path(doc["run_dir"]) / "summary.json").write_text(json.dumps(summary, indent=1))
+            print(json.dumps(summary))
+            return 0 if done else 1
         if args.cmd == "collect":
             collect(load(args.run_dir))
             return 0

@@ -111,10 +111,13 @@ class RunConfig:
     attack_args: dict[str, Any] = field(default_factory=dict)
     byzantine: bool = False
     threads: int = 1
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
 
     def __post_init__(self) -> None:
         ints = ("rank", "num_ps", "num_workers", "fw", "fps", "batch", "num_iter", "acc_freq",
-                "gather_period", "seed", "threads", "eval_samples")
+                "gather_period", "seed", "threads", "eval_samples", "checkpoint_every")
         for name in ints:
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
                 raise ConfigError(f"--{name} must be an integer, got {getattr(self, name)!r}")
@@ -134,6 +137,10 @@ class RunConfig:
         for name in ("batch", "num_iter", "acc_freq", "gather_period", "threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"--checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.resume and not self.checkpoint_dir:
+            raise ConfigError("--resume needs --checkpoint_dir")
         if self.eval_samples < 0:
             raise ConfigError(f"--eval_samples must be >= 0, got {self.eval_samples}")
         if self.mode not in MODES:
@@ -275,6 +282,12 @@ def add_arguments(parser: argparse.ArgumentParser, *, role: str | None = None) -
     o.add_argument("--attack", default=None, help="make this node Byzantine with this attack")
     o.add_argument("--attack_args", type=parse_json_object, default={}, help="attack parameters as JSON")
     o.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    o.add_argument("--checkpoint_dir", default=None,
+                   help="PS: directory of atomic checkpoints (model, optimizer state, step)")
+    o.add_argument("--checkpoint_every", type=int, default=0,
+                   help="PS: write a checkpoint every N steps (0: never)")
+    o.add_argument("--resume", type=parse_bool, default=False,
+                   help="PS: restart from the last checkpoint in --checkpoint_dir (true/false)")
 
 
 CONFIG_FIELDS = {f for f in RunConfig.__dataclass_fields__}

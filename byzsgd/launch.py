@@ -30,7 +30,7 @@ from byzsgd.metrics import read_metrics
 FORWARDED = ("dataset", "batch", "num_ps", "num_workers", "fw", "fps", "model", "loss", "optimizer",
              "opt_args", "num_iter", "gar", "gar_args", "model_gar", "acc_freq", "bench", "log",
              "mode", "gather_period", "data_root", "split", "seed", "eval_samples", "step_timeout",
-             "resend_after", "startup_timeout", "threads")
+             "resend_after", "startup_timeout", "threads", "checkpoint_dir", "checkpoint_every", "resume")
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -309,6 +309,11 @@ def run(args: argparse.Namespace) -> int:
           f"{dep.cfg.num_iter} steps; run dir {dep.run_dir}", file=sys.stderr)
     print(f"byzsgd: Byzantine nodes: {', '.join(byz) if byz else 'none'}", file=sys.stderr)
     interrupted = False
+
+    def _terminate(signum, frame):  # SIGTERM (kill, timeout): clean up like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         start(dep)
         outcome = monitor(dep, quiet=args.quiet, timeout=args.timeout)

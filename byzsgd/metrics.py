@@ -48,6 +48,17 @@ class MetricsWriter:
             self._fh = None
 
 
+def diameter(rows) -> float:
+    """Largest pairwise Euclidean distance between the rows of a [n, d] tensor.
+
+    The quantity the gather phase contracts (ByzSGD's DMC); NaN rows give NaN."""
+    import torch
+
+    if rows.shape[0] < 2:
+        return 0.0
+    return float(torch.cdist(rows.double(), rows.double()).max())
+
+
 def read_metrics(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
     """Records of a metrics file; a truncated last line (writer still running) is skipped."""
     try:

@@ -46,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     environment_rank_and_master(args)
     if args.rank is None:
         parser.error("--rank is required (or RANK / SLURM_PROCID in the environment)")
+    expected = args.num_ps + args.num_workers
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) != expected:
+            parser.error(f"{var}={value} but --num_ps {args.num_ps} + --num_workers "
+                         f"{args.num_workers} = {expected} nodes: they must agree")
     rank_argv = list(argv if argv is not None else sys.argv[1:])
     if "--rank" not in rank_argv and not any(a.startswith("--rank=") for a in rank_argv):
         rank_argv += ["--rank", str(args.rank)]

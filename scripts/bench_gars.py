@@ -40,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import byzsgd.gars as gars  # noqa: E402
-from byzsgd.errors import ResilienceError  # noqa: E402
 
 CONFIGS = {
     "cpu": [("", 20, 4, 10**6), ("@n50", 50, 10, 10**5)],

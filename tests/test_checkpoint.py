@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from byzsgd.checkpoint import (Checkpoint, CheckpointPolicy, checkpoint_name, latest_checkpoint,
-                               list_checkpoints, load_checkpoint, save_checkpoint)
+from byzsgd.checkpoint import (Checkpoint, CheckpointPolicy, checkpoint_name, common_checkpoint_step,
+                               latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint)
 from byzsgd.errors import ConfigError
 from byzsgd.training import FlatState
 
@@ -223,6 +223,7 @@ class _Evil:
         return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_malicious_pickle_is_not_executed(tmp_path):
     marker = tmp_path / "PWNED"
     # 1. a torch zip checkpoint whose pickle carries a code payload
@@ -255,3 +256,55 @@ def test_policy_argument_checks(tmp_path):
     policy = CheckpointPolicy(tmp_path, every=0, rank=0)  # disabled
     assert policy.maybe_save(10, FakeReplica()) is None
     assert list(tmp_path.iterdir()) == []
+
+
+def test_common_step_and_restore_of_a_given_step(tmp_path):
+    reps = {rank: FakeReplica(seed=rank) for rank in range(3)}
+    policies = {rank: CheckpointPolicy(tmp_path, every=2, rank=rank, keep=3) for rank in range(3)}
+    states = {}
+    for step in (2, 4, 6):
+        for rank in range(3):
+            if rank == 2 and step == 6:
+                continue  # rank 2 crashed before its step-6 checkpoint
+            reps[rank].train_step(step)
+            policies[rank].maybe_save(step, reps[rank])
+            states[(rank, step)] = reps[rank].state_vector()
+    assert common_checkpoint_step(tmp_path, range(3)) == 4
+    assert common_checkpoint_step(tmp_path, [0, 1]) == 6
+    assert common_checkpoint_step(tmp_path, [7]) is None
+    fresh = FakeReplica(seed=9)
+    assert CheckpointPolicy(tmp_path, every=2, rank=0).restore(fresh, step=4) == 4
+    assert torch.equal(fresh.state_vector(), states[(0, 4)])
+    with pytest.raises(ConfigError, match="no checkpoint of step 6 for rank 2"):
+        CheckpointPolicy(tmp_path, every=2, rank=2).restore(fresh, step=6)
+
+
+def test_non_finite_state_round_trips(tmp_path):
+    p = save_checkpoint(tmp_path / "nan.pt", step=1, model_state=torch.tensor([1.0, float("nan")]),
+                        optimizer_state={"state": {}, "param_groups": []})
+    ck = load_checkpoint(p, expected_state_size=2)
+    assert ck.model_state[0] == 1.0 and torch.isnan(ck.model_state[1])
+
+
+def test_policy_on_the_real_ps_replica(tmp_path):
+    """What ps.py will do: save a PS Replica mid-training, restore it into a fresh one, and
+    the next (momentum) step is bit-identical."""
+    from byzsgd.config import RunConfig
+    from byzsgd.roles.replica import Replica
+
+    cfg = RunConfig(dataset="synthetic:1x28x28:10", model="convnet",
+                    opt_args={"lr": "0.1", "momentum": "0.9"})
+    a = Replica(cfg, with_test_set=True)
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(a.grad_size, generator=gen) * 0.01 for _ in range(4)]
+    for g in grads[:3]:
+        a.apply_gradient(g)
+    policy = CheckpointPolicy(tmp_path, every=3, rank=0)
+    assert policy.maybe_save(3, a) is not None
+    b = Replica(RunConfig(dataset="synthetic:1x28x28:10", model="convnet", seed=7,
+                          opt_args={"lr": "0.1", "momentum": "0.9"}), with_test_set=True)
+    assert CheckpointPolicy(tmp_path, every=3, rank=0).restore(b) == 3
+    assert torch.equal(a.state_vector(), b.state_vector())
+    a.apply_gradient(grads[3])
+    b.apply_gradient(grads[3])
+    assert torch.equal(a.state_vector(), b.state_vector())

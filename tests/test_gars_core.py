@@ -182,9 +182,9 @@ def test_matches_reference(rule, n, d, dtype):
     np.testing.assert_allclose(out.numpy(), ref, **tol(dtype))
 
 
-@pytest.mark.parametrize("n", list(range(1, 34)) + [50, 97, 120])
+@pytest.mark.parametrize("n", list(range(1, 34)) + [50, 97, 120, 513])
 def test_median_trimmed_all_n(n):
-    """Every n through the pruned networks (and the sort fallback above 96)."""
+    """Every n through the pruned networks (and the sort fallback above 512)."""
     x = torch.randn(n, 37, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
     x[0, 0] = math.nan
     x[-1, 1] = math.inf

@@ -10,6 +10,8 @@ import torch
 from byzsgd.net import FrameLimits, Node, PeerDirectory, errors, run
 from byzsgd.net.peers import free_ports, role_of
 
+pytestmark = pytest.mark.timeout(180, method="thread")  # uvloop can delay signal-based timeouts
+
 torch.set_num_threads(1)
 SECRET = b"rendezvous-secret-0123456789"
 LIM = FrameLimits(max_header_bytes=4096, max_frame_bytes=1 << 20)
@@ -132,7 +134,7 @@ def test_tls_round_trip(tmp_path):
             conn = nodes[0]._conns[1]
             assert conn.transport.get_extra_info("ssl_object") is not None
             x = torch.randn(500_000)
-            assert await nodes[1].send(0, "m", 0, [x])
+            assert await asyncio.wait_for(nodes[1].send(0, "m", 0, [x]), 10)
             got = await mb.collect(0, 1, timeout=10)
             assert torch.equal(got[1].tensors[0], x)
         finally:
@@ -161,3 +163,14 @@ def test_tls_client_refuses_untrusted_server(tmp_path):
             for n in nodes:
                 await n.close()
     run(main())
+
+
+def test_resolve_secret(monkeypatch):
+    from byzsgd.net import resolve_secret
+    monkeypatch.delenv("BYZSGD_SECRET", raising=False)
+    with pytest.raises(errors.ConfigError, match="BYZSGD_SECRET"):
+        resolve_secret(None)
+    assert resolve_secret("abc") == b"abc"
+    monkeypatch.setenv("BYZSGD_SECRET", "from-env")
+    assert resolve_secret(None) == b"from-env"
+    assert resolve_secret("flag") == b"flag"

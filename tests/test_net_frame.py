@@ -11,6 +11,8 @@ from byzsgd.net.bufpool import BufferPool, bucket
 from byzsgd.net.frame import PREFIX, decode_header, encode
 from byzsgd.net.protocol import FrameReader
 
+pytestmark = pytest.mark.timeout(180, method="thread")  # uvloop can delay signal-based timeouts
+
 torch.set_num_threads(1)
 LIM = FrameLimits(max_header_bytes=4096, max_frame_bytes=1 << 20, max_tensors=4)
 
@@ -187,3 +189,22 @@ def test_pool_reuses_buffers():
     b = pool2.acquire(10000)
     pool2.release(b)
     assert pool2.cached_bytes == 0
+
+
+def test_layering_net_imports_only_errors_from_byzsgd():
+    import ast
+    import pathlib
+
+    import byzsgd.net
+    for path in pathlib.Path(byzsgd.net.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                mods = [node.module]
+            elif isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            else:
+                continue
+            for m in mods:
+                if m == "byzsgd" or m.startswith("byzsgd."):
+                    assert m == "byzsgd.errors" or m.startswith("byzsgd.net"), (path.name, m)

@@ -3,6 +3,7 @@ import asyncio
 import contextlib
 import logging
 
+import msgpack
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from byzsgd.net.frame import PREFIX
 from byzsgd.net.protocol import HS_PREFIX
 from byzsgd.net.testing import RawPeer
 
+pytestmark = pytest.mark.timeout(180, method="thread")  # uvloop can delay signal-based timeouts
 torch.set_num_threads(1)
 SECRET = b"0123456789abcdef-test-secret"
 LIM = FrameLimits(max_header_bytes=4096, max_frame_bytes=8 << 20, max_tensors=8)
@@ -41,7 +43,7 @@ async def started(nodes, kinds=("m",), connect=True):
 async def roundtrip(src, dst_box, dst_rank, step, tensors, meta=None):
     f = src.send(dst_rank, "m", step, tensors, meta)
     got = await dst_box.collect(step, 1, senders={src.rank}, timeout=10)
-    assert await f is True
+    assert await asyncio.wait_for(f, 10) is True
     return got[src.rank]
 
 
@@ -132,7 +134,6 @@ def good_frame_bytes(kind="m", step=0, sender=2, tensors=(torch.ones(4),)):
     return b"".join(bytes(b) for b in bufs)
 
 
-import msgpack  # noqa: E402
 
 
 def raw_frame(header_obj, body=b""):
@@ -444,4 +445,56 @@ def test_registered_shapes_enforced():
             assert await nodes[1].wait_connected({0}, 10) == {0}
             assert await nodes[1].send(0, "model", 2, [torch.ones(4)])
             assert set(await mb.collect(2, 1, timeout=10)) == {1}
+    run(main())
+
+
+def test_unauthenticated_connections_are_bounded():
+    async def main():
+        nodes = make_nodes(1, 1)
+        nodes[0].max_pending_handshakes = 3
+        async with started(nodes) as boxes:
+            raws = [await RawPeer.connect("127.0.0.1", nodes[0].port) for _ in range(3)]
+            await asyncio.sleep(0.05)
+            extra = await RawPeer.connect("127.0.0.1", nodes[0].port)
+            assert await extra.closed_by_peer(5)
+            assert nodes[0].stats.rejected["handshake"] >= 1
+            for r in raws:
+                await r.close()
+            await extra.close()
+            m = await roundtrip(nodes[1], boxes[0]["m"], 0, 0, [torch.ones(3)])
+            assert torch.equal(m.tensors[0], torch.ones(3))
+    run(main())
+
+
+def test_mixed_sizes_both_directions_integrity():
+    """Many frames of mixed sizes back to back, both ways: exercises the staging/body switch."""
+    async def main():
+        nodes = make_nodes(1, 1, outbox_depth=512)
+        got = {0: [], 1: []}
+        for n in nodes:
+            n.on("x", lambda m, r=n.rank: got[r].append((m.step, [t.clone() for t in m.tensors], m.release())))
+        g = torch.Generator().manual_seed(0)
+
+        def payload(step):
+            k = step % 4
+            sizes = [int(torch.randint(0, 70_000, (1,), generator=g)) for _ in range(k)]
+            return [torch.arange(s, dtype=torch.int32) + step for s in sizes]
+
+        plan = {s: payload(s) for s in range(150)}
+        async with started(nodes, kinds=()):
+            futs = []
+            for s, ts in plan.items():
+                futs += [nodes[0].send(1, "x", s, ts), nodes[1].send(0, "x", s, ts)]
+                if s % 10 == 0:
+                    await asyncio.sleep(0)
+            res = await asyncio.wait_for(asyncio.gather(*futs), 20)
+            assert all(res)
+            for _ in range(200):
+                if len(got[0]) == len(got[1]) == len(plan):
+                    break
+                await asyncio.sleep(0.02)
+            for r in (0, 1):
+                assert [s for s, _, _ in got[r]] == list(range(150))  # in order
+                for s, ts, _ in got[r]:
+                    assert len(ts) == len(plan[s]) and all(torch.equal(a, b) for a, b in zip(ts, plan[s]))
     run(main())

@@ -5,6 +5,8 @@ import pytest
 
 from byzsgd.net import Mailbox, Message, errors
 
+pytestmark = pytest.mark.timeout(180, method="thread")  # uvloop can delay signal-based timeouts
+
 
 class Rel:
     def __init__(self):

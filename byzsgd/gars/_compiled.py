@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import types
 import warnings
 
 import torch
@@ -37,7 +38,7 @@ _broken: set[tuple] = set()
 def enabled(x: torch.Tensor) -> bool:
     return (os.environ.get("BYZSGD_GAR_COMPILE") == "1" and x.device.type == "cpu"
             and x.dtype in (torch.float32, torch.float64) and x.dim() == 2
-            and x.shape[1] >= MIN_COLS and x.shape[0] <= _select.NETWORK_MAX_N)
+            and x.shape[1] >= MIN_COLS and x.shape[0] <= _select.FUSED_MAX_N)
 
 
 def _build(n: int, kind: str, e: int):
@@ -92,7 +93,12 @@ def _build(n: int, kind: str, e: int):
                 s = s + sv[q]
         return s / beta
 
-    return fn
+    # Dynamo caches compiled graphs per *code object*, with a small recompile limit (8):
+    # every (n, kind, e) would share fn's code object and, past 8 variants, silently fall
+    # back to eager.  Give each its own code object.
+    code = fn.__code__.replace(co_name=f"byzsgd_{kind}_n{n}_e{e}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
+                              fn.__closure__)
 
 
 def run(x: torch.Tensor, kind: str, e: int) -> torch.Tensor | None:

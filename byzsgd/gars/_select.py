@@ -2,8 +2,9 @@
 
 ``torch.median(dim=0)`` / ``torch.sort(dim=0)`` on a wide [n, d] tensor are slow on CPU
 (DESIGN §9: 64x the copy floor at n=20, d=1.1e7) because each column is sorted on its own
-through strided memory.  Here a column block ``X[:, c0:c1]`` is copied into a small,
-cache-resident buffer of n+1 contiguous rows and sorted *across rows* by a comparator
+through strided memory.  Here a column block ``X[:, c0:c1]`` is copied into a reused
+buffer of n+1 contiguous rows (~8 MB per block on CPU: with smaller blocks the per-op
+dispatch overhead dominates) and sorted *across rows* by a comparator
 network (Batcher's odd-even merge sort) in which every comparator is two vectorised
 element-wise ops (``torch.minimum`` / ``torch.maximum``) over the whole block.
 
@@ -127,9 +128,14 @@ def program(n: int, groups: tuple[tuple[int, ...], ...]) -> Program:
 
 # --------------------------------------------------------------------------- execution
 
-# Above this many rows, a sort along dim 0 replaces the network (measured: see
-# scripts/bench_gars.py; networks cost O(n log^2 n) ops per column).
-NETWORK_MAX_N = 96
+# Above this many rows, a (stable) torch.sort along dim 0 replaces the network.  Networks
+# cost O(n log^2 n) ops per column but the sort is slow per element; measured on the dev box
+# (median, d=5e4, 1 thread), network vs sort: n=33 5.5 vs 56 ms, 64 10 vs 125, 96 18 vs
+# 221, 128 37 vs 325, 200 70 vs 529, 256 134 vs 715, 512 358 vs 2170.
+NETWORK_MAX_N = 512
+# The fused kernels (Triton, torch.compile) keep all n values of a column in registers:
+# bounded tighter (tested up to n=50; register spills and compile time grow with n).
+FUSED_MAX_N = 64
 
 # Columns per block on CPU.  Per-op overhead (~2-5 us of dispatch) dominates small blocks:
 # measured on the 2-core dev box, the median at n=20, d=1e6 takes 114/66/44/33/28/27 ms

@@ -58,7 +58,7 @@ def available(x: torch.Tensor) -> bool:
         return False
     if not (x.is_cuda or _interpret()):
         return False
-    return x.shape[0] <= _select.NETWORK_MAX_N and x.shape[1] > 0
+    return x.shape[0] <= _select.FUSED_MAX_N and x.shape[1] > 0
 
 
 def _groups(n: int, kind: str, e: int):

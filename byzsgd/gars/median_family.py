@@ -2,10 +2,12 @@
 
 On CUDA (and where Triton imports) the same networks run inside one generated Triton
 kernel per rule, in registers (:mod:`byzsgd.gars._triton_select`); set
-``BYZSGD_NO_TRITON=1`` to force the pure-torch path.
+``BYZSGD_NO_TRITON=1`` to force the pure-torch path.  On CPU, ``BYZSGD_GAR_COMPILE=1``
+opts in to the same program fused by ``torch.compile`` (:mod:`byzsgd.gars._compiled`;
+~1-1.5x the copy floor at n=20 instead of ~3-8x, at the price of a one-off compilation).
 
 All four sort every coordinate across the n inputs with the pruned min/max networks of
-:mod:`byzsgd.gars._select` (column blocks that stay in cache; see DESIGN §9), not with
+:mod:`byzsgd.gars._select` (column blocks of ~8 MB; see DESIGN §9), not with
 ``torch.median``/``torch.sort`` on dim 0, which are 10-60x slower on wide inputs.
 
 Non-finite inputs (all four rules): NaN is ordered as +inf, +inf as +inf, -inf as -inf.

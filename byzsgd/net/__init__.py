@@ -11,10 +11,11 @@ Modules: :mod:`.frame` (wire format, limits, Message), :mod:`.codec` (dtypes, te
 """
 from . import errors
 from .frame import FrameLimits, Message
+from .handshake import resolve_secret
 from .loop import install_event_loop, run
 from .node import Node, NodeStats
 from .peers import PeerDirectory
 from .quorum import Mailbox
 
 __all__ = ["Node", "NodeStats", "Message", "FrameLimits", "PeerDirectory", "Mailbox",
-           "install_event_loop", "run", "errors"]
+           "install_event_loop", "run", "errors", "resolve_secret"]

@@ -28,6 +28,7 @@ DTYPE_TO_NAME: dict[torch.dtype, str] = {
     torch.bool: "b1",
 }
 NAME_TO_DTYPE: dict[str, torch.dtype] = {v: k for k, v in DTYPE_TO_NAME.items()}
+_NUMPY_OK = frozenset(DTYPE_TO_NAME) - {torch.bfloat16}
 ITEMSIZE: dict[torch.dtype, int] = {d: torch.empty(0, dtype=d).element_size() for d in DTYPE_TO_NAME}
 
 #: tensors start at multiples of ALIGN inside a frame body, so every received view is aligned
@@ -48,7 +49,11 @@ def tensor_view(t: torch.Tensor) -> memoryview:
     """A flat byte view of a contiguous CPU tensor's own storage (zero-copy).
 
     The caller keeps ``t`` alive and unmodified while the view is in use."""
-    flat = t.detach().reshape(-1)
+    if t.requires_grad:
+        t = t.detach()
+    if t.dtype in _NUMPY_OK and t.dim() == 1:
+        return memoryview(t.numpy()).cast("B")  # fast path: no torch view ops
+    flat = t.reshape(-1)
     if flat.dtype != torch.uint8:
         flat = flat.view(torch.uint8)
     return memoryview(flat.numpy()).cast("B")
@@ -58,7 +63,10 @@ def from_buffer(buf, offset: int, dtype: torch.dtype, shape: tuple[int, ...], nb
     """A tensor over ``buf[offset:offset+nbytes]`` (zero-copy; shares memory with ``buf``)."""
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
-    t = torch.frombuffer(buf, dtype=dtype, count=nbytes // ITEMSIZE[dtype], offset=offset)
+    count = nbytes // ITEMSIZE[dtype]
+    t = torch.frombuffer(buf, dtype=dtype, count=count, offset=offset)
+    if len(shape) == 1:
+        return t
     return t.view(shape)
 
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import msgpack
 import torch
@@ -36,6 +37,14 @@ PREFIX = struct.Struct("<IQ")
 MAX_META_ITEMS = 64
 MAX_KIND_LEN = 64
 _ZEROS = bytes(ALIGN)
+_TLS = threading.local()  # one reusable msgpack Packer per thread (Packer is not thread-safe)
+
+
+def _packer() -> msgpack.Packer:
+    p = getattr(_TLS, "packer", None)
+    if p is None:
+        p = _TLS.packer = msgpack.Packer(use_bin_type=True)
+    return p
 
 DEFAULT_DTYPES = frozenset({
     torch.float32, torch.float64, torch.float16, torch.bfloat16,
@@ -165,8 +174,6 @@ def _prepare(t) -> torch.Tensor:
         raise ValueError(f"tensors must be on the CPU to be sent, got {t.device}; call .cpu()")
     if t.dtype not in DTYPE_TO_NAME:
         raise errors.BadDtype(f"dtype {t.dtype} cannot be sent")
-    if t.is_conj() or t.is_neg():
-        t = t.resolve_conj().resolve_neg()
     if not t.is_contiguous():
         t = t.contiguous()  # a copy, only for non-contiguous input
     return t
@@ -208,7 +215,7 @@ def encode(kind: str, step: int, sender: int, tensors: Sequence[torch.Tensor] = 
     body_len = off
     if limits is not None and body_len > limits.max_frame_bytes:
         raise errors.FrameTooLarge(f"body of {body_len} bytes, limit {limits.max_frame_bytes}")
-    header = msgpack.packb([kind, step, sender, specs, meta], use_bin_type=True)
+    header = _packer().pack([kind, step, sender, specs, meta])
     if limits is not None and len(header) > limits.max_header_bytes:
         raise errors.HeaderTooLarge(f"header of {len(header)} bytes, limit {limits.max_header_bytes}")
     head = PREFIX.pack(len(header), body_len) + header
@@ -258,9 +265,9 @@ def decode_header(data, body_len: int, limits: FrameLimits, *,
         raise errors.BadHeader("kind must be a non-empty short str")
     if kinds is not None and kind not in kinds:
         raise errors.UnknownKind(f"kind {kind[:MAX_KIND_LEN]!r} is not registered")
-    if not _int(step) or step < 0:
+    if type(step) is not int or step < 0:
         raise errors.BadStep(f"step must be a non-negative int, got {type(step).__name__}")
-    if not _int(hsender):
+    if type(hsender) is not int:
         raise errors.BadHeader("sender must be an int")
     if sender is not None and hsender != sender:
         raise errors.SenderMismatch(f"header claims sender {hsender}, connection is rank {sender}")
@@ -291,9 +298,9 @@ def decode_header(data, body_len: int, limits: FrameLimits, *,
         dtype = NAME_TO_DTYPE.get(dname)
         if dtype is None or dtype not in limits.allowed_dtypes:
             raise errors.BadDtype(f"dtype {dname[:16]!r} not allowed")
-        if type(shape) is not list or len(shape) > MAX_NDIM or not all(_int(d) and d >= 0 for d in shape):
+        if type(shape) is not list or len(shape) > MAX_NDIM or not all(type(d) is int and d >= 0 for d in shape):
             raise errors.BadHeader("shape must be a list of at most 16 non-negative ints")
-        if not _int(nbytes) or nbytes < 0:
+        if type(nbytes) is not int or nbytes < 0:
             raise errors.BadHeader("nbytes must be a non-negative int")
         n = 1
         for d in shape:  # early exit keeps the product small

@@ -24,13 +24,28 @@ import msgpack
 
 from . import errors
 
-__all__ = ["PROTOCOL_VERSION", "NONCE_BYTES", "mac", "transcript", "check_hello_fields"]
+__all__ = ["PROTOCOL_VERSION", "NONCE_BYTES", "mac", "transcript", "check_hello_fields", "resolve_secret",
+           "SECRET_ENV"]
+
+SECRET_ENV = "BYZSGD_SECRET"
 
 PROTOCOL_VERSION = 1
 NONCE_BYTES = 32
 _LABEL_LISTENER = b"byzsgd-net-v1 listener"
 _LABEL_DIALER = b"byzsgd-net-v1 dialer"
 ROLES = ("ps", "worker")
+
+
+def resolve_secret(value: str | bytes | None = None) -> bytes:
+    """The cluster secret from a ``--secret`` value, else the ``BYZSGD_SECRET`` environment
+    variable (UTF-8 encoded); :class:`byzsgd.errors.ConfigError` when neither is set."""
+    if value is None or value == "" or value == b"":
+        value = os.environ.get(SECRET_ENV, "")
+    if isinstance(value, str):
+        value = value.encode("utf-8")
+    if not value:
+        raise errors.ConfigError(f"no cluster secret: pass --secret or set the environment variable {SECRET_ENV}")
+    return bytes(value)
 
 
 def new_nonce() -> bytes:

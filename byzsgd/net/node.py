@@ -26,7 +26,6 @@ import ssl as _ssl
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-import torch
 
 from . import errors
 from .bufpool import BufferPool
@@ -58,7 +57,28 @@ class NodeStats:
 
 
 class Node:
-    """A cluster member.  See the module docstring and DESIGN §4."""
+    """A cluster member.  See the module docstring and DESIGN §4.
+
+    Give either ``directory`` (every rank's address is known: the node listens on its own
+    directory port) or ``master=(host, port)`` with ``world_size`` and ``num_ps`` (rendezvous:
+    rank 0 listens on the master port, the others on ``listen_port``, 0 = ephemeral, and
+    register ``advertise_host`` or, by default, the address they reach the master from).
+    ``secret`` is the shared cluster secret (see :func:`byzsgd.net.resolve_secret`).
+    ``ssl_server``/``ssl_client`` add TLS under the HMAC handshake.  ``outbox_depth`` bounds the
+    messages queued per peer (overflow drops the oldest).  ``pool_bytes`` bounds the receive
+    buffers kept for reuse (default: 4 frames of the maximum size).
+
+    Typical use::
+
+        node = Node(rank, role, resolve_secret(args.secret), directory=d,
+                    limits=FrameLimits.for_model(num_params))
+        grads = node.mailbox("grad", shapes=[(num_params,)])
+        await node.start()
+        node.broadcast(d.worker_ranks, "model", t, [model_vec.clone()])
+        got = await grads.collect(t, q_w)          # {sender: Message}
+        ...; [m.release() for m in got.values()]
+        await node.close()
+    """
 
     BACKOFF_MIN = 0.05
     BACKOFF_MAX = 2.0
@@ -146,6 +166,7 @@ class Node:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False
         self._closing = False
+        self.max_pending_handshakes = 64 + 4 * world_size
         self._rdv: Rendezvous | None = Rendezvous(self) if directory is None else None
         if self._rdv is not None:
             self._rdv.register_kinds()
@@ -380,6 +401,9 @@ class Node:
         except Exception as e:
             log.exception("rank %d: unexpected handshake error: %r", self.rank, e)
             conn.abort(errors.HandshakeError(repr(e)))
+
+    def _pending_handshakes(self) -> int:
+        return sum(1 for c in self._connections if c.rank is None)
 
     def _check_inbound(self, rank: int, role: str, want) -> None:
         if want != self.rank:

@@ -81,13 +81,16 @@ class Outbox:
                 continue
             tr = c.transport
             try:
-                tr.writelines(item.buffers)
+                if c.tls:
+                    tr.write(b"".join(item.buffers))  # a copy: see Connection.connection_made
+                else:
+                    tr.writelines(item.buffers)
             except Exception:  # transport closing under us
                 _resolve(item.future, False)
                 continue
             self.stats.frames_sent += 1
             self.stats.bytes_sent += item.nbytes
-            if c.write_paused or tr.get_write_buffer_size():
+            if not c.tls and (c.write_paused or tr.get_write_buffer_size()):
                 self._inflight = item
             else:
                 _resolve(item.future, True)

@@ -22,7 +22,7 @@ import asyncio
 import logging
 import socket
 import struct
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import msgpack
 
@@ -36,6 +36,7 @@ log = logging.getLogger("byzsgd.net")
 
 HS_PREFIX = struct.Struct("<H")
 HS_MAX = 1024
+HS_STAGE = 4096
 _HEAD, _BODY = 0, 1
 
 
@@ -51,7 +52,10 @@ class FrameReader:
                  sender: int | None = None, handshake: bool = True, stage_bytes: int = 256 * 1024):
         self.limits, self.pool, self.kinds, self.sender = limits, pool, kinds, sender
         self.handshake = handshake
-        self._stage = bytearray(max(stage_bytes, PREFIX.size + limits.max_header_bytes + 4096))
+        # Until authenticated, a connection only gets a small staging buffer: an outsider
+        # opening many connections costs 4 KiB each, not a frame-sized buffer.
+        self._stage_bytes = max(stage_bytes, PREFIX.size + limits.max_header_bytes + 4096)
+        self._stage = bytearray(HS_STAGE if handshake else self._stage_bytes)
         self._smv = memoryview(self._stage)
         self._start = self._end = 0
         self._state = _HEAD
@@ -109,6 +113,12 @@ class FrameReader:
         """Leave handshake mode; parse whatever frames already arrived."""
         self.handshake = False
         self.sender = sender
+        n = self._end - self._start
+        stage = bytearray(self._stage_bytes)
+        stage[:n] = self._smv[self._start:self._end]
+        self._smv.release()
+        self._stage, self._smv = stage, memoryview(stage)
+        self._start, self._end = 0, n
         return self._parse()
 
     # ------------------------------------------------------------------ frames
@@ -211,6 +221,7 @@ class Connection(asyncio.BufferedProtocol):
         self.closed = False
         self.close_reason: str | None = None
         self.write_paused = False
+        self.tls = False
         self.outbox = None  # the peer's Outbox once attached
         self.peername = None
         self._hs_waiter: asyncio.Future | None = None
@@ -228,12 +239,22 @@ class Connection(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             _keepalive(sock)
-        try:
-            transport.set_write_buffer_limits(high=0, low=0)
-        except Exception:  # pragma: no cover - every transport we use supports it
-            pass
+        # TLS: the SSL layer may keep references to what we write while it encrypts, and its
+        # flow control only reports crossings of the usual watermarks, so TLS connections write
+        # a copy (TLS costs far more than the copy) under the default watermarks.  Plain TCP
+        # writes the tensors' memory and uses a high-water mark of 0: resume_writing then means
+        # "the kernel took every byte".
+        self.tls = transport.get_extra_info("ssl_object") is not None
+        if not self.tls:
+            try:
+                transport.set_write_buffer_limits(high=0, low=0)
+            except Exception:  # pragma: no cover - every transport we use supports it
+                pass
         if self.node._closing:
             self.abort(None)
+            return
+        if self.expect_rank is None and self.node._pending_handshakes() >= self.node.max_pending_handshakes:
+            self.abort(errors.HandshakeError("too many connections awaiting their handshake"))
             return
         self.node._connections.add(self)
         if self.expect_rank is None:  # accepted side: the server runs its half of the handshake
@@ -251,7 +272,7 @@ class Connection(asyncio.BufferedProtocol):
             self.abort(e)
             return
         if self.reader.handshake:
-            if self.reader.free_space() < 4096 and not self.closed:
+            if self.reader.free_space() < 2 * (HS_MAX + HS_PREFIX.size) and not self.closed:
                 self.transport.pause_reading()  # resumed by start_frames; else the handshake times out
                 self._read_paused = True
             self._wake_hs()

@@ -82,11 +82,15 @@ class Rendezvous:
             log.warning("rank 0: bad registration from rank %d: %r", msg.sender, msg.meta)
             node.stats.rejected["bad_registration"] += 1
             return
+        changed = self.addrs.get(msg.sender) != (host, port)
         self.addrs[msg.sender] = (host, port)
         log.info("rank 0: rank %d registered %s:%d (%d/%d)", msg.sender, host, port, len(self.addrs), node.world_size)
         if self.done is not None and self.done.done():
-            node._set_directory(node._directory.with_address(msg.sender, (host, port)))
-            self._broadcast()
+            if changed:  # a restart on a new address: everyone must learn it
+                node._set_directory(node._directory.with_address(msg.sender, (host, port)))
+                self._broadcast()
+            else:  # a reconnect: only the registrant needs the directory (no amplification)
+                self._broadcast([msg.sender])
         else:
             self._maybe_complete()
 
@@ -99,11 +103,11 @@ class Rendezvous:
         if not self.done.done():
             self.done.set_result(None)
 
-    def _broadcast(self) -> None:
+    def _broadcast(self, ranks=None) -> None:
         node = self.node
         d = node._directory
         blob = msgpack.packb([list(d[r]) for r in range(d.world_size)], use_bin_type=True)
-        for r in range(1, d.world_size):
+        for r in (range(1, d.world_size) if ranks is None else ranks):
             node.send(r, DIR, 0, meta={"dir": blob, "num_ps": d.num_ps})
 
     def _on_dir(self, msg) -> None:

@@ -26,14 +26,16 @@ import time
 import torch
 
 from byzsgd import gars
+from byzsgd.checkpoint import CheckpointPolicy, common_checkpoint_step
 from byzsgd.config import RunConfig, add_arguments, config_from_args
 from byzsgd.errors import ByzSGDError, ConfigError
-from byzsgd.metrics import MetricsWriter
+from byzsgd.metrics import MetricsWriter, diameter
 from byzsgd.net import FrameLimits, Message, install_event_loop
 from byzsgd.net import errors as net_errors
 from byzsgd.roles import byzantine
 from byzsgd.roles.common import (KIND_DONE, KIND_GRAD, KIND_MODEL, KIND_PS_MODEL, install_stop_signals,
                                  make_node, setup_logging, until_stopped)
+from byzsgd.roles.newest import NewestModels
 from byzsgd.roles.replica import Replica
 
 log = logging.getLogger("byzsgd.ps")
@@ -55,12 +57,23 @@ class ParameterServer:
             grad_shapes.append((self.replica.buffer_size,))
         window = max(8, 2 * cfg.gather_period + 2)
         self.grad_box = self.node.mailbox(KIND_GRAD, window=window, shapes=grad_shapes)
-        self.model_box = self.node.mailbox(KIND_PS_MODEL, window=window,
-                                           shapes=[(self.replica.state_size,)])
+        peers = [r for r in cfg.ps_ranks if r != cfg.rank]
+        self.models = NewestModels(KIND_PS_MODEL, peers)
+        self.node.on(KIND_PS_MODEL, self.models.deliver, shapes=[(self.replica.state_size,)])
+        self.peers = peers
+        self.step = 0
+        self.checkpoints = CheckpointPolicy(cfg.checkpoint_dir, cfg.checkpoint_every, cfg.rank) \
+            if cfg.checkpoint_dir else None
+        if self.checkpoints is not None and cfg.resume:
+            # PSes sharing a directory resume at the newest step all of them have
+            common = common_checkpoint_step(cfg.checkpoint_dir, cfg.ps_ranks)
+            resumed = self.checkpoints.restore(self.replica, common)
+            self.step = resumed or 0
+            log.info("PS %d resumes at step %d from %s", cfg.rank, self.step, cfg.checkpoint_dir)
+        self.gather_diameter: float | None = None
         self.behaviour = byzantine.ps_behaviour(cfg) if cfg.attack else None
         self.metrics = MetricsWriter(cfg.metrics)
         self.stop: asyncio.Event | None = None  # created inside the event loop
-        self.step = 0
 
     # -- sending ----------------------------------------------------------------------
     def _send_model(self, ranks, kind: str, step: int, state: torch.Tensor) -> None:
@@ -71,24 +84,66 @@ class ParameterServer:
             self.behaviour.send(self.node, ranks, kind, step, state)
 
     # -- quorums ----------------------------------------------------------------------
-    async def _quorum(self, box, step: int, q: int, ranks: list[int], resend) -> dict[int, Message]:
-        """Wait for q distinct senders of ``step``; re-send the request to the silent ones."""
+    async def _quorum(self, wait, step: int, q: int, ranks: list[int], resend, what: str,
+                      interrupt=None):
+        """Await ``wait()`` (a quorum with a timeout); re-send to the silent ranks each time
+        it times out.  Never gives up: a stall is logged, the node keeps serving.  Returns
+        None if the future ``interrupt()`` completes first."""
         started = time.monotonic()
         warned = False
         while True:
+            task = asyncio.ensure_future(wait())
+            if interrupt is not None:
+                stop = interrupt()
+                await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if not task.done():
+                    task.cancel()
+                    try:
+                        await task
+                    except (asyncio.CancelledError, net_errors.NetError):
+                        pass
+                    return None
+                stop.cancel()
             try:
-                return await box.collect(step, q, senders=ranks, timeout=self.cfg.resend_after)
+                return await task
             except net_errors.QuorumTimeout as exc:
-                answered = set(getattr(exc, "senders", ()) or ())
+                answered = set(getattr(exc, "received", {}) or {})
                 silent = [r for r in ranks if r not in answered]
                 if resend is not None and silent:
                     resend(silent)
                 waited = time.monotonic() - started
                 if waited > self.cfg.step_timeout and not warned:
                     warned = True
-                    log.warning("step %d: quorum of %d for %s not reached after %.0f s "
-                                "(answered: %s); still waiting", step, q, box.kind, waited,
-                                sorted(answered))
+                    log.warning("step %d: quorum of %d %s not reached after %.0f s (answered: %s); "
+                                "still waiting", step, q, what, waited, sorted(answered))
+
+    async def _gather(self, t: int, own: torch.Tensor, M: torch.Tensor) -> int:
+        """Gather phase: the first q_ps - 1 peers' models of step >= t with ours; the model
+        rule aggregates them.  Returns the step the PS continues from (t + 1, or later when
+        its peers are ahead and it jumps to them)."""
+        cfg, peers = self.cfg, self.peers
+        q = cfg.q_ps - 1
+        models = await self._quorum(
+            lambda: self.models.gather(q, t, timeout=cfg.resend_after), t, q, peers,
+            lambda silent: self._send_model(silent, KIND_PS_MODEL, t, own), "peer models")
+        try:
+            M[0].copy_(own)
+            self._stack(models, 0, M[1:])
+            reached = min(m.step for m in models.values())
+        finally:
+            for msg in models.values():
+                msg.release()
+        self.gather_diameter = diameter(M) if cfg.mode == "paper" else None
+        self.replica.load_state_vector(self._aggregate_models(M))
+        if reached > t:
+            log.info("PS %d was behind at step %d: jumped to its peers' step %d", cfg.rank, t, reached)
+            self.metrics.write(event="jump", step=t, to_step=reached + 1)
+        return max(t, reached) + 1
+
+    def _aggregate_models(self, M: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        params = cfg.gar_args if cfg.model_rule == cfg.gar else {}
+        return gars.aggregate(cfg.model_rule, M, cfg.fps, **params)
 
     @staticmethod
     def _stack(messages: dict[int, Message], index: int, out: torch.Tensor) -> torch.Tensor:
@@ -127,31 +182,45 @@ class ParameterServer:
             self.node.broadcast(self.cfg.worker_ranks, KIND_DONE, self.step, [])
         except Exception:  # pragma: no cover - closing anyway
             pass
+        self.models.close()
         await self.node.close()
         self.metrics.close()
 
     async def _train(self) -> None:
         cfg, replica = self.cfg, self.replica
         workers = cfg.worker_ranks
-        peers = [r for r in cfg.ps_ranks if r != cfg.rank]
+        peers = self.peers
         q_peers = cfg.q_ps - 1
         G = torch.empty(cfg.q_w, replica.grad_size)
         B = torch.empty(cfg.q_w, replica.buffer_size) if replica.buffer_size else None
         M = torch.empty(cfg.q_ps, replica.state_size)
         step_times: list[float] = []
         accuracy = None
-        for t in range(self.step, cfg.num_iter):
+        t = self.step
+        next_eval = (t // cfg.acc_freq + 1) * cfg.acc_freq
+        evaluated_at = -1
+        while t < cfg.num_iter:
             self.step = t
             started = time.perf_counter()
             if self.behaviour is not None and self.behaviour.before_step(t):
                 return  # crash / silent behaviours end here
+            record: dict = {}
+            if q_peers > 0 and self.models.ready(q_peers, t + 1):
+                # enough peers are ahead: skip the gradient phase, join them
+                t = await self._gather(t, replica.state_vector(), M)
+                continue
             # 1. gradient request: the model of step t to every worker.
+            self.grad_box.advance(t)  # after a jump the window must start at t
             snapshot = replica.state_vector()
             self._send_model(workers, KIND_MODEL, t, snapshot)
             # 2. the first q_w distinct workers' gradients, as they arrive.
             grads = await self._quorum(
-                self.grad_box, t, cfg.q_w, workers,
-                lambda silent: self._send_model(silent, KIND_MODEL, t, snapshot))
+                lambda: self.grad_box.collect(t, cfg.q_w, senders=workers, timeout=cfg.resend_after),
+                t, cfg.q_w, workers, lambda silent: self._send_model(silent, KIND_MODEL, t, snapshot),
+                "gradients", interrupt=(lambda: self.models.wait_ready(q_peers, t + 1)) if q_peers else None)
+            if grads is None:  # enough peers got ahead meanwhile: join them
+                t = await self._gather(t, replica.state_vector(), M)
+                continue
             losses = []
             try:
                 self._stack(grads, 0, G)
@@ -168,33 +237,26 @@ class ParameterServer:
             g = gars.aggregate(cfg.gar, G, cfg.fw, **cfg.gar_args)
             buffers = gars.aggregate(cfg.gar, B, cfg.fw, **cfg.gar_args) if B is not None else None
             replica.apply_gradient(g, buffers)
-            # 4. gather the peers' models of step t.
+            # 4. gather the peers' models (every step; every --gather_period in paper mode).
+            t_next = t + 1
             if q_peers > 0 and (cfg.mode == "garfield" or (t + 1) % cfg.gather_period == 0):
                 own = replica.state_vector()
                 self._send_model(peers, KIND_PS_MODEL, t, own)
-                models = await self._quorum(
-                    self.model_box, t, q_peers, peers,
-                    lambda silent: self._send_model(silent, KIND_PS_MODEL, t, own))
-                try:
-                    M[0].copy_(own)
-                    self._stack(models, 0, M[1:])
-                finally:
-                    for msg in models.values():
-                        msg.release()
-                replica.load_state_vector(gars.aggregate(cfg.model_rule, M, cfg.fps, **(
-                    cfg.gar_args if cfg.model_rule == cfg.gar else {})))
-            else:
-                self.model_box.advance(t + 1)
+                t_next = await self._gather(t, own, M)
+                if self.gather_diameter is not None:
+                    record["diameter_before"] = self.gather_diameter
             step_time = time.perf_counter() - started
             step_times.append(step_time)
             # 5. evaluate a consistent snapshot.
-            last = t == cfg.num_iter - 1
-            record = dict(step=t, step_time=step_time,
+            last = t_next >= cfg.num_iter
+            record.update(step=t, step_time=step_time,
                           loss=statistics.fmean(losses) if losses else None,
                           bytes_sent=self.node.stats.bytes_sent,
                           bytes_received=self.node.stats.bytes_received)
-            if last or (t + 1) % cfg.acc_freq == 0:
+            if last or t_next >= next_eval:
+                next_eval = (t_next // cfg.acc_freq + 1) * cfg.acc_freq
                 accuracy, test_loss = replica.evaluate(full=last)
+                evaluated_at = t_next
                 record.update(accuracy=accuracy, test_loss=test_loss)
                 if cfg.log:
                     log.info("step %d/%d loss %.4f accuracy %.2f%% (%.3f s/step)", t + 1,
@@ -203,7 +265,13 @@ class ParameterServer:
             elif cfg.bench:
                 log.info("step %d: %.4f s", t, step_time)
             self.metrics.write(**record)
+            if self.checkpoints is not None:
+                self.checkpoints.maybe_save(t_next, replica)
+            t = t_next
         self.step = cfg.num_iter
+        if evaluated_at < cfg.num_iter:  # the run ended on a jump: evaluate what we hold
+            accuracy, test_loss = replica.evaluate(full=True)
+            self.metrics.write(step=cfg.num_iter - 1, accuracy=accuracy, test_loss=test_loss)
         warm = step_times[min(5, len(step_times) - 1):] if step_times else [0.0]
         self.metrics.write(event="done", step=cfg.num_iter, final_accuracy=accuracy,
                            median_step_time=statistics.median(warm),

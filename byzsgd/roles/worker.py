@@ -30,6 +30,7 @@ from byzsgd.net import FrameLimits, Message, install_event_loop
 from byzsgd.roles import byzantine
 from byzsgd.roles.common import (KIND_DONE, KIND_GRAD, KIND_MODEL, install_stop_signals, make_node,
                                  setup_logging, until_stopped)
+from byzsgd.roles.newest import NewestModels
 from byzsgd.roles.replica import Replica
 
 log = logging.getLogger("byzsgd.worker")
@@ -52,7 +53,8 @@ class Worker:
         self.node = make_node(cfg, self.limits)
         shapes = [(self.replica.state_size,)]
         if cfg.mode == "paper":
-            self.model_box = self.node.mailbox(KIND_MODEL, window=64, shapes=shapes)
+            self.models = NewestModels(KIND_MODEL, cfg.ps_ranks)
+            self.node.on(KIND_MODEL, self._on_paper_model, shapes=shapes)
         else:
             self.node.on(KIND_MODEL, self._on_request, shapes=shapes)
         self.node.on(KIND_DONE, self._on_done)
@@ -62,6 +64,8 @@ class Worker:
         self.done_from: set[int] = set()
         self.stop: asyncio.Event | None = None
         self.served = 0
+        self.paper_step = 0  # paper mode: the step the worker waits for
+        self.last_sent: tuple[list[torch.Tensor], dict] | None = None
 
     # -- handlers (called by the node in arrival order) -------------------------------
     def _on_request(self, msg: Message) -> None:
@@ -83,17 +87,25 @@ class Worker:
 
     # -- gradient -------------------------------------------------------------------
     def _answer(self, ps_ranks, step: int, state: torch.Tensor) -> None:
+        self._answer_steps({rank: step for rank in ps_ranks}, step, state)
+
+    def _answer_steps(self, steps: dict[int, int], batch_step: int, state: torch.Tensor) -> None:
+        """Compute one gradient (batch of ``batch_step``, model ``state``) and send it to each
+        PS in ``steps``, tagged with the step that PS asked for."""
         if self.behaviour is not None and self.behaviour.silent:
             return
-        grad, buffers, loss = self.replica.gradient_at(state, step)
+        grad, buffers, loss = self.replica.gradient_at(state, batch_step)
         if self.behaviour is not None:
-            grad = self.behaviour.forge(grad, step)
+            grad = self.behaviour.forge(grad, batch_step)
             if grad is None:  # the attack stays silent this step
                 return
         tensors = [grad.clone()]
         if buffers is not None:
             tensors.append(buffers.clone())
-        self.node.broadcast(ps_ranks, KIND_GRAD, step, tensors, {"loss": float(loss)})
+        meta = {"loss": float(loss)}
+        self.last_sent = (tensors, meta)
+        for rank, step in steps.items():
+            self.node.send(rank, KIND_GRAD, step, tensors, meta)
         self.served += 1
 
     def _all_done(self) -> bool:
@@ -126,19 +138,32 @@ class Worker:
             else:
                 await self.wakeup.wait()
 
+    def _on_paper_model(self, msg: Message) -> None:
+        if msg.step < self.paper_step and self.last_sent is not None:
+            # A PS behind the worker: it gets the gradient the worker computed last (one
+            # gradient per step, for every PS), tagged with the step it asked for.
+            self.node.send(msg.sender, KIND_GRAD, msg.step, *self.last_sent)
+            msg.release()
+            return
+        self.models.deliver(msg)
+        if self.wakeup is not None:
+            self.wakeup.set()
+
     async def _paper_steps(self) -> None:
-        """Paper mode: median of the first q_ps PS models of step t, one gradient to all."""
+        """Paper mode: median of the first q_ps PS models of step >= t, one gradient to all."""
         cfg = self.cfg
         M = torch.empty(cfg.q_ps, self.replica.state_size)
-        for t in range(cfg.num_iter):
-            collect = asyncio.ensure_future(self.model_box.collect(t, cfg.q_ps, senders=cfg.ps_ranks))
-            waiter = asyncio.ensure_future(self._wait_all_done())
-            await asyncio.wait({collect, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            if not collect.done():
-                collect.cancel()
+        t = 0
+        while True:
+            gather = asyncio.ensure_future(self.models.gather(cfg.q_ps, t, forget_older=False))
+            finished = asyncio.ensure_future(self._wait_all_done())
+            await asyncio.wait({gather, finished}, return_when=asyncio.FIRST_COMPLETED)
+            finished.cancel()
+            if not gather.done():
+                gather.cancel()
                 return
-            models = collect.result()
+            models = gather.result()
+            steps = {sender: msg.step for sender, msg in models.items()}
             try:
                 for row, sender in enumerate(sorted(models)):
                     M[row].copy_(models[sender].tensors[0])
@@ -146,7 +171,14 @@ class Worker:
                 for msg in models.values():
                     msg.release()
             state = gars.aggregate("median", M, cfg.fps) if cfg.q_ps > 1 else M[0]
-            self._answer(cfg.ps_ranks, t, state)
+            step = min(steps.values())
+            # PSes outside the quorum get the same gradient for their newest request
+            for sender in [s for s in list(self.models.newest) if s not in steps]:
+                msg = self.models.newest.pop(sender)
+                steps[sender] = msg.step
+                msg.release()
+            self._answer_steps(steps, step, state)
+            t = self.paper_step = step + 1
 
     async def _wait_all_done(self) -> None:
         while not self._all_done():
@@ -170,6 +202,8 @@ class Worker:
             for msg in self.pending.values():
                 msg.release()
             self.pending.clear()
+            if self.cfg.mode == "paper":
+                self.models.close()
             await self.node.close()
         log.info("worker %d done: %d gradients sent", self.cfg.rank, self.served)
         return 0

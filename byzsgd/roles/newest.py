@@ -1,0 +1,114 @@
+"""The model quorum: the newest model of each sender, and a wait for q of them at step >= t.
+
+Gradients answer one request of one step, so a per-step :class:`byzsgd.net.Mailbox` fits
+them.  Models are different: a PS that fell behind (paused, partitioned, restarted) can
+never get its peers' models of a step they left long ago, and a per-step window would make
+it wait forever.  Here each sender's *newest* model is kept (one per sender: a Byzantine
+peer cannot make us buffer more), and a gather for step t completes as soon as q distinct
+senders have a model of step >= t — the normal case is all at t; a node behind simply
+jumps to its peers' step.  The step to continue from is the lowest among the q chosen: with
+q > f at least one of them is correct, so a Byzantine sender can neither trigger a jump on
+its own nor choose how far it goes.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Collection
+
+from byzsgd.net import Message
+from byzsgd.net import errors as net_errors
+
+
+class NewestModels:
+    def __init__(self, kind: str, senders: Collection[int]):
+        self.kind = kind
+        self.senders = frozenset(senders)
+        self.newest: dict[int, Message] = {}  # insertion order = arrival order
+        self._waiter: tuple[int, int, asyncio.Future] | None = None
+        self._watchers: list[tuple[int, int, asyncio.Future]] = []
+        self._closed = False
+        self.dropped = 0
+
+    def deliver(self, msg: Message) -> bool:
+        """The node's handler for this kind: keep it if it is the sender's newest."""
+        old = self.newest.get(msg.sender)
+        if self._closed or msg.sender not in self.senders or (old is not None and old.step >= msg.step):
+            self.dropped += 1
+            msg.release()
+            return False
+        if old is not None:
+            old.release()
+            del self.newest[msg.sender]
+        self.newest[msg.sender] = msg
+        if self._waiter is not None:
+            q, step, fut = self._waiter
+            if not fut.done():
+                self._try(q, step, fut)
+        for q, step, fut in self._watchers:
+            if not fut.done() and self.ready(q, step):
+                fut.set_result(None)
+        self._watchers = [w for w in self._watchers if not w[2].done()]
+        return True
+
+    def _eligible(self, step: int) -> list[int]:
+        return [s for s, m in self.newest.items() if m.step >= step]
+
+    def _try(self, q: int, step: int, fut: asyncio.Future) -> None:
+        ready = self._eligible(step)
+        if len(ready) >= q:
+            fut.set_result({s: self.newest.pop(s) for s in ready[:q]})
+
+    def forget_below(self, step: int) -> None:
+        """Drop the models older than ``step`` (they can no longer count)."""
+        for s in [s for s, m in self.newest.items() if m.step < step]:
+            self.newest.pop(s).release()
+
+    def ready(self, q: int, step: int) -> bool:
+        return len(self._eligible(step)) >= q
+
+    def wait_ready(self, q: int, step: int) -> asyncio.Future:
+        """A future resolved once q senders have a model of step >= ``step`` (nothing taken)."""
+        fut = asyncio.get_running_loop().create_future()
+        if self.ready(q, step):
+            fut.set_result(None)
+        else:
+            self._watchers = [w for w in self._watchers if not w[2].done()]
+            self._watchers.append((q, step, fut))
+        return fut
+
+    async def gather(self, q: int, step: int, *, timeout: float | None = None,
+                     forget_older: bool = True) -> dict[int, Message]:
+        """The first q senders (arrival order) whose newest model is of step >= ``step``.
+
+        The caller owns the returned messages.  ``timeout`` raises
+        :class:`byzsgd.net.errors.QuorumTimeout` listing who had a usable model."""
+        if self._closed:
+            raise asyncio.CancelledError(f"{self.kind} closed")
+        if q > len(self.senders):
+            raise ValueError(f"quorum q={q} exceeds the {len(self.senders)} allowed senders")
+        if forget_older:
+            self.forget_below(step)
+        fut = asyncio.get_running_loop().create_future()
+        self._try(q, step, fut)
+        if fut.done():
+            return fut.result()
+        self._waiter = (q, step, fut)
+        try:
+            return await asyncio.wait_for(fut, timeout) if timeout is not None else await fut
+        except asyncio.TimeoutError:
+            got = {s: self.newest[s] for s in self._eligible(step)}
+            raise net_errors.QuorumTimeout(self.kind, step, q, got) from None
+        finally:
+            self._waiter = None
+
+    def close(self) -> None:
+        self._closed = True
+        for m in self.newest.values():
+            m.release()
+        self.newest.clear()
+        if self._waiter is not None and not self._waiter[2].done():
+            self._waiter[2].cancel()
+        for _, _, fut in self._watchers:
+            if not fut.done():
+                fut.cancel()
+        self._watchers.clear()

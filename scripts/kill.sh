@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Stop exactly the ranks of one run:  scripts/kill.sh RUN_DIR [--grace SECONDS]
+#
+# Reads RUN_DIR/deployment.json (written by scripts/run_exp.sh); on each host, through the
+# run's runner ($BYZSGD_RUNNER overrides it), it sends SIGTERM to each rank's process group
+# (pid files <role><rank>.pgid / .pid), waits --grace seconds (default 5), then SIGKILLs
+# whatever is left.  A pid is only signalled when its environment carries this run's
+# BYZSGD_RUN_ID, so a recycled pid is never hit; nothing is matched by name (no pkill -f).
+# Exit status 0 when no process of the run is left on any host.
+set -euo pipefail
+if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
+    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+    exit 2
+fi
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+py=${BYZSGD_PYTHON:-}
+if [[ -z $py ]]; then
+    if [[ -x $here/.venv/bin/python ]]; then py=$here/.venv/bin/python; else py=python3; fi
+fi
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+exec "$py" -m byzsgd.cluster kill "$@"

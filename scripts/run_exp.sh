@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Start a ByzSGD experiment over several hosts: one `python -m byzsgd.trainer` per rank.
+#
+#   scripts/run_exp.sh [--servers FILE] [--workers FILE] [--config FILE] [--run_dir DIR]
+#                      [--base_port 29500] [--ports fixed|ephemeral] [--runner CMD]
+#                      [--tls_cert PEM --tls_key PEM [--tls_ca PEM]] [--timeout S]
+#                      [--detach] [--json] [--dry_run] [-- TRAINER FLAGS...]
+#
+# servers / workers: one rank per line, "HOST [addr=A] [python=P] [repo=R] [dir=D] [listen=L]"
+# (see scripts/servers.example); the first server is the master (rank 0); ranks are the
+# servers in file order, then the workers.  Trainer flags come from --config (see
+# scripts/exp.conf.example) and after `--`; the deployment sets --rank --master --port
+# --advertise_host --secret_file --metrics itself.  Rank r listens on base_port + r.
+#
+# Runner: $BYZSGD_RUNNER (or --runner), default "ssh -o BatchMode=yes"; the per-host script
+# goes to `RUNNER HOST sh -s` on stdin ("{host}" in RUNNER is replaced instead of appending).
+#   BYZSGD_RUNNER="ip netns exec"   hosts are network namespaces (scripts/netns_cluster.sh)
+#   BYZSGD_RUNNER=local             everything on this machine
+# The cluster secret (fresh per run unless --secret_file/$BYZSGD_SECRET_FILE) travels on
+# that stdin into <dir>/secret (0600): never on a command line.
+#
+# Writes RUN_DIR/deployment.json (rank, role, host, addr, port, pid, pgid, log, metrics),
+# <role><rank>.{pid,pgid,rc,log}, metrics-ps<rank>.jsonl and, at the end, summary.json.
+# Without --detach it waits for the run (Ctrl-C stops every rank); stop a detached run
+# with scripts/kill.sh RUN_DIR.  Python: $BYZSGD_PYTHON, else <repo>/.venv/bin/python, else python3.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+py=${BYZSGD_PYTHON:-}
+if [[ -z $py ]]; then
+    if [[ -x $here/.venv/bin/python ]]; then py=$here/.venv/bin/python; else py=python3; fi
+fi
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+exec "$py" -m byzsgd.cluster run "$@"
