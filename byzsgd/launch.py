@@ -25,6 +25,7 @@ from typing import Any
 from byzsgd.config import (SECRET_FILE_ENV, RunConfig, add_arguments, config_from_args, parse_json_object)
 from byzsgd.errors import ByzSGDError, ConfigError
 from byzsgd.metrics import read_metrics
+from byzsgd.spawn import FORK_AVAILABLE, fork_node, preload_roles
 
 #: flags forwarded verbatim from the launcher to every node
 FORWARDED = ("dataset", "batch", "num_ps", "num_workers", "fw", "fps", "model", "loss", "optimizer",
@@ -101,6 +102,8 @@ class Deployment:
                    config={k: getattr(self.cfg, k) for k in FORWARDED},
                    byzantine_ranks=[n.rank for n in self.nodes if n.byzantine],
                    ranks=[n.describe(self.host) for n in self.nodes])
+        for r in doc["ranks"]:  # a node restarted by scripts/fault.py runs under a new pid
+            r["pid"] = read_faults(self.run_dir)[1].get(r["rank"], r["pid"])
         path = self.run_dir / "deployment.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, indent=1))
@@ -132,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.add_argument("--node_log", action="store_true", help="nodes log at INFO level")
+    d.add_argument("--spawn", choices=("fork", "exec"), default="fork" if FORK_AVAILABLE else "exec",
+                   help="fork: nodes are forked from the launcher after one import of torch "
+                        "(fast start); exec: each node a fresh interpreter")
     return p
 
 
@@ -189,7 +195,8 @@ def plan(args: argparse.Namespace) -> Deployment:
     return dep
 
 
-def start(dep: Deployment) -> None:
+def start(dep: Deployment, spawn: str = "exec") -> None:
+    """Start every node: ``exec`` (a fresh interpreter each) or ``fork`` (see byzsgd.spawn)."""
     secret_path = dep.run_dir / "secret"
     fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -200,31 +207,41 @@ def start(dep: Deployment) -> None:
                 "PYTHONUNBUFFERED": "1"})
     dep.started = time.time()
     dep.write_description()  # ports are needed by every node before it starts
+    if spawn == "fork":
+        preload_roles()
     for node in dep.nodes:
-        with open(node.log_path, "ab") as log:
-            node.proc = subprocess.Popen(node.cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        if spawn == "fork":
+            node.proc = fork_node(f"byzsgd.roles.{node.role}", node.cmd[3:], str(node.log_path), env)
+        else:
+            with open(node.log_path, "ab") as log:
+                node.proc = subprocess.Popen(node.cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                             stdin=subprocess.DEVNULL, start_new_session=True)
         (dep.run_dir / f"{node.role}{node.rank}.pid").write_text(str(node.proc.pid))
     dep.write_description()
+
+
+def _signal_node(node: NodeProcess, sig: int) -> None:
+    """Signal the node's process group (its own session), or the process if it has none yet."""
+    try:
+        os.killpg(node.proc.pid, sig)
+    except ProcessLookupError:
+        try:
+            os.kill(node.proc.pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def stop_all(dep: Deployment, grace: float = 3.0) -> None:
     """SIGTERM every live child, then SIGKILL what is left after ``grace`` seconds."""
     live = [n for n in dep.nodes if n.proc and n.proc.poll() is None]
     for n in live:
-        try:
-            os.killpg(n.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        _signal_node(n, signal.SIGTERM)
     deadline = time.monotonic() + grace
     for n in live:
         try:
             n.proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            try:
-                os.killpg(n.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _signal_node(n, signal.SIGKILL)
             n.proc.wait()
     for n in dep.nodes:
         if n.proc:
@@ -261,18 +278,89 @@ def _bar(dep: Deployment, prog: dict[int, dict], width: int = 30) -> str:
             f"acc(min over correct PS) {acc} {elapsed:.0f}s")
 
 
+def read_faults(run_dir: Path) -> tuple[set[int], dict[int, int]]:
+    """``run_dir/faults.json``, written by scripts/fault.py before it kills, pauses or
+    restarts a node: the ranks that fail on purpose, and the pids of restarted ranks."""
+    try:
+        doc = json.loads((run_dir / "faults.json").read_text())
+        return ({int(r) for r in doc.get("faulty", [])},
+                {int(r): int(pid) for r, pid in doc.get("restarted", {}).items()})
+    except (OSError, ValueError, TypeError, AttributeError):
+        return set(), {}
+
+
+def pid_alive(pid: int) -> bool:
+    """A live process that is not a zombie (a restarted node is not our child)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2:].split()[0] not in ("Z", "X")
+    except OSError:
+        try:
+            os.kill(pid, 0)
+            return not Path("/proc").is_dir()
+        except OSError:
+            return False
+
+
+def _ps_finished(n: NodeProcess, faulty: set[int], restarted: dict[int, int]) -> bool:
+    if n.rank in restarted:  # restarted on purpose: wait for the new process
+        return not pid_alive(restarted[n.rank])
+    if n.rank in faulty:  # killed on purpose: not waited for
+        n.proc.poll()  # reaps it once dead
+        return True
+    return n.proc.poll() == 0
+
+
+def stop_restarted(dep: Deployment, grace: float = 3.0) -> None:
+    """Stop the nodes scripts/fault.py restarted (not our children): SIGTERM, then SIGKILL."""
+    live = []
+    for rank, pid in read_faults(dep.run_dir)[1].items():
+        try:  # each is a session leader running its rank's argv: never a recycled pid
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            ok = (pid_alive(pid) and os.getsid(pid) == pid and b"--rank" in cmd
+                  and cmd[cmd.index(b"--rank") + 1:][:1] == [str(rank).encode()])
+        except OSError:
+            ok = False
+        if ok:
+            os.killpg(pid, signal.SIGTERM)
+            live.append(pid)
+    deadline = time.monotonic() + grace
+    while any(pid_alive(p) for p in live) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in live:
+        if pid_alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+#: how long a restarted PS (scripts/fault.py) is waited for once every other correct PS is done
+RESTARTED_GRACE_S = 30.0
+
+
 def monitor(dep: Deployment, *, quiet: bool, timeout: float) -> str:
-    """Wait until every correct PS is done; returns 'ok', 'failed:<rank>' or 'timeout'."""
+    """Wait until every correct PS is done; returns 'ok', 'failed:<rank>' or 'timeout'.
+    Ranks listed in ``faults.json`` (scripts/fault.py) failed on purpose: their exit is not
+    fatal and they are not waited for, except a restarted PS (its new process is)."""
     tty = sys.stderr.isatty()
     last_print = 0.0
+    others_done_at = None
     while True:
         time.sleep(0.5)  # the launcher only watches files; the nodes never poll
+        faulty, restarted = read_faults(dep.run_dir)
         for n in dep.correct:
             code = n.proc.poll()
-            if code is not None and code != 0:
+            if code is not None and code != 0 and n.rank not in faulty:
                 return f"failed:{n.rank}"
-        if all(n.proc.poll() == 0 for n in dep.correct_ps):
+        if all(_ps_finished(n, faulty, restarted) for n in dep.correct_ps):
             return "ok"
+        # A restarted PS that is still running when all the others are done can only finish
+        # with their last models; it is not waited for beyond RESTARTED_GRACE_S.
+        if restarted and all(_ps_finished(n, faulty, {}) for n in dep.correct_ps if n.rank not in restarted):
+            others_done_at = others_done_at or time.monotonic()
+            if time.monotonic() - others_done_at > RESTARTED_GRACE_S:
+                return "ok"
         if timeout and time.time() - dep.started > timeout:
             return "timeout"
         if not quiet and (tty or time.time() - last_print > 10):
@@ -291,13 +379,16 @@ def summarize(dep: Deployment, outcome: str) -> dict:
         done = p["done"]
         final[rank] = done.get("final_accuracy") if done else (p["acc"]["accuracy"] if p["acc"] else None)
     times = [p["done"]["median_step_time"] for p in prog.values() if p["done"]]
-    accs = [a for a in final.values() if a is not None]
+    faulty, restarted = read_faults(dep.run_dir)
+    # a PS killed on purpose (and not restarted) does not count in the minimum
+    accs = [a for r, a in final.items() if a is not None and (r not in faulty or r in restarted)]
     return dict(outcome=outcome, run_dir=str(dep.run_dir), steps=dep.cfg.num_iter,
                 final_accuracy={str(k): v for k, v in final.items()},
                 min_accuracy=min(accs) if accs else None,
                 median_step_time=sorted(times)[len(times) // 2] if times else None,
                 wall_time=time.time() - dep.started,
                 byzantine_ranks=[n.rank for n in dep.nodes if n.byzantine],
+                faulty_ranks=sorted(faulty), restarted_ranks=sorted(restarted),
                 returncodes={str(n.rank): n.returncode for n in dep.nodes})
 
 
@@ -315,7 +406,7 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        start(dep)
+        start(dep, args.spawn)
         outcome = monitor(dep, quiet=args.quiet, timeout=args.timeout)
         if outcome == "ok":
             # Correct workers leave once every PS said done; give them a moment.
@@ -329,6 +420,7 @@ def run(args: argparse.Namespace) -> int:
         interrupted, outcome = True, "interrupted"
     finally:
         stop_all(dep)
+        stop_restarted(dep)
         dep.write_description()
     if not args.quiet and sys.stderr.isatty():
         print(file=sys.stderr)
@@ -355,6 +447,17 @@ def run(args: argparse.Namespace) -> int:
     if interrupted:
         return 130
     return 0 if outcome == "ok" else 1
+
+
+def deploy(argv: list[str]) -> dict:
+    """Run one whole deployment from launcher flags, in this process (nodes are forked from
+    it, so torch is imported once for many deployments); returns its summary.  For
+    benchmarks and harnesses.  Raises ByzSGDError for a configuration refused at start."""
+    args = build_parser().parse_args([*argv, "--quiet"])
+    if not args.run_dir:
+        raise ConfigError("deploy() needs --run_dir")
+    run(args)
+    return json.loads((Path(args.run_dir) / "summary.json").read_text())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -463,7 +463,7 @@ _TRITON_CHECK = r'''
 import os, math, torch
 os.environ["TRITON_INTERPRET"] = "1"
 from byzsgd.gars import median_family as mf, _triton_select as ts
-assert ts._HAVE_TRITON
+assert ts._have_triton()
 for n in (5, 8, 20):
     x = torch.randn(n, 300, dtype=torch.float64)
     x[0, 0] = math.nan; x[-1, 1] = math.inf; x[n // 2, 2] = -math.inf

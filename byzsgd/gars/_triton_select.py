@@ -31,12 +31,20 @@ import torch
 
 from byzsgd.gars import _select
 
-try:  # pragma: no cover - depends on the machine
-    import triton  # noqa: F401
-    import triton.language as tl  # noqa: F401
-    _HAVE_TRITON = True
-except Exception:  # noqa: BLE001
-    _HAVE_TRITON = False
+_HAVE_TRITON: bool | None = None  # decided on first use: importing triton costs ~0.5 s
+
+
+def _have_triton() -> bool:
+    """Import triton lazily: CPU-only nodes never pay for it."""
+    global _HAVE_TRITON
+    if _HAVE_TRITON is None:
+        try:  # pragma: no cover - depends on the machine
+            import triton  # noqa: F401
+            import triton.language as tl  # noqa: F401
+            _HAVE_TRITON = True
+        except Exception:  # noqa: BLE001
+            _HAVE_TRITON = False
+    return _HAVE_TRITON
 
 _lock = threading.Lock()
 _kernels: dict[tuple, object] = {}
@@ -52,11 +60,13 @@ def _interpret() -> bool:
 
 
 def available(x: torch.Tensor) -> bool:
-    if not _HAVE_TRITON or os.environ.get("BYZSGD_NO_TRITON"):
+    if os.environ.get("BYZSGD_NO_TRITON"):
         return False
     if x.dtype not in (torch.float32, torch.float64) or x.dim() != 2:
         return False
     if not (x.is_cuda or _interpret()):
+        return False
+    if not _have_triton():
         return False
     return x.shape[0] <= _select.FUSED_MAX_N and x.shape[1] > 0
 
@@ -174,7 +184,7 @@ def _launch(x: torch.Tensor, kind: str, e: int) -> torch.Tensor | None:
     out = torch.empty(d, dtype=x.dtype, device=x.device)
     try:
         kern = _kernel(n, kind, e)
-        grid = (triton.cdiv(d, BLOCK),)
+        grid = ((d + BLOCK - 1) // BLOCK,)
         kern[grid](x, out, d, x.stride(0), BLOCK=BLOCK, num_warps=NUM_WARPS)
     except Exception as exc:  # noqa: BLE001 - fall back to the torch path, once noted
         _broken.add(key)
