@@ -171,8 +171,7 @@ def run_script(runner: str, host: str, script: str, timeout: float = 60.0) -> su
     """Run ``script`` with ``sh`` on ``host`` through the runner (never raises on failure)."""
     argv = runner_argv(runner, host)
     try:
-        return subprocess.run(argv, input=script, capture_output=True, text=True, timeout=timeout,
-                              stdin=None)
+        return subprocess.run(argv, input=script, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         return subprocess.CompletedProcess(argv, 124, exc.stdout or "", f"runner timed out after {timeout}s")
     except OSError as exc:

@@ -102,8 +102,9 @@ class Deployment:
                    config={k: getattr(self.cfg, k) for k in FORWARDED},
                    byzantine_ranks=[n.rank for n in self.nodes if n.byzantine],
                    ranks=[n.describe(self.host) for n in self.nodes])
+        restarted = read_faults(self.run_dir)[1]
         for r in doc["ranks"]:  # a node restarted by scripts/fault.py runs under a new pid
-            r["pid"] = read_faults(self.run_dir)[1].get(r["rank"], r["pid"])
+            r["pid"] = restarted.get(r["rank"], r["pid"])
         path = self.run_dir / "deployment.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, indent=1))

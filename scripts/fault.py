@@ -324,8 +324,8 @@ def resume(run_dir: Path, rank: int) -> int:
     pid = node_pid(run_dir, info)
     if pid is None:
         raise FaultError(f"rank {rank} has no live process of this run")
-    _signal_group(pid, signal.SIGCONT)
     update_faults(run_dir, rank, "resume", pid, paused=False)
+    _signal_group(pid, signal.SIGCONT)
     return pid
 
 

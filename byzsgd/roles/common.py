@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import ssl
 import sys
@@ -86,6 +87,20 @@ def make_node(cfg: RunConfig, limits: FrameLimits) -> Node:
     listen_port = cfg.port if cfg.port is not None else (port if cfg.rank == 0 else 0)
     return Node(cfg.rank, cfg.role, cfg.secret(), master=(host, port), world_size=cfg.world_size,
                 num_ps=cfg.num_ps, listen_port=listen_port, **common)
+
+
+def exit_now(code: int) -> None:
+    """Leave the process at once with ``code``, output flushed.
+
+    A node is done when its role says so: nothing is left to save, and waiting for
+    library threads (zarr's I/O loop, torch's pools) to wind down only delays the exit by
+    seconds after SIGTERM."""
+    logging.shutdown()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code if isinstance(code, int) else 1)
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:

@@ -33,7 +33,7 @@ from byzsgd.metrics import MetricsWriter, diameter
 from byzsgd.net import FrameLimits, Message, install_event_loop
 from byzsgd.net import errors as net_errors
 from byzsgd.roles import byzantine
-from byzsgd.roles.common import (KIND_DONE, KIND_GRAD, KIND_MODEL, KIND_PS_MODEL, install_stop_signals,
+from byzsgd.roles.common import (KIND_DONE, KIND_GRAD, KIND_MODEL, KIND_PS_MODEL, exit_now, install_stop_signals,
                                  make_node, setup_logging, until_stopped)
 from byzsgd.roles.newest import NewestModels
 from byzsgd.roles.replica import Replica
@@ -117,14 +117,15 @@ class ParameterServer:
                     log.warning("step %d: quorum of %d %s not reached after %.0f s (answered: %s); "
                                 "still waiting", step, q, what, waited, sorted(answered))
 
-    async def _gather(self, t: int, own: torch.Tensor, M: torch.Tensor) -> int:
+    async def _gather(self, t: int, own: torch.Tensor, M: torch.Tensor, *, at_least: int | None = None) -> int:
         """Gather phase: the first q_ps - 1 peers' models of step >= t with ours; the model
         rule aggregates them.  Returns the step the PS continues from (t + 1, or later when
         its peers are ahead and it jumps to them)."""
         cfg, peers = self.cfg, self.peers
         q = cfg.q_ps - 1
+        least = t if at_least is None else at_least
         models = await self._quorum(
-            lambda: self.models.gather(q, t, timeout=cfg.resend_after), t, q, peers,
+            lambda: self.models.gather(q, least, timeout=cfg.resend_after), t, q, peers,
             lambda silent: self._send_model(silent, KIND_PS_MODEL, t, own), "peer models")
         try:
             M[0].copy_(own)
@@ -138,6 +139,8 @@ class ParameterServer:
         if reached > t:
             log.info("PS %d was behind at step %d: jumped to its peers' step %d", cfg.rank, t, reached)
             self.metrics.write(event="jump", step=t, to_step=reached + 1)
+            if self.checkpoints is not None:
+                self.checkpoints.maybe_save(reached + 1, self.replica)
         return max(t, reached) + 1
 
     def _aggregate_models(self, M: torch.Tensor) -> torch.Tensor:
@@ -158,22 +161,27 @@ class ParameterServer:
         self.stop = asyncio.Event()
         install_stop_signals(self.stop)
         cfg = self.cfg
-        await self.node.start()
-        log.info("PS %d listening on port %d (%s mode, gar=%s, model rule=%s, q_w=%d, q_ps=%d)",
-                 cfg.rank, self.node.port, cfg.mode, cfg.gar, cfg.model_rule, cfg.q_w, cfg.q_ps)
-        self.metrics.write(event="start", rank=cfg.rank, role="ps", config=cfg.to_dict(),
-                           parameters=self.replica.grad_size, state_size=self.replica.state_size)
+        finished = True  # unless a signal stops the loop
         try:
+            started, _ = await until_stopped(self.node.start(timeout=self.cfg.startup_timeout),
+                                             self.stop)
+            if not started:  # stopped by a signal while still meeting the others
+                return 0
+            log.info("PS %d listening on port %d (%s mode, gar=%s, model rule=%s, q_w=%d, q_ps=%d)",
+                     cfg.rank, self.node.port, cfg.mode, cfg.gar, cfg.model_rule, cfg.q_w, cfg.q_ps)
+            self.metrics.write(event="start", rank=cfg.rank, role="ps", config=cfg.to_dict(),
+                               parameters=self.replica.grad_size, state_size=self.replica.state_size,
+                               resumed_at=self.step)
             finished, _ = await until_stopped(self._train(), self.stop)
         except ByzSGDError as exc:
             log.error("PS %d stopped: %s", cfg.rank, exc)
             self.metrics.write(event="error", error=str(exc))
             return 1
         finally:
+            if not finished:
+                log.info("PS %d stopped by signal at step %d", cfg.rank, self.step)
+                self.metrics.write(event="stopped", step=self.step)
             await self._shutdown()
-        if not finished:
-            log.info("PS %d stopped by signal at step %d", cfg.rank, self.step)
-            self.metrics.write(event="stopped", step=self.step)
         return 0
 
     async def _shutdown(self) -> None:
@@ -207,7 +215,7 @@ class ParameterServer:
             record: dict = {}
             if q_peers > 0 and self.models.ready(q_peers, t + 1):
                 # enough peers are ahead: skip the gradient phase, join them
-                t = await self._gather(t, replica.state_vector(), M)
+                t = await self._gather(t, replica.state_vector(), M, at_least=t + 1)
                 continue
             # 1. gradient request: the model of step t to every worker.
             self.grad_box.advance(t)  # after a jump the window must start at t
@@ -219,7 +227,7 @@ class ParameterServer:
                 t, cfg.q_w, workers, lambda silent: self._send_model(silent, KIND_MODEL, t, snapshot),
                 "gradients", interrupt=(lambda: self.models.wait_ready(q_peers, t + 1)) if q_peers else None)
             if grads is None:  # enough peers got ahead meanwhile: join them
-                t = await self._gather(t, replica.state_vector(), M)
+                t = await self._gather(t, replica.state_vector(), M, at_least=t + 1)
                 continue
             losses = []
             try:
@@ -307,4 +315,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

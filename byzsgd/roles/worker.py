@@ -28,7 +28,7 @@ from byzsgd.config import RunConfig, add_arguments, config_from_args
 from byzsgd.errors import ByzSGDError, ConfigError
 from byzsgd.net import FrameLimits, Message, install_event_loop
 from byzsgd.roles import byzantine
-from byzsgd.roles.common import (KIND_DONE, KIND_GRAD, KIND_MODEL, install_stop_signals, make_node,
+from byzsgd.roles.common import (KIND_DONE, KIND_GRAD, KIND_MODEL, exit_now, install_stop_signals, make_node,
                                  setup_logging, until_stopped)
 from byzsgd.roles.newest import NewestModels
 from byzsgd.roles.replica import Replica
@@ -189,11 +189,14 @@ class Worker:
         self.stop = asyncio.Event()
         self.wakeup = asyncio.Event()
         install_stop_signals(self.stop)
-        await self.node.start()
-        log.info("worker %d listening on port %d (%s mode%s)", self.cfg.rank, self.node.port,
-                 self.cfg.mode, f", Byzantine: {self.cfg.attack}" if self.cfg.attack else "")
-        loop = self._paper_steps() if self.cfg.mode == "paper" else self._serve_requests()
         try:
+            started, _ = await until_stopped(self.node.start(timeout=self.cfg.startup_timeout),
+                                             self.stop)
+            if not started:  # stopped by a signal while still meeting the others
+                return 0
+            log.info("worker %d listening on port %d (%s mode%s)", self.cfg.rank, self.node.port,
+                     self.cfg.mode, f", Byzantine: {self.cfg.attack}" if self.cfg.attack else "")
+            loop = self._paper_steps() if self.cfg.mode == "paper" else self._serve_requests()
             await until_stopped(loop, self.stop)
         except ByzSGDError as exc:
             log.error("worker %d stopped: %s", self.cfg.rank, exc)
@@ -234,4 +237,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
