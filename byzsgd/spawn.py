@@ -75,6 +75,10 @@ def fork_node(module: str, argv: Sequence[str], log_path: str, env: dict[str, st
         os.dup2(fd, 2)
         os.close(fd)
         os.close(null)
+        # whatever the parent had bound to sys.stdout/stderr (a capture, a terminal wrapper)
+        sys.stdin = open(0, "r", closefd=False)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
         os.environ.clear()
         os.environ.update(env)
         sys.argv = [module, *argv]

@@ -19,9 +19,18 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     "$VENV/bin/python" -c "import torch, torchvision, msgpack, numpy, pytest, hypothesis, pureml" 
     touch "$stamp"
 fi
-# Fashion-MNIST comes from Debian's dataset-fashion-mnist (optional: only its tests need it).
-if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) \
-        >/dev/null 2>&1 || echo "setup: dataset-fashion-mnist not installed (Fashion-MNIST tests will skip)" >&2
+# System packages (root + apt only; each optional): Fashion-MNIST from Debian's
+# dataset-fashion-mnist, and iproute2 / nftables / openssl for the multi-host test bed
+# (network namespaces). Without them the tests that need them skip with a reason.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    want=""
+    [ -d /usr/share/datasets/fashion-mnist ] || want="$want dataset-fashion-mnist"
+    command -v ip >/dev/null || want="$want iproute2"
+    command -v nft >/dev/null || want="$want nftables"
+    command -v openssl >/dev/null || want="$want openssl"
+    if [ -n "$want" ]; then
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $want) \
+            >/dev/null 2>&1 || echo "setup: could not install:$want (their tests will skip)" >&2
+    fi
 fi
 echo "setup: ok ($VENV)" >&2

@@ -55,9 +55,20 @@ def test_small_deployment_trains_above_chance(tmp_path):
     # every correct PS logged every step with bytes moved, and accuracy at the eval steps
     for rank, recs in ps_records(tmp_path / "run").items():
         steps = [r for r in recs if "step_time" in r and "event" not in r]
-        assert [r["step"] for r in steps] == list(range(120)), rank
+        numbers = [r["step"] for r in steps]
+        assert numbers == sorted(set(numbers)) and numbers[-1] == 119, rank
+        # a gap is only ever a PS that fell behind jumping to its peers' step, logged as such
+        jumps = {r["step"]: r["to_step"] for r in recs if r.get("event") == "jump"}
+        expected, covered = 0, []
+        for n in numbers:
+            while expected < n:
+                assert expected in jumps or any(a < expected < b for a, b in jumps.items()), (rank, expected)
+                expected = jumps.get(expected, expected + 1)
+            covered.append(n)
+            expected = n + 1
+        assert len(steps) >= 100, (rank, len(steps))
         assert steps[-1]["bytes_sent"] > 0 and steps[-1]["bytes_received"] > 0
-        assert [r["step"] for r in steps if "accuracy" in r] == [59, 119]
+        assert 119 in [r["step"] for r in steps if "accuracy" in r]
 
 
 @pytest.mark.slow
@@ -130,3 +141,34 @@ def test_node_refuses_bad_rank_at_start(tmp_path):
                            "--num_workers", "3"], capture_output=True, text=True, cwd=ROOT, env=env,
                           timeout=120)
     assert proc.returncode == 2 and "parameter server" in proc.stderr
+
+
+@pytest.mark.slow
+def test_paper_mode_with_an_equivocating_ps(tmp_path):
+    proc, summary = launch(tmp_path, "--mode", "paper", "--gather_period", "5", "--num_ps", "4", "--fps", "1",
+                           "--num_workers", "5", "--fw", "1", "--gar", "mda", "--num_iter", "100",
+                           "--acc_freq", "100", "--byz_ps", "1", "--ps_attack", "equivocate")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert min(summary["final_accuracy"].values()) > 80.0, summary["final_accuracy"]
+    for rank, recs in ps_records(tmp_path / "run").items():
+        gathers = [r for r in recs if "diameter_before" in r]
+        assert gathers, rank  # paper mode logs the diameter DMC contracts
+        assert all((r["step"] + 1) % 5 == 0 for r in gathers)
+
+
+@pytest.mark.slow
+def test_checkpoint_and_resume(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    common = ("--num_ps", "2", "--fps", "0", "--num_workers", "3", "--fw", "0", "--gar", "average",
+              "--checkpoint_dir", str(ckpt), "--checkpoint_every", "30")
+    proc, first = launch(tmp_path / "a", *common, "--num_iter", "60", "--acc_freq", "60")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("ckpt-r0")) == [
+        "ckpt-r0-s000000030.pt", "ckpt-r0-s000000060.pt"]
+    proc, second = launch(tmp_path / "b", *common, "--num_iter", "90", "--acc_freq", "90", "--resume", "true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank, recs in ps_records(tmp_path / "b" / "run").items():
+        assert recs[0]["event"] == "start" and recs[0]["resumed_at"] == 60
+        steps = [r["step"] for r in recs if "step_time" in r and "event" not in r]
+        assert steps[0] >= 60 and steps[-1] == 89
+    assert min(second["final_accuracy"].values()) >= min(first["final_accuracy"].values()) - 2

@@ -4,7 +4,9 @@ Worker attacks are those of :mod:`byzsgd.attacks` (pure tensor functions) plus
 ``label_flip`` (a data attack: the honest computation on flipped labels) and ``silent``
 (never answers: a crashed or partitioned worker).  A Byzantine
 worker acting alone estimates what it needs (mean, standard deviation) from gradients of
-several of its own batches (``estimate_batches``, default 4).
+several of its own batches (``estimate_batches``, default 4); with ``"collude": true`` it is
+the omniscient adversary of the literature and uses the honest gradients of the step of
+every worker.
 
 Parameter-server attacks act on the models a Byzantine PS sends, to workers (gradient
 requests) and to other PSes (the gather): random, reverse, drop, nan, equivocate (a
@@ -47,6 +49,11 @@ class WorkerAttack:
         self.replica = replica
         params = dict(cfg.attack_args)
         self.estimate_batches = int(params.pop("estimate_batches", 4))
+        # The omniscient (colluding) adversary: it knows every worker's honest gradient of
+        # the step.  It computes them itself from the other workers' shards (the shards are
+        # a seeded, public function of the deployment), which is exactly what a side
+        # channel carrying the honest gradients would tell it.
+        self.collude = bool(params.pop("collude", False))
         if self.estimate_batches < 1:
             raise ConfigError("attack argument estimate_batches must be >= 1")
         self.label_flip = name == "label_flip"
@@ -69,7 +76,9 @@ class WorkerAttack:
         if self.label_flip:
             return honest  # the replica already computed it on flipped labels
         rows = [honest]
-        if self.name in _NEEDS_ESTIMATE and self.estimate_batches > 1:
+        if self.collude:
+            rows += self.replica.other_workers_gradients(step)
+        elif self.name in _NEEDS_ESTIMATE and self.estimate_batches > 1:
             rows += self.replica.extra_gradients(step, self.estimate_batches - 1)
         known = torch.stack(rows)
         params = dict(self.params)

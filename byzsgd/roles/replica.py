@@ -98,3 +98,21 @@ class Replica:
             out.append(grad.clone())
             self.flat.load(state)  # BN buffers moved during the extra passes
         return out
+
+    def other_workers_gradients(self, step: int) -> list[torch.Tensor]:
+        """The honest gradients of every other worker's batch of ``step`` on the currently
+        loaded model (copies): what the omniscient adversary knows."""
+        if not hasattr(self, "_other_shards"):
+            cfg = self.cfg
+            self._other_shards = [
+                data.WorkerShard(self.shard.dataset, i, cfg.num_workers, cfg.batch, split=cfg.split,
+                                 seed=cfg.seed, augment=self.shard.augment)
+                for i in range(cfg.num_workers) if i != cfg.worker_index]
+        state = self.flat.flat.clone()
+        out = []
+        for shard in self._other_shards:
+            x, y = shard.batch(step)
+            grad, _ = training.compute_gradient(self.model, self.loss_fn, x, y)
+            out.append(grad.clone())
+            self.flat.load(state)
+        return out

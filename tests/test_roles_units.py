@@ -1,0 +1,195 @@
+"""Units of the roles: the model quorum, Byzantine behaviours, fork spawning."""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+import pytest
+import torch
+
+from byzsgd.config import RunConfig
+from byzsgd.errors import ConfigError
+from byzsgd.net import Message
+from byzsgd.net import errors as net_errors
+from byzsgd.roles.byzantine import PS_ATTACKS, PSAttack, WorkerAttack, worker_attack_names
+from byzsgd.roles.newest import NewestModels
+
+
+def msg(sender: int, step: int, value: float = 0.0) -> Message:
+    return Message(kind="ps_model", step=step, sender=sender, tensors=[torch.full((3,), value)], meta={})
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+# ---------------------------------------------------------------------------- NewestModels
+def test_keeps_only_the_newest_model_per_sender():
+    box = NewestModels("ps_model", [1, 2, 3])
+    assert box.deliver(msg(1, 5))
+    assert not box.deliver(msg(1, 5))  # same step twice: counted once
+    assert not box.deliver(msg(1, 4))  # older: dropped
+    assert box.deliver(msg(1, 7))
+    assert not box.deliver(msg(9, 7))  # not a peer
+    assert {s: m.step for s, m in box.newest.items()} == {1: 7}
+
+
+def test_gather_completes_with_first_q_senders_at_step_or_later():
+    async def main():
+        box = NewestModels("ps_model", [1, 2, 3])
+        box.deliver(msg(3, 10))
+        box.deliver(msg(1, 9))  # too old for step 10
+        task = asyncio.ensure_future(box.gather(2, 10))
+        await asyncio.sleep(0)
+        assert not task.done()
+        box.deliver(msg(2, 11))
+        got = await asyncio.wait_for(task, 1)
+        assert sorted(got) == [2, 3] and min(m.step for m in got.values()) == 10
+        assert 1 not in box.newest  # forgotten: older than the gathered step
+    run(main())
+
+
+def test_gather_timeout_lists_who_answered_and_keeps_them():
+    async def main():
+        box = NewestModels("ps_model", [1, 2, 3])
+        box.deliver(msg(1, 4))
+        with pytest.raises(net_errors.QuorumTimeout) as err:
+            await box.gather(2, 4, timeout=0.05)
+        assert sorted(err.value.received) == [1]
+        box.deliver(msg(2, 4))
+        got = await box.gather(2, 4, timeout=1)
+        assert sorted(got) == [1, 2]
+    run(main())
+
+
+def test_a_byzantine_far_future_step_cannot_choose_the_jump():
+    """With q > f, the step to continue from is bounded by a correct sender's step."""
+    async def main():
+        box = NewestModels("ps_model", [1, 2, 3])
+        box.deliver(msg(3, 10**9))  # Byzantine
+        assert not box.ready(2, 11)  # one sender ahead is not enough to jump
+        box.deliver(msg(1, 40))  # a correct peer really ahead
+        assert box.ready(2, 11)
+        got = await box.gather(2, 11)
+        assert min(m.step for m in got.values()) == 40
+    run(main())
+
+
+def test_wait_ready_and_close():
+    async def main():
+        box = NewestModels("ps_model", [1, 2])
+        fut = box.wait_ready(2, 3)
+        box.deliver(msg(1, 3))
+        assert not fut.done()
+        box.deliver(msg(2, 5))
+        await asyncio.wait_for(fut, 1)
+        pending = asyncio.ensure_future(box.gather(2, 100))
+        await asyncio.sleep(0)
+        box.close()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        assert not box.deliver(msg(1, 200))
+    run(main())
+
+
+def test_released_when_superseded():
+    released = []
+    box = NewestModels("ps_model", [1])
+    first, stale = msg(1, 2), msg(1, 1)
+    first.release = lambda: released.append("first")
+    stale.release = lambda: released.append("stale")
+    box.deliver(first)
+    box.deliver(stale)  # older than what it holds: dropped, its buffer given back
+    box.deliver(msg(1, 3))  # supersedes the first
+    assert released == ["stale", "first"]
+
+
+# ---------------------------------------------------------------------------- PS attacks
+def ps_attack(name: str, **args) -> PSAttack:
+    return PSAttack(RunConfig(num_ps=4, num_workers=7, fps=1, fw=1, attack=name, attack_args=args,
+                              num_iter=100))
+
+
+def test_every_ps_attack_is_constructible_and_unknown_refused():
+    for name in PS_ATTACKS:
+        ps_attack(name)
+    with pytest.raises(ConfigError, match="unknown PS attack"):
+        ps_attack("teleport")
+    with pytest.raises(ConfigError, match="unknown arguments"):
+        ps_attack("stale", lagg=3)
+
+
+def test_ps_attack_models():
+    state = torch.arange(1.0, 1001.0)
+    assert torch.equal(ps_attack("reverse", scale=2.0).model_for(4, "model", 0, state), -2 * state)
+    assert torch.isnan(ps_attack("nan").model_for(4, "model", 0, state)).all()
+    dropped = ps_attack("drop", fraction=0.3).model_for(4, "model", 0, state)
+    assert 0.2 < float((dropped == 0).float().mean()) < 0.4
+    assert ps_attack("silent").model_for(4, "model", 0, state) is None
+    eq = ps_attack("equivocate")
+    a, b, c = (eq.model_for(r, "model", 3, state) for r in (4, 5, 6))
+    assert not torch.equal(a, c) and not torch.equal(a, b)  # a different model to each
+    assert torch.equal(a, eq.model_for(4, "model", 3, state))  # deterministic per recipient
+    stale = ps_attack("stale", lag=2)
+    sent = [stale.model_for(4, "model", t, torch.full((3,), float(t))) for t in range(5)]
+    assert [float(m[0]) for m in sent] == [0, 0, 0, 1, 2]  # replays the model of step t - 2
+
+
+# ---------------------------------------------------------------------------- worker attacks
+class FakeReplica:
+    def extra_gradients(self, step, count):
+        return [torch.full((4,), float(k + 2)) for k in range(count)]
+
+    def other_workers_gradients(self, step):
+        return [torch.full((4,), 5.0), torch.full((4,), 7.0)]
+
+
+def worker_attack(name: str, **args) -> WorkerAttack:
+    cfg = RunConfig(rank=10, num_ps=4, num_workers=7, fps=1, fw=1, attack=name, attack_args=args)
+    return WorkerAttack(cfg, FakeReplica())
+
+
+def test_worker_attack_names_cover_library_and_role_attacks():
+    names = worker_attack_names()
+    for name in ("alie", "ipm", "sign_flip", "drop", "label_flip", "silent", "optimal_alie"):
+        assert name in names
+
+
+def test_worker_attacks_forge_from_what_they_know():
+    g = torch.ones(4)
+    assert torch.equal(worker_attack("sign_flip").forge(g, 0), -g)
+    assert worker_attack("silent").forge(g, 0) is None
+    assert torch.equal(worker_attack("label_flip").forge(g, 0), g)  # data attack: gradient as is
+    # IPM uses the mean of what it knows: its own gradient plus 3 extra batches (2, 3, 4)
+    ipm = worker_attack("ipm", epsilon=1.0).forge(g, 0)
+    assert torch.allclose(ipm, -torch.full((4,), (1 + 2 + 3 + 4) / 4))
+    colluding = worker_attack("ipm", epsilon=1.0, collude=True).forge(g, 0)
+    assert torch.allclose(colluding, -torch.full((4,), (1 + 5 + 7) / 3))
+
+
+def test_unknown_worker_attack_refused():
+    with pytest.raises(ConfigError, match="unknown attack"):
+        worker_attack("teleport")
+
+
+# ---------------------------------------------------------------------------- spawning
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork spawning is Linux-only")
+def test_fork_node_runs_a_module_main_with_its_log_and_env(tmp_path):
+    from byzsgd.spawn import fork_node
+
+    mod = tmp_path / "byz_probe_mod.py"
+    mod.write_text("import os, sys\n"
+                   "def main(argv):\n"
+                   "    print('argv', argv, os.environ.get('PROBE'), flush=True)\n"
+                   "    print('sid', os.getsid(0) == os.getpid(), file=sys.stderr)\n"
+                   "    return 7\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        proc = fork_node("byz_probe_mod", ["--x", "1"], str(tmp_path / "log"),
+                         {"PROBE": "yes", "PATH": os.environ.get("PATH", "")})
+        assert proc.wait(30) == 7
+    finally:
+        sys.path.remove(str(tmp_path))
+    out = (tmp_path / "log").read_text()
+    assert "argv ['--x', '1'] yes" in out and "sid True" in out
