@@ -77,8 +77,16 @@ def nnm(vectors: torch.Tensor, f: int) -> torch.Tensor:
     dist = torch.where(torch.isfinite(dist), dist, torch.full_like(dist, float("inf")))
     dist.fill_diagonal_(-1.0)  # each row is its own nearest neighbour
     keep = torch.sort(dist, dim=1, stable=True).indices[:, : n - f]  # [n, n-f]
-    out = vectors[keep].mean(dim=1)
-    out[~finite] = float("nan")
+    # Averages as one [n, n] x [n, d] product (no [n, n-f, d] gather).  A finite row's n - f
+    # nearest are finite when at most f rows are not, so zeroing those rows changes nothing
+    # but keeps 0 * NaN out of the product.
+    weights = torch.zeros(n, n, dtype=vectors.dtype, device=vectors.device)
+    weights.scatter_(1, keep, 1.0 / (n - f))
+    clean = torch.where(finite.unsqueeze(1), vectors, torch.zeros((), dtype=vectors.dtype,
+                                                                  device=vectors.device))
+    out = weights @ clean
+    bad = ~finite | ~torch.isfinite(dist[:, :].gather(1, keep)).all(dim=1)
+    out[bad] = float("nan")
     return out
 
 
