@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import torch
 
+from byzsgd.gars._select import pairwise_sq_dists
+
 from byzsgd.errors import ConfigError, ResilienceError
 from byzsgd.gars.registry import register
 
@@ -72,9 +74,7 @@ def nnm(vectors: torch.Tensor, f: int) -> torch.Tensor:
     """Each row replaced by the average of its n - f nearest neighbours (itself included)."""
     n = vectors.shape[0]
     finite = torch.isfinite(vectors).all(dim=1)
-    dist = torch.cdist(vectors.unsqueeze(0), vectors.unsqueeze(0),
-                       compute_mode="donot_use_mm_for_euclid_dist").squeeze(0)
-    dist = torch.where(torch.isfinite(dist), dist, torch.full_like(dist, float("inf")))
+    dist = pairwise_sq_dists(vectors)  # one Gram product; non-finite rows infinitely far
     dist.fill_diagonal_(-1.0)  # each row is its own nearest neighbour
     keep = torch.sort(dist, dim=1, stable=True).indices[:, : n - f]  # [n, n-f]
     # Averages as one [n, n] x [n, d] product (no [n, n-f, d] gather).  A finite row's n - f
