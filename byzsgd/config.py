@@ -114,6 +114,7 @@ class RunConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     resume: bool = False
+    drop_nonfinite: bool = True
 
     def __post_init__(self) -> None:
         ints = ("rank", "num_ps", "num_workers", "fw", "fps", "batch", "num_iter", "acc_freq",
@@ -282,6 +283,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, role: str | None = None) -
     o.add_argument("--attack", default=None, help="make this node Byzantine with this attack")
     o.add_argument("--attack_args", type=parse_json_object, default={}, help="attack parameters as JSON")
     o.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    o.add_argument("--drop_nonfinite", type=parse_bool, default=True,
+                   help="leave gradients/models holding NaN or Inf out of the aggregation, the rule "
+                        "then tolerating that many fewer Byzantine rows (false: hand them to the "
+                        "rule, to study the rule itself)")
     o.add_argument("--checkpoint_dir", default=None,
                    help="PS: directory of atomic checkpoints (model, optimizer state, step)")
     o.add_argument("--checkpoint_every", type=int, default=0,

@@ -31,7 +31,7 @@ from byzsgd.spawn import FORK_AVAILABLE, fork_node, preload_roles
 FORWARDED = ("dataset", "batch", "num_ps", "num_workers", "fw", "fps", "model", "loss", "optimizer",
              "opt_args", "num_iter", "gar", "gar_args", "model_gar", "acc_freq", "bench", "log",
              "mode", "gather_period", "data_root", "split", "seed", "eval_samples", "step_timeout",
-             "resend_after", "startup_timeout", "threads", "checkpoint_dir", "checkpoint_every", "resume")
+             "resend_after", "startup_timeout", "threads", "checkpoint_dir", "checkpoint_every", "resume", "drop_nonfinite")
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:

@@ -193,3 +193,21 @@ def test_fork_node_runs_a_module_main_with_its_log_and_env(tmp_path):
         sys.path.remove(str(tmp_path))
     out = (tmp_path / "log").read_text()
     assert "argv ['--x', '1'] yes" in out and "sid True" in out
+
+
+# ---------------------------------------------------------------------------- NaN/Inf rows
+def test_nonfinite_rows_are_left_out_and_f_shrinks():
+    from byzsgd.roles.aggregation import aggregate_finite
+
+    honest = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
+    rows = torch.cat([honest, torch.full((1, 2), float("nan"))])
+    out, dropped = aggregate_finite("median", rows, 1)
+    assert dropped == 1 and torch.equal(out, torch.tensor([2.0, 2.0]))  # not biased to 2.5
+    kept_in, dropped = aggregate_finite("median", rows, 1, drop_nonfinite=False)
+    assert dropped == 0 and torch.equal(kept_in, torch.tensor([2.5, 2.5]))  # NaN orders as +inf
+    # every row non-finite (a diverged model): the rule gets them all, nothing blocks
+    out, dropped = aggregate_finite("average", torch.full((3, 2), float("inf")), 1)
+    assert dropped == 0 and not torch.isfinite(out).any()
+    # too few finite rows left for the rule's bound: everything goes to the rule
+    out, dropped = aggregate_finite("krum", torch.cat([honest[:2], torch.full((3, 2), float("nan"))]), 1)
+    assert dropped == 0

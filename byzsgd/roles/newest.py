@@ -112,3 +112,4 @@ class NewestModels:
             if not fut.done():
                 fut.cancel()
         self._watchers.clear()
+

@@ -35,6 +35,7 @@ from byzsgd.net import errors as net_errors
 from byzsgd.roles import byzantine
 from byzsgd.roles.common import (KIND_DONE, KIND_GRAD, KIND_MODEL, KIND_PS_MODEL, exit_now, install_stop_signals,
                                  make_node, setup_logging, until_stopped)
+from byzsgd.roles.aggregation import aggregate_finite
 from byzsgd.roles.newest import NewestModels
 from byzsgd.roles.replica import Replica
 
@@ -60,6 +61,7 @@ class ParameterServer:
         peers = [r for r in cfg.ps_ranks if r != cfg.rank]
         self.models = NewestModels(KIND_PS_MODEL, peers)
         self.node.on(KIND_PS_MODEL, self.models.deliver, shapes=[(self.replica.state_size,)])
+        self.nonfinite_dropped = 0  # NaN/Inf rows left out of aggregations
         self.peers = peers
         self.step = 0
         self.checkpoints = CheckpointPolicy(cfg.checkpoint_dir, cfg.checkpoint_every, cfg.rank) \
@@ -143,10 +145,15 @@ class ParameterServer:
                 self.checkpoints.maybe_save(reached + 1, self.replica)
         return max(t, reached) + 1
 
+    def _aggregate(self, rule: str, rows: torch.Tensor, f: int, params: dict) -> torch.Tensor:
+        out, dropped = aggregate_finite(rule, rows, f, drop_nonfinite=self.cfg.drop_nonfinite, **params)
+        self.nonfinite_dropped += dropped
+        return out
+
     def _aggregate_models(self, M: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         params = cfg.gar_args if cfg.model_rule == cfg.gar else {}
-        return gars.aggregate(cfg.model_rule, M, cfg.fps, **params)
+        return self._aggregate(cfg.model_rule, M, cfg.fps, params)
 
     @staticmethod
     def _stack(messages: dict[int, Message], index: int, out: torch.Tensor) -> torch.Tensor:
@@ -242,8 +249,8 @@ class ParameterServer:
                 for msg in grads.values():
                     msg.release()
             # 3. aggregate and step.
-            g = gars.aggregate(cfg.gar, G, cfg.fw, **cfg.gar_args)
-            buffers = gars.aggregate(cfg.gar, B, cfg.fw, **cfg.gar_args) if B is not None else None
+            g = self._aggregate(cfg.gar, G, cfg.fw, cfg.gar_args)
+            buffers = self._aggregate(cfg.gar, B, cfg.fw, cfg.gar_args) if B is not None else None
             replica.apply_gradient(g, buffers)
             # 4. gather the peers' models (every step; every --gather_period in paper mode).
             t_next = t + 1
@@ -282,6 +289,7 @@ class ParameterServer:
             self.metrics.write(step=cfg.num_iter - 1, accuracy=accuracy, test_loss=test_loss)
         warm = step_times[min(5, len(step_times) - 1):] if step_times else [0.0]
         self.metrics.write(event="done", step=cfg.num_iter, final_accuracy=accuracy,
+                           nonfinite_dropped=self.nonfinite_dropped,
                            median_step_time=statistics.median(warm),
                            bytes_sent=self.node.stats.bytes_sent,
                            bytes_received=self.node.stats.bytes_received)

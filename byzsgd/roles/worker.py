@@ -30,6 +30,7 @@ from byzsgd.net import FrameLimits, Message, install_event_loop
 from byzsgd.roles import byzantine
 from byzsgd.roles.common import (KIND_DONE, KIND_GRAD, KIND_MODEL, exit_now, install_stop_signals, make_node,
                                  setup_logging, until_stopped)
+from byzsgd.roles.aggregation import aggregate_finite
 from byzsgd.roles.newest import NewestModels
 from byzsgd.roles.replica import Replica
 
@@ -170,7 +171,8 @@ class Worker:
             finally:
                 for msg in models.values():
                     msg.release()
-            state = gars.aggregate("median", M, cfg.fps) if cfg.q_ps > 1 else M[0]
+            state = aggregate_finite("median", M, cfg.fps, drop_nonfinite=cfg.drop_nonfinite)[0] \
+                if cfg.q_ps > 1 else M[0]
             step = min(steps.values())
             # PSes outside the quorum get the same gradient for their newest request
             for sender in [s for s in list(self.models.newest) if s not in steps]:
