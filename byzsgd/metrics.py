@@ -69,7 +69,7 @@ def read_metrics(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
                     continue
                 try:
                     yield json.loads(line)
-                except json.JSONDecodeError:
+                except json.JSONDecodeError:  # a line still being written
                     continue
-    except FileNotFoundError:
+    except OSError:  # not there (yet), or unreadable: nothing to report
         return

@@ -45,6 +45,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from byzsgd.metrics import read_metrics  # noqa: E402  (light: no torch import)
+
 ROOT = Path(__file__).resolve().parent.parent
 SECRET_FILE_ENV = "BYZSGD_SECRET_FILE"
 FAULTS = "faults.json"
@@ -228,20 +231,7 @@ def wait_dead(pid: int, timeout: float = 10.0) -> bool:
 
 # -- metrics -----------------------------------------------------------------------------
 def _records(path: str | None):
-    if not path:
-        return
-    try:
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    yield json.loads(line)
-                except ValueError:  # a line being written
-                    continue
-    except OSError:
-        return
+    return read_metrics(path) if path else iter(())
 
 
 def ps_steps(run_dir: Path) -> dict[int, int]:
