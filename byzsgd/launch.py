@@ -24,7 +24,6 @@ from typing import Any
 
 from byzsgd.config import (SECRET_FILE_ENV, RunConfig, add_arguments, config_from_args, parse_json_object)
 from byzsgd.errors import ByzSGDError, ConfigError
-from byzsgd.metrics import read_metrics
 from byzsgd.spawn import FORK_AVAILABLE, fork_node, preload_roles
 
 #: flags forwarded verbatim from the launcher to every node
@@ -69,6 +68,7 @@ class NodeProcess:
     metrics_path: Path | None
     cmd: list[str]
     proc: subprocess.Popen | None = None
+    progress: dict = field(default_factory=lambda: {"offset": 0, "last": None, "acc": None, "done": None})
     returncode: int | None = None
 
     def describe(self, host: str) -> dict:
@@ -252,20 +252,35 @@ def stop_all(dep: Deployment, grace: float = 3.0) -> None:
             n.returncode = n.proc.returncode
 
 
+def _follow(node: NodeProcess) -> dict:
+    """The node's newest step record, newest accuracy and done record, reading only the
+    lines appended to its metrics file since the last call (the launcher polls it)."""
+    state = node.progress
+    try:
+        with open(node.metrics_path, "rb") as fh:
+            fh.seek(state["offset"])
+            chunk = fh.read()
+    except OSError:
+        return state
+    complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits
+    state["offset"] += len(complete)
+    for line in complete.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if "step" in rec and "event" not in rec:
+            state["last"] = rec
+            if rec.get("accuracy") is not None:
+                state["acc"] = rec
+        if rec.get("event") == "done":
+            state["done"] = rec
+    return state
+
+
 def progress(dep: Deployment) -> dict[int, dict]:
     """The newest step record and the newest accuracy of each correct PS."""
-    out = {}
-    for n in dep.correct_ps:
-        last, acc, done = None, None, None
-        for rec in read_metrics(n.metrics_path):
-            if "step" in rec and "event" not in rec:
-                last = rec
-                if rec.get("accuracy") is not None:
-                    acc = rec
-            if rec.get("event") == "done":
-                done = rec
-        out[n.rank] = dict(last=last, acc=acc, done=done)
-    return out
+    return {n.rank: {k: v for k, v in _follow(n).items() if k != "offset"} for n in dep.correct_ps}
 
 
 def _bar(dep: Deployment, prog: dict[int, dict], width: int = 30) -> str:

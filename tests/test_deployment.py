@@ -58,14 +58,11 @@ def test_small_deployment_trains_above_chance(tmp_path):
         numbers = [r["step"] for r in steps]
         assert numbers == sorted(set(numbers)) and numbers[-1] == 119, rank
         # a gap is only ever a PS that fell behind jumping to its peers' step, logged as such
-        jumps = {r["step"]: r["to_step"] for r in recs if r.get("event") == "jump"}
-        expected, covered = 0, []
-        for n in numbers:
-            while expected < n:
-                assert expected in jumps or any(a < expected < b for a, b in jumps.items()), (rank, expected)
-                expected = jumps.get(expected, expected + 1)
-            covered.append(n)
-            expected = n + 1
+        jumps = [(r["step"], r["to_step"]) for r in recs if r.get("event") == "jump"]
+        for before, after in zip([-1] + numbers, numbers):
+            if after > before + 1:
+                # (the last jump of a chain lands on the next recorded step)
+                assert any(a >= before and b == after for a, b in jumps), (rank, before, after)
         assert len(steps) >= 100, (rank, len(steps))
         assert steps[-1]["bytes_sent"] > 0 and steps[-1]["bytes_received"] > 0
         assert 119 in [r["step"] for r in steps if "accuracy" in r]

@@ -130,7 +130,7 @@ class PSAttack:
         name = self.name
         if name == "silent":
             return None
-        if name in ("reverse",):
+        if name == "reverse":
             return -self.scale * state
         if name == "random":
             return torch.randn(state.shape, generator=self._gen(step, rank), dtype=state.dtype) * self.scale
@@ -150,9 +150,7 @@ class PSAttack:
                 self.history.append(state.clone())
                 self._history_step = step
             return self.history[0]
-        if name == "delay":
-            return state
-        return state
+        return state  # delay (sent late by send()) and anything honest-looking
 
     def send(self, node: Any, ranks, kind: str, step: int, state: torch.Tensor) -> None:
         outgoing = [(r, self.model_for(r, kind, step, state)) for r in ranks]

@@ -72,7 +72,6 @@ class ParameterServer:
             resumed = self.checkpoints.restore(self.replica, common)
             self.step = resumed or 0
             log.info("PS %d resumes at step %d from %s", cfg.rank, self.step, cfg.checkpoint_dir)
-        self.gather_diameter: float | None = None
         self.behaviour = byzantine.ps_behaviour(cfg) if cfg.attack else None
         self.metrics = MetricsWriter(cfg.metrics)
         self.stop: asyncio.Event | None = None  # created inside the event loop
@@ -136,7 +135,6 @@ class ParameterServer:
         finally:
             for msg in models.values():
                 msg.release()
-        self.gather_diameter = diameter(M) if cfg.mode == "paper" else None
         self.replica.load_state_vector(self._aggregate_models(M))
         if reached > t:
             log.info("PS %d was behind at step %d: jumped to its peers' step %d", cfg.rank, t, reached)
@@ -258,8 +256,8 @@ class ParameterServer:
                 own = replica.state_vector()
                 self._send_model(peers, KIND_PS_MODEL, t, own)
                 t_next = await self._gather(t, own, M)
-                if self.gather_diameter is not None:
-                    record["diameter_before"] = self.gather_diameter
+                if cfg.mode == "paper":  # M still holds the gathered models: what DMC contracts
+                    record["diameter_before"] = diameter(M)
             step_time = time.perf_counter() - started
             step_times.append(step_time)
             # 5. evaluate a consistent snapshot.
