@@ -86,7 +86,7 @@ class RunConfig:
     optimizer: str = "sgd"
     opt_args: dict[str, Any] = field(default_factory=lambda: {"lr": 0.1})
     num_iter: int = 100
-    gar: str = "median"
+    gar: str | None = None  # None: median in garfield mode, mda in paper mode
     gar_args: dict[str, Any] = field(default_factory=dict)
     model_gar: str | None = None  # paper mode / override: the rule applied to models
     acc_freq: int = 100
@@ -115,10 +115,20 @@ class RunConfig:
     checkpoint_every: int = 0
     resume: bool = False
     drop_nonfinite: bool = True
+    # paper mode (DESIGN.md §3; El-Mhamdi et al., Distributed Computing 35, 2022)
+    sync: bool = False
+    lipschitz_quantile: float | None = None  # None: (n_ps - fps) / n_ps, the paper's
+    lipschitz_warmup: int = 5
+    lipschitz_window: int = 20
+    outliers_factor: float | None = None  # None: 3T + 2 (T = gather_period), the paper's
+    pull_timeout: float = 1.0
+    log_diameter: bool = True
+    strict_resilience: bool = False
 
     def __post_init__(self) -> None:
         ints = ("rank", "num_ps", "num_workers", "fw", "fps", "batch", "num_iter", "acc_freq",
-                "gather_period", "seed", "threads", "eval_samples", "checkpoint_every")
+                "gather_period", "seed", "threads", "eval_samples", "checkpoint_every",
+                "lipschitz_warmup", "lipschitz_window")
         for name in ints:
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
                 raise ConfigError(f"--{name} must be an integer, got {getattr(self, name)!r}")
@@ -146,7 +156,21 @@ class RunConfig:
             raise ConfigError(f"--eval_samples must be >= 0, got {self.eval_samples}")
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        for name in ("step_timeout", "resend_after", "startup_timeout"):
+        if self.gar is None:
+            self.gar = "mda" if self.mode == "paper" else "median"
+        if self.sync and self.mode != "paper":
+            raise ConfigError("--sync is a variant of --mode paper (add --mode paper)")
+        if self.sync and self.optimizer.lower() != "sgd":
+            raise ConfigError(f"--sync: the outliers filter models the SGD step (lr, momentum); "
+                              f"--optimizer {self.optimizer} is not supported with it")
+        if self.lipschitz_quantile is not None and not 0.0 < self.lipschitz_quantile <= 1.0:
+            raise ConfigError(f"--lipschitz_quantile must be in (0, 1], got {self.lipschitz_quantile}")
+        if not 1 <= self.lipschitz_warmup <= self.lipschitz_window:
+            raise ConfigError(f"need 1 <= --lipschitz_warmup <= --lipschitz_window, got "
+                              f"{self.lipschitz_warmup} and {self.lipschitz_window}")
+        if self.outliers_factor is not None and not self.outliers_factor > 0:
+            raise ConfigError(f"--outliers_factor must be > 0, got {self.outliers_factor}")
+        for name in ("step_timeout", "resend_after", "startup_timeout", "pull_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name} must be > 0, got {getattr(self, name)}")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -193,10 +217,47 @@ class RunConfig:
             return self.model_gar
         return "median" if self.mode == "paper" else self.gar
 
+    @property
+    def lipschitz_q(self) -> float:
+        """The Lipschitz filter's quantile: the paper's (n_ps - fps) / n_ps by default."""
+        if self.lipschitz_quantile is not None:
+            return self.lipschitz_quantile
+        return (self.num_ps - self.fps) / self.num_ps
+
+    @property
+    def outliers_k(self) -> float:
+        """The outliers filter's factor: the paper's 3T + 2 by default (T: gather period)."""
+        if self.outliers_factor is not None:
+            return self.outliers_factor
+        return 3.0 * self.gather_period + 2.0
+
+    def paper_conditions(self) -> dict[str, bool]:
+        """The resilience conditions of ByzSGD (paper mode), each with whether it holds.
+
+        ``n_ps > 3 fps`` and ``n_w > 3 fw`` are what the algorithm's parts need: the median
+        of q_ps = n_ps - fps models (workers' pull, DMC) has a correct majority only if
+        q_ps > 2 fps, and MDA over q_w = n_w - fw gradients needs q_w > 2 fw.  The journal
+        version's theorem states ``n_ps > 3 fps + 1`` (its proof of DMC's contraction uses
+        the extra server); 4 PS with fps = 1 meets the first and not the second."""
+        return {"n_ps > 3 fps": self.num_ps > 3 * self.fps,
+                "n_w > 3 fw": self.num_workers > 3 * self.fw,
+                "n_ps > 3 fps + 1 (journal theorem)": self.num_ps > 3 * self.fps + 1 or self.fps == 0}
+
     def check_resilience(self) -> None:
-        """Refuse, at start, a GAR that cannot tolerate f Byzantine inputs at the quorum size."""
+        """Refuse, at start, a GAR that cannot tolerate f Byzantine inputs at the quorum size,
+        and in paper mode a deployment outside the paper's resilience conditions."""
         from byzsgd import gars  # late: config must not drag the GARs into --help
 
+        if self.mode == "paper":
+            conds = self.paper_conditions()
+            required = ["n_ps > 3 fps", "n_w > 3 fw"]
+            if self.strict_resilience:
+                required.append("n_ps > 3 fps + 1 (journal theorem)")
+            broken = [c for c in required if not conds[c]]
+            if broken:
+                raise ConfigError(
+                    f"paper mode needs {' and '.join(broken)} (El-Mhamdi et al., ByzSGD), got "
+                    f"n_ps={self.num_ps} fps={self.fps}, n_w={self.num_workers} fw={self.fw}")
         gars.check(self.gar, self.q_w, self.fw)
         if self.num_ps > 1:
             gars.check(self.model_rule, self.q_ps, self.fps)
@@ -247,7 +308,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, role: str | None = None) -
     g.add_argument("--opt_args", type=parse_json_object, default={"lr": "0.1"},
                    help='optimizer arguments as JSON, e.g. \'{"lr":"0.1","momentum":"0.9"}\'')
     g.add_argument("--num_iter", type=int, default=100, help="number of training steps")
-    g.add_argument("--gar", default="median", help="aggregation rule (see --list_gars)")
+    g.add_argument("--gar", default=None,
+                   help="aggregation rule of the gradients (default: median; mda in --mode paper)")
     g.add_argument("--acc_freq", type=int, default=100, help="evaluate the test accuracy every N steps")
     g.add_argument("--bench", type=parse_bool, default=False, help="print step timings (true/false)")
     g.add_argument("--log", type=parse_bool, default=True, help="log progress (true/false)")
@@ -287,6 +349,31 @@ def add_arguments(parser: argparse.ArgumentParser, *, role: str | None = None) -
                    help="leave gradients/models holding NaN or Inf out of the aggregation, the rule "
                         "then tolerating that many fewer Byzantine rows (false: hand them to the "
                         "rule, to study the rule itself)")
+    p = parser.add_argument_group("paper mode (--mode paper)")
+    p.add_argument("--sync", type=parse_bool, default=False,
+                   help="synchronous variant: a worker pulls one PS's model, checks it with the "
+                        "Lipschitz and outliers filters, and pulls the next PS if it fails")
+    p.add_argument("--lipschitz_quantile", type=float, default=None,
+                   help="--sync: a model passes the Lipschitz filter if its empirical Lipschitz "
+                        "coefficient is at most this quantile of the accepted ones "
+                        "(default: the paper's (n_ps - fps) / n_ps)")
+    p.add_argument("--lipschitz_warmup", type=int, default=5,
+                   help="--sync: coefficients observed before the Lipschitz filter rejects")
+    p.add_argument("--lipschitz_window", type=int, default=20,
+                   help="--sync: the Lipschitz filter's history is the last N coefficients "
+                        "(the coefficient drifts as training goes; a short window follows it)")
+    p.add_argument("--outliers_factor", type=float, default=None,
+                   help="--sync: a model passes the outliers filter if it lies within "
+                        "factor * lr * ||update|| of the model the worker expects "
+                        "(default: the paper's 3T + 2, T = --gather_period)")
+    p.add_argument("--pull_timeout", type=float, default=1.0,
+                   help="--sync: seconds a worker waits for a pulled model before the next PS")
+    p.add_argument("--log_diameter", type=parse_bool, default=True,
+                   help="PSes exchange their models after each gather to log the exact "
+                        "diameter after it (one more model per peer and gather)")
+    p.add_argument("--strict_resilience", type=parse_bool, default=False,
+                   help="also refuse deployments outside the journal theorem's n_ps > 3 fps + 1 "
+                        "(n_ps > 3 fps and n_w > 3 fw are always required)")
     o.add_argument("--checkpoint_dir", default=None,
                    help="PS: directory of atomic checkpoints (model, optimizer state, step)")
     o.add_argument("--checkpoint_every", type=int, default=0,

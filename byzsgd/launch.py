@@ -24,13 +24,16 @@ from typing import Any
 
 from byzsgd.config import (SECRET_FILE_ENV, RunConfig, add_arguments, config_from_args, parse_json_object)
 from byzsgd.errors import ByzSGDError, ConfigError
+from byzsgd.metrics import gather_diameters, read_metrics
 from byzsgd.spawn import FORK_AVAILABLE, fork_node, preload_roles
 
 #: flags forwarded verbatim from the launcher to every node
 FORWARDED = ("dataset", "batch", "num_ps", "num_workers", "fw", "fps", "model", "loss", "optimizer",
              "opt_args", "num_iter", "gar", "gar_args", "model_gar", "acc_freq", "bench", "log",
              "mode", "gather_period", "data_root", "split", "seed", "eval_samples", "step_timeout",
-             "resend_after", "startup_timeout", "threads", "checkpoint_dir", "checkpoint_every", "resume", "drop_nonfinite")
+             "resend_after", "startup_timeout", "threads", "checkpoint_dir", "checkpoint_every", "resume", "drop_nonfinite",
+             "sync", "lipschitz_quantile", "lipschitz_warmup", "lipschitz_window", "outliers_factor", "pull_timeout",
+             "log_diameter", "strict_resilience")
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -121,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(p, role="launch")
     # The main job: >= 97% MNIST accuracy on every PS within 1,000 steps (measured 97.7%).
-    p.set_defaults(num_ps=4, num_workers=7, fw=1, fps=1, gar="median", num_iter=1000, acc_freq=100,
+    p.set_defaults(num_ps=4, num_workers=7, fw=1, fps=1, num_iter=1000, acc_freq=100,
                    batch=48, opt_args={"lr": "0.05", "momentum": "0.9"}, rank=0, eval_samples=2000,
                    log=False)
     d = p.add_argument_group("deployment")
@@ -401,6 +404,9 @@ def summarize(dep: Deployment, outcome: str) -> dict:
     faulty, restarted = read_faults(dep.run_dir)
     # a PS killed on purpose (and not restarted) does not count in the minimum
     accs = [a for r, a in final.items() if a is not None and (r not in faulty or r in restarted)]
+    extra = {}
+    if dep.cfg.mode == "paper" and dep.cfg.num_ps > 1:
+        extra["diameter"] = _diameter_summary(dep, faulty)
     return dict(outcome=outcome, run_dir=str(dep.run_dir), steps=dep.cfg.num_iter,
                 final_accuracy={str(k): v for k, v in final.items()},
                 min_accuracy=min(accs) if accs else None,
@@ -408,7 +414,21 @@ def summarize(dep: Deployment, outcome: str) -> dict:
                 wall_time=time.time() - dep.started,
                 byzantine_ranks=[n.rank for n in dep.nodes if n.byzantine],
                 faulty_ranks=sorted(faulty), restarted_ranks=sorted(restarted),
-                returncodes={str(n.rank): n.returncode for n in dep.nodes})
+                returncodes={str(n.rank): n.returncode for n in dep.nodes}, **extra)
+
+
+def _diameter_summary(dep: Deployment, faulty: set[int]) -> dict:
+    """Paper mode: the correct PSes' diameter before/after the gathers (``diameters.json``
+    in the run directory holds every gather)."""
+    correct = [n.rank for n in dep.correct_ps if n.rank not in faulty]
+    records = {n.rank: list(read_metrics(n.metrics_path)) for n in dep.correct_ps if n.metrics_path}
+    rows = gather_diameters(records, correct)
+    (dep.run_dir / "diameters.json").write_text(json.dumps(rows))
+    full = [r for r in rows if r["before"] is not None and r["after"] is not None
+            and r["pairs_before"] == r["pairs"] == r["pairs_after"]]
+    mean = lambda key: sum(r[key] for r in full) / len(full) if full else None  # noqa: E731
+    return dict(gathers=len(rows), measured=len(full), shrank=sum(r["after"] < r["before"] or r["after"] == r["before"] == 0 for r in full),
+                mean_before=mean("before"), mean_after=mean("after"))
 
 
 def run(args: argparse.Namespace) -> int:

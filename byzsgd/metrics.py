@@ -10,7 +10,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 
 def _clean(value: Any) -> Any:
@@ -57,6 +57,46 @@ def diameter(rows) -> float:
     if rows.shape[0] < 2:
         return 0.0
     return float(torch.cdist(rows.double(), rows.double()).max())
+
+
+def gather_diameters(records: dict[int, list[dict[str, Any]]], correct: Iterable[int]) -> list[dict[str, Any]]:
+    """Per gather step, the diameter of the **correct** PSes' models before and after it.
+
+    Each PS logs (paper mode) the pairwise distances among the models it gathered at step t
+    (``distances_before``, keys ``"i-j"``) and, once its peers' models after the gather came,
+    its distance to each of them (``diameter_after`` events, which also carry the
+    ``distances_before`` to the peers whose models came after the quorum).  Who is correct is known to the
+    experimenter, not to the PSes, so the max over correct pairs is taken here.  A row:
+    ``{"step", "before", "after", "pairs_before", "pairs_after", "pairs"}`` — ``pairs`` is how
+    many correct pairs exist; a diameter over fewer pairs is a lower bound."""
+    correct = sorted(set(correct))
+    wanted = {f"{a}-{b}" for i, a in enumerate(correct) for b in correct[i + 1:]}
+    before: dict[int, dict[str, float]] = {}
+    after: dict[int, dict[str, float]] = {}
+    for rank, recs in records.items():
+        if rank not in correct:
+            continue
+        for rec in recs:
+            event = rec.get("event")
+            if event is None or event == "diameter_after":
+                found = [(before, rec.get("distances_before")),
+                         (after, rec.get("distances") if event else None)]
+            else:
+                continue
+            for table, dists in found:
+                if not isinstance(dists, dict):
+                    continue
+                target = table.setdefault(int(rec["step"]), {})
+                for pair, d in dists.items():
+                    if pair in wanted and isinstance(d, (int, float)):
+                        target[pair] = max(target.get(pair, 0.0), float(d))
+    rows = []
+    for step in sorted(set(before) | set(after)):
+        b, a = before.get(step, {}), after.get(step, {})
+        rows.append(dict(step=step, before=max(b.values()) if b else None,
+                         after=max(a.values()) if a else None, pairs_before=len(b), pairs_after=len(a),
+                         pairs=len(wanted)))
+    return rows
 
 
 def read_metrics(path: str | os.PathLike) -> Iterator[dict[str, Any]]:

@@ -30,6 +30,8 @@ KIND_MODEL = "model"
 KIND_GRAD = "grad"
 KIND_PS_MODEL = "ps_model"
 KIND_DONE = "done"
+KIND_PULL = "pull"  # paper --sync: a worker asks one PS for its model of a step (no tensors)
+KIND_PS_AFTER = "ps_after"  # paper mode: a PS's model after a gather (for the diameter)
 
 log = logging.getLogger("byzsgd.roles")
 

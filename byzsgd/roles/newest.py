@@ -24,7 +24,7 @@ class NewestModels:
         self.kind = kind
         self.senders = frozenset(senders)
         self.newest: dict[int, Message] = {}  # insertion order = arrival order
-        self._waiter: tuple[int, int, asyncio.Future] | None = None
+        self._waiter: tuple[int, int, frozenset | None, asyncio.Future] | None = None
         self._watchers: list[tuple[int, int, asyncio.Future]] = []
         self._closed = False
         self.dropped = 0
@@ -41,20 +41,20 @@ class NewestModels:
             del self.newest[msg.sender]
         self.newest[msg.sender] = msg
         if self._waiter is not None:
-            q, step, fut = self._waiter
+            q, step, among, fut = self._waiter
             if not fut.done():
-                self._try(q, step, fut)
+                self._try(q, step, fut, among)
         for q, step, fut in self._watchers:
             if not fut.done() and self.ready(q, step):
                 fut.set_result(None)
         self._watchers = [w for w in self._watchers if not w[2].done()]
         return True
 
-    def _eligible(self, step: int) -> list[int]:
-        return [s for s, m in self.newest.items() if m.step >= step]
+    def _eligible(self, step: int, among: frozenset | None = None) -> list[int]:
+        return [s for s, m in self.newest.items() if m.step >= step and (among is None or s in among)]
 
-    def _try(self, q: int, step: int, fut: asyncio.Future) -> None:
-        ready = self._eligible(step)
+    def _try(self, q: int, step: int, fut: asyncio.Future, among: frozenset | None = None) -> None:
+        ready = self._eligible(step, among)
         if len(ready) >= q:
             fut.set_result({s: self.newest.pop(s) for s in ready[:q]})
 
@@ -77,26 +77,28 @@ class NewestModels:
         return fut
 
     async def gather(self, q: int, step: int, *, timeout: float | None = None,
-                     forget_older: bool = True) -> dict[int, Message]:
-        """The first q senders (arrival order) whose newest model is of step >= ``step``.
+                     forget_older: bool = True, among: Collection[int] | None = None) -> dict[int, Message]:
+        """The first q senders (arrival order) whose newest model is of step >= ``step``
+        (only senders in ``among``, if given: a pull from one PS waits for that PS).
 
         The caller owns the returned messages.  ``timeout`` raises
         :class:`byzsgd.net.errors.QuorumTimeout` listing who had a usable model."""
         if self._closed:
             raise asyncio.CancelledError(f"{self.kind} closed")
-        if q > len(self.senders):
-            raise ValueError(f"quorum q={q} exceeds the {len(self.senders)} allowed senders")
+        among = None if among is None else frozenset(among)
+        if q > len(self.senders if among is None else self.senders & among):
+            raise ValueError(f"quorum q={q} exceeds the allowed senders")
         if forget_older:
             self.forget_below(step)
         fut = asyncio.get_running_loop().create_future()
-        self._try(q, step, fut)
+        self._try(q, step, fut, among)
         if fut.done():
             return fut.result()
-        self._waiter = (q, step, fut)
+        self._waiter = (q, step, among, fut)
         try:
             return await asyncio.wait_for(fut, timeout) if timeout is not None else await fut
         except asyncio.TimeoutError:
-            got = {s: self.newest[s] for s in self._eligible(step)}
+            got = {s: self.newest[s] for s in self._eligible(step, among)}
             raise net_errors.QuorumTimeout(self.kind, step, q, got) from None
         finally:
             self._waiter = None
@@ -106,8 +108,8 @@ class NewestModels:
         for m in self.newest.values():
             m.release()
         self.newest.clear()
-        if self._waiter is not None and not self._waiter[2].done():
-            self._waiter[2].cancel()
+        if self._waiter is not None and not self._waiter[3].done():
+            self._waiter[3].cancel()
         for _, _, fut in self._watchers:
             if not fut.done():
                 fut.cancel()

@@ -33,8 +33,8 @@ from byzsgd.metrics import MetricsWriter, diameter
 from byzsgd.net import FrameLimits, Message, install_event_loop
 from byzsgd.net import errors as net_errors
 from byzsgd.roles import byzantine
-from byzsgd.roles.common import (KIND_DONE, KIND_GRAD, KIND_MODEL, KIND_PS_MODEL, exit_now, install_stop_signals,
-                                 make_node, setup_logging, until_stopped)
+from byzsgd.roles.common import (KIND_DONE, KIND_GRAD, KIND_MODEL, KIND_PS_AFTER, KIND_PS_MODEL, KIND_PULL,
+                                 exit_now, install_stop_signals, make_node, setup_logging, until_stopped)
 from byzsgd.roles.aggregation import aggregate_finite
 from byzsgd.roles.newest import NewestModels
 from byzsgd.roles.replica import Replica
@@ -62,6 +62,20 @@ class ParameterServer:
         self.models = NewestModels(KIND_PS_MODEL, peers)
         self.node.on(KIND_PS_MODEL, self.models.deliver, shapes=[(self.replica.state_size,)])
         self.nonfinite_dropped = 0  # NaN/Inf rows left out of aggregations
+        # paper --sync: workers pull; the model served for the current step, pulls waiting
+        self.serving: tuple[int, torch.Tensor] | None = None
+        self.pending_pulls: dict[int, int] = {}
+        if cfg.sync:
+            self.node.on(KIND_PULL, self._on_pull, shapes=[])
+        # paper mode: models after a gather, to log the exact diameter after it
+        self.after_inbox: dict[int, Message] = {}
+        self.own_after: tuple[int, torch.Tensor] | None = None
+        self.own_before: tuple[int, torch.Tensor] | None = None
+        self.late_before: dict[str, float] = {}
+        self.measure_after = cfg.mode == "paper" and cfg.log_diameter and cfg.num_ps > 1
+        if self.measure_after:
+            self.node.on(KIND_PS_AFTER, self._on_after, shapes=[(self.replica.state_size,)])
+        self.models_rejected = 0  # paper --sync: models the workers' filters refused
         self.peers = peers
         self.step = 0
         self.checkpoints = CheckpointPolicy(cfg.checkpoint_dir, cfg.checkpoint_every, cfg.rank) \
@@ -74,6 +88,7 @@ class ParameterServer:
             log.info("PS %d resumes at step %d from %s", cfg.rank, self.step, cfg.checkpoint_dir)
         self.behaviour = byzantine.ps_behaviour(cfg) if cfg.attack else None
         self.metrics = MetricsWriter(cfg.metrics)
+        self.gathered: dict[str, float] = {}
         self.stop: asyncio.Event | None = None  # created inside the event loop
 
     # -- sending ----------------------------------------------------------------------
@@ -83,6 +98,77 @@ class ParameterServer:
             self.node.broadcast(ranks, kind, step, [state])
         else:
             self.behaviour.send(self.node, ranks, kind, step, state)
+
+    # -- paper --sync: workers pull -----------------------------------------------------
+    def _on_pull(self, msg: Message) -> None:
+        """A worker asks for the model of step >= msg.step: answered now if this PS serves
+        such a step, else when it gets there (one waiting pull per worker)."""
+        msg.release()
+        if msg.sender not in self.cfg.worker_ranks:
+            return
+        if self.serving is not None and self.serving[0] >= msg.step:
+            self._send_model([msg.sender], KIND_MODEL, *self.serving)
+        else:
+            self.pending_pulls[msg.sender] = max(msg.step, self.pending_pulls.get(msg.sender, 0))
+
+    def _serve(self, t: int, snapshot: torch.Tensor) -> None:
+        self.serving = (t, snapshot)
+        ready = [w for w, s in self.pending_pulls.items() if s <= t]
+        for w in ready:
+            del self.pending_pulls[w]
+        if ready:
+            self._send_model(ready, KIND_MODEL, t, snapshot)
+
+    # -- paper mode: the diameter after a gather ------------------------------------------
+    def _on_after(self, msg: Message) -> None:
+        old = self.after_inbox.get(msg.sender)
+        if msg.sender not in self.peers or (old is not None and old.step >= msg.step):
+            msg.release()
+            return
+        if old is not None:
+            old.release()
+        self.after_inbox[msg.sender] = msg
+
+    def _distances_after(self) -> dict[str, float]:
+        """Distances from our model after the last gather to the peers' after theirs (same
+        step), for the peers whose model came; those messages are consumed."""
+        if self.own_after is None:
+            return {}
+        step, own = self.own_after
+        out = {}
+        for sender in [s for s, m in self.after_inbox.items() if m.step <= step]:
+            msg = self.after_inbox.pop(sender)
+            try:
+                if msg.step == step:
+                    out[_pair(self.cfg.rank, sender)] = _distance(own, msg.tensors[0], self.replica.grad_size)
+            finally:
+                msg.release()
+        return out
+
+    def _late_distances(self) -> dict[str, float]:
+        """Distances from our model before the previous gather to the peers' models of that
+        step that came after the quorum (still held, unless a newer one replaced them): the
+        pairs the quorum left out of ``distances_before``."""
+        if self.own_before is None:
+            return {}
+        step, own = self.own_before
+        return {_pair(self.cfg.rank, s): _distance(own, m.tensors[0], self.replica.grad_size)
+                for s, m in self.models.newest.items() if m.step == step}
+
+    def _publish_after(self, t: int) -> None:
+        """Log the distances after the previous gather, then send ours after this one."""
+        if self.own_after is not None:
+            self._log_after()
+        own = self.replica.state_vector()
+        self.own_after = (t, own)
+        self._send_model(self.peers, KIND_PS_AFTER, t, own)
+
+    def _log_after(self) -> None:
+        dists = self._distances_after()
+        if dists or self.late_before:
+            self.metrics.write(event="diameter_after", step=self.own_after[0], distances=dists,
+                               distances_before=self.late_before)
+        self.late_before = {}
 
     # -- quorums ----------------------------------------------------------------------
     async def _quorum(self, wait, step: int, q: int, ranks: list[int], resend, what: str,
@@ -132,6 +218,11 @@ class ParameterServer:
             M[0].copy_(own)
             self._stack(models, 0, M[1:])
             reached = min(m.step for m in models.values())
+            if cfg.mode == "paper":  # what DMC contracts: the rows of step t, before it
+                ranks = [cfg.rank] + [s for s in sorted(models) if models[s].step == t]
+                rows = [0] + [1 + i for i, s in enumerate(sorted(models)) if models[s].step == t]
+                self.gathered = {_pair(ranks[a], ranks[b]): _distance(M[rows[a]], M[rows[b]], self.replica.grad_size)
+                                 for a in range(len(rows)) for b in range(a + 1, len(rows))}
         finally:
             for msg in models.values():
                 msg.release()
@@ -196,6 +287,9 @@ class ParameterServer:
         except Exception:  # pragma: no cover - closing anyway
             pass
         self.models.close()
+        for msg in self.after_inbox.values():
+            msg.release()
+        self.after_inbox.clear()
         await self.node.close()
         self.metrics.close()
 
@@ -225,11 +319,16 @@ class ParameterServer:
             # 1. gradient request: the model of step t to every worker.
             self.grad_box.advance(t)  # after a jump the window must start at t
             snapshot = replica.state_vector()
-            self._send_model(workers, KIND_MODEL, t, snapshot)
+            if cfg.sync:  # workers pull it (each from one PS)
+                self._serve(t, snapshot)
+                resend = None
+            else:
+                self._send_model(workers, KIND_MODEL, t, snapshot)
+                resend = lambda silent: self._send_model(silent, KIND_MODEL, t, snapshot)  # noqa: E731
             # 2. the first q_w distinct workers' gradients, as they arrive.
             grads = await self._quorum(
                 lambda: self.grad_box.collect(t, cfg.q_w, senders=workers, timeout=cfg.resend_after),
-                t, cfg.q_w, workers, lambda silent: self._send_model(silent, KIND_MODEL, t, snapshot),
+                t, cfg.q_w, workers, resend,
                 "gradients", interrupt=(lambda: self.models.wait_ready(q_peers, t + 1)) if q_peers else None)
             if grads is None:  # enough peers got ahead meanwhile: join them
                 t = await self._gather(t, replica.state_vector(), M, at_least=t + 1)
@@ -240,9 +339,13 @@ class ParameterServer:
                 if B is not None:
                     self._stack(grads, 1, B)
                 for msg in grads.values():
-                    loss = msg.meta.get("loss") if isinstance(msg.meta, dict) else None
+                    meta = msg.meta if isinstance(msg.meta, dict) else {}
+                    loss = meta.get("loss")
                     if isinstance(loss, (int, float)) and math.isfinite(loss):
                         losses.append(float(loss))
+                    rejected = meta.get("rejected")
+                    if type(rejected) is int and 0 <= rejected <= cfg.num_ps:  # a liar cannot inflate it
+                        record["models_rejected"] = record.get("models_rejected", 0) + rejected
             finally:
                 for msg in grads.values():
                     msg.release()
@@ -253,11 +356,18 @@ class ParameterServer:
             # 4. gather the peers' models (every step; every --gather_period in paper mode).
             t_next = t + 1
             if q_peers > 0 and (cfg.mode == "garfield" or (t + 1) % cfg.gather_period == 0):
+                if self.measure_after:
+                    self.late_before = self._late_distances()
                 own = replica.state_vector()
                 self._send_model(peers, KIND_PS_MODEL, t, own)
+                self.own_before = (t, own)
+                self.gathered = {}
                 t_next = await self._gather(t, own, M)
                 if cfg.mode == "paper":  # M still holds the gathered models: what DMC contracts
                     record["diameter_before"] = diameter(M)
+                    record["distances_before"] = self.gathered
+                    if self.measure_after and t_next == t + 1:
+                        self._publish_after(t)
             step_time = time.perf_counter() - started
             step_times.append(step_time)
             # 5. evaluate a consistent snapshot.
@@ -277,6 +387,7 @@ class ParameterServer:
                              statistics.median(step_times[-cfg.acc_freq:]))
             elif cfg.bench:
                 log.info("step %d: %.4f s", t, step_time)
+            self.models_rejected += record.get("models_rejected", 0)
             self.metrics.write(**record)
             if self.checkpoints is not None:
                 self.checkpoints.maybe_save(t_next, replica)
@@ -285,15 +396,29 @@ class ParameterServer:
         if evaluated_at < cfg.num_iter:  # the run ended on a jump: evaluate what we hold
             accuracy, test_loss = replica.evaluate(full=True)
             self.metrics.write(step=cfg.num_iter - 1, accuracy=accuracy, test_loss=test_loss)
+        if self.measure_after and self.own_after is not None:  # the last gather's, as far as come
+            self.late_before = self._late_distances()
+            self._log_after()
         warm = step_times[min(5, len(step_times) - 1):] if step_times else [0.0]
         self.metrics.write(event="done", step=cfg.num_iter, final_accuracy=accuracy,
                            nonfinite_dropped=self.nonfinite_dropped,
+                           models_rejected=self.models_rejected,
                            median_step_time=statistics.median(warm),
                            bytes_sent=self.node.stats.bytes_sent,
                            bytes_received=self.node.stats.bytes_received)
         log.info("PS %d done: %d steps, final accuracy %.2f%%, median %.4f s/step", cfg.rank,
                  cfg.num_iter, accuracy if accuracy is not None else float("nan"),
                  statistics.median(warm))
+
+
+def _pair(a: int, b: int) -> str:
+    """The metrics key of a pair of PS ranks: ``"low-high"``."""
+    return f"{min(a, b)}-{max(a, b)}"
+
+
+def _distance(x: torch.Tensor, y: torch.Tensor, num_params: int) -> float:
+    """Euclidean distance of two state vectors over the parameters."""
+    return float(torch.linalg.vector_norm((x[:num_params] - y[:num_params]).double()))
 
 
 def build_parser() -> argparse.ArgumentParser:

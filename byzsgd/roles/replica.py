@@ -75,11 +75,14 @@ class Replica:
             y = self.num_classes - 1 - y
         return x, y
 
-    def gradient_at(self, state: torch.Tensor, step: int):
-        """(gradient, buffers or None, loss) of the batch for ``step`` on model ``state``.
+    def gradient_at(self, state: torch.Tensor, step: int, attempt: int = 0):
+        """(gradient, buffers or None, loss) of the batch for ``step`` on model ``state``;
+        ``attempt`` > 0 takes another batch (a retry must be an independent sample).
 
         The returned tensors are reused buffers: copy them before the next call."""
         self.flat.load(state)
+        if attempt:
+            step += attempt * (self.shard.steps_per_epoch * 1009 + 1)
         x, y = self._batch(step)
         grad, loss = training.compute_gradient(self.model, self.loss_fn, x, y)
         buffers = self.flat.buffers if self.buffer_size else None

@@ -1,0 +1,193 @@
+"""The worker-side model filters of synchronous ByzSGD (``--mode paper --sync``).
+
+In the synchronous variant a worker pulls the model of **one** PS instead of q_ps of them,
+so it must tell a correct model from a forged one on its own.  The paper gives two tests,
+both based on what the worker saw at its previous step (model x', gradient g', update u'):
+
+* **Lipschitz filter** — the empirical Lipschitz coefficient of the new model,
+  ``k = ||g - g'|| / ||x - x'||`` (g: the worker's gradient at the pulled model x), must not
+  exceed the ``q``-quantile of the coefficients the worker observed before, with the paper's
+  q = (n_ps - fps) / n_ps.  A model whose gradient changed more than the loss's smoothness
+  allows for the distance moved (a replayed model: tiny ``||x - x'||``; a model crafted
+  where the loss is steep) fails it.  Every coefficient observed enters the history (a
+  sliding window, since k drifts as training goes): keeping only the accepted ones would
+  truncate the history at its own quantile and ratchet the threshold down.  Byzantine PSes
+  contribute at most about fps / n_ps of it, so the q-quantile stays within the correct
+  models' range.  A correct model fails with probability about 1 - q; the worker then
+  pulls the next PS and computes its gradient on **another** batch, an independent trial.
+* **Outliers filter** — the model must lie within ``K * lr * gap * ||u'||`` of the model the
+  worker expects, ``x' - lr * gap * u'`` (gap: steps since x'), with the paper's factor
+  K = 3T + 2 for a gather every T steps.  A model far from where SGD can have taken it (a
+  random or scaled model, one from another run) fails it.  ``u'`` is the worker's estimate
+  of the SGD update — its own gradients through the PS's momentum — so the test follows the
+  optimizer the PSes run.
+
+Distances are over the parameters only (BatchNorm buffers are not moved by SGD).  Every
+comparison is NaN-safe: a model with NaN/Inf fails both filters.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def _norm(v: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(v.double()))
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    reason: str = ""  # "" when ok, else "outliers" or "lipschitz" (or "nonfinite")
+    value: float = float("nan")  # the distance or the coefficient tested
+    bound: float = float("nan")
+
+
+class LipschitzFilter:
+    """Accepts a coefficient if it is at most the ``quantile`` of the last ``window``
+    coefficients observed; the first ``warmup`` are accepted unconditionally (there is
+    nothing to compare them with yet)."""
+
+    def __init__(self, quantile: float, warmup: int = 5, window: int = 20):
+        if not 0.0 < quantile <= 1.0:
+            raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+        if warmup < 1 or window < warmup:
+            raise ValueError(f"need 1 <= warmup <= window, got warmup={warmup} window={window}")
+        self.quantile = quantile
+        self.warmup = warmup
+        self.window = window
+        self._order: list[float] = []  # sorted history
+        self._fifo: list[float] = []  # arrival order, to slide the window
+
+    @staticmethod
+    def coefficient(grad: torch.Tensor, prev_grad: torch.Tensor, model: torch.Tensor,
+                    prev_model: torch.Tensor) -> float:
+        moved = _norm(model - prev_model)
+        change = _norm(grad - prev_grad)
+        if not (math.isfinite(moved) and math.isfinite(change)):
+            return float("inf")
+        if moved == 0.0:
+            return 0.0 if change == 0.0 else float("inf")
+        return change / moved
+
+    def threshold(self) -> float:
+        if len(self._order) < self.warmup:
+            return float("inf")
+        index = max(0, math.ceil(self.quantile * len(self._order)) - 1)
+        return self._order[index]
+
+    def check(self, k: float) -> Verdict:
+        bound = self.threshold()
+        ok = math.isfinite(k) and k <= bound
+        return Verdict(ok, "" if ok else "lipschitz", k, bound)
+
+    def record(self, k: float) -> None:
+        if not math.isfinite(k):
+            return
+        bisect.insort(self._order, k)
+        self._fifo.append(k)
+        if len(self._fifo) > self.window:
+            old = self._fifo.pop(0)
+            del self._order[bisect.bisect_left(self._order, old)]
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+
+class OutliersFilter:
+    """Accepts a model within ``factor * lr * gap * ||u'||`` of ``x' - lr * gap * u'``."""
+
+    def __init__(self, factor: float, lr: float):
+        if not factor > 0 or not lr > 0:
+            raise ValueError(f"factor and lr must be > 0, got factor={factor} lr={lr}")
+        self.factor = factor
+        self.lr = lr
+
+    def check(self, model: torch.Tensor, prev_model: torch.Tensor, update: torch.Tensor,
+              gap: int) -> Verdict:
+        gap = max(1, gap)
+        step = self.lr * gap
+        distance = _norm(model - (prev_model - step * update))
+        bound = self.factor * step * _norm(update)
+        ok = math.isfinite(distance) and distance <= bound
+        return Verdict(ok, "" if ok else "outliers", distance, bound)
+
+
+class SGDUpdate:
+    """The worker's estimate of the update the PSes apply: its own gradients through SGD's
+    momentum (PyTorch's convention: ``m = mu * m + (1 - dampening) * g``; nesterov
+    ``g + mu * m``; weight decay adds ``wd * x`` to g)."""
+
+    def __init__(self, opt_args: dict):
+        self.momentum = float(opt_args.get("momentum", 0.0))
+        self.dampening = float(opt_args.get("dampening", 0.0))
+        self.nesterov = str(opt_args.get("nesterov", "false")).lower() in ("1", "true", "yes")
+        self.weight_decay = float(opt_args.get("weight_decay", 0.0))
+        self.buf: torch.Tensor | None = None
+
+    def advance(self, grad: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+        """Take the step at ``model`` with ``grad``: update the momentum buffer, return the
+        update SGD applies."""
+        g = grad + self.weight_decay * model if self.weight_decay else grad
+        if not self.momentum:
+            return g.clone()
+        self.buf = g.clone() if self.buf is None else self.momentum * self.buf + (1 - self.dampening) * g
+        return g + self.momentum * self.buf if self.nesterov else self.buf.clone()
+
+    def reset(self) -> None:
+        self.buf = None
+
+
+@dataclass
+class Previous:
+    """What the worker remembers of the last model it accepted."""
+    step: int
+    model: torch.Tensor  # parameters only
+    grad: torch.Tensor
+    update: torch.Tensor
+
+
+class ModelFilters:
+    """Both filters and the worker's memory, as the worker uses them at every pull.
+
+    ``screen`` (before computing a gradient) runs the outliers filter; ``judge`` (after)
+    runs the Lipschitz filter; ``accept`` remembers the model.  With no previous model (the
+    first step) every model passes: the worker then bootstraps from the median of q_ps
+    models instead of trusting one."""
+
+    def __init__(self, *, quantile: float, warmup: int, window: int, factor: float, opt_args: dict):
+        self.lipschitz = LipschitzFilter(quantile, warmup, window)
+        self.outliers = OutliersFilter(factor, float(opt_args.get("lr", 0.1)))
+        self.sgd = SGDUpdate(opt_args)
+        self.prev: Previous | None = None
+        self.rejected = {"outliers": 0, "lipschitz": 0}
+
+    def screen(self, params: torch.Tensor, step: int) -> Verdict:
+        if not bool(torch.isfinite(params).all()):
+            self.rejected["outliers"] += 1
+            return Verdict(False, "nonfinite")
+        if self.prev is None:
+            return Verdict(True)
+        verdict = self.outliers.check(params, self.prev.model, self.prev.update, step - self.prev.step)
+        if not verdict.ok:
+            self.rejected["outliers"] += 1
+        return verdict
+
+    def judge(self, params: torch.Tensor, grad: torch.Tensor) -> Verdict:
+        """The Lipschitz filter; the coefficient joins the history either way."""
+        if self.prev is None:
+            return Verdict(True)
+        k = self.lipschitz.coefficient(grad, self.prev.grad, params, self.prev.model)
+        verdict = self.lipschitz.check(k)
+        self.lipschitz.record(k)
+        if not verdict.ok:
+            self.rejected["lipschitz"] += 1
+        return verdict
+
+    def accept(self, params: torch.Tensor, grad: torch.Tensor, step: int) -> None:
+        update = self.sgd.advance(grad, params)
+        self.prev = Previous(step, params.clone(), grad.clone(), update.clone())
+
