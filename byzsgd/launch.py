@@ -471,6 +471,11 @@ def run(args: argparse.Namespace) -> int:
     if summary["median_step_time"] is not None:
         print(f"byzsgd: median step time {summary['median_step_time']:.4f} s, wall time "
               f"{summary['wall_time']:.1f} s", file=sys.stderr)
+    diam = summary.get("diameter")
+    if diam and diam["measured"]:
+        print(f"byzsgd: correct PSes' diameter: mean {diam['mean_before']:.4g} before a gather, "
+              f"{diam['mean_after']:.4g} after; shrank at {diam['shrank']} of the {diam['measured']} "
+              f"gathers measured ({dep.run_dir / 'diameters.json'})", file=sys.stderr)
     if outcome.startswith("failed"):
         rank = int(outcome.split(":")[1])
         node = dep.nodes[rank]

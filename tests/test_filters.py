@@ -138,12 +138,15 @@ def _quadratic_run(filters: ModelFilters, steps: int, lr: float, seed: int = 0):
     x = torch.randn(D, generator=g) * 5
     sgd = SGDUpdate({"lr": lr, "momentum": 0.9})
     verdicts = []
+    streak = 0
     for step in range(steps):
         grad = A @ A @ x + 0.1 * torch.randn(D, generator=g)
         ok = filters.screen(x, step).ok and filters.judge(x, grad).ok
         verdicts.append(ok)
-        if ok:
+        streak = 0 if ok else streak + 1
+        if ok or streak == 4:  # as the worker: after every PS failed, the median is taken
             filters.accept(x, grad, step)
+            streak = 0
         x = x - lr * sgd.advance(grad, x)
     return verdicts, x, A
 
@@ -236,3 +239,16 @@ def test_gather_diameters_excludes_byzantine_pairs_and_merges_late_pairs():
     }
     rows = gather_diameters(records, correct=[0, 1, 2])
     assert rows == [dict(step=4, before=3.0, after=0.7, pairs_before=3, pairs_after=3, pairs=3)]
+
+
+def test_model_filters_refuse_a_far_step():
+    """A PS claiming a step far ahead would widen the outliers bound at will, and a worker
+    accepting it would wait for that step forever: refused, the worker bootstraps instead."""
+    filters = ModelFilters(quantile=0.75, warmup=5, window=20, factor=5.0, opt_args={"lr": 0.1})
+    x = torch.zeros(D)
+    filters.accept(x, torch.ones(D), 10)
+    honest_next = x - 0.1 * torch.ones(D)
+    assert filters.screen(honest_next, 11).ok
+    for step in (10, 9, 10 + ModelFilters.max_gap + 1, 10**9):
+        verdict = filters.screen(honest_next, step)
+        assert not verdict.ok and verdict.reason == "step", step

@@ -41,7 +41,7 @@ def _norm(v: torch.Tensor) -> float:
 @dataclass
 class Verdict:
     ok: bool
-    reason: str = ""  # "" when ok, else "outliers" or "lipschitz" (or "nonfinite")
+    reason: str = ""  # "" when ok, else "outliers", "lipschitz", "nonfinite" or "step"
     value: float = float("nan")  # the distance or the coefficient tested
     bound: float = float("nan")
 
@@ -158,6 +158,9 @@ class ModelFilters:
     first step) every model passes: the worker then bootstraps from the median of q_ps
     models instead of trusting one."""
 
+    #: Farthest a pulled model's step may lie beyond the last accepted one.
+    max_gap = 4
+
     def __init__(self, *, quantile: float, warmup: int, window: int, factor: float, opt_args: dict):
         self.lipschitz = LipschitzFilter(quantile, warmup, window)
         self.outliers = OutliersFilter(factor, float(opt_args.get("lr", 0.1)))
@@ -171,6 +174,12 @@ class ModelFilters:
             return Verdict(False, "nonfinite")
         if self.prev is None:
             return Verdict(True)
+        if not 0 < step - self.prev.step <= self.max_gap:
+            # the outliers bound grows with the gap, so a PS claiming a far step could pass
+            # anything; and a worker that accepted it would wait for that step forever.  A
+            # worker this far behind catches up through the median of q_ps models instead.
+            self.rejected["outliers"] += 1
+            return Verdict(False, "step", float(step - self.prev.step), float(self.max_gap))
         verdict = self.outliers.check(params, self.prev.model, self.prev.update, step - self.prev.step)
         if not verdict.ok:
             self.rejected["outliers"] += 1

@@ -12,7 +12,8 @@ every PS.
 
 Mode ``paper --sync``: the worker pulls the model of **one** PS, checks it with the outliers
 and Lipschitz filters (:mod:`byzsgd.roles.filters`) and, if it fails or does not come within
---pull_timeout, pulls the next PS.  PSes that failed come last in the next step's order.  The
+--pull_timeout, pulls the next PS.  PSes that failed come last in the next step's order, and
+one that failed SKIP_AFTER times in a row is only asked again through the median.  The
 first step (no previous model to judge by) and any step in which every PS failed take the
 median of q_ps models instead, as the asynchronous mode does.
 
@@ -46,6 +47,9 @@ log = logging.getLogger("byzsgd.worker")
 
 #: After every correct PS said "done", wait this long for stragglers before leaving.
 LINGER_S = 5.0
+#: --sync: a PS whose model failed (or did not come) this many times in a row is no longer
+#: pulled on its own; the median of q_ps models (which asks every PS) rehabilitates it.
+SKIP_AFTER = 3
 
 
 class _AllDone(Exception):
@@ -251,6 +255,8 @@ class Worker:
                 self.node.broadcast(cfg.ps_ranks, KIND_PULL, t, [])
                 state, steps = await self._median_of_models(t, M)
                 step = min(steps.values())
+                for ps in steps:  # they answered: pulled again from the next step on
+                    suspicion[ps] = 0
                 grad, buffers, loss = self.replica.gradient_at(state, step)
                 filters.judge(state[:grad_size], grad)  # its coefficient joins the history
                 filters.accept(state[:grad_size], grad, step)
@@ -261,6 +267,9 @@ class Worker:
             order = sorted(cfg.ps_ranks, key=lambda p: (suspicion[p], (p - cfg.worker_index - t) % cfg.num_ps))
             rejected = 0
             for attempt, ps in enumerate(order):
+                if suspicion[ps] >= SKIP_AFTER:  # failed again and again: only the median asks it
+                    rejected += 1
+                    continue
                 msg = await self._pull(ps, t)
                 if msg is None:
                     suspicion[ps] += 1
@@ -292,9 +301,17 @@ class Worker:
                 log.info("worker %d step %d: no PS model passed the filters; median of q_ps", cfg.rank, t)
 
     async def _wait_all_done(self) -> None:
+        """Until every PS said done — or q_ps of them did and nobody wrote for LINGER_S (a
+        crashed or Byzantine PS never says it)."""
         while not self._all_done():
             self.wakeup.clear()
-            await self.wakeup.wait()
+            if len(self.done_from) >= self.cfg.q_ps:
+                try:
+                    await asyncio.wait_for(self.wakeup.wait(), LINGER_S)
+                except asyncio.TimeoutError:
+                    return
+            else:
+                await self.wakeup.wait()
 
     async def run(self) -> int:
         self.stop = asyncio.Event()
