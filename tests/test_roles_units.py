@@ -211,3 +211,60 @@ def test_nonfinite_rows_are_left_out_and_f_shrinks():
     # too few finite rows left for the rule's bound: everything goes to the rule
     out, dropped = aggregate_finite("krum", torch.cat([honest[:2], torch.full((3, 2), float("nan"))]), 1)
     assert dropped == 0
+
+
+# ---------------------------------------------------------------------------- paper --sync
+def test_gather_among_waits_for_that_sender():
+    async def main():
+        box = NewestModels("model", [0, 1, 2, 3])
+        box.deliver(msg(1, 5))
+        task = asyncio.ensure_future(box.gather(1, 5, among=(2,), forget_older=False))
+        await asyncio.sleep(0)
+        assert not task.done()  # PS 1's model does not answer a pull of PS 2
+        box.deliver(msg(2, 4))  # too old
+        await asyncio.sleep(0)
+        assert not task.done()
+        box.deliver(msg(2, 6))
+        got = await asyncio.wait_for(task, 1)
+        assert list(got) == [2] and got[2].step == 6 and 1 in box.newest
+        with pytest.raises(net_errors.QuorumTimeout):
+            await box.gather(1, 5, among=(3,), timeout=0.05)
+    run(main())
+
+
+class _RecordingNode:
+    def __init__(self):
+        self.sent = []
+
+    def broadcast(self, ranks, kind, step, tensors, meta=None):
+        self.sent += [(r, kind, step) for r in ranks]
+
+    def send(self, rank, kind, step, tensors=(), meta=None):
+        self.sent.append((rank, kind, step))
+
+
+def test_ps_serves_pulls_once_it_reaches_the_step_and_bounds_them():
+    from byzsgd.roles.ps import PULLS_PER_STEP, ParameterServer
+
+    cfg = RunConfig(rank=0, mode="paper", sync=True, num_ps=4, fps=1, num_workers=7, fw=1,
+                    dataset="synthetic:1x28x28:10:64:64")
+    ps = ParameterServer(cfg)
+    node = ps.node = _RecordingNode()
+    pull = lambda sender, step: Message(kind="pull", step=step, sender=sender, tensors=[], meta={})  # noqa: E731
+    ps._on_pull(pull(4, 5))  # the PS is not at step 5 yet: the pull waits
+    ps._on_pull(pull(2, 0))  # a PS does not pull
+    assert node.sent == []
+    snap = ps.replica.state_vector()
+    ps._serve(5, snap)
+    assert node.sent == [(4, "model", 5)]
+    ps._on_pull(pull(5, 3))  # behind: gets the newest, step 5
+    for _ in range(PULLS_PER_STEP + 3):  # a Byzantine worker pulling again and again
+        ps._on_pull(pull(6, 5))
+    assert node.sent[1:] == [(5, "model", 5)] + [(6, "model", 5)] * PULLS_PER_STEP
+    ps._on_pull(pull(4, 5))  # the median's pull of worker 4: its second of the step
+    ps._on_pull(pull(4, 5))
+    assert node.sent.count((4, "model", 5)) == PULLS_PER_STEP
+    node.sent.clear()
+    ps._on_pull(pull(6, 6))
+    ps._serve(6, snap)
+    assert node.sent == [(6, "model", 6)]

@@ -41,6 +41,9 @@ from byzsgd.roles.replica import Replica
 
 log = logging.getLogger("byzsgd.ps")
 
+#: paper --sync: pulls of one worker answered per step served (its own pull and the median's).
+PULLS_PER_STEP = 2
+
 
 class ParameterServer:
     """One PS: owns a model replica, a node, and the step loop."""
@@ -65,6 +68,7 @@ class ParameterServer:
         # paper --sync: workers pull; the model served for the current step, pulls waiting
         self.serving: tuple[int, torch.Tensor] | None = None
         self.pending_pulls: dict[int, int] = {}
+        self.pulls_answered: dict[int, int] = {}  # per worker, for the step served
         if cfg.sync:
             self.node.on(KIND_PULL, self._on_pull, shapes=[])
         # paper mode: models after a gather, to log the exact diameter after it
@@ -104,18 +108,25 @@ class ParameterServer:
         """A worker asks for the model of step >= msg.step: answered now if this PS serves
         such a step, else when it gets there (one waiting pull per worker)."""
         msg.release()
-        if msg.sender not in self.cfg.worker_ranks:
+        w = msg.sender
+        if w not in self.cfg.worker_ranks:
             return
         if self.serving is not None and self.serving[0] >= msg.step:
-            self._send_model([msg.sender], KIND_MODEL, *self.serving)
+            # a correct worker pulls a PS at most twice per step (its own pull, then the
+            # median's); more is a Byzantine worker making us send models for nothing
+            if self.pulls_answered.get(w, 0) < PULLS_PER_STEP:
+                self.pulls_answered[w] = self.pulls_answered.get(w, 0) + 1
+                self._send_model([w], KIND_MODEL, *self.serving)
         else:
-            self.pending_pulls[msg.sender] = max(msg.step, self.pending_pulls.get(msg.sender, 0))
+            self.pending_pulls[w] = max(msg.step, self.pending_pulls.get(w, 0))
 
     def _serve(self, t: int, snapshot: torch.Tensor) -> None:
         self.serving = (t, snapshot)
+        self.pulls_answered = {}
         ready = [w for w, s in self.pending_pulls.items() if s <= t]
         for w in ready:
             del self.pending_pulls[w]
+            self.pulls_answered[w] = 1
         if ready:
             self._send_model(ready, KIND_MODEL, t, snapshot)
 
