@@ -34,7 +34,7 @@ from byzsgd.attacks.registry import register
 from byzsgd.attacks.statistical import honest_stats
 from byzsgd.errors import ConfigError
 
-__all__ = ["optimal_alie", "optimal_ipm", "line_search"]
+__all__ = ["optimal_alie", "optimal_ipm", "optimal_alie_factor", "optimal_ipm_factor", "line_search"]
 
 _GOLD = (math.sqrt(5) - 1) / 2
 
@@ -105,14 +105,30 @@ def _simulator(honest: torch.Tensor, f: int, gar: str | None, gar_f: int | None,
     return mu, distance
 
 
+def optimal_alie_factor(honest: torch.Tensor, f: int, gar: str | None = None, gar_f: int | None = None,
+                        n: int | None = None, gar_params: dict | None = None, start: float = 0.125,
+                        levels: int = 14, golden_steps: int = 20) -> float:
+    """The z that :func:`optimal_alie` uses (``mu + z * sigma``): for callers that reuse it."""
+    mu, distance = _simulator(honest, f, gar, gar_f, n, gar_params, "optimal_alie")
+    _, sigma = honest_stats(honest)
+    return line_search(lambda t: distance(mu + t * sigma), start, levels, golden_steps)
+
+
+def optimal_ipm_factor(honest: torch.Tensor, f: int, gar: str | None = None, gar_f: int | None = None,
+                       n: int | None = None, gar_params: dict | None = None, start: float = 0.125,
+                       levels: int = 14, golden_steps: int = 20) -> float:
+    """The epsilon that :func:`optimal_ipm` uses (``-epsilon * mu``): for callers that reuse it."""
+    mu, distance = _simulator(honest, f, gar, gar_f, n, gar_params, "optimal_ipm")
+    return line_search(lambda t: distance(-t * mu), start, levels, golden_steps)
+
+
 @register("optimal_alie", reference="ALIE (Baruch et al., NeurIPS 2019) with z tuned against the GAR (ByzFL Opt-ALIE)",
           params=("gar", "gar_f", "n", "gar_params", "start", "levels", "golden_steps"), needs_rule=True)
 def optimal_alie(honest: torch.Tensor, f: int, gar: str | None = None, gar_f: int | None = None,
                  n: int | None = None, gar_params: dict | None = None, start: float = 0.125,
                  levels: int = 14, golden_steps: int = 20) -> torch.Tensor:
-    mu, distance = _simulator(honest, f, gar, gar_f, n, gar_params, "optimal_alie")
-    _, sigma = honest_stats(honest)
-    z = line_search(lambda t: distance(mu + t * sigma), start, levels, golden_steps)
+    z = optimal_alie_factor(honest, f, gar, gar_f, n, gar_params, start, levels, golden_steps)
+    mu, sigma = honest_stats(honest)
     return (mu + z * sigma).unsqueeze(0).repeat(f, 1)
 
 
@@ -121,6 +137,5 @@ def optimal_alie(honest: torch.Tensor, f: int, gar: str | None = None, gar_f: in
 def optimal_ipm(honest: torch.Tensor, f: int, gar: str | None = None, gar_f: int | None = None,
                 n: int | None = None, gar_params: dict | None = None, start: float = 0.125,
                 levels: int = 14, golden_steps: int = 20) -> torch.Tensor:
-    mu, distance = _simulator(honest, f, gar, gar_f, n, gar_params, "optimal_ipm")
-    eps = line_search(lambda t: distance(-t * mu), start, levels, golden_steps)
-    return (-eps * mu).unsqueeze(0).repeat(f, 1)
+    eps = optimal_ipm_factor(honest, f, gar, gar_f, n, gar_params, start, levels, golden_steps)
+    return (-eps * honest.mean(dim=0)).unsqueeze(0).repeat(f, 1)

@@ -2,11 +2,18 @@
 
 Worker attacks are those of :mod:`byzsgd.attacks` (pure tensor functions) plus
 ``label_flip`` (a data attack: the honest computation on flipped labels) and ``silent``
-(never answers: a crashed or partitioned worker).  A Byzantine
-worker acting alone estimates what it needs (mean, standard deviation) from gradients of
-several of its own batches (``estimate_batches``, default 4); with ``"collude": true`` it is
-the omniscient adversary of the literature and uses the honest gradients of the step of
-every worker.
+(never answers: a crashed or partitioned worker).  A Byzantine worker acting alone
+estimates what it needs (mean, standard deviation) from ``estimate_batches`` (default 4)
+gradients of its own: by default (``estimate: "history"``) the current one and those of its
+previous steps, which cost nothing more; ``estimate: "fresh"`` computes extra batches on the
+current model instead.  With ``"collude": true`` it is the omniscient adversary of the
+literature and uses the honest gradients of the step of every worker.  Whatever an attack
+computes beyond the honest gradient is paid once per step (see :class:`WorkerAttack`): a
+Byzantine worker slower than the honest ones would miss the PSes' quorums (the first
+n_w - fw gradients) and harm nobody.  Besides the attack's own parameters, ``attack_args``
+takes ``estimate``, ``estimate_batches``, ``collude`` and ``search_every`` (optimal_*).
+A forging Byzantine PS sends its forged model to its peers as soon as a step starts
+(``eager``, see :class:`PSAttack`), not after its own gradient quorum.
 
 Parameter-server attacks act on the models a Byzantine PS sends, to workers (gradient
 requests) and to other PSes (the gather): random, reverse, drop, nan, equivocate (a
@@ -24,13 +31,19 @@ from typing import Any
 import torch
 
 from byzsgd import attacks
+from byzsgd.attacks.optimal import optimal_alie_factor, optimal_ipm_factor
 from byzsgd.config import RunConfig
 from byzsgd.errors import ConfigError
+from byzsgd.roles.common import KIND_MODEL, KIND_PS_MODEL
 
 log = logging.getLogger("byzsgd.byzantine")
 
 WORKER_ATTACKS_EXTRA = ("label_flip", "silent")
+#: attack_args a Byzantine worker takes besides its attack's own parameters
+WORKER_ROLE_ARGS = ("estimate", "estimate_batches", "collude", "search_every")
 PS_ATTACKS = ("random", "reverse", "drop", "nan", "equivocate", "stale", "silent", "delay", "crash")
+#: PS attacks that forge models (the others withhold, delay or stop them)
+_FORGING_PS = ("random", "reverse", "drop", "nan", "equivocate", "stale")
 
 #: attacks that need an estimate of the honest distribution, not only one gradient
 _NEEDS_ESTIMATE = ("alie", "ipm", "empire", "optimal_alie", "optimal_ipm", "mimic")
@@ -41,7 +54,27 @@ def worker_attack_names() -> list[str]:
 
 
 class WorkerAttack:
-    """Turns the honest gradient of a step into what a Byzantine worker sends."""
+    """Turns the honest gradient of a step into what a Byzantine worker sends.
+
+    In garfield mode a worker answers every PS separately (one gradient per PS and step, on
+    that PS's model), and each PS keeps only the first q_w = n_w - fw gradients that arrive:
+    a Byzantine worker slower than the honest ones is simply left out of the quorums, i.e.
+    harmless.  So whatever an attack needs beyond the honest gradient is paid for at most
+    once per step and reused for the step's other requests:
+
+    * ``estimate: "history"`` (default; lone attacker): the rows are its honest gradient and
+      its own gradients of the ``estimate_batches - 1`` previous steps (other batches, which
+      it computed anyway: no extra cost; until it has them, fresh extra batches fill in);
+    * ``estimate: "fresh"``: gradients of ``estimate_batches - 1`` other batches on the
+      current model, computed at the step's first request;
+    * ``collude: true``: every other worker's honest gradient of the step, computed at the
+      step's first request.
+    Cached rows are kept as offsets from the honest gradient of that first request and added
+    to each later request's honest gradient (first order: the PSes' models of a step are close).
+    ``optimal_alie`` / ``optimal_ipm`` run their line search (~70 evaluations of the rule, tens
+    of ms: several gradients' worth) every ``search_every`` steps (default 10) and in between
+    reuse the factor found with the step's own statistics.
+    """
 
     def __init__(self, cfg: RunConfig, replica: Any):
         name = cfg.attack
@@ -49,6 +82,8 @@ class WorkerAttack:
         self.replica = replica
         params = dict(cfg.attack_args)
         self.estimate_batches = int(params.pop("estimate_batches", 4))
+        self.estimate = str(params.pop("estimate", "history"))
+        self.search_every = int(params.pop("search_every", 10))
         # The omniscient (colluding) adversary: it knows every worker's honest gradient of
         # the step.  It computes them itself from the other workers' shards (the shards are
         # a seeded, public function of the deployment), which is exactly what a side
@@ -56,6 +91,10 @@ class WorkerAttack:
         self.collude = bool(params.pop("collude", False))
         if self.estimate_batches < 1:
             raise ConfigError("attack argument estimate_batches must be >= 1")
+        if self.estimate not in ("history", "fresh"):
+            raise ConfigError(f"attack argument estimate must be 'history' or 'fresh', got {self.estimate!r}")
+        if self.search_every < 1:
+            raise ConfigError("attack argument search_every must be >= 1")
         self.label_flip = name == "label_flip"
         self.silent = name == "silent"
         if not (self.label_flip or self.silent):
@@ -67,23 +106,70 @@ class WorkerAttack:
                 params.setdefault("n", cfg.num_workers)
             if "seed" in spec.params:
                 params.setdefault("seed", cfg.seed * 1000 + cfg.rank)
+            unknown = set(params) - set(spec.params)
+            if unknown:
+                raise ConfigError(f"worker attack {name!r}: unknown arguments {sorted(unknown)}; known: "
+                                  f"{', '.join(spec.params + WORKER_ROLE_ARGS)}")
         self.params = params
         self.f = max(1, cfg.fw)
+        self._history: collections.OrderedDict[int, torch.Tensor] = collections.OrderedDict()
+        self._offsets_step: int | None = None
+        self._offsets: list[torch.Tensor] = []
+        self._factor_step: int | None = None
+        self._factor = 0.0
+
+    # -- what the attacker knows ------------------------------------------------------
+    def _cached(self, step: int, honest: torch.Tensor, compute) -> list[torch.Tensor]:
+        """Rows computed once per step (``compute()`` on the current model), as offsets from
+        that request's honest gradient; later requests of the step get ``honest + offset``."""
+        if self._offsets_step != step:
+            self._offsets = [row - honest for row in compute()]
+            self._offsets_step = step
+        return [honest + d for d in self._offsets]
+
+    def _remember(self, step: int, honest: torch.Tensor) -> None:
+        if step not in self._history:
+            self._history[step] = honest.clone()
+            while len(self._history) > self.estimate_batches + 2:
+                self._history.popitem(last=False)
+
+    def known_rows(self, honest: torch.Tensor, step: int) -> torch.Tensor:
+        """What the attacker knows at ``step``: a [k, d] tensor whose first row is ``honest``."""
+        if self.collude:
+            others = self._cached(step, honest, lambda: self.replica.other_workers_gradients(step))
+            return torch.stack([honest, *others])
+        need = self.estimate_batches - 1
+        if self.name not in _NEEDS_ESTIMATE or need == 0:
+            return honest.unsqueeze(0)
+        if self.estimate == "fresh":
+            extra = self._cached(step, honest, lambda: self.replica.extra_gradients(step, need))
+        else:
+            extra = [g for s, g in sorted(self._history.items()) if s < step][-need:]
+            self._remember(step, honest)
+            missing = need - len(extra)
+            if missing:  # the first steps: no history yet
+                extra += self._cached(step, honest, lambda: self.replica.extra_gradients(step, missing))
+        return torch.stack([honest, *extra])
 
     def forge(self, honest: torch.Tensor, step: int) -> torch.Tensor | None:
         if self.silent:
             return None
         if self.label_flip:
             return honest  # the replica already computed it on flipped labels
-        rows = [honest]
-        if self.collude:
-            rows += self.replica.other_workers_gradients(step)
-        elif self.name in _NEEDS_ESTIMATE and self.estimate_batches > 1:
-            rows += self.replica.extra_gradients(step, self.estimate_batches - 1)
-        known = torch.stack(rows)
+        # ``honest`` is the replica's reusable gradient buffer: extra gradients overwrite it
+        honest = honest.clone()
+        known = self.known_rows(honest, step)
         params = dict(self.params)
         if "seed" in params:
             params["seed"] = int(params["seed"]) + step
+        if self.name in ("optimal_alie", "optimal_ipm"):
+            if self._factor_step is None or step - self._factor_step >= self.search_every or step < self._factor_step:
+                search = optimal_alie_factor if self.name == "optimal_alie" else optimal_ipm_factor
+                self._factor = search(known, self.f, **params)
+                self._factor_step = step
+            if self.name == "optimal_alie":
+                return attacks.forge("alie", known, self.f, z=self._factor)[0].contiguous()
+            return attacks.forge("ipm", known, self.f, epsilon=self._factor)[0].contiguous()
         return attacks.forge(self.name, known, self.f, **params)[0].contiguous()
 
 
@@ -94,7 +180,16 @@ def worker_behaviour(cfg: RunConfig, replica: Any) -> WorkerAttack:
 
 
 class PSAttack:
-    """Forges the models a Byzantine PS sends; may delay, stay silent or crash."""
+    """Forges the models a Byzantine PS sends; may delay, stay silent or crash.
+
+    ``eager`` (default true in garfield mode): a forging PS sends its forged model of step t
+    to its peers as soon as it asks the workers for step t's gradients, instead of after its
+    own gradient quorum.  It has nothing to wait for, and waiting would make it harmless: the
+    correct PSes take the *first* q_ps - 1 peer models, and a PS that finishes its step last
+    (as the highest rank, served last by the workers, does) is almost never among them
+    (measured: in 1-5% of the gathers).  ``"eager": false`` keeps the forged model in the
+    honest PS's schedule.
+    """
 
     def __init__(self, cfg: RunConfig):
         if cfg.attack not in PS_ATTACKS:
@@ -107,9 +202,11 @@ class PSAttack:
         self.delay_s = float(args.pop("delay", 1.0))
         self.crash_step = int(args.pop("step", max(1, cfg.num_iter // 4)))
         self.seed = int(args.pop("seed", cfg.seed * 1000 + cfg.rank))
+        self.eager = bool(args.pop("eager", True)) and cfg.mode == "garfield" and self.name in _FORGING_PS
         if args:
             raise ConfigError(f"PS attack {self.name!r}: unknown arguments {sorted(args)}; known: "
-                              "scale, fraction, lag, delay, step, seed")
+                              "scale, fraction, lag, delay, step, seed, eager")
+        self.peers = [r for r in cfg.ps_ranks if r != cfg.rank]
         if not 0.0 <= self.fraction <= 1.0:
             raise ConfigError(f"PS attack {self.name!r}: fraction must be in [0, 1]")
         self.history: collections.deque[torch.Tensor] = collections.deque(maxlen=max(1, self.lag + 1))
@@ -153,15 +250,17 @@ class PSAttack:
         return state  # delay (sent late by send()) and anything honest-looking
 
     def send(self, node: Any, ranks, kind: str, step: int, state: torch.Tensor) -> None:
-        outgoing = [(r, self.model_for(r, kind, step, state)) for r in ranks]
-        outgoing = [(r, m) for r, m in outgoing if m is not None]
+        outgoing = [(r, kind, self.model_for(r, kind, step, state)) for r in ranks]
+        if self.eager and kind == KIND_MODEL:  # the peers get step t's forged model now
+            outgoing += [(r, KIND_PS_MODEL, self.model_for(r, KIND_PS_MODEL, step, state)) for r in self.peers]
+        outgoing = [(r, k, m) for r, k, m in outgoing if m is not None]
         if self.name == "delay":
             loop = asyncio.get_running_loop()
-            for r, m in outgoing:
-                loop.call_later(self.delay_s, node.send, r, kind, step, [m])
+            for r, k, m in outgoing:
+                loop.call_later(self.delay_s, node.send, r, k, step, [m])
             return
-        for r, m in outgoing:
-            node.send(r, kind, step, [m])
+        for r, k, m in outgoing:
+            node.send(r, k, step, [m])
 
 
 def ps_behaviour(cfg: RunConfig) -> PSAttack:
