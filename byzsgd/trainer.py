@@ -1,68 +1,8 @@
-"""Garfield's ByzSGD ``trainer.py`` interface: ``python -m byzsgd.trainer``.
+"""``python -m byzsgd.trainer``: Garfield's ByzSGD ``trainer.py`` interface (the code lives in
+:mod:`byzsgd.deploy.garfield`)."""
+from byzsgd.deploy.garfield import main
 
-Same flags as the seed (``--master --rank --dataset --batch --num_ps --num_workers --fw --fps
---model --loss --optimizer --opt_args --num_iter --gar --acc_freq --bench --log``); a rank
-below ``--num_ps`` is a parameter server, the others are workers.  Nodes find each other
-through a rendezvous at ``--master`` (rank 0; ``host`` or ``host:port``, port 29500 by
-default), or through a ``--peers`` file.  Under SLURM or torchrun-style environments the
-rank and master come from the environment when the flags are absent.
-"""
-from __future__ import annotations
-
-import argparse
-import os
-import sys
-
-from byzsgd.config import add_arguments
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m byzsgd.trainer",
-        description="Run one ByzSGD node with Garfield's trainer.py flags: rank < num_ps is a "
-                    "parameter server, the others are workers.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(parser)
-    parser.set_defaults(master=None)  # None: not given, the environment may say
-    return parser
-
-
-def environment_rank_and_master(args: argparse.Namespace, environ=os.environ) -> None:
-    """Fill --rank / --master from torchrun (RANK, MASTER_ADDR, MASTER_PORT) or SLURM."""
-    if args.rank is None:
-        for var in ("RANK", "SLURM_PROCID"):
-            if environ.get(var, "").isdigit():
-                args.rank = int(environ[var])
-                break
-    if args.master is None:
-        port = environ.get("MASTER_PORT")
-        addr = environ.get("MASTER_ADDR") or environ.get("BYZSGD_MASTER")
-        args.master = (addr + (f":{port}" if port else "")) if addr else "127.0.0.1"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    environment_rank_and_master(args)
-    if args.rank is None:
-        parser.error("--rank is required (or RANK / SLURM_PROCID in the environment)")
-    expected = args.num_ps + args.num_workers
-    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
-        value = os.environ.get(var, "")
-        if value.isdigit() and int(value) != expected:
-            parser.error(f"{var}={value} but --num_ps {args.num_ps} + --num_workers "
-                         f"{args.num_workers} = {expected} nodes: they must agree")
-    rank_argv = list(argv if argv is not None else sys.argv[1:])
-    if "--rank" not in rank_argv and not any(a.startswith("--rank=") for a in rank_argv):
-        rank_argv += ["--rank", str(args.rank)]
-    if not any(a == "--master" or a.startswith("--master=") for a in rank_argv):
-        rank_argv += ["--master", args.master]
-    if args.rank < args.num_ps:
-        from byzsgd.roles import ps
-        return ps.main(rank_argv)
-    from byzsgd.roles import worker
-    return worker.main(rank_argv)
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
     from byzsgd.roles.common import exit_now

@@ -51,7 +51,7 @@ import torch  # noqa: E402
 
 from byzsgd import data, gars  # noqa: E402
 from byzsgd.errors import ByzSGDError  # noqa: E402
-from byzsgd.launch import deploy  # noqa: E402
+from byzsgd.deploy.launch import deploy  # noqa: E402
 from byzsgd.roles.byzantine import PS_ATTACKS, worker_attack_names  # noqa: E402
 
 RULES = ["average", "median", "trimmed_mean", "krum", "mda"]

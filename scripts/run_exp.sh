@@ -30,4 +30,4 @@ if [[ -z $py ]]; then
     if [[ -x $here/.venv/bin/python ]]; then py=$here/.venv/bin/python; else py=python3; fi
 fi
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
-exec "$py" -m byzsgd.cluster run "$@"
+exec "$py" -m byzsgd.deploy.cluster run "$@"

@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from byzsgd.checkpoint import (Checkpoint, CheckpointPolicy, checkpoint_name, common_checkpoint_step,
+from byzsgd.learning.checkpoint import (Checkpoint, CheckpointPolicy, checkpoint_name, common_checkpoint_step,
                                latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint)
 from byzsgd.errors import ConfigError
-from byzsgd.training import FlatState
+from byzsgd.learning.optim import FlatState
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,7 +111,7 @@ def test_killed_writer_process_never_leaves_a_loadable_partial_file(tmp_path):
     _save(tmp_path / checkpoint_name(0, 1), step=1, size=1000)
     script = f"""
 import os, signal, torch
-import byzsgd.checkpoint as c
+import byzsgd.learning.checkpoint as c
 real = torch.save
 def slow_save(obj, fh, *a, **kw):
     fh.write(b"x" * 4096); fh.flush()

@@ -8,8 +8,8 @@ import pytest
 from byzsgd.config import (RunConfig, add_arguments, config_from_args, parse_bool, parse_host_port,
                            parse_json_object)
 from byzsgd.errors import ConfigError, ResilienceError
-from byzsgd.trainer import build_parser as trainer_parser
-from byzsgd.trainer import environment_rank_and_master
+from byzsgd.deploy.garfield import build_parser as trainer_parser
+from byzsgd.deploy.garfield import environment_rank_and_master
 
 GARFIELD_ARGV = ["--master", "localhost", "--rank", "0", "--dataset", "mnist", "--batch", "32",
                  "--num_ps", "4", "--num_workers", "7", "--fw", "1", "--fps", "1", "--model", "convnet",

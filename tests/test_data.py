@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from byzsgd import data as D
+from byzsgd.learning import data as D
 from byzsgd.errors import ConfigError, UnknownNameError
 
 torch.set_num_threads(1)

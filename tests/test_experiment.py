@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from byzsgd import experiment
+from byzsgd.experiments import grid as experiment
 from byzsgd.errors import ConfigError
-from byzsgd.experiment import load_experiment, read_results, run_experiment
+from byzsgd.experiments.grid import load_experiment, read_results, run_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -342,7 +342,7 @@ def test_real_two_cell_grid_then_report(tmp_path):
     assert recs["median"]["final_accuracy"] > 30, recs["median"]
     assert recs["average"]["final_accuracy"] < 15, recs["average"]
     # the report on the real results
-    from byzsgd.report import make_report
+    from byzsgd.experiments.report import make_report
 
     written = make_report(res, tmp_path / "report")
     names = {p.name for p in written}

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from byzsgd import launch
+from byzsgd.deploy import launch
 from byzsgd.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -273,7 +273,7 @@ def statistics_mean(xs):
 @pytest.mark.slow
 @pytest.mark.timeout(330)
 def test_a_restarted_ps_rejoins(tmp_path):
-    from byzsgd.checkpoint import list_checkpoints, load_checkpoint
+    from byzsgd.learning.checkpoint import list_checkpoints, load_checkpoint
 
     run_dir, ckpt = tmp_path / "run", tmp_path / "ckpt"
     n = 350  # a restarted PS needs ~15-20 s to start on a loaded 2-core box

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from byzsgd import data as D
+from byzsgd.learning import data as D
 from byzsgd.errors import ConfigError, UnknownNameError
-from byzsgd.models import build_model, model_names
-from byzsgd.training import (
+from byzsgd.learning.models import build_model, model_names
+from byzsgd.learning.optim import (
     build_loss, build_optimizer, compute_gradient, flat_state, grad_vector,
     load_grad_vector, load_state_vector, num_parameters, parse_opt_args, state_size, state_vector,
 )

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from byzsgd import cluster
+from byzsgd.deploy import cluster
 from byzsgd.errors import ConfigError
 from byzsgd.metrics import read_metrics
 

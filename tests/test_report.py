@@ -12,8 +12,8 @@ pytest.importorskip("matplotlib")
 import numpy as np  # noqa: E402
 
 from byzsgd.errors import ConfigError  # noqa: E402
-from byzsgd.experiment import append_result, canonical_key  # noqa: E402
-from byzsgd.report import make_report  # noqa: E402
+from byzsgd.experiments.grid import append_result, canonical_key  # noqa: E402
+from byzsgd.experiments.report import make_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ["average", "median", "krum"]

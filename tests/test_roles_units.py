@@ -176,7 +176,7 @@ def test_unknown_worker_attack_refused():
 # ---------------------------------------------------------------------------- spawning
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork spawning is Linux-only")
 def test_fork_node_runs_a_module_main_with_its_log_and_env(tmp_path):
-    from byzsgd.spawn import fork_node
+    from byzsgd.deploy.spawn import fork_node
 
     mod = tmp_path / "byz_probe_mod.py"
     mod.write_text("import os, sys\n"

@@ -26,7 +26,7 @@ import time
 import torch
 
 from byzsgd import gars
-from byzsgd.checkpoint import CheckpointPolicy, common_checkpoint_step
+from byzsgd.learning.checkpoint import CheckpointPolicy, common_checkpoint_step
 from byzsgd.config import RunConfig, add_arguments, config_from_args
 from byzsgd.errors import ByzSGDError, ConfigError
 from byzsgd.metrics import MetricsWriter, diameter

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from byzsgd import data, models, training
+from byzsgd.learning import data, models
+from byzsgd.learning import optim as training
 from byzsgd.config import RunConfig
 
 

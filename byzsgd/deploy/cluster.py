@@ -1,6 +1,6 @@
 """Multi-host deployments: what ``scripts/run_exp.sh`` and ``scripts/kill.sh`` run.
 
-``python -m byzsgd.cluster run``  starts one ``python -m byzsgd.trainer`` per rank, each on its
+``python -m byzsgd.deploy.cluster run``  starts one ``python -m byzsgd.trainer`` per rank, each on its
 host, through a *runner* (a command that runs ``sh -s`` on a host: ``ssh`` by default), waits
 for the run, collects the files and writes ``summary.json``.  ``kill RUN_DIR`` stops exactly the
 ranks of a run.  ``wait``, ``status`` and ``collect`` act on a run started with ``--detach``;
@@ -60,7 +60,7 @@ from typing import Any, Iterable
 
 from byzsgd.errors import ByzSGDError, ConfigError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RUNNER = "ssh -o BatchMode=yes"
 RUNNER_ENV = "BYZSGD_RUNNER"
 RUN_ID_ENV = "BYZSGD_RUN_ID"
@@ -293,7 +293,7 @@ def check_flags(flags: list[str], num_ps: int, num_workers: int) -> dict[str, st
             raise ConfigError(f"--{name} {given[name]} but the {what} file lists {count} "
                               f"rank{'s' if count != 1 else ''}")
     from byzsgd.config import config_from_args
-    from byzsgd.trainer import build_parser
+    from byzsgd.deploy.garfield import build_parser
 
     parser = build_parser()
     parser.exit_on_error = False
@@ -737,7 +737,7 @@ def describe_slurm(run_dir: Path, num_ps: int, num_workers: int, master: str, wa
 
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m byzsgd.cluster",
+    p = argparse.ArgumentParser(prog="python -m byzsgd.deploy.cluster",
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)

@@ -44,7 +44,7 @@ import torch
 
 from byzsgd.errors import ConfigError
 
-log = logging.getLogger("byzsgd.checkpoint")
+log = logging.getLogger("byzsgd.learning.checkpoint")
 
 FORMAT = "byzsgd-checkpoint"
 VERSION = 1

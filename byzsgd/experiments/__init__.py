@@ -1,0 +1,1 @@
+"""Grids of deployments (``grid``) and their plots and tables (``report``)."""
