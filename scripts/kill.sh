@@ -13,9 +13,5 @@ if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
     exit 2
 fi
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-py=${BYZSGD_PYTHON:-}
-if [[ -z $py ]]; then
-    if [[ -x $here/.venv/bin/python ]]; then py=$here/.venv/bin/python; else py=python3; fi
-fi
-export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+PICK_PYTHON_NEEDS="msgpack byzsgd.deploy.cluster" source "$here/scripts/pick_python.sh"
 exec "$py" -m byzsgd.deploy.cluster kill "$@"

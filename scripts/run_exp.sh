@@ -22,12 +22,12 @@
 # Writes RUN_DIR/deployment.json (rank, role, host, addr, port, pid, pgid, log, metrics),
 # <role><rank>.{pid,pgid,rc,log}, metrics-ps<rank>.jsonl and, at the end, summary.json.
 # Without --detach it waits for the run (Ctrl-C stops every rank); stop a detached run
-# with scripts/kill.sh RUN_DIR.  Python: $BYZSGD_PYTHON, else <repo>/.venv/bin/python, else python3.
+# with scripts/kill.sh RUN_DIR.
+# Python here: $BYZSGD_PYTHON, else the active venv/conda env, else <repo>/.venv/bin/python,
+# else python3 (scripts/pick_python.sh).  On the hosts: python= in the host file, else --python,
+# else this same interpreter when the hosts are this machine (runner local / ip netns exec),
+# else <repo>/.venv/bin/python, else python3; --dry_run prints each host's.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-py=${BYZSGD_PYTHON:-}
-if [[ -z $py ]]; then
-    if [[ -x $here/.venv/bin/python ]]; then py=$here/.venv/bin/python; else py=python3; fi
-fi
-export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+source "$here/scripts/pick_python.sh"
 exec "$py" -m byzsgd.deploy.cluster run "$@"

@@ -21,7 +21,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 # System packages (root + apt only; each optional): Fashion-MNIST from Debian's
 # dataset-fashion-mnist, and iproute2 / nftables / openssl for the multi-host test bed
-# (network namespaces). Without them the tests that need them skip with a reason.
+# (network namespaces). Without them the tests that need them skip with a reason -- except in
+# CI (CI=true), where a missing tool is an error.
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     want=""
     [ -d /usr/share/datasets/fashion-mnist ] || want="$want dataset-fashion-mnist"
@@ -29,8 +30,15 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     command -v nft >/dev/null || want="$want nftables"
     command -v openssl >/dev/null || want="$want openssl"
     if [ -n "$want" ]; then
-        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $want) \
-            >/dev/null 2>&1 || echo "setup: could not install:$want (their tests will skip)" >&2
+        if ! (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $want) >/dev/null 2>&1; then
+            # in CI a missing tool must fail loudly (its tests would only skip); elsewhere say so
+            if [ "${CI:-}" = true ]; then echo "setup: error: could not install:$want" >&2; exit 1; fi
+            echo "setup: could not install:$want (their tests will skip)" >&2
+        fi
     fi
+elif [ "${CI:-}" = true ]; then
+    for tool in ip nft openssl; do
+        command -v $tool >/dev/null || { echo "setup: error: CI needs '$tool' (run as root with apt-get, or install it)" >&2; exit 1; }
+    done
 fi
 echo "setup: ok ($VENV)" >&2

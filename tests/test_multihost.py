@@ -54,7 +54,9 @@ def clean_env(**extra) -> dict:
            if not (k.startswith("SLURM_") or k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                                                   "LOCAL_RANK", "BYZSGD_SECRET", "BYZSGD_SECRET_FILE",
                                                   "BYZSGD_RUNNER", "BYZSGD_MASTER"))}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    # the scripts and every host run the interpreter running the tests (issue: the suite
+    # must pass from any environment byzsgd is installed in, not only the checkout's .venv)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT), BYZSGD_PYTHON=PY)
     env.update(extra)
     return env
 

@@ -354,7 +354,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
                 num_workers=len(workers), flags=flags, ranks=[], tls=tls, secret_file=secret_file)
     for rank, host in enumerate(servers + workers):
         host.repo = host.repo or args.repo
-        host.python = host.python or args.python
+        host.python = host.python or args.python or default_python(runner)
         role = "ps" if rank < len(servers) else "worker"
         port = args.base_port + rank if (args.ports == "fixed" or rank == 0) else None
         r = Rank(rank, role, host, port, (host.dir or args.remote_dir or str(run_dir)).rstrip("/") or "/")
@@ -382,6 +382,40 @@ command -v "$PY" >/dev/null 2>&1 || { echo "byzsgd-error: no python '$PY' on $(h
 cd "$REPO" || { echo "byzsgd-error: no byzsgd checkout at '$REPO' on $(hostname)"; exit 3; }
 """
 
+#: fail fast, naming the interpreter and the module, when a host's python cannot run a node
+#: (otherwise every rank dies at import and the run fails in its summary)
+PY_PROBE = """\
+miss=$(PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c '
+import importlib
+for m in ("msgpack", "numpy", "torch", "byzsgd.net"):
+    try:
+        importlib.import_module(m)
+    except Exception as e:
+        print(m + " (" + type(e).__name__ + ": " + str(e) + ")")
+        break
+' 2>&1) || miss="? (the interpreter failed: $miss)"
+[ -z "$miss" ] || { echo "byzsgd-error: $(hostname): $PY cannot import $miss"; exit 3; }
+"""
+
+def runs_on_this_machine(runner: str) -> bool:
+    """Runners whose "hosts" are this machine (plain local, network namespaces): there the
+    default interpreter is the one running the launcher, whatever environment it lives in."""
+    words = " ".join(shlex.split(runner))
+    return words in ("", "local") or words.startswith("ip netns exec")
+
+
+def default_python(runner: str) -> str | None:
+    """The interpreter a host runs when neither its ``python=`` nor ``--python`` says:
+    this very interpreter where the hosts are this machine, else None (the host picks
+    ``$REPO/.venv/bin/python``, else ``python3``)."""
+    return sys.executable if runs_on_this_machine(runner) else None
+
+
+def python_rule(host: "Host", runner: str) -> str:
+    """What ``--dry_run`` prints: the interpreter a host will use, or the rule it follows."""
+    return host.python or default_python(runner) or "<repo>/.venv/bin/python if present, else python3"
+
+
 #: the per-rank wrapper: own session, exact trainer pid, exit code kept
 #: (a signal to the wrapper is passed on to the trainer, and the wrapper stays to record its exit)
 WRAPPER = ('echo $$ > "$1.pgid"; s=$1; shift; "$@" & c=$!; echo $c > "$s.pid"; '
@@ -401,7 +435,7 @@ def start_script(plan: Plan, ranks: list[Rank], secret: str, probe: str, redact:
             text = "<pem>" if redact else Path(path).read_text()
             lines.append(f"printf '%s' {q(text)} > {q(d + '/' + k.replace('_', '-') + '.pem')}")
         lines.append(f": > {q(d + '/.probe-' + probe)}")
-    lines += [f"REPO={q(host.repo)}", f"PYSEL={q(host.python or '')}", PY_PICK.rstrip()]
+    lines += [f"REPO={q(host.repo)}", f"PYSEL={q(host.python or '')}", PY_PICK.rstrip(), PY_PROBE.rstrip()]
     env = (f"{RUN_ID_ENV}={q(plan.run_id)} OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1 "
            f"PYTHONPATH=\"$REPO${{PYTHONPATH:+:$PYTHONPATH}}\"")
     for r in ranks:
@@ -749,7 +783,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run_dir", default=None, help="local run directory (default runs/multihost-<time>)")
     r.add_argument("--remote_dir", default=None, help="run directory on the hosts (default: --run_dir)")
     r.add_argument("--repo", default=str(REPO), help="byzsgd checkout on the hosts (default: this one)")
-    r.add_argument("--python", default=None, help="python on the hosts (default <repo>/.venv/bin/python or python3)")
+    r.add_argument("--python", default=None, help="python on the hosts (default: this interpreter where the hosts are this machine (runner local or ip netns exec), else <repo>/.venv/bin/python, else python3)")
     r.add_argument("--runner", default=None, help=f"remote command runner (default ${RUNNER_ENV} or '{DEFAULT_RUNNER}')")
     r.add_argument("--base_port", type=int, default=29500, help="rank r listens on base_port + r")
     r.add_argument("--ports", default="fixed", choices=("fixed", "ephemeral"),
@@ -797,6 +831,7 @@ def main(argv: list[str] | None = None) -> int:
             plan = make_plan(args)
             if args.dry_run:
                 for host, ranks in plan.hosts().items():
+                    print(f"# {host}: python {python_rule(ranks[0].host, plan.runner)}")
                     print(f"# {' '.join(runner_argv(plan.runner, host))} <<'EOF'")
                     print(start_script(plan, ranks, "", "probe", redact=True) + "EOF")
                 return 0
