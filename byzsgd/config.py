@@ -115,7 +115,7 @@ class RunConfig:
     checkpoint_every: int = 0
     resume: bool = False
     drop_nonfinite: bool = True
-    # paper mode (DESIGN.md §3; El-Mhamdi et al., Distributed Computing 35, 2022)
+    # paper mode (docs/design.md §3; El-Mhamdi et al., Distributed Computing 35, 2022)
     sync: bool = False
     lipschitz_quantile: float | None = None  # None: (n_ps - fps) / n_ps, the paper's
     lipschitz_warmup: int = 5

@@ -126,7 +126,7 @@ def main(argv=None) -> int:
                     help="set BYZSGD_GAR_COMPILE=1: fused torch.compile CPU kernels for the "
                          "median family (first call per rule compiles, untimed warm-up)")
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (default 1: the machine is shared, DESIGN §9)")
+                    help="torch CPU threads (default 1: the machine is shared, docs/design.md §9)")
     a = ap.parse_args(argv)
     if a.compile:
         os.environ["BYZSGD_GAR_COMPILE"] = "1"

@@ -1,7 +1,7 @@
 """Private kernels shared by the coordinate-wise rules: pruned sorting networks.
 
 ``torch.median(dim=0)`` / ``torch.sort(dim=0)`` on a wide [n, d] tensor are slow on CPU
-(DESIGN §9: 64x the copy floor at n=20, d=1.1e7) because each column is sorted on its own
+(docs/design.md §9: 64x the copy floor at n=20, d=1.1e7) because each column is sorted on its own
 through strided memory.  Here a column block ``X[:, c0:c1]`` is copied into a reused
 buffer of n+1 contiguous rows (~8 MB per block on CPU: with smaller blocks the per-op
 dispatch overhead dominates) and sorted *across rows* by a comparator

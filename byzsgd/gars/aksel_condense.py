@@ -1,7 +1,7 @@
 """AKSEL and CONDENSE: two coordinate-wise-median-based rules from Garfield.
 
 Both rest on the coordinate-wise median, computed here as numpy's (mean of the two middle
-values for even n, DESIGN §6) with one documented NaN policy: a NaN coordinate is ranked as
+values for even n, docs/design.md §6) with one documented NaN policy: a NaN coordinate is ranked as
 ``+inf`` (an outlier on the high side), so up to ``f < n/2`` non-finite inputs can shift the
 median by at most ``f`` ranks and never make it non-finite.  (Garfield uses ``torch.median``,
 the *lower* median, which also propagates NaN; we deliberately differ on both counts.)

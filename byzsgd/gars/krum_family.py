@@ -1,7 +1,7 @@
 """Distance-based selection rules: Krum, Multi-Krum, Bulyan.
 
 Distances come from one Gram-matrix product (``X X^T``, see
-:func:`byzsgd.gars._select.pairwise_sq_dists`), not ``torch.cdist``: DESIGN §9 measured
+:func:`byzsgd.gars._select.pairwise_sq_dists`), not ``torch.cdist``: docs/design.md §9 measured
 2.7-11x the copy floor against 13-53x.  The O(n^2 log n) scoring is done on the small
 [n, n] float64 matrix.
 

@@ -7,7 +7,7 @@ opts in to the same program fused by ``torch.compile`` (:mod:`byzsgd.gars._compi
 ~1-1.5x the copy floor at n=20 instead of ~3-8x, at the price of a one-off compilation).
 
 All four sort every coordinate across the n inputs with the pruned min/max networks of
-:mod:`byzsgd.gars._select` (column blocks of ~8 MB; see DESIGN §9), not with
+:mod:`byzsgd.gars._select` (column blocks of ~8 MB; see docs/design.md §9), not with
 ``torch.median``/``torch.sort`` on dim 0, which are 10-60x slower on wide inputs.
 
 Non-finite inputs (all four rules): NaN is ordered as +inf, +inf as +inf, -inf as -inf.

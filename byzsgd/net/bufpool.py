@@ -1,7 +1,7 @@
 """Where receive buffers are recycled.
 
 A freshly allocated 44 MB buffer costs page faults on first touch (1.2-2.3 GB/s against ~12 GB/s
-for memcpy, DESIGN §9), so a node that receives a model every step must not allocate a new one
+for memcpy, docs/design.md §9), so a node that receives a model every step must not allocate a new one
 each time.  Frame bodies are read straight into a buffer from this pool; the ``Message`` built on
 it owns the buffer until ``release()`` puts it back.  A buffer that is never released is simply
 garbage-collected: the pool only remembers *free* buffers, so forgetting ``release()`` costs

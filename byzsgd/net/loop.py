@@ -1,7 +1,7 @@
 """Where the event loop is chosen: uvloop when importable, plain asyncio otherwise.
 
 uvloop's ``BufferedProtocol`` path is what makes the transport reach raw-socket throughput and a
-22 µs round trip (default asyncio: 51-60 µs, DESIGN §9); everything also works on asyncio.
+22 µs round trip (default asyncio: 51-60 µs, docs/design.md §9); everything also works on asyncio.
 """
 from __future__ import annotations
 

@@ -57,7 +57,7 @@ class NodeStats:
 
 
 class Node:
-    """A cluster member.  See the module docstring and DESIGN §4.
+    """A cluster member.  See the module docstring and docs/design.md §4.
 
     Give either ``directory`` (every rank's address is known: the node listens on its own
     directory port) or ``master=(host, port)`` with ``world_size`` and ``num_ps`` (rendezvous:

@@ -5,7 +5,7 @@ small staging buffer for prefixes, headers and small bodies, and for each frame 
 buffer from the :class:`~byzsgd.net.bufpool.BufferPool` *after* the prefix and the header passed
 every check.  While a body is being received, ``get_buffer()`` hands out a view of exactly the
 missing part of that body, so the kernel copies large tensors straight into their final place
-(``asyncio.BufferedProtocol``; ``StreamReader.readexactly`` is 6-9x slower, DESIGN §9).
+(``asyncio.BufferedProtocol``; ``StreamReader.readexactly`` is 6-9x slower, docs/design.md §9).
 
 :class:`Connection` is the ``asyncio.BufferedProtocol``: it runs the handshake (through tiny
 length-prefixed msgpack messages, at most ``HS_MAX`` bytes, parsed by the same reader in its

@@ -1,7 +1,7 @@
 """Where a quorum is counted: a per-kind mailbox of messages indexed by (step, sender).
 
 The ByzSGD protocol needs "the first q distinct senders for step t, as they arrive, never
-waiting for the others" (DESIGN §3).  A :class:`Mailbox` files each delivered message under its
+waiting for the others" (docs/design.md §3).  A :class:`Mailbox` files each delivered message under its
 step and sender and completes a pending :meth:`Mailbox.collect` the moment the q-th distinct
 allowed sender arrives: an ``asyncio.Future`` resolved from ``deliver``, no polling, no sleeps.
 

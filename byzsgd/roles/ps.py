@@ -1,6 +1,6 @@
 """A parameter server: ``python -m byzsgd.roles.ps``.
 
-Mode ``garfield`` (DESIGN.md §3), step t:
+Mode ``garfield`` (docs/design.md §3), step t:
 
 1. send the model (tagged t) to every worker — the gradient request;
 2. take gradients for step t as they arrive: the first q_w = n_w - fw distinct workers;
