@@ -7,9 +7,12 @@ Distances come from one Gram-matrix product (``X X^T``, see
 
 Non-finite inputs: a row with any NaN/Inf coordinate (or whose squared norm overflows) is
 infinitely far from all others, so its Krum score is +inf and it is never selected while
-n is within the bound.  Ties in score go to the lowest row index (deterministic).
+n is within the bound.  Krum / Multi-Krum: ties in score go to the lowest row index
+(deterministic); Bulyan's rounds break ties without regard to the order of the rows.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -58,12 +61,35 @@ def multi_krum(vectors: torch.Tensor, f: int, m: int | None = None) -> torch.Ten
     return _select.mean_of_rows(vectors, idx, all_finite=not bool(bad.any()))
 
 
+def _round_winner(sub: torch.Tensor, f: int) -> int:
+    """One Bulyan round on the [n', n'] distances of the remaining rows: the position of the
+    Krum winner with at least one neighbour, ties broken without looking at positions.
+
+    Score: the sum of the squared distances to the k = max(n' - f - 2, 1) nearest others
+    (at most n' - 1).  Textbook Krum would use n' - f - 2 <= 0 neighbours in Bulyan's last
+    rounds at n = 4f + 3, every score 0, and the first remaining row -- the one that arrived
+    first -- would win.  With one neighbour, two mutual nearest neighbours tie exactly (the
+    distance matrix is exactly symmetric), so ties go to the smaller (k+1)-th nearest
+    distance, then the (k+2)-th, ...: the sorted distance rows, compared lexicographically.
+    Only rows whose whole sorted distance rows are equal (e.g. duplicates, where either
+    choice gives the same values) fall back to the lower position.
+    """
+    m = sub.shape[0]
+    k = min(max(m - f - 2, 1), m - 1)
+    off = sub.clone()
+    off.fill_diagonal_(math.inf)
+    srt = torch.sort(off, dim=1).values  # [m, m]: the m - 1 distances, then +inf
+    scores = srt[:, :k].sum(dim=1) if k > 0 else torch.zeros(m, dtype=srt.dtype)
+    keys = torch.cat([scores.unsqueeze(1), srt[:, k: m - 1]], dim=1).tolist()
+    return min(range(m), key=lambda i: (keys[i], i))
+
+
 def bulyan_select(vectors: torch.Tensor, f: int) -> torch.Tensor:
     """Bulyan's selection: theta = n - 2f indices chosen by iterated Krum.
 
-    Each round runs Krum (n' - f - 2 nearest neighbours, n' the remaining count) on the
-    rows not yet selected, selects the winner and removes it.  Returned in selection order
-    (CPU int64).
+    Each round scores the rows not yet selected (:func:`_round_winner`: Krum with
+    max(n' - f - 2, 1) neighbours, n' the remaining count, order-free ties), selects the
+    winner and removes it.  Returned in selection order (CPU int64).
     """
     n = vectors.shape[0]
     theta = n - 2 * f
@@ -73,8 +99,7 @@ def bulyan_select(vectors: torch.Tensor, f: int) -> torch.Tensor:
     for _ in range(theta):
         idx = torch.tensor(active)
         sub = dists.index_select(0, idx).index_select(1, idx)
-        best = int(torch.argmin(_select.krum_scores(sub, f)))  # first minimum
-        chosen.append(active.pop(best))
+        chosen.append(active.pop(_round_winner(sub, f)))
     return torch.tensor(chosen, dtype=torch.long)
 
 
@@ -83,7 +108,9 @@ def bulyan_select(vectors: torch.Tensor, f: int) -> torch.Tensor:
                     "Learning in Byzantium', ICML 2018 (Bulyan over Krum)")
 def bulyan(vectors: torch.Tensor, f: int) -> torch.Tensor:
     """Bulyan (El Mhamdi et al., ICML 2018) over Krum: select theta = n - 2f inputs by
-    iterated Krum (each time removing the selected one and re-scoring the rest), then per
+    iterated Krum (each time removing the selected one and re-scoring the rest; every round
+    scores with at least one neighbour and breaks ties by the rows' further distances, so
+    the selection does not depend on the order of arrival -- see :func:`_round_winner`), then per
     coordinate average the beta = theta - 2f selected values closest to the coordinate's
     (numpy) median of the selected.  Non-finite rows are never selected within the bound
     (infinite Krum score)."""

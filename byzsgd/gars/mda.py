@@ -18,16 +18,28 @@ Exact algorithm (not a heuristic), on the precomputed [n, n] squared-distance ma
    excluded; the search fails when the edges left exceed budget x max degree; otherwise it
    branches on a max-degree vertex v: exclude v, or exclude all its neighbours.  Its
    cost is bounded by ~1.47^f search nodes and is tiny for typical inputs.
-3. Ties (several optimal subsets) are broken deterministically: the lexicographically
-   first subset of sorted indices, i.e. exactly the first minimum that
-   ``itertools.combinations(range(n), n - f)`` would meet.  It is built greedily (include
-   index i iff a feasible completion exists), one vertex-cover test per index.
+3. Ties.  Several subsets often share the minimum diameter (it is set by one pair, and the
+   other members can often be swapped).  A tie rule that looks at indices would let the
+   order of arrival decide (a Byzantine input that arrives first would be kept), so the
+   optimum is refined without looking at indices: among the minimum-diameter subsets, the
+   one whose pairwise distances, sorted in decreasing order, are lexicographically
+   smallest (least diameter, then least second-largest distance, ...).  With distinct
+   distances it is unique, and found greedily: the pair at the optimal diameter belongs to
+   every optimal subset, so both ends are chosen; then the least threshold t for the
+   distances not between two chosen rows is searched again (the chosen rows' mutual
+   distances are common to all candidates and do not discriminate), its pair chosen, and so
+   on until n - f rows are chosen -- at most n - f rounds of the binary search above.  Only
+   exact ties in distance (duplicate rows, lattice points: measure zero for real gradients)
+   fall back to index order: the first such subset in ``itertools.combinations`` order.
 
 Non-finite inputs: a row with a NaN/Inf coordinate is at distance +inf from all others,
 so it is excluded whenever a finite-diameter subset exists (at most f such rows).
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from byzsgd.gars import _select
@@ -98,20 +110,46 @@ def _feasible(adj: list[int], n: int, f: int, inc: int, exc: int) -> bool:
     return _vertex_cover(adj, alive, k)
 
 
-def _conflicts(d: list[list[float]], n: int, t: float) -> list[int]:
-    adj = [0] * n
+def _conflicts(d: np.ndarray, t: float, inside: np.ndarray) -> list[int]:
+    """Conflict graph as bitmasks: an edge where the distance exceeds ``t``, except between
+    two rows already chosen (``inside``): those are in every candidate subset."""
+    n = d.shape[0]
+    conf = d > t
+    conf &= ~np.outer(inside, inside)
+    np.fill_diagonal(conf, False)
+    packed = np.packbits(conf, axis=1, bitorder="little")
+    return [int.from_bytes(packed[i].tobytes(), "little") for i in range(n)]
+
+
+def _bits(mask: int) -> list[int]:
+    out = []
+    while mask:
+        low = mask & -mask
+        out.append(low.bit_length() - 1)
+        mask ^= low
+    return out
+
+
+def _index_order_completion(adj: list[int], n: int, f: int, m: int, inc: int) -> list[int]:
+    """Exact-tie fallback: extend ``inc`` greedily in index order (include i iff a feasible
+    completion exists), i.e. the first optimal subset in ``combinations`` order."""
+    exc = 0
     for i in range(n):
-        row = d[i]
-        m = 0
-        for j in range(n):
-            if j != i and row[j] > t:
-                m |= 1 << j
-        adj[i] = m
-    return adj
+        if inc.bit_count() == m:
+            break
+        if (inc >> i) & 1:
+            continue
+        if _feasible(adj, n, f, inc | (1 << i), exc):
+            inc |= 1 << i
+        else:
+            exc |= 1 << i
+    return _bits(inc)
 
 
 def mda_select(dists: torch.Tensor, f: int) -> list[int]:
-    """Indices (sorted) of the lexicographically first minimum-diameter (n - f)-subset.
+    """Indices (sorted) of the (n - f)-subset whose pairwise distances, sorted in decreasing
+    order, are lexicographically smallest: the minimum diameter, then the smallest next
+    largest distance, and so on (the module docstring says why and how).
 
     ``dists``: [n, n] symmetric (squared) distances; only their order matters.
     """
@@ -121,27 +159,33 @@ def mda_select(dists: torch.Tensor, f: int) -> list[int]:
         return list(range(n))
     if m <= 1:
         return [0]
-    d = dists.detach().to("cpu", torch.float64).tolist()
-    vals = sorted({d[i][j] for i in range(n) for j in range(i + 1, n)})
-    lo, hi = 0, len(vals) - 1  # vals[hi] (the max) is always feasible
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if _feasible(_conflicts(d, n, vals[mid]), n, f, 0, 0):
-            hi = mid
-        else:
-            lo = mid + 1
-    adj = _conflicts(d, n, vals[lo])
-    inc = exc = 0
-    chosen: list[int] = []
-    for i in range(n):
-        if len(chosen) == m:
-            break
-        if len(chosen) + (n - i) == m or _feasible(adj, n, f, inc | (1 << i), exc):
-            inc |= 1 << i
-            chosen.append(i)
-        else:
-            exc |= 1 << i
-    return chosen
+    d = dists.detach().to("cpu", torch.float64).numpy()
+    upper = np.triu(np.ones((n, n), dtype=bool), k=1)
+    inc = 0
+    inside = np.zeros(n, dtype=bool)
+    cap = math.inf
+    while inc.bit_count() < m:
+        # The next largest distance of the candidates, among pairs not both chosen.
+        free = upper & ~np.outer(inside, inside)
+        vals = np.unique(d[free & (d <= cap)])  # sorted; its largest is always feasible
+        lo, hi = 0, len(vals) - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if _feasible(_conflicts(d, vals[mid], inside), n, f, inc, 0):
+                hi = mid
+            else:
+                lo = mid + 1
+        t = float(vals[lo])
+        pairs = np.argwhere(free & (d == t))
+        if len(pairs) != 1:  # exact tie in distance: index order decides from here
+            return _index_order_completion(_conflicts(d, t, inside), n, f, m, inc)
+        # Distinct distances: every optimal subset contains both ends of the one pair at t
+        # (one without it would have all its free distances below t), so both are chosen.
+        for v in pairs[0]:
+            inc |= 1 << int(v)
+            inside[int(v)] = True
+        cap = t
+    return _bits(inc)
 
 
 @register("mda", min_inputs=lambda f: 2 * f + 1, condition="n >= 2f + 1",

@@ -1,0 +1,70 @@
+"""scripts/bench_attacks.py and scripts/sim_defaults.py: argument handling, tables, a tiny sim."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+bench = _load("bench_attacks")
+sim = _load("sim_defaults")
+
+
+def test_bench_seeds_and_fw_parsing():
+    p = bench.build_parser()
+    assert p.parse_args([]).seeds == [0] and p.parse_args([]).fw == [1]
+    assert p.parse_args(["--seeds", "3"]).seeds == [0, 1, 2]
+    assert p.parse_args(["--seeds", "5,7"]).seeds == [5, 7]
+    assert p.parse_args(["--fw", "1,2"]).fw == [1, 2]
+    with pytest.raises(SystemExit):
+        p.parse_args(["--seeds", "x"])
+    assert "takes about" in p.format_help()  # the cost estimate is stated
+
+
+def test_bench_columns_and_refusals(monkeypatch):
+    args = bench.build_parser().parse_args(["--rules", "median,mda"])
+    assert [str(c) for c in bench.columns(args)] == ["median", "mda"]
+    # Columns with a pipeline / worker momentum: validated, then passed through when wired.
+    args = bench.build_parser().parse_args(["--rules", "median", "--pre_agg", "none;clipping,nnm",
+                                            "--worker_momentum", "0,0.9"])
+    monkeypatch.setattr(bench, "launcher_parser", lambda: type("P", (), {
+        "format_help": lambda self: "--pre_agg --worker_momentum"})())
+    assert [str(c) for c in bench.columns(args)] == [
+        "median", "median+wm0.9", "median+clipping,nnm", "median+clipping,nnm+wm0.9"]
+    monkeypatch.setattr(bench, "launcher_parser", lambda: type("P", (), {
+        "format_help": lambda self: ""})())
+    with pytest.raises(SystemExit, match="no --pre_agg flag yet"):
+        bench.columns(args)
+    args = bench.build_parser().parse_args(["--rules", "krum", "--pre_agg", "bucketing:s=2"])
+    with pytest.raises(Exception, match="krum"):
+        bench.columns(args)
+    args = bench.build_parser().parse_args(["--worker_momentum", "1.0"])
+    with pytest.raises(Exception, match=r"\[0, 1\)"):
+        bench.columns(args)
+
+
+def test_bench_summary_format():
+    s = bench.summary([96.0, 97.0, None])
+    assert s["mean"] == 96.5 and abs(s["sd"] - 0.7071) < 1e-3
+    assert bench.fmt(s, "") == "96.50+-0.71(1x)"
+    assert bench.fmt(bench.summary([95.0]), "") == "95.00"
+    assert bench.fmt(bench.summary([None]), "timeout") == "timeout"
+
+
+def test_sim_config_parsing_and_tiny_run(capsys):
+    rule, pipe, beta = sim.parse_config("median+clipping,nnm+wm0.9")
+    assert (rule, str(pipe), beta) == ("median", "clipping,nnm", 0.9)
+    assert sim.main(["--configs", "median+nnm+wm0.9", "--attacks", "optimal_alie", "--fw", "2",
+                     "--steps", "2", "--eval_samples", "50", "--no_baseline"]) == 0
+    out = capsys.readouterr().out
+    assert "median+nnm+wm0.9" in out and "optimal_alie@2" in out and "ranking" in out
