@@ -31,12 +31,13 @@ class Flag:
     group: str = BYZSGD
     choices: tuple[str, ...] | None = None
     needs: str | None = None  # "paper" / "sync": a non-default value needs that mode
+    switch: bool = False  # a bool given as a bare ``--name`` (store_true), e.g. --json
 
 
 def flag(help: str, *, group: str = BYZSGD, choices: Iterable[str] | None = None,
-         needs: str | None = None) -> dict[str, Flag]:
+         needs: str | None = None, switch: bool = False) -> dict[str, Flag]:
     """Field metadata declaring a flag (``field(default=..., metadata=flag(...))``)."""
-    return {"flag": Flag(help, group, tuple(choices) if choices else None, needs)}
+    return {"flag": Flag(help, group, tuple(choices) if choices else None, needs, switch)}
 
 
 def parse_bool(text: str | bool) -> bool:
@@ -113,6 +114,9 @@ def add_flags(parser: argparse.ArgumentParser, classes: Iterable[type], *,
         for f, fl in flag_fields(cls):
             if fl.group not in groups:
                 groups[fl.group] = parser.add_argument_group(fl.group)
+            if fl.switch:
+                groups[fl.group].add_argument(f"--{f.name}", action="store_true", help=fl.help)
+                continue
             parse = _PARSERS[kind(f)]
             groups[fl.group].add_argument(
                 f"--{f.name}", type=parse, choices=fl.choices, help=fl.help,
@@ -136,16 +140,51 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def to_argv(obj: Any, *, skip: Iterable[str] = ()) -> list[str]:
-    """``--name value`` for every flag field of ``obj`` that is not None (in field order)."""
-    skip = set(skip)
+def to_argv(obj: Any, *, skip: Iterable[str] = (), only: Iterable[str] | None = None) -> list[str]:
+    """``--name value`` for every flag field of ``obj`` that is not None (in field order),
+    but those in ``skip`` and, when given, those not in ``only``."""
+    skip, only = set(skip), None if only is None else set(only)
     argv: list[str] = []
-    for f, _ in flag_fields(type(obj)):
+    for f, fl in flag_fields(type(obj)):
         value = getattr(obj, f.name)
-        if f.name in skip or value is None:
+        if f.name in skip or value is None or (only is not None and f.name not in only):
             continue
-        argv += [f"--{f.name}", format_value(value)]
+        if fl.switch:
+            argv += [f"--{f.name}"] if value else []
+        else:
+            argv += [f"--{f.name}", format_value(value)]
     return argv
+
+
+def coerce(cls, name: str, value: Any) -> Any:
+    """A value from a config file (TOML/YAML/JSON) as field ``name`` of ``cls`` holds it:
+    text goes through the flag's own parser, an int is a float where a float is due."""
+    f = next((f for f, _ in flag_fields(cls) if f.name == name), None)
+    if f is None:
+        raise ConfigError(f"{cls.__name__} has no flag field {name!r}")
+    k = kind(f)
+    fl = f.metadata["flag"]
+    if value is None:
+        return None
+    if isinstance(value, str) and k != "str":
+        try:
+            value = _PARSERS[k](value)
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
+            msg = str(exc) if isinstance(exc, argparse.ArgumentTypeError) else f"invalid {k} value: {value!r}"
+            raise ConfigError(f"{name}: {msg}") from None
+    ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          "bool": lambda v: isinstance(v, bool), "dict": lambda v: isinstance(v, dict),
+          "str": lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool)}[k]
+    if not ok(value):
+        raise ConfigError(f"{name}: expected {'a JSON object' if k == 'dict' else 'a ' + k}, got {value!r}")
+    if k == "float":
+        value = float(value)
+    elif k == "str":
+        value = str(value)
+    if fl.choices and value not in fl.choices:
+        raise ConfigError(f"{name}: invalid choice {value!r} (choose from {', '.join(fl.choices)})")
+    return value
 
 
 def split_argv(argv: list[str]) -> dict[str, str | None]:
