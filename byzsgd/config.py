@@ -1,48 +1,33 @@
-"""Command-line flags and the validated run configuration shared by every entry point.
+"""The run configuration shared by every entry point: one object, its flags, its checks.
 
 The flags are those of Garfield's ByzSGD ``trainer.py`` (``--master --rank --dataset --batch
 --num_ps --num_workers --fw --fps --model --loss --optimizer --opt_args --num_iter --gar
---acc_freq --bench --log``) plus ours.  Everything is checked at construction so that a bad
-deployment is refused at start — never at step 1000.
+--acc_freq --bench --log``) plus ours; each is declared once, in the metadata of its
+:class:`RunConfig` field (see :mod:`byzsgd.flags`).  Cheap checks run at construction;
+:meth:`RunConfig.validate` checks everything else (resilience bounds, the rule's and the
+attack's arguments, mode-specific flags) so that a bad deployment is refused at start —
+never at step 1000.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from byzsgd.errors import ConfigError
+from byzsgd.flags import (BYZSGD, GARFIELD, PAPER, add_flags, build_parser, default_of, flag,
+                          flag_fields, parse_bool, parse_json_object, to_argv, values_from)
+
+__all__ = ["RunConfig", "parse_bool", "parse_json_object", "parse_host_port", "node_parser",
+           "config_from_args", "add_arguments", "SECRET_ENV", "SECRET_FILE_ENV", "MODES"]
 
 SECRET_ENV = "BYZSGD_SECRET"
 SECRET_FILE_ENV = "BYZSGD_SECRET_FILE"
 DEFAULT_MASTER_PORT = 29500
 INSECURE_DEFAULT_SECRET = b"byzsgd-public-default-secret"
 MODES = ("garfield", "paper")
-
-
-def parse_bool(text: str | bool) -> bool:
-    """Parse a boolean flag value properly ("false" is False, unlike ``bool("false")``)."""
-    if isinstance(text, bool):
-        return text
-    value = str(text).strip().lower()
-    if value in ("1", "true", "t", "yes", "y", "on"):
-        return True
-    if value in ("0", "false", "f", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
-
-
-def parse_json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text) if text else {}
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {text!r} ({exc.msg})") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
 
 
 def parse_host_port(text: str, default_port: int = DEFAULT_MASTER_PORT) -> tuple[str, int]:
@@ -66,66 +51,107 @@ def parse_host_port(text: str, default_port: int = DEFAULT_MASTER_PORT) -> tuple
     return host, port_num
 
 
+def _f(default: Any, help: str, **kw) -> Any:
+    """A flag field (mutable defaults get a factory)."""
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=flag(help, **kw))
+    return field(default=default, metadata=flag(help, **kw))
+
+
 @dataclass
 class RunConfig:
-    """Everything one node (PS or worker) needs; validated in ``__post_init__``."""
+    """Everything one node (PS or worker) needs; cheap checks in ``__post_init__``, the rest
+    in :meth:`validate`."""
 
-    rank: int = 0
-    num_ps: int = 1
-    num_workers: int = 1
-    fw: int = 0
-    fps: int = 0
-    master: str = "127.0.0.1"
-    peers: str | None = None  # JSON directory file written by the launcher
-    dataset: str = "mnist"
-    data_root: str | None = None
-    split: str = "iid"
-    batch: int = 32
-    model: str = "convnet"
-    loss: str = "nll"
-    optimizer: str = "sgd"
-    opt_args: dict[str, Any] = field(default_factory=lambda: {"lr": 0.1})
-    num_iter: int = 100
-    gar: str | None = None  # None: median in garfield mode, mda in paper mode
-    gar_args: dict[str, Any] = field(default_factory=dict)
-    model_gar: str | None = None  # paper mode / override: the rule applied to models
-    acc_freq: int = 100
-    eval_samples: int = 0  # 0: the whole test set; else a fixed prefix for periodic evaluations
-    bench: bool = False
-    log: bool = True
-    mode: str = "garfield"
-    gather_period: int = 1
-    seed: int = 0
-    metrics: str | None = None
-    listen_host: str = "0.0.0.0"
-    advertise_host: str | None = None
-    port: int | None = None
-    secret_file: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_ca: str | None = None
-    step_timeout: float = 60.0
-    resend_after: float = 2.0
-    startup_timeout: float = 120.0
-    attack: str | None = None
-    attack_args: dict[str, Any] = field(default_factory=dict)
+    # -- Garfield's trainer.py flags (order: their --help)
+    master: str = _f("127.0.0.1", "master (rank 0) address, host or host:port (port default "
+                     "29500); used for the rendezvous when --peers is not given", group=GARFIELD)
+    rank: int = _f(0, "this node's rank; ranks below --num_ps are parameter servers", group=GARFIELD)
+    dataset: str = _f("mnist", "mnist, fashion-mnist, cifar10 or synthetic:CxHxW:K", group=GARFIELD)
+    batch: int = _f(32, "per-worker mini-batch size", group=GARFIELD)
+    num_ps: int = _f(1, "number of parameter servers", group=GARFIELD)
+    num_workers: int = _f(1, "number of workers", group=GARFIELD)
+    fw: int = _f(0, "number of Byzantine workers tolerated", group=GARFIELD)
+    fps: int = _f(0, "number of Byzantine parameter servers tolerated", group=GARFIELD)
+    model: str = _f("convnet", "convnet, cifarnet, resnet18 or a torchvision model", group=GARFIELD)
+    loss: str = _f("nll", "nll or cross-entropy", group=GARFIELD)
+    optimizer: str = _f("sgd", "sgd, adam, adamw, rmsprop, adagrad", group=GARFIELD)
+    opt_args: dict[str, Any] = _f({"lr": 0.1}, "optimizer arguments as JSON, e.g. "
+                                  '\'{"lr":"0.1","momentum":"0.9"}\'', group=GARFIELD)
+    num_iter: int = _f(100, "number of training steps", group=GARFIELD)
+    gar: str | None = _f(None, "aggregation rule of the gradients (default: median; mda in "
+                         "--mode paper)", group=GARFIELD)
+    acc_freq: int = _f(100, "evaluate the test accuracy every N steps", group=GARFIELD)
+    bench: bool = _f(False, "print step timings (true/false)", group=GARFIELD)
+    log: bool = _f(True, "log progress (true/false)", group=GARFIELD)
+    # -- ours
+    mode: str = _f("garfield", "garfield: each PS drives its own learning, models gathered every "
+                   "step; paper: the full ByzSGD of El-Mhamdi et al.", choices=MODES)
+    gar_args: dict[str, Any] = _f({}, "GAR parameters as JSON (checked against the rule's parameters)")
+    model_gar: str | None = _f(None, "rule for the models (default: --gar; median in --mode paper)")
+    gather_period: int = _f(1, "paper mode: steps between gathers", needs="paper")
+    peers: str | None = _f(None, "JSON peer directory (the deployment.json the launcher writes)")
+    data_root: str | None = _f(None, "extra dataset directory (torchvision layout)")
+    split: str = _f("iid", "iid or dirichlet:<alpha>")
+    seed: int = _f(0, "seed of the model, the shards and the attacks")
+    eval_samples: int = _f(0, "test samples used by periodic evaluations (0: all); the last is "
+                           "always full")
+    metrics: str | None = _f(None, "JSON-lines metrics file (PS)")
+    listen_host: str = _f("0.0.0.0", "address to listen on")
+    advertise_host: str | None = _f(None, "address other nodes use to reach this one")
+    port: int | None = _f(None, "port to listen on (default: directory's)")
+    secret_file: str | None = _f(None, f"file holding the cluster secret (else ${SECRET_FILE_ENV} "
+                                 f"or ${SECRET_ENV})")
+    tls_cert: str | None = _f(None, "TLS certificate (PEM); enables TLS")
+    tls_key: str | None = _f(None, "TLS private key (PEM)")
+    tls_ca: str | None = _f(None, "CA bundle used to verify peers' certificates")
+    step_timeout: float = _f(60.0, "seconds a quorum may take before the node reports a stall")
+    resend_after: float = _f(2.0, "seconds after which an unanswered request is sent again")
+    startup_timeout: float = _f(120.0, "seconds to wait for the rendezvous / first connections")
+    attack: str | None = _f(None, "make this node Byzantine with this attack")
+    attack_args: dict[str, Any] = _f({}, "attack parameters as JSON")
+    threads: int = _f(1, "torch intra-op threads")
+    drop_nonfinite: bool = _f(True, "leave gradients/models holding NaN or Inf out of the "
+                              "aggregation, the rule then tolerating that many fewer Byzantine "
+                              "rows (false: hand them to the rule, to study the rule itself)")
+    checkpoint_dir: str | None = _f(None, "PS: directory of atomic checkpoints (model, optimizer "
+                                    "state, step)")
+    checkpoint_every: int = _f(0, "PS: write a checkpoint every N steps (0: never)")
+    resume: bool = _f(False, "PS: restart from the last checkpoint in --checkpoint_dir (true/false)")
+    # -- paper mode (docs/design.md §3; El-Mhamdi et al., Distributed Computing 35, 2022)
+    sync: bool = _f(False, "synchronous variant: a worker pulls one PS's model, checks it with the "
+                    "Lipschitz and outliers filters, and pulls the next PS if it fails",
+                    group=PAPER, needs="paper")
+    lipschitz_quantile: float | None = _f(
+        None, "--sync: a model passes the Lipschitz filter if its empirical Lipschitz coefficient "
+        "is at most this quantile of the accepted ones (default: the paper's (n_ps - fps) / n_ps)",
+        group=PAPER, needs="sync")
+    lipschitz_warmup: int = _f(5, "--sync: coefficients observed before the Lipschitz filter "
+                               "rejects", group=PAPER, needs="sync")
+    lipschitz_window: int = _f(20, "--sync: the Lipschitz filter's history is the last N "
+                               "coefficients (the coefficient drifts as training goes; a short "
+                               "window follows it)", group=PAPER, needs="sync")
+    outliers_factor: float | None = _f(
+        None, "--sync: a model passes the outliers filter if it lies within factor * lr * "
+        "||update|| of the model the worker expects (default: the paper's 3T + 2, T = "
+        "--gather_period)", group=PAPER, needs="sync")
+    pull_timeout: float = _f(1.0, "--sync: seconds a worker waits for a pulled model before the "
+                             "next PS", group=PAPER, needs="sync")
+    log_diameter: bool = _f(True, "PSes exchange their models after each gather to log the exact "
+                            "diameter after it (one more model per peer and gather)", group=PAPER)
+    strict_resilience: bool = _f(False, "also refuse deployments outside the journal theorem's "
+                                 "n_ps > 3 fps + 1 (n_ps > 3 fps and n_w > 3 fw are always "
+                                 "required)", group=PAPER)
+    # -- not a flag: derived from --attack
     byzantine: bool = False
-    threads: int = 1
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 0
-    resume: bool = False
-    drop_nonfinite: bool = True
-    # paper mode (docs/design.md §3; El-Mhamdi et al., Distributed Computing 35, 2022)
-    sync: bool = False
-    lipschitz_quantile: float | None = None  # None: (n_ps - fps) / n_ps, the paper's
-    lipschitz_warmup: int = 5
-    lipschitz_window: int = 20
-    outliers_factor: float | None = None  # None: 3T + 2 (T = gather_period), the paper's
-    pull_timeout: float = 1.0
-    log_diameter: bool = True
-    strict_resilience: bool = False
 
     def __post_init__(self) -> None:
+        if self.attack:
+            self.byzantine = True
+        self.check_fields()
+
+    def check_fields(self) -> None:
+        """The checks that need nothing but the values (run at construction)."""
         ints = ("rank", "num_ps", "num_workers", "fw", "fps", "batch", "num_iter", "acc_freq",
                 "gather_period", "seed", "threads", "eval_samples", "checkpoint_every",
                 "lipschitz_warmup", "lipschitz_window")
@@ -175,6 +201,7 @@ class RunConfig:
                 raise ConfigError(f"--{name} must be > 0, got {getattr(self, name)}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("--tls_cert and --tls_key go together")
+
 
     # -- derived quantities -------------------------------------------------------------
     @property
@@ -284,111 +311,84 @@ class RunConfig:
             "launchers generate a real one", SECRET_ENV, SECRET_FILE_ENV)
         return INSECURE_DEFAULT_SECRET
 
+
+    def validate(self) -> "RunConfig":
+        """Everything a node would refuse, refused now (before step 0): the fields, the
+        mode-specific flags, the resilience bounds, ``gar_args`` against the rule's
+        parameters, and the attack with its arguments.  Returns ``self``."""
+        from byzsgd import gars  # late: config must not drag torch into --help
+        from byzsgd.roles import byzantine
+
+        self.check_fields()
+        self.check_mode_flags()
+        self.check_resilience()
+        gars.registry.check_params(self.gar, self.gar_args, what="--gar_args")
+        if self.attack:
+            byzantine.check_attack(self)
+        return self
+
+    def check_mode_flags(self) -> None:
+        """A flag of one mode set (to a non-default value) in another is refused: it would be
+        silently ignored."""
+        active = {"paper": self.mode == "paper", "sync": self.sync}
+        for f, fl in flag_fields(type(self)):
+            if fl.needs and not active[fl.needs] and getattr(self, f.name) != default_of(f):
+                needed = "--mode paper" if fl.needs == "paper" else "--mode paper --sync true"
+                raise ConfigError(f"--{f.name} {getattr(self, f.name)} needs {needed} "
+                                  f"(it has no effect in {self.mode} mode"
+                                  f"{' without --sync' if fl.needs == 'sync' and self.mode == 'paper' else ''})")
+
+    # -- processes on other hosts / exec'd processes ---------------------------------------
+    def to_argv(self) -> list[str]:
+        """The flags that start this configuration in another process (``from_argv`` reads
+        them back to an equal object)."""
+        return to_argv(self)
+
+    @classmethod
+    def from_argv(cls, argv: list[str], *, prog: str = "byzsgd") -> "RunConfig":
+        """Parse node flags (raises ConfigError on a bad one; never exits)."""
+        return config_from_args(node_parser(prog, raising=True).parse_args(list(argv)))
+
+    def secret(self) -> bytes:
+        """The cluster secret: --secret_file, $BYZSGD_SECRET_FILE or $BYZSGD_SECRET."""
+        path = self.secret_file or os.environ.get(SECRET_FILE_ENV)
+        if path:
+            try:
+                data = Path(path).read_bytes().strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read the secret file {path}: {exc}") from None
+            if not data:
+                raise ConfigError(f"the secret file {path} is empty")
+            return data
+        env = os.environ.get(SECRET_ENV)
+        if env:
+            return env.encode()
+        # Garfield's flags carry no secret: run, but say loudly that anyone can join.
+        import logging
+        logging.getLogger("byzsgd.config").warning(
+            "no cluster secret given ($%s, $%s or --secret_file): using "
+            "the public default secret, so anybody who can reach the ports can join; the "
+            "launchers generate a real one", SECRET_ENV, SECRET_FILE_ENV)
+        return INSECURE_DEFAULT_SECRET
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+def node_parser(prog: str, description: str = "", *, defaults: dict[str, Any] | None = None,
+                raising: bool = False) -> argparse.ArgumentParser:
+    """The parser of a node's flags (every :class:`RunConfig` flag)."""
+    return build_parser(prog, description, [RunConfig], defaults=defaults, raising=raising)
+
+
 def add_arguments(parser: argparse.ArgumentParser, *, role: str | None = None) -> None:
-    """Add the trainer flags (Garfield's, then ours) to ``parser``."""
-    g = parser.add_argument_group("Garfield trainer.py flags")
-    g.add_argument("--master", default="127.0.0.1",
-                   help="master (rank 0) address, host or host:port (port default 29500); "
-                        "used for the rendezvous when --peers is not given")
-    g.add_argument("--rank", type=int, default=None if role is None else 0,
-                   help="this node's rank; ranks below --num_ps are parameter servers")
-    g.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist, cifar10 or synthetic:CxHxW:K")
-    g.add_argument("--batch", type=int, default=32, help="per-worker mini-batch size")
-    g.add_argument("--num_ps", type=int, default=1, help="number of parameter servers")
-    g.add_argument("--num_workers", type=int, default=1, help="number of workers")
-    g.add_argument("--fw", type=int, default=0, help="number of Byzantine workers tolerated")
-    g.add_argument("--fps", type=int, default=0, help="number of Byzantine parameter servers tolerated")
-    g.add_argument("--model", default="convnet", help="convnet, cifarnet, resnet18 or a torchvision model")
-    g.add_argument("--loss", default="nll", help="nll or cross-entropy")
-    g.add_argument("--optimizer", default="sgd", help="sgd, adam, adamw, rmsprop, adagrad")
-    g.add_argument("--opt_args", type=parse_json_object, default={"lr": "0.1"},
-                   help='optimizer arguments as JSON, e.g. \'{"lr":"0.1","momentum":"0.9"}\'')
-    g.add_argument("--num_iter", type=int, default=100, help="number of training steps")
-    g.add_argument("--gar", default=None,
-                   help="aggregation rule of the gradients (default: median; mda in --mode paper)")
-    g.add_argument("--acc_freq", type=int, default=100, help="evaluate the test accuracy every N steps")
-    g.add_argument("--bench", type=parse_bool, default=False, help="print step timings (true/false)")
-    g.add_argument("--log", type=parse_bool, default=True, help="log progress (true/false)")
-
-    o = parser.add_argument_group("byzsgd flags")
-    o.add_argument("--mode", choices=MODES, default="garfield",
-                   help="garfield: each PS drives its own learning, models gathered every step; "
-                        "paper: the full ByzSGD of El-Mhamdi et al.")
-    o.add_argument("--gar_args", type=parse_json_object, default={}, help="GAR parameters as JSON")
-    o.add_argument("--model_gar", default=None, help="rule for the models (default: --gar)")
-    o.add_argument("--gather_period", type=int, default=1, help="paper mode: steps between gathers")
-    o.add_argument("--peers", default=None, help="JSON peer directory (written by the launcher)")
-    o.add_argument("--data_root", default=None, help="extra dataset directory (torchvision layout)")
-    o.add_argument("--split", default="iid", help="iid or dirichlet:<alpha>")
-    o.add_argument("--seed", type=int, default=0, help="seed of the model, the shards and the attacks")
-    o.add_argument("--eval_samples", type=int, default=0,
-                   help="test samples used by periodic evaluations (0: all); the last is always full")
-    o.add_argument("--metrics", default=None, help="JSON-lines metrics file (PS)")
-    o.add_argument("--listen_host", default="0.0.0.0", help="address to listen on")
-    o.add_argument("--advertise_host", default=None, help="address other nodes use to reach this one")
-    o.add_argument("--port", type=int, default=None, help="port to listen on (default: directory's)")
-    o.add_argument("--secret_file", default=None,
-                   help=f"file holding the cluster secret (else ${SECRET_FILE_ENV} or ${SECRET_ENV})")
-    o.add_argument("--tls_cert", default=None, help="TLS certificate (PEM); enables TLS")
-    o.add_argument("--tls_key", default=None, help="TLS private key (PEM)")
-    o.add_argument("--tls_ca", default=None, help="CA bundle used to verify peers' certificates")
-    o.add_argument("--step_timeout", type=float, default=60.0,
-                   help="seconds a quorum may take before the node reports a stall")
-    o.add_argument("--resend_after", type=float, default=2.0,
-                   help="seconds after which an unanswered request is sent again")
-    o.add_argument("--startup_timeout", type=float, default=120.0,
-                   help="seconds to wait for the rendezvous / first connections")
-    o.add_argument("--attack", default=None, help="make this node Byzantine with this attack")
-    o.add_argument("--attack_args", type=parse_json_object, default={}, help="attack parameters as JSON")
-    o.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    o.add_argument("--drop_nonfinite", type=parse_bool, default=True,
-                   help="leave gradients/models holding NaN or Inf out of the aggregation, the rule "
-                        "then tolerating that many fewer Byzantine rows (false: hand them to the "
-                        "rule, to study the rule itself)")
-    p = parser.add_argument_group("paper mode (--mode paper)")
-    p.add_argument("--sync", type=parse_bool, default=False,
-                   help="synchronous variant: a worker pulls one PS's model, checks it with the "
-                        "Lipschitz and outliers filters, and pulls the next PS if it fails")
-    p.add_argument("--lipschitz_quantile", type=float, default=None,
-                   help="--sync: a model passes the Lipschitz filter if its empirical Lipschitz "
-                        "coefficient is at most this quantile of the accepted ones "
-                        "(default: the paper's (n_ps - fps) / n_ps)")
-    p.add_argument("--lipschitz_warmup", type=int, default=5,
-                   help="--sync: coefficients observed before the Lipschitz filter rejects")
-    p.add_argument("--lipschitz_window", type=int, default=20,
-                   help="--sync: the Lipschitz filter's history is the last N coefficients "
-                        "(the coefficient drifts as training goes; a short window follows it)")
-    p.add_argument("--outliers_factor", type=float, default=None,
-                   help="--sync: a model passes the outliers filter if it lies within "
-                        "factor * lr * ||update|| of the model the worker expects "
-                        "(default: the paper's 3T + 2, T = --gather_period)")
-    p.add_argument("--pull_timeout", type=float, default=1.0,
-                   help="--sync: seconds a worker waits for a pulled model before the next PS")
-    p.add_argument("--log_diameter", type=parse_bool, default=True,
-                   help="PSes exchange their models after each gather to log the exact "
-                        "diameter after it (one more model per peer and gather)")
-    p.add_argument("--strict_resilience", type=parse_bool, default=False,
-                   help="also refuse deployments outside the journal theorem's n_ps > 3 fps + 1 "
-                        "(n_ps > 3 fps and n_w > 3 fw are always required)")
-    o.add_argument("--checkpoint_dir", default=None,
-                   help="PS: directory of atomic checkpoints (model, optimizer state, step)")
-    o.add_argument("--checkpoint_every", type=int, default=0,
-                   help="PS: write a checkpoint every N steps (0: never)")
-    o.add_argument("--resume", type=parse_bool, default=False,
-                   help="PS: restart from the last checkpoint in --checkpoint_dir (true/false)")
-
-
-CONFIG_FIELDS = {f for f in RunConfig.__dataclass_fields__}
+    """Add the node flags to ``parser``; ``role=None`` (the trainer): no default rank."""
+    add_flags(parser, [RunConfig], defaults=None if role else {"rank": None})
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    values = {k: v for k, v in vars(args).items() if k in CONFIG_FIELDS and v is not None}
-    if values.get("attack"):
-        values["byzantine"] = True
+    """The configuration of parsed node flags (cheap checks done; call ``validate()``)."""
+    values = values_from(RunConfig, args)
     if "rank" not in values:
         raise ConfigError("--rank is required")
     return RunConfig(**values)

@@ -33,24 +33,23 @@ waits for a restarted PS to exit, and stops restarted nodes when it stops the de
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import os
 import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from byzsgd.metrics import read_metrics  # noqa: E402  (light: no torch import)
+from byzsgd.deploy import rundir  # noqa: E402  (light: no torch import)
+from byzsgd.errors import ConfigError  # noqa: E402
+from byzsgd.metrics import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET_FILE_ENV = "BYZSGD_SECRET_FILE"
-FAULTS = "faults.json"
+FAULTS = rundir.FAULTS
 
 
 class FaultError(Exception):
@@ -59,11 +58,10 @@ class FaultError(Exception):
 
 # -- the run directory -----------------------------------------------------------------
 def load_deployment(run_dir: Path) -> dict:
-    path = run_dir / "deployment.json"
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise FaultError(f"cannot read {path}: {exc}") from None
+        return rundir.read_deployment(run_dir)
+    except ConfigError as exc:
+        raise FaultError(str(exc)) from None
 
 
 def rank_info(doc: dict, rank: int) -> dict:
@@ -74,43 +72,12 @@ def rank_info(doc: dict, rank: int) -> dict:
 
 
 def pid_file(run_dir: Path, info: dict) -> Path:
-    return run_dir / f"{info['role']}{info['rank']}.pid"
+    return rundir.rank_file(run_dir, info["role"], int(info["rank"]), "pid")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def _locked(run_dir: Path):
-    with open(run_dir / ".faults.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def read_faults(run_dir: Path) -> dict:
-    try:
-        doc = json.loads((run_dir / FAULTS).read_text())
-    except (OSError, ValueError):
-        doc = {}
-    doc.setdefault("faulty", [])
-    doc.setdefault("paused", [])
-    doc.setdefault("restarted", {})
-    doc.setdefault("events", [])
-    return doc
+_atomic_write = rundir.atomic_write
+_locked = rundir.faults_lock
+read_faults = rundir.read_faults
 
 
 def update_faults(run_dir: Path, rank: int, action: str, pid: int | None, *, faulty: bool | None = None,
@@ -130,7 +97,7 @@ def update_faults(run_dir: Path, rank: int, action: str, pid: int | None, *, fau
             doc["restarted"][str(rank)] = int(restarted_pid)
         doc["events"].append(dict(time=time.time(), action=action, rank=rank, pid=pid,
                                   step=current_step(run_dir)))
-        _atomic_write(run_dir / FAULTS, json.dumps(doc, indent=1))
+        rundir.write_faults(run_dir, doc)
         return doc
 
 
@@ -180,7 +147,7 @@ def is_node(pid: int, run_dir: Path, rank: int, pidfile: Path | None = None) -> 
     (``--spawn fork``) shows the launcher's command line; it is accepted when it leads its
     own session and started before its pid file was written (a recycled pid starts later)."""
     args = _cmdline(pid)
-    peers = (run_dir / "deployment.json").resolve()
+    peers = rundir.deployment_path(run_dir).resolve()
     try:
         if "--peers" in args and "--rank" in args:
             return (args[args.index("--rank") + 1] == str(rank) and
@@ -236,17 +203,8 @@ def _records(path: str | None):
 
 def ps_steps(run_dir: Path) -> dict[int, int]:
     """The last completed step logged by each correct PS (-1 when none yet)."""
-    doc = load_deployment(run_dir)
-    out = {}
-    for r in doc["ranks"]:
-        if r["role"] != "ps" or r["byzantine"]:
-            continue
-        last = -1
-        for rec in _records(r.get("metrics")):
-            if "step_time" in rec and "event" not in rec:
-                last = max(last, int(rec["step"]))
-        out[int(r["rank"])] = last
-    return out
+    load_deployment(run_dir)  # FaultError when there is no deployment (yet)
+    return rundir.ps_steps(run_dir)
 
 
 def current_step(run_dir: Path) -> int | None:
@@ -260,7 +218,7 @@ def current_step(run_dir: Path) -> int | None:
 def wait_step(run_dir: Path, k: int, *, timeout: float = 900.0, poll: float = 0.2) -> dict[int, int]:
     """Wait until every correct PS that is not faulty or paused logged a step >= k."""
     deadline = time.monotonic() + timeout
-    while not (run_dir / "deployment.json").exists():
+    while not rundir.deployment_path(run_dir).exists():
         if time.monotonic() > deadline:
             raise FaultError(f"no deployment in {run_dir}")
         time.sleep(poll)
@@ -347,9 +305,7 @@ def restart(run_dir: Path, rank: int) -> int:
                                 stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True)
     _atomic_write(pid_file(run_dir, info), str(proc.pid))
     with _locked(run_dir):
-        doc = load_deployment(run_dir)
-        rank_info(doc, rank)["pid"] = proc.pid
-        _atomic_write(run_dir / "deployment.json", json.dumps(doc, indent=1))
+        rundir.set_rank_pid(run_dir, rank, proc.pid)
     update_faults(run_dir, rank, "restarted", proc.pid, restarted_pid=proc.pid)
     return proc.pid
 

@@ -110,3 +110,109 @@ def test_every_flag_has_help():
     for action in p._actions:
         if action.option_strings and action.dest != "help":
             assert action.help, action.dest
+
+
+# -- one configuration object: flags round-trip, everything refused at start --------------------
+def _every_flag_set() -> RunConfig:
+    """A configuration with every flag away from its default (paper --sync so that the
+    mode-specific flags are legal)."""
+    return RunConfig(master="10.0.0.1:4000", rank=2, dataset="synthetic:1x8x8:4", batch=7, num_ps=4,
+                     num_workers=7, fw=1, fps=1, model="cifarnet", loss="cross-entropy",
+                     optimizer="sgd", opt_args={"lr": "0.05", "momentum": 0.9}, num_iter=11,
+                     gar="median", acc_freq=3, bench=True, log=False, mode="paper",
+                     gar_args={}, model_gar="median", gather_period=3, peers="/x/deployment.json",
+                     data_root="/data", split="dirichlet:0.5", seed=9, eval_samples=100,
+                     metrics="/x/m.jsonl", listen_host="127.0.0.2", advertise_host="h", port=1234,
+                     secret_file="/s", tls_cert="c.pem", tls_key="k.pem", tls_ca="ca.pem",
+                     step_timeout=5.5, resend_after=0.25, startup_timeout=1e-3, attack="ipm",
+                     attack_args={"epsilon": 0.5, "collude": True}, threads=2,
+                     drop_nonfinite=False, checkpoint_dir="/ck", checkpoint_every=4, resume=True,
+                     sync=True, lipschitz_quantile=0.5, lipschitz_warmup=2, lipschitz_window=9,
+                     outliers_factor=7.5, pull_timeout=0.5, log_diameter=False,
+                     strict_resilience=True)
+
+
+def test_every_flag_round_trips_through_argv():
+    from byzsgd.flags import flag_fields, default_of
+
+    cfg = _every_flag_set()
+    unset = [f.name for f, _ in flag_fields(RunConfig) if getattr(cfg, f.name) == default_of(f)]
+    # the test covers every flag (--sync needs the default optimizer; median takes no gar_args)
+    assert unset == ["optimizer", "gar_args"], unset
+    argv = cfg.to_argv()
+    assert RunConfig.from_argv(argv) == cfg
+    other = RunConfig(optimizer="adam", num_workers=3, gar="geometric_median", gar_args={"eps": 1e-5})
+    assert RunConfig.from_argv(other.to_argv()) == other
+    assert RunConfig.from_argv(RunConfig(rank=0).to_argv()) == RunConfig(rank=0)
+    # the trainer's parser reads the same argv to the same object
+    assert config_from_args(trainer_parser().parse_args(argv)) == cfg
+
+
+def test_launch_config_round_trips_and_harness_values_match_flags():
+    from byzsgd.deploy.options import LaunchConfig
+
+    lc = LaunchConfig.from_argv(["--num_iter", "5", "--byz_workers", "1", "--worker_attack", "alie",
+                                 "--worker_attack_args", '{"collude": true}', "--json", "--spawn", "exec"])
+    assert lc.json and lc.spawn == "exec" and lc.run.num_iter == 5 and lc.run.num_ps == 4
+    assert LaunchConfig.from_argv(lc.to_argv()) == lc
+    assert LaunchConfig.from_values(dict(num_iter="5", byz_workers=1, worker_attack="alie",
+                                         worker_attack_args={"collude": True}, json=True,
+                                         spawn="exec")) == lc
+
+
+def test_gar_args_checked_against_the_rule():
+    RunConfig(gar="trimmed_mean", gar_args={}).validate()
+    RunConfig(num_workers=3, gar="geometric_median", gar_args={"eps": 1e-5}).validate()
+    with pytest.raises(ConfigError, match="--gar_args.*'median'.*'bogus'"):
+        RunConfig(gar_args={"bogus": 1}).validate()
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(rank=1, num_workers=2, attack="alie", attack_args={"nope": 1}), "unknown arguments \\['nope'\\]"),
+    (dict(rank=1, num_workers=2, attack="teleport"), "unknown worker attack 'teleport'"),
+    (dict(rank=0, attack="stale", attack_args={"lag": "soon"}), "PS attack 'stale'.*lag"),
+    (dict(rank=0, attack="stale", attack_args={"wrong": 1}), "unknown arguments \\['wrong'\\]"),
+    (dict(rank=1, num_workers=2, attack="silent", attack_args={"z": 1}), "unknown arguments \\['z'\\]"),
+])
+def test_bad_attack_refused_by_validate(kwargs, needle):
+    with pytest.raises(ConfigError, match=needle):
+        RunConfig(**kwargs).validate()
+
+
+def test_every_worker_role_arg_accepted():
+    from byzsgd.roles.byzantine import WORKER_ROLE_ARGS
+
+    args = dict(estimate="fresh", estimate_batches=3, collude=True, search_every=2)
+    assert set(args) == set(WORKER_ROLE_ARGS)
+    RunConfig(rank=1, num_workers=2, attack="optimal_alie", attack_args=args).validate()
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(gather_period=5), "--gather_period 5 needs --mode paper"),
+    (dict(mode="paper", num_ps=4, fps=1, num_workers=4, fw=1, pull_timeout=3.0), "--pull_timeout 3.0 needs"),
+    (dict(lipschitz_window=9), "--lipschitz_window 9 needs"),
+])
+def test_mode_flags_refused_outside_their_mode(kwargs, needle):
+    with pytest.raises(ConfigError, match=needle):
+        RunConfig(**kwargs).validate()
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--gar_args", '{"bogus": 1}'], "bogus"),
+    (["--byz_workers", "1", "--worker_attack", "alie", "--worker_attack_args", '{"zz": 1}'], "zz"),
+    (["--sync", "true"], "--sync"),
+    (["--gather_period", "4"], "--gather_period"),
+])
+def test_launcher_refuses_at_start_with_exit_code_2(tmp_path, flags, needle):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, "-m", "byzsgd.launch", "--run_dir", str(tmp_path / "run"),
+                           *flags], capture_output=True, text=True, cwd=root, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "byzsgd.launch: error:" in proc.stderr and needle in proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing was started

@@ -175,24 +175,19 @@ def test_unknown_worker_attack_refused():
 
 # ---------------------------------------------------------------------------- spawning
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork spawning is Linux-only")
-def test_fork_node_runs_a_module_main_with_its_log_and_env(tmp_path):
+def test_fork_node_runs_a_target_with_its_log_and_env(tmp_path):
     from byzsgd.deploy.spawn import fork_node
 
-    mod = tmp_path / "byz_probe_mod.py"
-    mod.write_text("import os, sys\n"
-                   "def main(argv):\n"
-                   "    print('argv', argv, os.environ.get('PROBE'), flush=True)\n"
-                   "    print('sid', os.getsid(0) == os.getpid(), file=sys.stderr)\n"
-                   "    return 7\n")
-    sys.path.insert(0, str(tmp_path))
-    try:
-        proc = fork_node("byz_probe_mod", ["--x", "1"], str(tmp_path / "log"),
-                         {"PROBE": "yes", "PATH": os.environ.get("PATH", "")})
-        assert proc.wait(30) == 7
-    finally:
-        sys.path.remove(str(tmp_path))
+    def target():  # what the launcher forks: run_role(cfg) on the config it holds
+        print("argv", sys.argv, os.environ.get("PROBE"), flush=True)
+        print("sid", os.getsid(0) == os.getpid(), file=sys.stderr)
+        return 7
+
+    proc = fork_node(target, str(tmp_path / "log"), {"PROBE": "yes", "PATH": os.environ.get("PATH", "")},
+                     name="probe")
+    assert proc.wait(30) == 7
     out = (tmp_path / "log").read_text()
-    assert "argv ['--x', '1'] yes" in out and "sid True" in out
+    assert "argv ['probe'] yes" in out and "sid True" in out
 
 
 # ---------------------------------------------------------------------------- NaN/Inf rows

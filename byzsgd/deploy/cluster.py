@@ -45,11 +45,12 @@ the trainer's exact pid, its exit code; the environment carries ``BYZSGD_RUN_ID`
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import os
 import secrets
 import shlex
-import statistics
 import subprocess
 import sys
 import threading
@@ -58,7 +59,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from byzsgd.config import RunConfig
+from byzsgd.deploy import rundir
 from byzsgd.errors import ByzSGDError, ConfigError
+from byzsgd.flags import split_argv
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RUNNER = "ssh -o BatchMode=yes"
@@ -134,25 +138,8 @@ def read_config(path: str | os.PathLike | None) -> list[str]:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def split_flags(argv: list[str]) -> dict[str, str | None]:
-    """``--name value`` / ``--name=value`` pairs (last wins); a flag with no value maps to None."""
-    out: dict[str, str | None] = {}
-    i = 0
-    while i < len(argv):
-        word = argv[i]
-        if not word.startswith("--"):
-            raise ConfigError(f"expected a --flag, got {word!r} (in {' '.join(argv)!r})")
-        name, sep, value = word[2:].partition("=")
-        if sep:
-            out[name] = value
-            i += 1
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            out[name] = argv[i + 1]
-            i += 2
-        else:
-            out[name] = None
-            i += 1
-    return out
+#: ``--name value`` pairs of an argv (see byzsgd.flags.split_argv)
+split_flags = split_argv
 
 
 def runner_argv(runner: str, host: str) -> list[str]:
@@ -251,9 +238,7 @@ class Plan:
         return out
 
     def local(self, r: Rank, what: str) -> Path:
-        names = {"log": f"{r.stem}.log", "pid": f"{r.stem}.pid", "pgid": f"{r.stem}.pgid",
-                 "rc": f"{r.stem}.rc", "metrics": f"metrics-{r.stem}.jsonl"}
-        return self.run_dir / names[what]
+        return rundir.rank_file(self.run_dir, r.role, r.rank, what)
 
     def describe(self) -> dict:
         ranks = []
@@ -274,16 +259,13 @@ class Plan:
                     tls=bool(self.tls), shared_dirs=self.shared, byzantine_ranks=[], ranks=ranks)
 
     def write_description(self) -> Path:
-        path = self.run_dir / "deployment.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.describe(), indent=1))
-        os.replace(tmp, path)
-        return path
+        return rundir.write_deployment(self.run_dir, self.describe())
 
 
-def check_flags(flags: list[str], num_ps: int, num_workers: int) -> dict[str, str | None]:
-    """Refuse flags the deployment owns; validate the rest with the trainer's own parser."""
-    given = split_flags(flags)
+def check_flags(flags: list[str], num_ps: int, num_workers: int) -> RunConfig:
+    """Refuse flags the deployment owns; parse and validate the rest (the trainer's flags)
+    into the configuration every rank shares."""
+    given = split_argv(flags)
     for name in OWNED_FLAGS:
         if name in given:
             raise ConfigError(f"--{name} is set per rank by the deployment; remove it from the "
@@ -292,24 +274,18 @@ def check_flags(flags: list[str], num_ps: int, num_workers: int) -> dict[str, st
         if name in given and given[name] != str(count):
             raise ConfigError(f"--{name} {given[name]} but the {what} file lists {count} "
                               f"rank{'s' if count != 1 else ''}")
-    from byzsgd.config import config_from_args
-    from byzsgd.deploy.garfield import build_parser
-
-    parser = build_parser()
-    parser.exit_on_error = False
-    rest = [w for w in flags]
     try:
-        args = parser.parse_args(rest + ["--rank", "0", "--num_ps", str(num_ps),
-                                         "--num_workers", str(num_workers)])
-    except (argparse.ArgumentError, SystemExit) as exc:
-        raise ConfigError(f"bad trainer flags {' '.join(rest)!r}: {exc}") from None
-    cfg = config_from_args(args)
+        cfg = RunConfig.from_argv(list(flags) + ["--rank", "0", "--num_ps", str(num_ps),
+                                                 "--num_workers", str(num_workers)],
+                                  prog="python -m byzsgd.trainer")
+    except ConfigError as exc:
+        raise ConfigError(f"bad trainer flags {' '.join(flags)!r}: {exc}") from None
     try:
         import torch  # noqa: F401  (the GAR check needs it; the launching machine may lack it)
     except ImportError:
-        return given
-    cfg.check_resilience()
-    return given
+        return cfg
+    cfg.validate()
+    return cfg
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -336,7 +312,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     for k, path in tls.items():
         if not Path(path).is_file():
             raise ConfigError(f"--{k} {path}: no such file")
-    check_flags(flags, len(servers), len(workers))
+    shared = check_flags(flags, len(servers), len(workers))
     if args.ports not in ("fixed", "ephemeral"):
         raise ConfigError(f"--ports must be fixed or ephemeral, got {args.ports!r}")
     world = len(servers) + len(workers)
@@ -344,7 +320,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise ConfigError(f"--base_port {args.base_port}: ports up to base_port + {world - 1} must exist")
     run_dir = Path(args.run_dir or Path("runs") / time.strftime("multihost-%Y%m%d-%H%M%S")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    if (run_dir / "deployment.json").exists() and not args.force:
+    if rundir.deployment_path(run_dir).exists() and not args.force:
         raise ConfigError(f"{run_dir} already holds a deployment (deployment.json); pick another "
                           f"--run_dir, or --force")
     runner = args.runner if args.runner is not None else os.environ.get(RUNNER_ENV, DEFAULT_RUNNER)
@@ -359,17 +335,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
         port = args.base_port + rank if (args.ports == "fixed" or rank == 0) else None
         r = Rank(rank, role, host, port, (host.dir or args.remote_dir or str(run_dir)).rstrip("/") or "/")
         plan.ranks.append(r)
-    for r in plan.ranks:
-        argv = ["--rank", str(r.rank), "--master", plan.master, "--num_ps", str(plan.num_ps),
-                "--num_workers", str(plan.num_workers), "--port", str(r.port or 0),
-                "--listen_host", r.host.listen, "--advertise_host", r.host.addr,
-                "--secret_file", f"{r.dir}/secret"]
-        if r.role == "ps":
-            argv += ["--metrics", r.remote_metrics]
-        for k in TLS_FLAGS:
-            if k in tls:
-                argv += [f"--{k}", f"{r.dir}/{k.replace('_', '-')}.pem"]
-        r.argv = argv + flags
+    for r in plan.ranks:  # each rank's configuration, as argv: it starts on another host
+        own = dict(rank=r.rank, master=plan.master, port=r.port or 0, listen_host=r.host.listen,
+                   advertise_host=r.host.addr, secret_file=f"{r.dir}/{rundir.SECRET}",
+                   metrics=r.remote_metrics,
+                   **{k: f"{r.dir}/{k.replace('_', '-')}.pem" if k in tls else None for k in TLS_FLAGS})
+        r.argv = dataclasses.replace(shared, **own).to_argv()
     return plan
 
 
@@ -504,10 +475,8 @@ echo "byzsgd-left" $(members)
 
 # ----------------------------------------------------------------------------- start / monitor
 def start(plan: Plan, quiet: bool = False) -> None:
-    if plan.secret_file == plan.run_dir / "secret" and not plan.secret_file.exists():
-        fd = os.open(plan.secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(32))
+    if plan.secret_file == plan.run_dir / rundir.SECRET and not plan.secret_file.exists():
+        rundir.write_secret(plan.secret_file)
     try:
         secret = plan.secret_file.read_text().strip()
     except OSError as exc:
@@ -562,11 +531,7 @@ class StartError(ByzSGDError):
 
 
 def load(run_dir: str | os.PathLike) -> dict:
-    path = Path(run_dir) / "deployment.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from None
+    return rundir.read_deployment(Path(run_dir))
 
 
 def by_host(doc: dict) -> dict[str, list[dict]]:
@@ -630,10 +595,10 @@ def collect(doc: dict, runner: str | None = None) -> None:
     for r in doc["ranks"]:
         if shared.get(r["host"]):
             continue
-        stem = f"{r['role']}{r['rank']}"
-        files = [(r["remote_log"], run_dir / f"{stem}.log"), (f"{r['remote_dir']}/{stem}.rc", run_dir / f"{stem}.rc")]
+        local = functools.partial(rundir.rank_file, run_dir, r["role"], r["rank"])
+        files = [(r["remote_log"], local("log")), (f"{r['remote_dir']}/{local('rc').name}", local("rc"))]
         if r.get("remote_metrics"):
-            files.append((r["remote_metrics"], run_dir / f"metrics-{stem}.jsonl"))
+            files.append((r["remote_metrics"], local("metrics")))
         jobs += [(r["host"], remote, local) for remote, local in files]
 
     def one(job):
@@ -645,31 +610,13 @@ def collect(doc: dict, runner: str | None = None) -> None:
     parallel(one, jobs)
 
 
-def read_metric_records(path: str | os.PathLike) -> list[dict]:
-    from byzsgd.metrics import read_metrics
-
-    return list(read_metrics(path))
-
-
 def summarize(doc: dict, outcome: str, codes: dict[int, int | None]) -> dict:
-    final, times, last_steps = {}, [], {}
-    for r in doc["ranks"]:
-        if r["role"] != "ps":
-            continue
-        recs = read_metric_records(r["metrics"])
-        done = next((x for x in reversed(recs) if x.get("event") == "done"), None)
-        accs = [x["accuracy"] for x in recs if x.get("accuracy") is not None and "event" not in x]
-        steps = [x["step"] for x in recs if "step_time" in x and "event" not in x]
-        last_steps[str(r["rank"])] = max(steps) + 1 if steps else 0
-        final[str(r["rank"])] = done.get("final_accuracy") if done else (accs[-1] if accs else None)
-        if done and done.get("median_step_time") is not None:
-            times.append(done["median_step_time"])
-    accs = [a for a in final.values() if a is not None]
-    return dict(outcome=outcome, run_dir=doc["run_dir"], steps_done=last_steps,
-                final_accuracy=final, min_accuracy=min(accs) if accs else None,
-                median_step_time=statistics.median(times) if times else None,
-                wall_time=time.time() - doc["started"], byzantine_ranks=[],
-                returncodes={str(k): v for k, v in codes.items()})
+    series = rundir.ps_series(doc["run_dir"])
+    core = rundir.run_summary(doc["run_dir"], outcome, started=doc["started"], returncodes=codes)
+    return dict(outcome=outcome, run_dir=doc["run_dir"],
+                steps_done={str(r): s["last_step"] + 1 for r, s in series.items()},
+                **{k: v for k, v in core.items() if k not in ("outcome", "run_dir", "returncodes")},
+                returncodes=core["returncodes"])
 
 
 def monitor(doc: dict, *, timeout: float, quiet: bool, interval: float = 2.0,
@@ -712,29 +659,20 @@ def finish(doc: dict, outcome: str, codes: dict, *, as_json: bool, grace: float 
     left = kill(doc, grace)
     collect(doc)
     for r in doc["ranks"]:
-        rc_file = Path(doc["run_dir"]) / f"{r['role']}{r['rank']}.rc"
+        rc_file = rundir.rank_file(doc["run_dir"], r["role"], r["rank"], "rc")
         if codes.get(r["rank"]) is None and rc_file.exists():
             text = rc_file.read_text().strip()
             codes[r["rank"]] = int(text) if text.lstrip("-").isdigit() else None
     summary = summarize(doc, outcome, codes)
     summary["left_behind"] = {h: p for h, p in left.items() if p}
-    (Path(doc["run_dir"]) / "summary.json").write_text(json.dumps(summary, indent=1))
-    for rank, acc in summary["final_accuracy"].items():
-        acc_s = f"{acc:.2f}%" if isinstance(acc, (int, float)) else "n/a"
-        print(f"byzsgd.cluster: PS {rank} final accuracy {acc_s}", file=sys.stderr)
-    if summary["median_step_time"] is not None:
-        print(f"byzsgd.cluster: median step time {summary['median_step_time']:.4f} s, wall time "
-              f"{summary['wall_time']:.1f} s", file=sys.stderr)
+    rundir.write_summary(doc["run_dir"], summary)
+    rundir.print_summary(summary, "byzsgd.cluster")
     if outcome.startswith("failed"):
         rank = int(outcome.split(":")[1])
         r = doc["ranks"][rank]
         print(f"byzsgd.cluster: {r['role']} {rank} on {r['host']} failed (exit {codes.get(rank)}); "
               f"its log: {r['log']}", file=sys.stderr)
-        try:
-            tail = Path(r["log"]).read_text(errors="replace").splitlines()[-15:]
-            print("\n".join("  | " + line for line in tail), file=sys.stderr)
-        except OSError:
-            pass
+        rundir.print_log_tail(r["log"])
     if summary["left_behind"]:
         print(f"byzsgd.cluster: processes left behind: {summary['left_behind']}", file=sys.stderr)
     if as_json:
@@ -751,21 +689,19 @@ def describe_slurm(run_dir: Path, num_ps: int, num_workers: int, master: str, wa
         ranks = []
         for rank in range(world):
             role = "ps" if rank < num_ps else "worker"
-            pid, host = run_dir / f"{role}{rank}.pid", run_dir / f"{role}{rank}.host"
+            pid, host = (rundir.rank_file(run_dir, role, rank, w) for w in ("pid", "host"))
             if pid.exists() and host.exists() and pid.read_text().strip() and host.read_text().strip():
                 ranks.append(dict(rank=rank, role=role, host=host.read_text().strip(), addr=None,
                                   port=None, pid=int(pid.read_text().strip()), byzantine=False,
-                                  attack=None, attack_args={}, log=str(run_dir / f"{role}{rank}.log"),
-                                  metrics=str(run_dir / f"metrics-{role}{rank}.jsonl") if role == "ps" else None))
+                                  attack=None, attack_args={}, log=str(rundir.rank_file(run_dir, role, rank, "log")),
+                                  metrics=str(rundir.rank_file(run_dir, role, rank, "metrics")) if role == "ps" else None))
         if len(ranks) == world or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     doc = dict(num_ps=num_ps, num_workers=num_workers, kind="slurm", run_dir=str(run_dir),
                master=master, job_id=os.environ.get("SLURM_JOB_ID"), started=time.time(),
-               secret_file=str(run_dir / "secret"), byzantine_ranks=[], ranks=ranks)
-    tmp = run_dir / "deployment.tmp"
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, run_dir / "deployment.json")
+               secret_file=str(run_dir / rundir.SECRET), byzantine_ranks=[], ranks=ranks)
+    rundir.write_deployment(run_dir, doc)
     return doc
 
 
@@ -867,12 +803,12 @@ def main(argv: list[str] | None = None) -> int:
             doc = load(args.run_dir)
             codes = {}
             for r in doc["ranks"]:
-                rc = Path(doc["run_dir"]) / f"{r['role']}{r['rank']}.rc"
+                rc = rundir.rank_file(doc["run_dir"], r["role"], r["rank"], "rc")
                 text = rc.read_text().strip() if rc.exists() else ""
                 codes[r["rank"]] = int(text) if text.lstrip("-").isdigit() else None
             done = all(codes.get(r["rank"]) == 0 for r in doc["ranks"] if r["role"] == "ps")
             summary = summarize(doc, "ok" if done else "unknown", codes)
-            (Path(doc["run_dir"]) / "summary.json").write_text(json.dumps(summary, indent=1))
+            rundir.write_summary(doc["run_dir"], summary)
             print(json.dumps(summary))
             return 0 if done else 1
         if args.cmd == "collect":

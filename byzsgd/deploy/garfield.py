@@ -13,18 +13,16 @@ import argparse
 import os
 import sys
 
-from byzsgd.config import add_arguments
+from byzsgd.config import config_from_args, node_parser
+from byzsgd.errors import ByzSGDError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m byzsgd.trainer",
-        description="Run one ByzSGD node with Garfield's trainer.py flags: rank < num_ps is a "
-                    "parameter server, the others are workers.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(parser)
-    parser.set_defaults(master=None)  # None: not given, the environment may say
-    return parser
+    # rank and master None: not given, the environment may say
+    return node_parser("python -m byzsgd.trainer",
+                       "Run one ByzSGD node with Garfield's trainer.py flags: rank < num_ps is a "
+                       "parameter server, the others are workers.",
+                       defaults={"rank": None, "master": None})
 
 
 def environment_rank_and_master(args: argparse.Namespace, environ=os.environ) -> None:
@@ -52,16 +50,14 @@ def main(argv: list[str] | None = None) -> int:
         if value.isdigit() and int(value) != expected:
             parser.error(f"{var}={value} but --num_ps {args.num_ps} + --num_workers "
                          f"{args.num_workers} = {expected} nodes: they must agree")
-    rank_argv = list(argv if argv is not None else sys.argv[1:])
-    if "--rank" not in rank_argv and not any(a.startswith("--rank=") for a in rank_argv):
-        rank_argv += ["--rank", str(args.rank)]
-    if not any(a == "--master" or a.startswith("--master=") for a in rank_argv):
-        rank_argv += ["--master", args.master]
-    if args.rank < args.num_ps:
-        from byzsgd.roles import ps
-        return ps.main(rank_argv)
-    from byzsgd.roles import worker
-    return worker.main(rank_argv)
+    from byzsgd.roles.entry import run_role
+
+    try:
+        cfg = config_from_args(args)
+    except ByzSGDError as exc:
+        print(f"byzsgd.trainer: error: {exc}", file=sys.stderr)
+        return 2
+    return run_role(cfg)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 Importing torch and byzsgd costs a node ~2-4 s of CPU; a deployment of 11 nodes on 2 cores
 spends most of its start-up there.  On Linux the launcher imports the roles once and forks
 each node from itself ("zygote"): the child starts its own session, points stdout/stderr at
-its log, takes its environment and runs the role's ``main(argv)`` exactly as
-``python -m byzsgd.roles.<role> argv`` would.  The parent has run no torch computation and
+its log, takes its environment and runs the node (``run_role(cfg)``) on the configuration
+the launcher holds: no argv is written nor parsed again.  The parent has run no torch computation and
 holds no threads when it forks, so the children start clean.  ``exec`` mode (a plain
 ``subprocess.Popen`` of the same command) stays available everywhere.
 """
@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import traceback
-from typing import Sequence
+from typing import Callable
 
 FORK_AVAILABLE = hasattr(os, "fork") and sys.platform.startswith("linux")
 
@@ -56,8 +56,10 @@ def preload_roles() -> None:
     import byzsgd.roles.worker  # noqa: F401
 
 
-def fork_node(module: str, argv: Sequence[str], log_path: str, env: dict[str, str]) -> ForkedProcess:
-    """Fork a child that runs ``module``'s ``main(argv)`` with ``env``, output to ``log_path``."""
+def fork_node(target: Callable[[], int], log_path: str, env: dict[str, str], *,
+              name: str = "byzsgd-node") -> ForkedProcess:
+    """Fork a child that runs ``target()`` (its return value: the exit code) with ``env``,
+    output to ``log_path``; ``name`` is its ``sys.argv[0]``."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -81,10 +83,8 @@ def fork_node(module: str, argv: Sequence[str], log_path: str, env: dict[str, st
         sys.stderr = open(2, "w", buffering=1, closefd=False)
         os.environ.clear()
         os.environ.update(env)
-        sys.argv = [module, *argv]
-        import importlib
-
-        code = importlib.import_module(module).main(list(argv))
+        sys.argv = [name]
+        code = target()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:  # noqa: BLE001 - report anything, then leave

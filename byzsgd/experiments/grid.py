@@ -49,27 +49,28 @@ running cell cleanly and records nothing for it: rerun the same command to resum
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as _dt
 import difflib
 import hashlib
 import itertools
 import json
-import math
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from byzsgd.config import RunConfig
+from byzsgd.deploy import rundir
+from byzsgd.deploy.options import LAUNCH_DEFAULTS, LaunchConfig
 from byzsgd.errors import ByzSGDError, ConfigError
-from byzsgd.metrics import read_metrics
+from byzsgd.flags import flag_fields, to_argv
+from byzsgd.experiments.results import append_result, read_results
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -99,22 +100,11 @@ HARD_LIMIT_SLACK = 120.0
 # configuration
 
 
-def _launch_parser() -> argparse.ArgumentParser:
-    from byzsgd.deploy import launch
-
-    parser = launch.build_parser()
-
-    def error(message: str):  # argparse would exit the process
-        raise ConfigError(message)
-
-    parser.error = error  # type: ignore[method-assign]
-    return parser
-
-
-def grid_fields(parser: argparse.ArgumentParser | None = None) -> dict[str, argparse.Action]:
-    """The launcher fields a grid may set: dest -> argparse action."""
-    parser = parser or _launch_parser()
-    return {a.dest: a for a in parser._actions if a.dest not in HARNESS_FLAGS and a.option_strings}
+def grid_fields() -> dict[str, str]:
+    """The launcher fields a grid may set: name -> help (every LaunchConfig / RunConfig flag
+    but those the harness sets per cell)."""
+    return {f.name: fl.help for cls in (RunConfig, LaunchConfig) for f, fl in flag_fields(cls)
+            if f.name not in HARNESS_FLAGS}
 
 
 def load_config_file(path: str | os.PathLike) -> dict:
@@ -160,10 +150,19 @@ class Cell:
     index: int
     values: dict[str, Any]           # canonical: the fields of this cell (axes + scalars)
     axes: dict[str, Any]             # the values of the list-valued fields only
-    flags: list[str]                 # launcher flags
+    config: LaunchConfig | None      # the cell's deployment (None only while describing)
     key: str
     label: str
-    trainer_flags: list[str] = field(default_factory=list)  # multi-host: byzsgd.trainer flags
+
+    @property
+    def flags(self) -> list[str]:
+        """Launcher flags of the whole configuration (a cell is exec'd as byzsgd.launch)."""
+        return self.config.to_argv(skip=HARNESS_FLAGS)
+
+    @property
+    def trainer_flags(self) -> list[str]:
+        """Multi-host: the byzsgd.trainer flags of the fields the cell sets."""
+        return to_argv(self.config.run, only=set(self.values) - set(LAUNCHER_ONLY))
 
     def describe(self) -> str:
         return " ".join(f"{k}={_short(v)}" for k, v in self.axes.items()) or "(single cell)"
@@ -195,31 +194,6 @@ def canonical_key(values: dict[str, Any]) -> str:
     return json.dumps(values, sort_keys=True, separators=(",", ":"))
 
 
-def _flag_args(fields: dict[str, argparse.Action], values: dict[str, Any]) -> list[str]:
-    flags: list[str] = []
-    for name, value in values.items():
-        action = fields[name]
-        opt = action.option_strings[-1]
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-            if not isinstance(value, bool):
-                raise ConfigError(f"{name} must be true or false, got {value!r}")
-            if value != action.default:
-                flags.append(opt)
-            continue
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, dict):
-            text = json.dumps(value)
-        elif isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name}: nested lists are not supported")
-        elif value is None:
-            continue
-        else:
-            text = str(value)
-        flags += [opt, text]
-    return flags
-
-
 def _resolve(fields, defaults: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     """Canonical cell values: 'none' attacks, Byzantine counts defaulting to fw / fps."""
     out = dict(values)
@@ -236,9 +210,8 @@ def _resolve(fields, defaults: dict[str, Any], values: dict[str, Any]) -> dict[s
     return out
 
 
-def build_cells(grid: dict[str, Any], *, parser: argparse.ArgumentParser | None = None) -> tuple[list[Cell], list[str]]:
-    parser = parser or _launch_parser()
-    fields = grid_fields(parser)
+def build_cells(grid: dict[str, Any]) -> tuple[list[Cell], list[str]]:
+    fields = grid_fields()
     unknown = [k for k in grid if k not in fields]
     if unknown:
         k = unknown[0]
@@ -250,60 +223,45 @@ def build_cells(grid: dict[str, Any], *, parser: argparse.ArgumentParser | None 
             raise ConfigError(f"[grid] {k}: an empty list makes an empty grid")
         if len({canonical_key({"v": v}) for v in grid[k]}) != len(grid[k]):
             raise ConfigError(f"[grid] {k}: repeated values {grid[k]!r}")
-    defaults = {a.dest: a.default for a in parser._actions}
     cells: list[Cell] = []
     seen: dict[str, int] = {}
     for index, combo in enumerate(itertools.product(*(grid[k] for k in axes))):
         chosen = dict(zip(axes, combo))
         values = {k: (chosen[k] if k in chosen else v) for k, v in grid.items()}
-        values = _resolve(fields, defaults, values)
+        values = _resolve(fields, LAUNCH_DEFAULTS, values)
         key = canonical_key(values)
+        where = f"cell {index} ({Cell(index, values, chosen, None, key, '').describe()})"
         if key in seen:
             raise ConfigError(f"cells {seen[key]} and {index} are the same configuration "
-                              f"({Cell(index, values, chosen, [], key, '').describe()})")
+                              f"({where.split('(', 1)[1]}")
         seen[key] = index
         launch_values = {k: v for k, v in values.items() if not (
             k in ("worker_attack", "ps_attack") and v == NONE_ATTACK)}
-        flags = _flag_args(fields, launch_values)
+        for k, v in launch_values.items():
+            if isinstance(v, (list, tuple)):
+                raise ConfigError(f"{k}: nested lists are not supported")
+        try:
+            config = LaunchConfig.from_values(launch_values)
+        except ByzSGDError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
         digest = hashlib.sha1(key.encode()).hexdigest()[:8]
         label = f"{index:03d}-" + "-".join(_slug(_short(v)) for v in chosen.values())
         label = (label[:100] + "-" + digest).replace("--", "-")
-        trainer_flags = _flag_args(fields, {k: v for k, v in launch_values.items()
-                                            if k not in LAUNCHER_ONLY})
-        cells.append(Cell(index, values, chosen, flags, key, label, trainer_flags))
+        cells.append(Cell(index, values, chosen, config, key, label))
     return cells, axes
 
 
-def validate_cell(cell: Cell, parser: argparse.ArgumentParser | None = None) -> None:
+def validate_cell(cell: Cell) -> None:
     """Everything the launcher would refuse, refused now (nothing is started)."""
-    from byzsgd import attacks
-    from byzsgd.deploy import launch
-    from byzsgd.roles import byzantine
-
-    parser = parser or _launch_parser()
     where = f"cell {cell.index} ({cell.describe()})"
+    lc = cell.config
     try:
-        args = parser.parse_args(cell.flags)
-        with tempfile.TemporaryDirectory(prefix="byzsgd-validate-") as tmp:
-            args.run_dir = tmp
-            dep = launch.plan(args)
-        if args.ps_attack:
-            cfg = dataclasses.replace(dep.cfg, rank=0, attack=args.ps_attack,
-                                      attack_args=dict(args.ps_attack_args), byzantine=True)
-            byzantine.PSAttack(cfg)
-        if args.worker_attack and args.worker_attack not in byzantine.WORKER_ATTACKS_EXTRA:
-            allowed = set(attacks.get(args.worker_attack).params) | {"estimate_batches"}
-            bad = sorted(set(args.worker_attack_args) - allowed)
-            if bad:
-                raise ConfigError(f"worker attack {args.worker_attack!r}: unknown arguments {bad}; "
-                                  f"known: {', '.join(sorted(allowed))}")
-        elif args.worker_attack and args.worker_attack_args:
-            raise ConfigError(f"worker attack {args.worker_attack!r} takes no arguments")
-        if args.byz_workers == 0 and args.worker_attack:
-            raise ConfigError(f"worker_attack={args.worker_attack!r} with 0 Byzantine workers "
+        lc.validate()
+        if lc.byz_workers == 0 and lc.worker_attack:
+            raise ConfigError(f"worker_attack={lc.worker_attack!r} with 0 Byzantine workers "
                               "(fw=0): set byz_workers, or use worker_attack='none'")
-        if args.byz_ps == 0 and args.ps_attack:
-            raise ConfigError(f"ps_attack={args.ps_attack!r} with 0 Byzantine PSes (fps=0): "
+        if lc.byz_ps == 0 and lc.ps_attack:
+            raise ConfigError(f"ps_attack={lc.ps_attack!r} with 0 Byzantine PSes (fps=0): "
                               "set byz_ps, or use ps_attack='none'")
     except ByzSGDError as exc:
         raise ConfigError(f"{where}: {exc}") from None
@@ -367,131 +325,15 @@ def load_experiment(path: str | os.PathLike, *, overrides: Iterable[str] = (),
     for k in ("servers", "workers"):
         if k in remote and not Path(remote[k]).is_file():
             raise ConfigError(f"[experiment] {k}: no such file {remote[k]!r}")
-    parser = _launch_parser()
-    cells, axes = build_cells(grid, parser=parser)
+    cells, axes = build_cells(grid)
     if validate:
         for cell in cells:
-            validate_cell(cell, parser)
+            validate_cell(cell)
             if remote and (cell.values.get("byz_workers") or cell.values.get("byz_ps")):
                 raise ConfigError(f"cell {cell.index} ({cell.describe()}): multi-host cells "
                                   "(scripts/run_exp.sh) cannot have Byzantine nodes yet; use "
                                   "worker_attack = \"none\" and ps_attack = \"none\"")
     return Experiment(name, res, run_root, float(timeout), cells, axes, remote, str(path))
-
-
-# --------------------------------------------------------------------------------------------
-# metrics of a finished cell
-
-
-def _num(value: Any) -> float | None:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
-def ps_series(run_dir: str | os.PathLike) -> dict[int, dict[str, Any]]:
-    """Per correct PS of a run directory: evaluations [(step, acc, seconds since start)],
-    final accuracy, completed steps, first/last step times, bytes moved."""
-    run_dir = Path(run_dir)
-    try:
-        doc = json.loads((run_dir / "deployment.json").read_text())
-        ranks = [(r["rank"], Path(r["metrics"])) for r in doc["ranks"]
-                 if r.get("role") == "ps" and not r.get("byzantine") and r.get("metrics")]
-        t0 = float(doc.get("started") or 0) or None
-    except (OSError, ValueError, KeyError, TypeError):
-        ranks = [(int(m.group(1)), p) for p in sorted(run_dir.glob("metrics-ps*.jsonl"))
-                 if (m := re.match(r"metrics-ps(\d+)\.jsonl$", p.name))]
-        t0 = None
-    out: dict[int, dict[str, Any]] = {}
-    for rank, path in ranks:
-        if not path.is_absolute():
-            path = run_dir / path
-        if not path.exists():
-            alt = run_dir / path.name  # run directory moved since
-            path = alt
-        evals, steps, final, start = [], [], None, None
-        sent = received = None
-        for rec in read_metrics(path):
-            if rec.get("event") == "start":
-                start = rec.get("time")
-            elif rec.get("event") == "done":
-                final = _num(rec.get("final_accuracy"))
-                sent = rec.get("bytes_sent", sent)
-                received = rec.get("bytes_received", received)
-            elif "step" in rec and "event" not in rec:
-                steps.append(rec)
-                sent = rec.get("bytes_sent", sent)
-                received = rec.get("bytes_received", received)
-                acc = _num(rec.get("accuracy"))
-                if "accuracy" in rec:
-                    evals.append((int(rec["step"]), acc, rec.get("time")))
-        origin = t0 or start or (steps[0]["time"] if steps else None)
-        evals = [(s, a, (t - origin) if (t is not None and origin is not None) else None)
-                 for s, a, t in evals]
-        if final is None and evals:
-            final = evals[-1][1]
-        out[rank] = dict(evals=evals, final=final, steps=len(steps),
-                         first_time=steps[0].get("time") if steps else None,
-                         last_time=steps[-1].get("time") if steps else None,
-                         bytes_sent=sent, bytes_received=received, metrics=str(path))
-    return out
-
-
-def summarize_run(run_dir: str | os.PathLike) -> dict[str, Any]:
-    series = ps_series(run_dir)
-    if not series:
-        return dict(final_accuracy=None, best_accuracy=None, final_accuracy_per_ps={}, steps=0,
-                    steps_per_s=None, bytes_sent=None, bytes_received=None)
-    finals = {str(r): s["final"] for r, s in series.items()}
-    final = min(finals.values()) if all(v is not None for v in finals.values()) else None
-    by_step: dict[int, list[float | None]] = {}
-    for s in series.values():
-        for step, acc, _ in s["evals"]:
-            by_step.setdefault(step, []).append(acc)
-    mins = [min(v) for v in by_step.values() if len(v) == len(series) and None not in v]
-    rates = []
-    for s in series.values():
-        if s["steps"] >= 2 and s["first_time"] is not None and s["last_time"] is not None \
-                and s["last_time"] > s["first_time"]:
-            rates.append((s["steps"] - 1) / (s["last_time"] - s["first_time"]))
-    def total(name):
-        vals = [s[name] for s in series.values()]
-        return sum(vals) if vals and all(isinstance(v, (int, float)) for v in vals) else None
-    return dict(final_accuracy=final, best_accuracy=max(mins) if mins else None,
-                final_accuracy_per_ps=finals, steps=min(s["steps"] for s in series.values()),
-                steps_per_s=min(rates) if len(rates) == len(series) else None,
-                bytes_sent=total("bytes_sent"), bytes_received=total("bytes_received"))
-
-
-# --------------------------------------------------------------------------------------------
-# results file
-
-
-def read_results(path: str | os.PathLike) -> list[dict]:
-    """Records of a results file (a truncated last line is skipped); last record per key."""
-    latest: dict[str, dict] = {}
-    for rec in read_metrics(path):
-        if isinstance(rec, dict) and "key" in rec:
-            latest.pop(rec["key"], None)
-            latest[rec["key"]] = rec
-    return list(latest.values())
-
-
-def append_result(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, separators=(",", ":"), default=str) + "\n"
-    with open(path, "a+b") as fh:
-        # a line cut by a crash mid-write must not swallow this one: start a fresh line
-        fh.seek(0, os.SEEK_END)
-        if fh.tell():
-            fh.seek(-1, os.SEEK_END)
-            if fh.read(1) != b"\n":
-                line = "\n" + line
-        fh.write(line.encode("utf-8"))
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 # --------------------------------------------------------------------------------------------
@@ -569,14 +411,8 @@ class CellProgress:
 
 
 def _current_step(run_dir: Path) -> int | None:
-    steps = []
-    for p in run_dir.glob("metrics-ps*.jsonl"):
-        last = None
-        for rec in read_metrics(p):
-            if "step" in rec and "event" not in rec:
-                last = rec["step"] + 1
-        steps.append(last or 0)
-    return max(steps) if steps else None
+    steps = rundir.ps_steps(run_dir)
+    return max(steps.values()) + 1 if steps else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -607,8 +443,8 @@ def _default_sigint() -> None:  # in the child, before exec
 def _kill_leftover_nodes(run_dir: Path) -> None:
     """SIGKILL the node processes a killed launcher left behind (each its own session)."""
     try:
-        doc = json.loads((run_dir / "deployment.json").read_text())
-    except (OSError, ValueError):
+        doc = rundir.read_deployment(run_dir)
+    except ConfigError:
         return
     for r in doc.get("ranks", []):
         pid = r.get("pid")
@@ -688,16 +524,13 @@ def run_cell(exp: Experiment, cell: Cell, progress: CellProgress | None = None) 
             summary = json.loads(lines[-1])
         except json.JSONDecodeError:
             summary = {}
-    if not summary and (run_dir / "summary.json").exists():
-        try:
-            summary = json.loads((run_dir / "summary.json").read_text())
-        except ValueError:
-            summary = {}
+    if not summary:
+        summary = rundir.read_summary(run_dir)
     if outcome is None:
         outcome = summary.get("outcome") or ("ok" if rc == 0 else "error")
     record = dict(key=cell.key, index=cell.index, label=cell.label, cell=cell.values, axes=cell.axes,
                   outcome=outcome, returncode=rc)
-    record.update(summarize_run(run_dir))
+    record.update(rundir.summarize_run(run_dir))
     if record["final_accuracy"] is None and isinstance(summary.get("min_accuracy"), (int, float)):
         record["final_accuracy"] = summary["min_accuracy"]
     record.update(wall_time=wall, median_step_time=summary.get("median_step_time"),

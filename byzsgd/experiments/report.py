@@ -1,6 +1,6 @@
 """Plots of an experiment grid: ``python -m byzsgd.report RESULTS [--out DIR]``.
 
-Reads the results file of :mod:`byzsgd.experiments.grid` (the last line of each cell) and the
+Reads the results file of :mod:`byzsgd.experiments.grid` (:mod:`byzsgd.experiments.results`) (the last line of each cell) and the
 cells' metrics files, and writes into ``--out`` (default: the results file's directory):
 
 * ``accuracy_vs_step.png`` / ``accuracy_vs_time.png``: test accuracy (min over the correct
@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from byzsgd.errors import ByzSGDError, ConfigError
-from byzsgd.experiments.grid import ps_series, read_results
+from byzsgd.deploy.rundir import ps_series
+from byzsgd.experiments.results import read_results
 
 #: fields that are the heatmap's axes (or are averaged over): everything else is a facet
 _RULE = "gar"

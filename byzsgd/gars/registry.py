@@ -73,3 +73,23 @@ def names(*, pre: bool | None = None) -> list[str]:
 
 def rules() -> dict[str, Rule]:
     return dict(_RULES)
+
+
+def check_params(name: str, params: dict, *, what: str = "parameters") -> None:
+    """Refuse, before step 0, keyword parameters rule ``name`` does not take (an unknown key
+    would otherwise be a TypeError at the first aggregation).  The rule function's own
+    signature is the reference: every keyword after ``(vectors, f)``."""
+    import inspect
+
+    rule = get(name)
+    sig = inspect.signature(rule.fn)
+    positional = [p for p in sig.parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:2]
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return
+    known = [p for p in sig.parameters.values()
+             if p not in positional and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(params) - {p.name for p in known})
+    if unknown:
+        raise ConfigError(f"{what}: rule {name!r} takes no parameter {', '.join(map(repr, unknown))}; "
+                          f"known: {', '.join(p.name for p in known) or 'none'}")

@@ -265,3 +265,30 @@ class PSAttack:
 
 def ps_behaviour(cfg: RunConfig) -> PSAttack:
     return PSAttack(cfg)
+
+
+def check_attack(cfg: RunConfig) -> None:
+    """Refuse, before step 0, an unknown attack or an argument the node would refuse: the
+    same constructors the node runs (nothing is computed), so the launcher and the
+    experiment harness accept exactly what a node accepts."""
+    if not cfg.attack:
+        return
+    role = "PS" if cfg.is_ps else "worker"
+    try:
+        if cfg.is_ps:
+            PSAttack(cfg)
+            return
+        if cfg.attack not in worker_attack_names():
+            raise ConfigError(f"unknown worker attack {cfg.attack!r}; known: "
+                              f"{', '.join(worker_attack_names())}")
+        if cfg.attack in WORKER_ATTACKS_EXTRA:
+            extra = sorted(set(cfg.attack_args) - set(WORKER_ROLE_ARGS))
+            if extra:
+                raise ConfigError(f"worker attack {cfg.attack!r}: unknown arguments {extra}; "
+                                  f"known: {', '.join(WORKER_ROLE_ARGS)}")
+        WorkerAttack(cfg, replica=None)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # e.g. {"lag": "soon"}
+        raise ConfigError(f"{role} attack {cfg.attack!r}: bad argument in "
+                          f"{cfg.attack_args}: {exc}") from None

@@ -14,15 +14,14 @@ step t, aggregates them with the coordinate-wise median and sends one ``grad`` t
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
 import ssl
 import sys
-from pathlib import Path
 
 from byzsgd.config import RunConfig, parse_host_port
+from byzsgd.deploy import rundir
 from byzsgd.errors import ConfigError
 from byzsgd.net import FrameLimits, Node, PeerDirectory
 
@@ -46,10 +45,9 @@ def setup_logging(cfg: RunConfig) -> None:
 def load_directory(path: str) -> PeerDirectory:
     """Read the launcher's deployment description (``deployment.json``) as a directory."""
     try:
-        doc = json.loads(Path(path).read_text())
-        addresses = {int(r["rank"]): (str(r["host"]), int(r["port"])) for r in doc["ranks"]}
-        return PeerDirectory(addresses, int(doc["num_ps"]))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        doc = rundir.read_deployment(path)
+        return PeerDirectory(rundir.peer_addresses(doc), int(doc["num_ps"]))
+    except (ConfigError, KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"cannot read the peer directory {path}: {exc}") from None
 
 

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from byzsgd.config import parse_bool
+
 
 def _norm(v: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(v.double()))
@@ -124,7 +126,7 @@ class SGDUpdate:
     def __init__(self, opt_args: dict):
         self.momentum = float(opt_args.get("momentum", 0.0))
         self.dampening = float(opt_args.get("dampening", 0.0))
-        self.nesterov = str(opt_args.get("nesterov", "false")).lower() in ("1", "true", "yes")
+        self.nesterov = parse_bool(opt_args.get("nesterov", False))
         self.weight_decay = float(opt_args.get("weight_decay", 0.0))
         self.buf: torch.Tensor | None = None
 

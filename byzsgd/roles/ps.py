@@ -15,22 +15,20 @@ request nobody answered within --resend_after is sent again to those who did not
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import math
 import statistics
-import sys
 import time
 
 import torch
 
 from byzsgd import gars
 from byzsgd.learning.checkpoint import CheckpointPolicy, common_checkpoint_step
-from byzsgd.config import RunConfig, add_arguments, config_from_args
+from byzsgd.config import RunConfig
 from byzsgd.errors import ByzSGDError, ConfigError
 from byzsgd.metrics import MetricsWriter, diameter
-from byzsgd.net import FrameLimits, Message, install_event_loop
+from byzsgd.net import FrameLimits, Message
 from byzsgd.net import errors as net_errors
 from byzsgd.roles import byzantine
 from byzsgd.roles.common import (KIND_DONE, KIND_GRAD, KIND_MODEL, KIND_PS_AFTER, KIND_PS_MODEL, KIND_PULL,
@@ -432,28 +430,11 @@ def _distance(x: torch.Tensor, y: torch.Tensor, num_params: int) -> float:
     return float(torch.linalg.vector_norm((x[:num_params] - y[:num_params]).double()))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m byzsgd.roles.ps",
-        description="A ByzSGD parameter server (one process). Ranks 0..num_ps-1 are parameter "
-                    "servers; workers follow. See README.md for a whole local deployment.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(parser, role="ps")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        setup_logging(cfg)
-        torch.set_num_threads(cfg.threads)
-        ps = ParameterServer(cfg)
-    except ByzSGDError as exc:
-        print(f"byzsgd.roles.ps: error: {exc}", file=sys.stderr)
-        return 2
-    install_event_loop()
-    return asyncio.run(ps.run())
+    """``python -m byzsgd.roles.ps`` (see :func:`byzsgd.roles.entry.run_role`)."""
+    from byzsgd.roles.entry import main as entry_main
+
+    return entry_main("ps", argv)
 
 
 if __name__ == "__main__":

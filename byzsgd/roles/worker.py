@@ -22,18 +22,16 @@ attack forges instead (see :mod:`byzsgd.roles.byzantine`).
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import sys
 import time
 
 import torch
 
 from byzsgd import gars
-from byzsgd.config import RunConfig, add_arguments, config_from_args
+from byzsgd.config import RunConfig
 from byzsgd.errors import ByzSGDError, ConfigError
-from byzsgd.net import FrameLimits, Message, install_event_loop
+from byzsgd.net import FrameLimits, Message
 from byzsgd.roles import byzantine
 from byzsgd.net import errors as net_errors
 from byzsgd.roles.common import (KIND_DONE, KIND_GRAD, KIND_MODEL, KIND_PULL, exit_now, install_stop_signals,
@@ -349,28 +347,11 @@ class Worker:
         return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m byzsgd.roles.worker",
-        description="A ByzSGD worker (one process). Its --rank is num_ps + worker index. "
-                    "With --attack NAME it is a Byzantine worker.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(parser, role="worker")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        setup_logging(cfg)
-        torch.set_num_threads(cfg.threads)
-        worker = Worker(cfg)
-    except ByzSGDError as exc:
-        print(f"byzsgd.roles.worker: error: {exc}", file=sys.stderr)
-        return 2
-    install_event_loop()
-    return asyncio.run(worker.run())
+    """``python -m byzsgd.roles.worker`` (see :func:`byzsgd.roles.entry.run_role`)."""
+    from byzsgd.roles.entry import main as entry_main
+
+    return entry_main("worker", argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,138 @@
+"""The one-machine launcher's configuration: a :class:`RunConfig` plus the deployment.
+
+``LaunchConfig`` is what ``python -m byzsgd.launch`` parses and what the experiment harness
+builds per grid cell; :meth:`LaunchConfig.validate` refuses whatever a node would refuse
+(each Byzantine role's attack checked on that role's own configuration), and
+:meth:`LaunchConfig.node_config` is the configuration a rank runs with — handed over in
+memory to a forked node, as argv to an exec'd one.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from byzsgd.config import RunConfig, config_from_args
+from byzsgd.errors import ConfigError
+from byzsgd.flags import DEPLOYMENT, build_parser, coerce, flag, to_argv, values_from
+
+#: the main job's settings (>= 97% MNIST accuracy on every PS within 1,000 steps; measured 97.7%)
+LAUNCH_DEFAULTS = dict(num_ps=4, num_workers=7, fw=1, fps=1, num_iter=1000, acc_freq=100, batch=48,
+                       opt_args={"lr": "0.05", "momentum": "0.9"}, rank=0, eval_samples=2000, log=False)
+DESCRIPTION = ("Start a whole ByzSGD deployment on this machine (loopback): every PS and worker a "
+               "process. Default: MNIST convnet, 4 PS (fps=1), 7 workers (fw=1), median, batch 48, "
+               "SGD lr 0.05 momentum 0.9, 1,000 steps.")
+
+
+def _spawn_default() -> str:
+    from byzsgd.deploy.spawn import FORK_AVAILABLE
+
+    return "fork" if FORK_AVAILABLE else "exec"
+
+
+def _d(default: Any, help: str, **kw) -> Any:
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=flag(help, group=DEPLOYMENT, **kw))
+    return field(default=default, metadata=flag(help, group=DEPLOYMENT, **kw))
+
+
+@dataclass
+class LaunchConfig:
+    """A whole local deployment: the nodes' shared configuration and who is Byzantine."""
+
+    run: RunConfig = field(default_factory=lambda: RunConfig(**LAUNCH_DEFAULTS))
+    run_dir: str | None = _d(None, "run directory (default: runs/<date>-<time>)")
+    host: str = _d("127.0.0.1", "loopback address the nodes use")
+    byz_workers: int = _d(0, "how many workers are Byzantine")
+    worker_attack: str | None = _d(None, "attack of the Byzantine workers")
+    worker_attack_args: dict[str, Any] = _d({}, "JSON parameters of the worker attack")
+    byz_ps: int = _d(0, "how many parameter servers are Byzantine")
+    ps_attack: str | None = _d(None, "attack of the Byzantine parameter servers")
+    ps_attack_args: dict[str, Any] = _d({}, "JSON parameters of the PS attack")
+    timeout: float = _d(0.0, "kill the deployment after N s (0: never)")
+    json: bool = _d(False, "print a JSON summary as the last line", switch=True)
+    quiet: bool = _d(False, "no progress bar", switch=True)
+    node_log: bool = _d(False, "nodes log at INFO level", switch=True)
+    spawn: str = _d(_spawn_default(), "fork: nodes are forked from the launcher after one import "
+                    "of torch (fast start); exec: each node a fresh interpreter",
+                    choices=("fork", "exec"))
+
+    # -- flags ------------------------------------------------------------------------------
+    @staticmethod
+    def parser(prog: str = "python -m byzsgd.launch", *, raising: bool = False) -> argparse.ArgumentParser:
+        """The launcher's parser: every node flag (main-job defaults), then the deployment's."""
+        return build_parser(prog, DESCRIPTION, [RunConfig, LaunchConfig], defaults=LAUNCH_DEFAULTS,
+                            raising=raising)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "LaunchConfig":
+        return cls(run=config_from_args(args), **values_from(cls, args))
+
+    @classmethod
+    def from_argv(cls, argv: list[str]) -> "LaunchConfig":
+        """Parse launcher flags (ConfigError on a bad one; never exits)."""
+        return cls.from_args(cls.parser(raising=True).parse_args(list(argv)))
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> "LaunchConfig":
+        """From field values of a config file (experiment grids): node and deployment fields
+        mixed, text parsed like the flag's text, unknown names refused."""
+        run_names = {f.name for f in dataclasses.fields(RunConfig)}
+        run_values, own = dict(LAUNCH_DEFAULTS), {}
+        for name, value in values.items():
+            target = RunConfig if name in run_names else cls
+            (run_values if target is RunConfig else own)[name] = coerce(target, name, value)
+        return cls(run=RunConfig(**{k: v for k, v in run_values.items() if v is not None}),
+                   **{k: v for k, v in own.items() if v is not None})
+
+    def to_argv(self, *, skip: set[str] = frozenset(), only: set[str] | None = None) -> list[str]:
+        """Launcher flags that start this deployment from a fresh ``python -m byzsgd.launch``."""
+        return to_argv(self.run, skip=skip, only=only) + to_argv(self, skip=skip, only=only)
+
+    # -- checks -----------------------------------------------------------------------------
+    def validate(self) -> "LaunchConfig":
+        """Everything the nodes would refuse, refused before anything starts."""
+        cfg = self.run
+        if not 0 <= self.byz_workers <= cfg.num_workers:
+            raise ConfigError(f"--byz_workers must be in [0, {cfg.num_workers}]")
+        if not 0 <= self.byz_ps < cfg.num_ps:
+            raise ConfigError(f"--byz_ps must be in [0, {cfg.num_ps})")
+        if self.byz_workers and not self.worker_attack:
+            raise ConfigError("--byz_workers needs --worker_attack")
+        if self.byz_ps and not self.ps_attack:
+            raise ConfigError("--byz_ps needs --ps_attack")
+        if self.timeout < 0:
+            raise ConfigError(f"--timeout must be >= 0, got {self.timeout}")
+        self.node_config(0).validate()
+        # each Byzantine role's attack, on that role's configuration (what the node checks)
+        if self.worker_attack:
+            self.node_config(cfg.world_size - 1, byzantine=True).validate()
+        if self.ps_attack:
+            self.node_config(cfg.num_ps - 1, byzantine=True).validate()
+        return self
+
+    # -- the ranks ----------------------------------------------------------------------------
+    def byzantine_ranks(self) -> set[int]:
+        """The last ranks of each role are the Byzantine ones."""
+        cfg = self.run
+        return (set(range(cfg.num_ps - self.byz_ps, cfg.num_ps))
+                | set(range(cfg.world_size - self.byz_workers, cfg.world_size)))
+
+    def node_config(self, rank: int, *, byzantine: bool | None = None, run_dir: Path | None = None) -> RunConfig:
+        """The configuration rank ``rank`` runs with (``run_dir``: its peers file and metrics)."""
+        cfg = self.run
+        is_ps = rank < cfg.num_ps
+        byz = rank in self.byzantine_ranks() if byzantine is None else byzantine
+        attack = (self.ps_attack if is_ps else self.worker_attack) if byz else None
+        changes: dict[str, Any] = dict(rank=rank, log=self.node_log, attack=attack,
+                                       attack_args=dict((self.ps_attack_args if is_ps else
+                                                         self.worker_attack_args) if attack else {}),
+                                       byzantine=bool(attack))
+        if run_dir is not None:
+            from byzsgd.deploy import rundir
+            changes["peers"] = str(rundir.deployment_path(run_dir))
+            if is_ps:
+                changes["metrics"] = str(rundir.rank_file(run_dir, "ps", rank, "metrics"))
+        return dataclasses.replace(cfg, **changes)
