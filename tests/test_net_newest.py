@@ -250,3 +250,18 @@ def test_race_propagates_the_works_exception():
         with pytest.raises(KeyError):
             await race(fails(), asyncio.Event().wait())
     run(main())
+
+
+def test_race_a_failing_rival_still_ends_it_and_a_cancelled_caller_cancels_both():
+    async def main():
+        async def rival_fails():
+            raise OSError("gone")
+        assert await race(asyncio.Event().wait(), rival_fails()) == (False, None)
+        work, rival = asyncio.Event().wait(), asyncio.get_running_loop().create_future()
+        caller = asyncio.ensure_future(race(work, rival))
+        await asyncio.sleep(0.01)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        assert rival.cancelled()
+    run(main())

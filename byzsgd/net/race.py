@@ -26,13 +26,12 @@ async def race(work: Awaitable, rival: Awaitable) -> tuple[bool, Any]:
         task.cancel()
         stopper.cancel()
         raise
-    finally:
-        if not stopper.done():
-            stopper.cancel()
+    if not stopper.done():
+        stopper.cancel()
+    elif not stopper.cancelled():
+        stopper.exception()  # a rival that failed still ends the race; nothing to report
     if task.done():
         return True, task.result()
-    if not stopper.cancelled():
-        stopper.exception()  # a rival that failed still ends the race; nothing to report
     task.cancel()
     await asyncio.wait({task})  # its cleanup runs now; a CancelledError of ours still propagates
     if not task.cancelled():
