@@ -1,7 +1,9 @@
-"""Units of the roles: the model quorum, Byzantine behaviours, fork spawning."""
+"""Units of the roles: Byzantine behaviours, fork spawning, pull serving, the diameter probe,
+leaving."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import sys
 
@@ -13,7 +15,6 @@ from byzsgd.errors import ConfigError
 from byzsgd.net import Message
 from byzsgd.net import errors as net_errors
 from byzsgd.roles.byzantine import PS_ATTACKS, PSAttack, WorkerAttack, worker_attack_names
-from byzsgd.roles.newest import NewestModels
 
 
 def msg(sender: int, step: int, value: float = 0.0) -> Message:
@@ -22,87 +23,6 @@ def msg(sender: int, step: int, value: float = 0.0) -> Message:
 
 def run(coro):
     return asyncio.run(coro)
-
-
-# ---------------------------------------------------------------------------- NewestModels
-def test_keeps_only_the_newest_model_per_sender():
-    box = NewestModels("ps_model", [1, 2, 3])
-    assert box.deliver(msg(1, 5))
-    assert not box.deliver(msg(1, 5))  # same step twice: counted once
-    assert not box.deliver(msg(1, 4))  # older: dropped
-    assert box.deliver(msg(1, 7))
-    assert not box.deliver(msg(9, 7))  # not a peer
-    assert {s: m.step for s, m in box.newest.items()} == {1: 7}
-
-
-def test_gather_completes_with_first_q_senders_at_step_or_later():
-    async def main():
-        box = NewestModels("ps_model", [1, 2, 3])
-        box.deliver(msg(3, 10))
-        box.deliver(msg(1, 9))  # too old for step 10
-        task = asyncio.ensure_future(box.gather(2, 10))
-        await asyncio.sleep(0)
-        assert not task.done()
-        box.deliver(msg(2, 11))
-        got = await asyncio.wait_for(task, 1)
-        assert sorted(got) == [2, 3] and min(m.step for m in got.values()) == 10
-        assert 1 not in box.newest  # forgotten: older than the gathered step
-    run(main())
-
-
-def test_gather_timeout_lists_who_answered_and_keeps_them():
-    async def main():
-        box = NewestModels("ps_model", [1, 2, 3])
-        box.deliver(msg(1, 4))
-        with pytest.raises(net_errors.QuorumTimeout) as err:
-            await box.gather(2, 4, timeout=0.05)
-        assert sorted(err.value.received) == [1]
-        box.deliver(msg(2, 4))
-        got = await box.gather(2, 4, timeout=1)
-        assert sorted(got) == [1, 2]
-    run(main())
-
-
-def test_a_byzantine_far_future_step_cannot_choose_the_jump():
-    """With q > f, the step to continue from is bounded by a correct sender's step."""
-    async def main():
-        box = NewestModels("ps_model", [1, 2, 3])
-        box.deliver(msg(3, 10**9))  # Byzantine
-        assert not box.ready(2, 11)  # one sender ahead is not enough to jump
-        box.deliver(msg(1, 40))  # a correct peer really ahead
-        assert box.ready(2, 11)
-        got = await box.gather(2, 11)
-        assert min(m.step for m in got.values()) == 40
-    run(main())
-
-
-def test_wait_ready_and_close():
-    async def main():
-        box = NewestModels("ps_model", [1, 2])
-        fut = box.wait_ready(2, 3)
-        box.deliver(msg(1, 3))
-        assert not fut.done()
-        box.deliver(msg(2, 5))
-        await asyncio.wait_for(fut, 1)
-        pending = asyncio.ensure_future(box.gather(2, 100))
-        await asyncio.sleep(0)
-        box.close()
-        with pytest.raises(asyncio.CancelledError):
-            await pending
-        assert not box.deliver(msg(1, 200))
-    run(main())
-
-
-def test_released_when_superseded():
-    released = []
-    box = NewestModels("ps_model", [1])
-    first, stale = msg(1, 2), msg(1, 1)
-    first.release = lambda: released.append("first")
-    stale.release = lambda: released.append("stale")
-    box.deliver(first)
-    box.deliver(stale)  # older than what it holds: dropped, its buffer given back
-    box.deliver(msg(1, 3))  # supersedes the first
-    assert released == ["stale", "first"]
 
 
 # ---------------------------------------------------------------------------- PS attacks
@@ -209,24 +129,6 @@ def test_nonfinite_rows_are_left_out_and_f_shrinks():
 
 
 # ---------------------------------------------------------------------------- paper --sync
-def test_gather_among_waits_for_that_sender():
-    async def main():
-        box = NewestModels("model", [0, 1, 2, 3])
-        box.deliver(msg(1, 5))
-        task = asyncio.ensure_future(box.gather(1, 5, among=(2,), forget_older=False))
-        await asyncio.sleep(0)
-        assert not task.done()  # PS 1's model does not answer a pull of PS 2
-        box.deliver(msg(2, 4))  # too old
-        await asyncio.sleep(0)
-        assert not task.done()
-        box.deliver(msg(2, 6))
-        got = await asyncio.wait_for(task, 1)
-        assert list(got) == [2] and got[2].step == 6 and 1 in box.newest
-        with pytest.raises(net_errors.QuorumTimeout):
-            await box.gather(1, 5, among=(3,), timeout=0.05)
-    run(main())
-
-
 class _RecordingNode:
     def __init__(self):
         self.sent = []
@@ -263,3 +165,134 @@ def test_ps_serves_pulls_once_it_reaches_the_step_and_bounds_them():
     ps._on_pull(pull(6, 6))
     ps._serve(6, snap)
     assert node.sent == [(6, "model", 6)]
+
+
+# ---------------------------------------------------------------------------- roles by mode
+SYNTH = "synthetic:1x28x28:10:64:64"
+
+
+def test_each_mode_builds_its_own_classes_with_only_their_state():
+    from byzsgd.roles import garfield, paper, paper_sync
+    from byzsgd.roles.ps import ParameterServer
+    from byzsgd.roles.worker import Worker
+
+    base = dict(num_ps=4, fps=1, num_workers=7, fw=1, dataset=SYNTH)
+    modes = {"garfield": dict(), "paper": dict(mode="paper"), "sync": dict(mode="paper", sync=True)}
+    expected = {"garfield": (garfield.GarfieldPS, garfield.GarfieldWorker),
+                "paper": (paper.PaperPS, paper.PaperWorker),
+                "sync": (paper_sync.PaperSyncPS, paper_sync.PaperSyncWorker)}
+    for name, extra in modes.items():
+        ps = ParameterServer(RunConfig(rank=0, **base, **extra))
+        worker = Worker(RunConfig(rank=5, **base, **extra))
+        assert (type(ps), type(worker)) == expected[name]
+        assert hasattr(ps, "probe") == (name != "garfield")
+        assert hasattr(ps, "serving") == hasattr(worker, "filters") == (name == "sync")
+        assert hasattr(worker, "pending") == (name == "garfield")
+        assert hasattr(worker, "models") == hasattr(worker, "last_sent") == (name != "garfield")
+    with pytest.raises(ConfigError, match="is a worker"):
+        ParameterServer(RunConfig(rank=5, **base))
+    with pytest.raises(ConfigError, match="is a parameter server"):
+        Worker(RunConfig(rank=0, **base))
+
+
+def test_paper_ps_gathers_every_period_garfield_every_step():
+    from byzsgd.roles.ps import ParameterServer
+
+    base = dict(rank=0, num_ps=4, fps=1, num_workers=7, fw=1, dataset=SYNTH)
+    garfield_ps = ParameterServer(RunConfig(**base))
+    paper_ps = ParameterServer(RunConfig(mode="paper", gather_period=3, **base))
+    assert all(garfield_ps._gathers_after(t) for t in range(6))
+    assert [t for t in range(9) if paper_ps._gathers_after(t)] == [2, 5, 8]
+
+
+# ---------------------------------------------------------------------------- diameter probe
+class _Metrics:
+    def __init__(self):
+        self.records = []
+
+    def write(self, **record):
+        self.records.append(record)
+
+
+def _after(sender: int, step: int, values, released=None) -> Message:
+    m = Message(kind="ps_after", step=step, sender=sender, tensors=[torch.tensor(values)], meta={})
+    if released is not None:
+        m.release = lambda: released.append((sender, step))
+    return m
+
+
+def test_diameter_probe_before_after_and_late_distances():
+    from byzsgd.roles.diameter import DiameterProbe
+
+    sent, metrics, released = [], _Metrics(), []
+    probe = DiameterProbe(0, [1, 2, 3], 2, lambda ranks, kind, step, state: sent.append((list(ranks), kind, step)),
+                          metrics, measure_after=True)
+    own = torch.tensor([0.0, 0.0, 9.0])  # the last coordinate is a buffer: not measured
+    probe.start(4, own, {})
+    assert probe.before == {} and probe.late_before == {}
+    rows = torch.tensor([[0.0, 0.0, 9.0], [3.0, 4.0, 0.0], [6.0, 8.0, 0.0], [0.0, 1.0, 0.0]])
+    probe.gathered(4, {1: 4, 2: 4, 3: 5}, rows)  # PS 3's model is of step 5: not compared
+    assert probe.before == {"0-1": 5.0, "0-2": 10.0, "1-2": 5.0}
+    probe.publish_after(4, torch.tensor([1.0, 1.0, 0.0]))
+    assert sent == [([1, 2, 3], "ps_after", 4)] and metrics.records == []
+    probe.deliver(_after(1, 4, [1.0, 4.0, 0.0], released))  # distance 3 to ours after
+    probe.deliver(_after(1, 3, [0.0, 0.0, 0.0], released))  # older than what it holds: dropped
+    probe.deliver(_after(2, 2, [0.0, 0.0, 0.0], released))  # an older gather's: consumed, unused
+    probe.deliver(_after(9, 4, [0.0, 0.0, 0.0], released))  # not a peer: dropped
+    assert released == [(1, 3), (9, 4)] and sorted(probe.after_inbox) == [1, 2]
+    # the next gather: PS 3's model of step 4 came after the quorum (the model quorum holds it)
+    late = {3: Message(kind="ps_model", step=4, sender=3, tensors=[torch.tensor([3.0, 4.0, 1.0])], meta={}),
+            2: Message(kind="ps_model", step=7, sender=2, tensors=[torch.tensor([0.0, 0.0, 0.0])], meta={})}
+    probe.start(7, torch.tensor([5.0, 5.0, 0.0]), late)
+    assert probe.late_before == {"0-3": 5.0} and probe.before == {}
+    probe.publish_after(7, torch.tensor([2.0, 2.0, 0.0]))
+    assert metrics.records == [dict(event="diameter_after", step=4, distances={"0-1": 3.0},
+                                    distances_before={"0-3": 5.0})]
+    assert released[2:] == [(1, 4), (2, 2)] and probe.after_inbox == {}
+    assert sent[-1] == ([1, 2, 3], "ps_after", 7) and probe.late_before == {}
+    probe.deliver(_after(3, 7, [2.0, 5.0, 0.0], released))
+    probe.finish({})  # the run ended: what came of the last gather
+    assert metrics.records[-1] == dict(event="diameter_after", step=7, distances={"0-3": 3.0},
+                                       distances_before={})
+    probe.deliver(_after(1, 9, [0.0, 0.0, 0.0], released))
+    probe.close()
+    assert released[-1] == (1, 9) and probe.after_inbox == {}
+
+
+def test_diameter_probe_without_after_measures_only_before():
+    from byzsgd.roles.diameter import DiameterProbe
+
+    sent, metrics = [], _Metrics()
+    probe = DiameterProbe(2, [0, 1], 3, lambda *a: sent.append(a), metrics, measure_after=False)
+    probe.start(0, torch.zeros(3), {0: Message(kind="ps_model", step=0, sender=0, tensors=[torch.ones(3)], meta={})})
+    probe.gathered(0, {0: 0, 1: 0}, torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]))
+    assert probe.before == {"0-2": 1.0, "1-2": 2.0, "0-1": math.sqrt(5.0)}
+    probe.publish_after(0, torch.zeros(3))
+    probe.finish({})
+    assert sent == [] and metrics.records == [] and probe.late_before == {}
+
+
+# ---------------------------------------------------------------------------- leaving
+def test_departure_waits_for_q_ps_then_lingers_while_work_comes():
+    from byzsgd.roles.departure import Departure
+
+    def done(sender):
+        return Message(kind="done", step=0, sender=sender, tensors=[], meta={})
+
+    async def main():
+        d = Departure(num_ps=3, q_ps=2, linger=0.3)
+        d.deliver(done(0))
+        leaving = asyncio.ensure_future(d.wait())
+        await asyncio.sleep(0.5)
+        assert not leaving.done()  # fewer than q_ps are done: never leave on silence
+        d.deliver(done(1))  # q_ps are done: linger from now on
+        await asyncio.sleep(0.15)
+        d.wake()  # a request came: linger anew
+        await asyncio.sleep(0.15)
+        assert not leaving.done()
+        await asyncio.wait_for(leaving, 2)
+        everyone = Departure(num_ps=2, q_ps=1, linger=60)
+        everyone.deliver(done(0))
+        everyone.deliver(done(1))
+        assert everyone.all_done and await asyncio.wait_for(everyone.idle(), 1) is False
+    run(main())

@@ -171,7 +171,7 @@ class Mailbox:
     def cancelled(self) -> bool:
         return self._cancelled
 
-    def cancel(self) -> None:
+    def close(self) -> None:
         """Cancel pending collects (they raise CancelledError), release everything, and refuse
         later deliveries."""
         self._cancelled = True
@@ -183,3 +183,4 @@ class Mailbox:
                 m.release()
         self._steps.clear()
 
+    cancel = close  # the name the node calls at shutdown

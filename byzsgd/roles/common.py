@@ -7,6 +7,8 @@ Message kinds exchanged by the roles (the only kinds a node accepts):
                ``meta = {"loss": float}``.
 * ``ps_model`` PS -> PS: the PS's updated model for step t (the gather phase).
 * ``done``     PS -> worker: the PS has finished its last step.
+* ``pull``     worker -> PS (paper --sync): send me your model of step >= t (no tensors).
+* ``ps_after`` PS -> PS (paper mode): the PS's model after a gather, to measure the diameter.
 
 In paper mode the same kinds are used: a worker takes the first q_ps ``model`` messages of
 step t, aggregates them with the coordinate-wise median and sends one ``grad`` to every PS.
@@ -111,21 +113,3 @@ def install_stop_signals(stop: asyncio.Event) -> None:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # pragma: no cover - non-main thread
             pass
-
-
-async def until_stopped(coro, stop: asyncio.Event):
-    """Run ``coro`` unless ``stop`` is set first; returns (done, result_or_None)."""
-    task = asyncio.ensure_future(coro)
-    stopper = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopper.cancel()
-    if task.done():
-        return True, task.result()
-    task.cancel()
-    try:
-        await task
-    except (asyncio.CancelledError, Exception):
-        pass
-    return False, None

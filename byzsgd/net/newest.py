@@ -1,6 +1,6 @@
 """The model quorum: the newest model of each sender, and a wait for q of them at step >= t.
 
-Gradients answer one request of one step, so a per-step :class:`byzsgd.net.Mailbox` fits
+Gradients answer one request of one step, so a per-step :class:`.quorum.Mailbox` fits
 them.  Models are different: a PS that fell behind (paused, partitioned, restarted) can
 never get its peers' models of a step they left long ago, and a per-step window would make
 it wait forever.  Here each sender's *newest* model is kept (one per sender: a Byzantine
@@ -9,14 +9,20 @@ senders have a model of step >= t — the normal case is all at t; a node behind
 jumps to its peers' step.  The step to continue from is the lowest among the q chosen: with
 q > f at least one of them is correct, so a Byzantine sender can neither trigger a jump on
 its own nor choose how far it goes.
+
+Same verbs as :class:`.quorum.Mailbox`: ``deliver`` (the node's handler), ``collect`` (the
+quorum wait), ``close``.  Ownership too: what it drops it releases, what ``collect`` returns
+belongs to the caller.
 """
 from __future__ import annotations
 
 import asyncio
 from typing import Collection
 
-from byzsgd.net import Message
-from byzsgd.net import errors as net_errors
+from . import errors
+from .frame import Message
+
+__all__ = ["NewestModels"]
 
 
 class NewestModels:
@@ -76,13 +82,13 @@ class NewestModels:
             self._watchers.append((q, step, fut))
         return fut
 
-    async def gather(self, q: int, step: int, *, timeout: float | None = None,
+    async def collect(self, q: int, step: int, *, timeout: float | None = None,
                      forget_older: bool = True, among: Collection[int] | None = None) -> dict[int, Message]:
         """The first q senders (arrival order) whose newest model is of step >= ``step``
         (only senders in ``among``, if given: a pull from one PS waits for that PS).
 
         The caller owns the returned messages.  ``timeout`` raises
-        :class:`byzsgd.net.errors.QuorumTimeout` listing who had a usable model."""
+        :class:`errors.QuorumTimeout` listing who had a usable model."""
         if self._closed:
             raise asyncio.CancelledError(f"{self.kind} closed")
         among = None if among is None else frozenset(among)
@@ -99,11 +105,12 @@ class NewestModels:
             return await asyncio.wait_for(fut, timeout) if timeout is not None else await fut
         except asyncio.TimeoutError:
             got = {s: self.newest[s] for s in self._eligible(step, among)}
-            raise net_errors.QuorumTimeout(self.kind, step, q, got) from None
+            raise errors.QuorumTimeout(self.kind, step, q, got) from None
         finally:
             self._waiter = None
 
     def close(self) -> None:
+        """Cancel the pending collect and watchers, release everything, refuse what comes."""
         self._closed = True
         for m in self.newest.values():
             m.release()

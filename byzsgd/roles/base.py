@@ -1,0 +1,68 @@
+"""What every role shares: a model replica, a network node, and the life of a run.
+
+:meth:`Role.run` is the same for a PS and a worker in every mode: meet the peers (unless a
+signal comes first), run the mode's loop ``_steps()`` until it ends or a signal stops it,
+then close.  A role fills in its loop and the hooks that say what it logs and releases.
+"""
+from __future__ import annotations
+
+import asyncio
+
+from byzsgd.config import RunConfig
+from byzsgd.errors import ByzSGDError
+from byzsgd.net import FrameLimits, race
+from byzsgd.roles.common import install_stop_signals, make_node
+from byzsgd.roles.replica import Replica
+
+
+class Role:
+    """A node of one role and mode: ``await role.run()`` is its process's exit code."""
+
+    def __init__(self, cfg: RunConfig, replica: Replica):
+        self.cfg = cfg
+        self.replica = replica
+        self.limits = FrameLimits.for_model(replica.state_size)
+        self.node = make_node(cfg, self.limits)
+        self.stop: asyncio.Event | None = None  # created inside the event loop
+
+    async def run(self) -> int:
+        """0 when the loop ended or a signal stopped it; 1 when it failed (logged)."""
+        self.stop = asyncio.Event()
+        install_stop_signals(self.stop)
+        finished = True  # unless a signal stops the loop
+        try:
+            started, _ = await race(self.node.start(timeout=self.cfg.startup_timeout), self.stop.wait())
+            if not started:  # stopped by a signal while still meeting the others
+                return 0
+            self._started()
+            finished, _ = await race(self._steps(), self.stop.wait())
+        except ByzSGDError as exc:
+            self._failed(exc)
+            return 1
+        finally:
+            if not finished:
+                self._stopped()
+            await self._shutdown()
+        self._finished()
+        return 0
+
+    # -- what a role fills in ------------------------------------------------------------
+    async def _steps(self) -> None:
+        """The mode's loop."""
+        raise NotImplementedError
+
+    def _started(self) -> None:
+        """The node met its peers; the loop starts next."""
+
+    def _failed(self, exc: ByzSGDError) -> None:
+        """The run ends on ``exc``."""
+
+    def _stopped(self) -> None:
+        """A signal stopped the loop."""
+
+    async def _shutdown(self) -> None:
+        """Release what the role holds and close the node (always runs)."""
+        await self.node.close()
+
+    def _finished(self) -> None:
+        """The node is closed after a loop that ended (by itself or by a signal)."""

@@ -1,0 +1,301 @@
+"""What a parameter server does in every mode: the step loop and its phases.
+
+Step t (DESIGN.md §3):
+
+1. ask for gradients on the model of step t — how is the mode's (:meth:`PSBase._request_gradients`);
+2. take gradients for step t as they arrive: the first q_w = n_w - fw distinct workers;
+3. g = GAR(grads, f=fw); optimizer step;
+4. when the mode gathers at t (:meth:`PSBase._gathers_after`): send the updated model to
+   every other PS, take peers' models of step >= t as they arrive until q_ps = n_ps - fps
+   (own included); model = model rule of them;
+5. every --acc_freq steps evaluate the (consistent) model and log a metrics line.
+
+No sleeps, no polling: each wait is a quorum future (:class:`byzsgd.net.Mailbox`,
+:class:`byzsgd.net.NewestModels`) under :func:`byzsgd.net.until_quorum`: a request nobody
+answered within --resend_after is sent again to those who did not answer (a restarted peer
+lost it), so a late or silent node is never waited for beyond a quorum.  A PS that fell
+behind jumps to its peers' step: the gradient wait gives way as soon as q_ps - 1 peers are
+ahead.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+
+import torch
+
+from byzsgd.config import RunConfig
+from byzsgd.errors import ByzSGDError, ConfigError
+from byzsgd.learning.checkpoint import CheckpointPolicy, common_checkpoint_step
+from byzsgd.metrics import MetricsWriter
+from byzsgd.net import Message, NewestModels, until_quorum
+from byzsgd.roles import byzantine
+from byzsgd.roles.aggregation import aggregate_finite
+from byzsgd.roles.base import Role
+from byzsgd.roles.common import KIND_DONE, KIND_GRAD, KIND_MODEL, KIND_PS_MODEL
+from byzsgd.roles.replica import Replica
+
+log = logging.getLogger("byzsgd.ps")
+
+
+class PSBase(Role):
+    """One PS: a model replica, a node, and the step loop; a mode subclass says how it asks
+    for gradients and when it gathers."""
+
+    def __init__(self, cfg: RunConfig):
+        if not cfg.is_ps:
+            raise ConfigError(f"rank {cfg.rank} is a worker (ranks below --num_ps={cfg.num_ps} are PS)")
+        cfg.check_resilience()
+        super().__init__(cfg, Replica(cfg, with_test_set=True))
+        replica = self.replica
+        grad_shapes = [(replica.grad_size,)]
+        if replica.buffer_size:
+            grad_shapes.append((replica.buffer_size,))
+        window = max(8, 2 * cfg.gather_period + 2)
+        self.grad_box = self.node.mailbox(KIND_GRAD, window=window, shapes=grad_shapes)
+        self.peers = [r for r in cfg.ps_ranks if r != cfg.rank]
+        self.models = NewestModels(KIND_PS_MODEL, self.peers)
+        self.node.on(KIND_PS_MODEL, self.models.deliver, shapes=[(replica.state_size,)])
+        # rows the quorums are stacked into: gradients, BatchNorm buffers, models
+        self.G = torch.empty(cfg.q_w, replica.grad_size)
+        self.B = torch.empty(cfg.q_w, replica.buffer_size) if replica.buffer_size else None
+        self.M = torch.empty(cfg.q_ps, replica.state_size)
+        self.nonfinite_dropped = 0  # NaN/Inf rows left out of aggregations
+        self.models_rejected = 0  # models the workers' filters refused (their gradients say)
+        self.step = 0
+        self.checkpoints = CheckpointPolicy(cfg.checkpoint_dir, cfg.checkpoint_every, cfg.rank) \
+            if cfg.checkpoint_dir else None
+        if self.checkpoints is not None and cfg.resume:
+            # PSes sharing a directory resume at the newest step all of them have
+            common = common_checkpoint_step(cfg.checkpoint_dir, cfg.ps_ranks)
+            resumed = self.checkpoints.restore(replica, common)
+            self.step = resumed or 0
+            log.info("PS %d resumes at step %d from %s", cfg.rank, self.step, cfg.checkpoint_dir)
+        self.behaviour = byzantine.ps_behaviour(cfg) if cfg.attack else None
+        self.metrics = MetricsWriter(cfg.metrics)
+        # progress of the run, for the metrics records
+        self.step_times: list[float] = []
+        self.accuracy: float | None = None
+        self.next_eval = 0
+        self.evaluated_at = -1
+
+    # -- what a mode fills in -------------------------------------------------------------
+    def _request_gradients(self, t: int, snapshot):
+        """Ask the workers for step ``t``'s gradients on ``snapshot``; returns how to ask
+        the silent ones again (``resend(ranks)``), or None.  Default: push the model to
+        every worker."""
+        self._send_model(self.cfg.worker_ranks, KIND_MODEL, t, snapshot)
+        return lambda silent: self._send_model(silent, KIND_MODEL, t, snapshot)
+
+    def _gathers_after(self, t: int) -> bool:
+        """Whether the PSes gather their models after step ``t``."""
+        raise NotImplementedError
+
+    async def _gather_phase(self, t: int, record: dict) -> int:
+        """Gather after step ``t``; returns the step to continue from.  ``record`` is the
+        step's metrics record."""
+        own = self.replica.state_vector()
+        self._send_model(self.peers, KIND_PS_MODEL, t, own)
+        return await self._gather(t, own)
+
+    def _gathered(self, t: int, steps: dict[int, int]) -> None:
+        """The gather of step ``t`` took peers' models of ``steps`` (sender -> step); ``self.M``
+        holds them (row 0 ours, then the peers in rank order) until the next gather."""
+
+    def _ended(self) -> None:
+        """The last step is done; the ``done`` record comes next."""
+
+    # -- sending ----------------------------------------------------------------------
+    def _send_model(self, ranks, kind: str, step: int, state: torch.Tensor) -> None:
+        """Send ``state`` (a snapshot nobody mutates) to ``ranks``; a Byzantine PS forges."""
+        if self.behaviour is None:
+            self.node.broadcast(ranks, kind, step, [state])
+        else:
+            self.behaviour.send(self.node, ranks, kind, step, state)
+
+    def _stalled(self, step: int, q: int, what: str):
+        def warn(waited: float, answered: list[int]) -> None:
+            log.warning("step %d: quorum of %d %s not reached after %.0f s (answered: %s); "
+                        "still waiting", step, q, what, waited, answered)
+        return warn
+
+    # -- phases -----------------------------------------------------------------------
+    async def _gradient_phase(self, t: int, record: dict) -> list[float] | None:
+        """Steps 1-3: request, the first q_w gradients, aggregate and step.  Returns the
+        workers' losses, or None when enough peers got ahead first (join them)."""
+        cfg, replica = self.cfg, self.replica
+        workers = cfg.worker_ranks
+        q_peers = cfg.q_ps - 1
+        self.grad_box.advance(t)  # after a jump the window must start at t
+        resend = self._request_gradients(t, replica.state_vector())
+        grads = await until_quorum(
+            lambda: self.grad_box.collect(t, cfg.q_w, senders=workers, timeout=cfg.resend_after),
+            workers, resend=resend,
+            interrupt=(lambda: self.models.wait_ready(q_peers, t + 1)) if q_peers else None,
+            stall_after=cfg.step_timeout, on_stall=self._stalled(t, cfg.q_w, "gradients"))
+        if grads is None:
+            return None
+        losses = []
+        try:
+            self._stack(grads, 0, self.G)
+            if self.B is not None:
+                self._stack(grads, 1, self.B)
+            for msg in grads.values():
+                meta = msg.meta if isinstance(msg.meta, dict) else {}
+                loss = meta.get("loss")
+                if isinstance(loss, (int, float)) and math.isfinite(loss):
+                    losses.append(float(loss))
+                rejected = meta.get("rejected")
+                if type(rejected) is int and 0 <= rejected <= cfg.num_ps:  # a liar cannot inflate it
+                    record["models_rejected"] = record.get("models_rejected", 0) + rejected
+        finally:
+            for msg in grads.values():
+                msg.release()
+        g = self._aggregate(cfg.gar, self.G, cfg.fw, cfg.gar_args)
+        buffers = self._aggregate(cfg.gar, self.B, cfg.fw, cfg.gar_args) if self.B is not None else None
+        replica.apply_gradient(g, buffers)
+        return losses
+
+    async def _gather(self, t: int, own: torch.Tensor, *, at_least: int | None = None) -> int:
+        """The first q_ps - 1 peers' models of step >= t (>= ``at_least`` if given) with
+        ours; the model rule aggregates them.  Returns the step the PS continues from (t + 1,
+        or later when its peers are ahead and it jumps to them)."""
+        cfg, M = self.cfg, self.M
+        q = cfg.q_ps - 1
+        least = t if at_least is None else at_least
+        models = await until_quorum(
+            lambda: self.models.collect(q, least, timeout=cfg.resend_after), self.peers,
+            resend=lambda silent: self._send_model(silent, KIND_PS_MODEL, t, own),
+            stall_after=cfg.step_timeout, on_stall=self._stalled(t, q, "peer models"))
+        try:
+            M[0].copy_(own)
+            self._stack(models, 0, M[1:])
+            steps = {s: m.step for s, m in models.items()}
+        finally:
+            for msg in models.values():
+                msg.release()
+        reached = min(steps.values())
+        self._gathered(t, steps)
+        self.replica.load_state_vector(self._aggregate_models(M))
+        if reached > t:
+            log.info("PS %d was behind at step %d: jumped to its peers' step %d", cfg.rank, t, reached)
+            self.metrics.write(event="jump", step=t, to_step=reached + 1)
+            if self.checkpoints is not None:
+                self.checkpoints.maybe_save(reached + 1, self.replica)
+        return max(t, reached) + 1
+
+    def _aggregate(self, rule: str, rows: torch.Tensor, f: int, params: dict) -> torch.Tensor:
+        out, dropped = aggregate_finite(rule, rows, f, drop_nonfinite=self.cfg.drop_nonfinite, **params)
+        self.nonfinite_dropped += dropped
+        return out
+
+    def _aggregate_models(self, M: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        params = cfg.gar_args if cfg.model_rule == cfg.gar else {}
+        return self._aggregate(cfg.model_rule, M, cfg.fps, params)
+
+    @staticmethod
+    def _stack(messages: dict[int, Message], index: int, out: torch.Tensor) -> torch.Tensor:
+        """Copy tensor ``index`` of each message into a row of ``out`` (sender order)."""
+        for row, sender in enumerate(sorted(messages)):
+            out[row].copy_(messages[sender].tensors[index])
+        return out
+
+    # -- the step loop ------------------------------------------------------------------
+    async def _steps(self) -> None:
+        cfg, replica = self.cfg, self.replica
+        q_peers = cfg.q_ps - 1
+        t = self.step
+        self.next_eval = (t // cfg.acc_freq + 1) * cfg.acc_freq
+        while t < cfg.num_iter:
+            self.step = t
+            started = time.perf_counter()
+            if self.behaviour is not None and self.behaviour.before_step(t):
+                return  # crash / silent behaviours end here
+            if q_peers > 0 and self.models.ready(q_peers, t + 1):
+                # enough peers are ahead: skip the gradient phase, join them
+                t = await self._gather(t, replica.state_vector(), at_least=t + 1)
+                continue
+            record: dict = {}
+            losses = await self._gradient_phase(t, record)
+            if losses is None:  # enough peers got ahead meanwhile: join them
+                t = await self._gather(t, replica.state_vector(), at_least=t + 1)
+                continue
+            t_next = t + 1
+            if q_peers > 0 and self._gathers_after(t):
+                t_next = await self._gather_phase(t, record)
+            self._record(t, t_next, time.perf_counter() - started, losses, record)
+            t = t_next
+        self.step = cfg.num_iter
+        self._report_done()
+
+    def _record(self, t: int, t_next: int, step_time: float, losses: list[float], record: dict) -> None:
+        """Step 5: the step's metrics record, with an evaluation every --acc_freq steps."""
+        cfg, replica = self.cfg, self.replica
+        self.step_times.append(step_time)
+        last = t_next >= cfg.num_iter
+        record.update(step=t, step_time=step_time,
+                      loss=statistics.fmean(losses) if losses else None,
+                      bytes_sent=self.node.stats.bytes_sent,
+                      bytes_received=self.node.stats.bytes_received)
+        if last or t_next >= self.next_eval:
+            self.next_eval = (t_next // cfg.acc_freq + 1) * cfg.acc_freq
+            self.accuracy, test_loss = replica.evaluate(full=last)
+            self.evaluated_at = t_next
+            record.update(accuracy=self.accuracy, test_loss=test_loss)
+            if cfg.log:
+                log.info("step %d/%d loss %.4f accuracy %.2f%% (%.3f s/step)", t + 1,
+                         cfg.num_iter, record["loss"] or float("nan"), self.accuracy,
+                         statistics.median(self.step_times[-cfg.acc_freq:]))
+        elif cfg.bench:
+            log.info("step %d: %.4f s", t, step_time)
+        self.models_rejected += record.get("models_rejected", 0)
+        self.metrics.write(**record)
+        if self.checkpoints is not None:
+            self.checkpoints.maybe_save(t_next, replica)
+
+    def _report_done(self) -> None:
+        cfg = self.cfg
+        if self.evaluated_at < cfg.num_iter:  # the run ended on a jump: evaluate what we hold
+            self.accuracy, test_loss = self.replica.evaluate(full=True)
+            self.metrics.write(step=cfg.num_iter - 1, accuracy=self.accuracy, test_loss=test_loss)
+        self._ended()
+        warm = self.step_times[min(5, len(self.step_times) - 1):] if self.step_times else [0.0]
+        self.metrics.write(event="done", step=cfg.num_iter, final_accuracy=self.accuracy,
+                           nonfinite_dropped=self.nonfinite_dropped,
+                           models_rejected=self.models_rejected,
+                           median_step_time=statistics.median(warm),
+                           bytes_sent=self.node.stats.bytes_sent,
+                           bytes_received=self.node.stats.bytes_received)
+        log.info("PS %d done: %d steps, final accuracy %.2f%%, median %.4f s/step", cfg.rank,
+                 cfg.num_iter, self.accuracy if self.accuracy is not None else float("nan"),
+                 statistics.median(warm))
+
+    # -- life cycle (see Role.run) --------------------------------------------------------
+    def _started(self) -> None:
+        cfg = self.cfg
+        log.info("PS %d listening on port %d (%s mode, gar=%s, model rule=%s, q_w=%d, q_ps=%d)",
+                 cfg.rank, self.node.port, cfg.mode, cfg.gar, cfg.model_rule, cfg.q_w, cfg.q_ps)
+        self.metrics.write(event="start", rank=cfg.rank, role="ps", config=cfg.to_dict(),
+                           parameters=self.replica.grad_size, state_size=self.replica.state_size,
+                           resumed_at=self.step)
+
+    def _failed(self, exc: ByzSGDError) -> None:
+        log.error("PS %d stopped: %s", self.cfg.rank, exc)
+        self.metrics.write(event="error", error=str(exc))
+
+    def _stopped(self) -> None:
+        log.info("PS %d stopped by signal at step %d", self.cfg.rank, self.step)
+        self.metrics.write(event="stopped", step=self.step)
+
+    async def _shutdown(self) -> None:
+        # Tell the workers we are done, so they can leave once every PS is.
+        try:
+            self.node.broadcast(self.cfg.worker_ranks, KIND_DONE, self.step, [])
+        except Exception:  # pragma: no cover - closing anyway
+            pass
+        self.models.close()
+        await self.node.close()
+        self.metrics.close()
