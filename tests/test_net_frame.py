@@ -60,8 +60,10 @@ def test_encode_refuses_what_limits_refuse():
         encode("k", 0, 0, [torch.zeros(1)] * 5, limits=LIM)
     with pytest.raises(errors.BadDtype):
         encode("k", 0, 0, [torch.zeros(1, dtype=torch.int8)], limits=LIM)
-    with pytest.raises(ValueError):
-        encode("k", -1, 0)
+    for bad in (-1, 1 << 63, 1.0, True):
+        with pytest.raises(errors.BadStep):
+            encode("k", bad, 0)
+    encode("k", (1 << 63) - 1, 0)  # int64 max still encodes (headroom above MAX_STEP)
     with pytest.raises(TypeError):
         encode("k", 0, 0, meta={"x": [1]})
 
