@@ -81,10 +81,10 @@ class RawPeer:
                     data = await self.reader.read(65536)
                     if not data:
                         return True
+        except TimeoutError:  # before OSError: TimeoutError is one
+            return False
         except (ConnectionError, OSError):
             return True
-        except TimeoutError:
-            return False
 
     async def close(self) -> None:
         self.writer.close()
