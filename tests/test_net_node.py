@@ -367,6 +367,13 @@ def test_async_and_failing_handlers():
                 await asyncio.sleep(0.02)
             assert seen == list(range(20))
             assert n0.stats.handler_errors == 1
+            assert n0.stats.failures == {"handler:b:RuntimeError": 1}
+            for s in range(3):  # counted every time, logged once per reason
+                n1.send(0, "b", s)
+            assert await n1.send(0, "m", 1, [torch.ones(1)])
+            await boxes[0]["m"].collect(1, 1, timeout=5)
+            assert n0.stats.failures == {"handler:b:RuntimeError": 4}
+            assert 1 in n0.connected
     run(main())
 
 
