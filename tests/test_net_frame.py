@@ -60,8 +60,10 @@ def test_encode_refuses_what_limits_refuse():
         encode("k", 0, 0, [torch.zeros(1)] * 5, limits=LIM)
     with pytest.raises(errors.BadDtype):
         encode("k", 0, 0, [torch.zeros(1, dtype=torch.int8)], limits=LIM)
-    with pytest.raises(ValueError):
-        encode("k", -1, 0)
+    for bad in (-1, 1 << 63, 1.0, True):
+        with pytest.raises(errors.BadStep):
+            encode("k", bad, 0)
+    encode("k", (1 << 63) - 1, 0)  # int64 max still encodes (headroom above MAX_STEP)
     with pytest.raises(TypeError):
         encode("k", 0, 0, meta={"x": [1]})
 
@@ -208,3 +210,15 @@ def test_layering_net_imports_only_errors_from_byzsgd():
             for m in mods:
                 if m == "byzsgd" or m.startswith("byzsgd."):
                     assert m == "byzsgd.errors" or m.startswith("byzsgd.net"), (path.name, m)
+
+
+def test_decoder_bounds_the_step():
+    import msgpack
+    from byzsgd.net.frame import MAX_STEP, decode_header
+    for bad in (-1, MAX_STEP, (1 << 63) - 1, 1 << 63, (1 << 64) - 1):
+        h = msgpack.packb(["k", bad, 0, [], {}], use_bin_type=True)
+        with pytest.raises(errors.BadStep):
+            decode_header(h, 0, LIM)
+    h = msgpack.packb(["k", MAX_STEP - 1, 0, [], {}], use_bin_type=True)
+    assert decode_header(h, 0, LIM).step == MAX_STEP - 1
+    encode("k", MAX_STEP - 1 + 1000, 0)  # a reply to any accepted step still encodes

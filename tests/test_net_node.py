@@ -123,7 +123,7 @@ def test_send_to_self_and_unknown_rank():
 # ------------------------------------------------------------------ malicious / malformed peers
 async def auth_raw(node, rank, num_ps=1):
     p = await RawPeer.connect("127.0.0.1", node.port)
-    reply = await p.handshake(SECRET, rank, node.rank, num_ps)
+    reply = await p.handshake(SECRET, rank, node.rank, num_ps, world_size=node.world_size)
     assert reply == {"ok": True}, reply
     return p
 
@@ -196,13 +196,13 @@ def test_handshake_failures(case):
             assert await n0.wait_connected({1}, 10) == {1}
             p = await RawPeer.connect("127.0.0.1", n0.port)
             if case == "bad_hmac":
-                reply = await p.handshake(SECRET, 2, 0, 1, bad_mac=True)
+                reply = await p.handshake(SECRET, 2, 0, 1, bad_mac=True, world_size=3)
                 assert "ok" not in reply if isinstance(reply, dict) else True
             elif case == "wrong_version":
-                reply = await p.handshake(SECRET, 2, 0, 1, version=99)
+                reply = await p.handshake(SECRET, 2, 0, 1, version=99, world_size=3)
                 assert "version" in reply["err"]
             elif case == "bad_rank":
-                reply = await p.handshake(SECRET, 0, 0, 1, role="ps")  # claims the listener's own rank
+                reply = await p.handshake(SECRET, 0, 0, 1, role="ps", world_size=3)  # claims the listener's own rank
                 assert "rank" in reply["err"]
             elif case == "garbage":
                 p.write(HS_PREFIX.pack(5000) + b"x" * 100)
@@ -229,8 +229,9 @@ def test_wrong_secret_node_never_connects():
         await b.start()
         try:
             assert await b.wait_connected({0}, 0.5) == set()
-            assert a.stats.rejected["auth"] == 0  # the listener's MAC fails at the dialer first
-            assert b.stats.rejected["auth"] >= 1
+            # another operator secret is another deployment: refused before any MAC, by name
+            assert a.stats.rejected["deployment"] >= 1
+            assert b.stats.rejected["deployment"] >= 1
         finally:
             await a.close()
             await b.close()
@@ -243,7 +244,7 @@ def test_second_connection_claiming_connected_rank_is_refused():
         async with started(nodes) as boxes:
             n0, n1 = nodes
             p = await RawPeer.connect("127.0.0.1", n0.port)
-            reply = await p.handshake(SECRET, 1, 0, 1)
+            reply = await p.handshake(SECRET, 1, 0, 1, world_size=2)
             assert "duplicate" in reply["err"]
             assert await p.closed_by_peer(5)
             assert n0.stats.rejected["duplicate_rank"] == 1
@@ -320,7 +321,7 @@ def test_outbox_not_blocked_by_a_peer_that_never_reads():
         await n0.start()
         # rank 1 is a raw peer that authenticates and then never reads
         p = await RawPeer.connect("127.0.0.1", n0.port)
-        assert (await p.handshake(SECRET, 1, 0, 1)) == {"ok": True}
+        assert (await p.handshake(SECRET, 1, 0, 1, world_size=2)) == {"ok": True}
         p.writer.transport.pause_reading()
         x = torch.zeros(1 << 20)  # 4 MB
         loop = asyncio.get_running_loop()
@@ -366,6 +367,13 @@ def test_async_and_failing_handlers():
                 await asyncio.sleep(0.02)
             assert seen == list(range(20))
             assert n0.stats.handler_errors == 1
+            assert n0.stats.failures == {"handler:b:RuntimeError": 1}
+            for s in range(3):  # counted every time, logged once per reason
+                n1.send(0, "b", s)
+            assert await n1.send(0, "m", 1, [torch.ones(1)])
+            await boxes[0]["m"].collect(1, 1, timeout=5)
+            assert n0.stats.failures == {"handler:b:RuntimeError": 4}
+            assert 1 in n0.connected
     run(main())
 
 
@@ -456,8 +464,9 @@ def test_unauthenticated_connections_are_bounded():
             raws = [await RawPeer.connect("127.0.0.1", nodes[0].port) for _ in range(3)]
             await asyncio.sleep(0.05)
             extra = await RawPeer.connect("127.0.0.1", nodes[0].port)
-            assert await extra.closed_by_peer(5)
-            assert nodes[0].stats.rejected["handshake"] >= 1
+            assert await raws[0].closed_by_peer(5)  # the oldest idle one made room
+            assert nodes[0].stats.rejected["preauth_evicted"] >= 1
+            assert nodes[0]._pending_handshakes() <= 3
             for r in raws:
                 await r.close()
             await extra.close()

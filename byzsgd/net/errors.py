@@ -27,7 +27,8 @@ __all__ = [
     "ConfigError", "NetError", "ProtocolError", "FrameTooLarge", "HeaderTooLarge", "BadHeader",
     "BadDtype", "ShapeMismatch", "TooManyTensors", "UnknownKind", "SenderMismatch", "BadStep",
     "BadMeta", "HandshakeError", "HandshakeTimeout", "AuthError", "VersionMismatch",
-    "DuplicateRank", "BadRank", "PeerClosed", "UnknownPeer", "QuorumTimeout", "StaleStep",
+    "DuplicateRank", "BadRank", "DeploymentMismatch", "AddressMismatch", "PreauthEvicted", "TLSHandshakeError",
+    "PeerClosed", "UnknownPeer", "QuorumTimeout", "StaleStep",
     "RendezvousError",
 ]
 
@@ -95,7 +96,7 @@ class SenderMismatch(ProtocolError):
 
 
 class BadStep(ProtocolError):
-    """The step is not a non-negative integer."""
+    """The step is not an int in ``[0, frame.MAX_STEP)`` (received), or outside int64 (sent)."""
 
     reason = "bad_step"
 
@@ -118,7 +119,7 @@ class HandshakeTimeout(HandshakeError):
 
 
 class AuthError(HandshakeError):
-    """The peer could not prove it holds the cluster secret (bad HMAC)."""
+    """The peer could not prove it holds the pair key of the rank it claims (bad HMAC)."""
 
     reason = "auth"
 
@@ -138,6 +139,32 @@ class BadRank(HandshakeError):
     a dial against the higher-dials-lower policy, or not the rank the dialer expected."""
 
     reason = "bad_rank"
+
+
+class DeploymentMismatch(HandshakeError):
+    """The peer's credentials belong to another deployment (operator secret or world size)."""
+
+    reason = "deployment"
+
+
+class AddressMismatch(HandshakeError):
+    """Plain TCP: the dialer reached this node on an address that is not this socket's own,
+    i.e. a relay sits between them (a lying directory entry)."""
+
+    reason = "address"
+
+
+class PreauthEvicted(HandshakeError):
+    """An unauthenticated connection closed to make room: too many before authentication from
+    its address or in total (the idlest, oldest one of the busiest address goes first)."""
+
+    reason = "preauth_evicted"
+
+
+class TLSHandshakeError(HandshakeError):
+    """The TLS handshake inside ours failed (no common version, untrusted certificate...)."""
+
+    reason = "tls"
 
 
 # --------------------------------------------------------------------------- runtime

@@ -31,11 +31,18 @@ from . import errors
 from .codec import ALIGN, DTYPE_TO_NAME, ITEMSIZE, MAX_NDIM, NAME_TO_DTYPE, align, from_buffer, tensor_view
 
 __all__ = ["FrameLimits", "Message", "Header", "TensorSpec", "PREFIX", "encode", "parse_prefix",
-           "decode_header", "DEFAULT_DTYPES", "MAX_META_ITEMS"]
+           "decode_header", "DEFAULT_DTYPES", "MAX_META_ITEMS", "MAX_STEP", "MAX_SEND_STEP"]
 
 PREFIX = struct.Struct("<IQ")
 MAX_META_ITEMS = 64
 MAX_KIND_LEN = 64
+# Steps: a received header's step must be in [0, MAX_STEP); a sent one in [0, MAX_SEND_STEP)
+# (int64).  The gap of 2**62 is the headroom that lets a node do arithmetic on a received step
+# (reply with step + 1, look k steps ahead) and always encode the result: no received frame can
+# drive a correct node's send into an encoding error.  Windows around the receiver's own step are
+# the roles' business.
+MAX_STEP = 1 << 62
+MAX_SEND_STEP = 1 << 63
 _ZEROS = bytes(ALIGN)
 _TLS = threading.local()  # one reusable msgpack Packer per thread (Packer is not thread-safe)
 
@@ -190,8 +197,8 @@ def encode(kind: str, step: int, sender: int, tensors: Sequence[torch.Tensor] = 
     """
     if not isinstance(kind, str) or not kind or len(kind) > MAX_KIND_LEN:
         raise ValueError(f"kind must be a non-empty str of at most {MAX_KIND_LEN} chars, got {kind!r}")
-    if type(step) is not int or step < 0 or step >= 1 << 63:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    if type(step) is not int or not 0 <= step < MAX_SEND_STEP:
+        raise errors.BadStep(f"step must be an int in [0, 2**63), got {step!r}"[:120])
     meta = _check_meta(meta)
     ts = [_prepare(t) for t in tensors]
     if limits is not None:
@@ -265,8 +272,9 @@ def decode_header(data, body_len: int, limits: FrameLimits, *,
         raise errors.BadHeader("kind must be a non-empty short str")
     if kinds is not None and kind not in kinds:
         raise errors.UnknownKind(f"kind {kind[:MAX_KIND_LEN]!r} is not registered")
-    if type(step) is not int or step < 0:
-        raise errors.BadStep(f"step must be a non-negative int, got {type(step).__name__}")
+    if type(step) is not int or not 0 <= step < MAX_STEP:
+        raise errors.BadStep(f"step must be an int in [0, 2**62), got {type(step).__name__}"
+                             f"{' ' + str(step)[:24] if type(step) is int else ''}")
     if type(hsender) is not int:
         raise errors.BadHeader("sender must be an int")
     if sender is not None and hsender != sender:

@@ -1,38 +1,57 @@
-"""Where a connection proves who it is: version, role, rank and mutual HMAC-SHA256.
+"""Where a connection proves which **rank** it is: version, role, rank and a mutual HMAC-SHA256.
 
 The exchange (each message a length-prefixed msgpack map of at most ``HS_MAX`` bytes)::
 
-    dialer -> listener : {v, role, rank, want, nonce_d}                     (32 random bytes)
-    listener -> dialer : {v, role, rank, nonce_l, mac_l}   or {err}
+    dialer -> listener : {v, dep, role, rank, want, nonce_d, to}          (nonces: 32 random bytes)
+    listener -> dialer : {v, dep, role, rank, nonce_l, mac_l}   or {err}
     dialer -> listener : {mac_d}
-    listener -> dialer : {ok: True}                         or {err}        (e.g. duplicate rank)
+    listener -> dialer : {ok: True}                              or {err}   (e.g. duplicate rank)
 
-``mac_x = HMAC-SHA256(secret, label_x || transcript)`` where the transcript packs both versions,
-roles, ranks and nonces and the labels differ per direction, so a MAC can be neither replayed
-(fresh nonces from both sides) nor reflected (direction label).  Comparisons use
-``hmac.compare_digest``.  The listener only authenticates itself to a dialer that presented a
-valid rank/role for this world; the dialer's proof is checked before its rank is bound to the
-connection, and no frame is parsed before both proofs passed.
+``mac_x = HMAC-SHA256(K(dialer, listener), label_x || transcript)`` with the *pair key* only
+those two ranks hold (:mod:`.credentials`); the transcript packs the protocol version, the
+deployment id, both roles, ranks and nonces, the address the dialer actually connected to
+(``to``) and the TLS channel binding.  So:
+
+* a member cannot complete a handshake under another rank (it lacks that rank's pair keys), and
+  a dialer that reached the wrong process (a wrong or lying directory entry) gets a MAC it cannot
+  verify: a failed handshake, never an impostor connection;
+* a MAC can be neither replayed (fresh nonces from both sides) nor reflected (direction label);
+* a relay that splices two connections (a Byzantine rendezvous master routing rank ``d``'s
+  connection for ``l`` through itself) fails: under TLS the two TLS sessions have different
+  channel bindings; over plain TCP the listener checks that ``to`` is the address it was reached
+  on (``Node(bind_address=False)`` turns this off behind NAT, where TLS must then provide it).
+
+Channel binding: ``ssl_object.get_channel_binding("tls-unique")`` (the first Finished message),
+the only type Python's ``ssl`` exposes.  RFC 9266 leaves tls-unique undefined for TLS 1.3 and
+names the exporter instead, which Python does not expose; OpenSSL (1.1.1 and 3.x) returns the
+client's Finished for TLS 1.3 too, and that message is a MAC over the whole handshake transcript
+under the session's ECDHE-derived keys, so it differs between two spliced TLS sessions, which
+is what the binding must give here.  Comparisons use ``hmac.compare_digest``.  The listener only
+authenticates itself to a dialer that presented a valid rank/role for this world; the dialer's
+proof is checked before its rank is bound to the connection, and no frame is parsed before both
+proofs passed.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import os
+from dataclasses import dataclass
 
 import msgpack
 
 from . import errors
 
-__all__ = ["PROTOCOL_VERSION", "NONCE_BYTES", "mac", "transcript", "check_hello_fields", "resolve_secret",
-           "SECRET_ENV"]
+__all__ = ["PROTOCOL_VERSION", "NONCE_BYTES", "mac", "verify", "transcript", "check_hello_fields", "Hello",
+           "resolve_secret", "SECRET_ENV", "norm_addr", "channel_binding"]
 
 SECRET_ENV = "BYZSGD_SECRET"
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 NONCE_BYTES = 32
-_LABEL_LISTENER = b"byzsgd-net-v1 listener"
-_LABEL_DIALER = b"byzsgd-net-v1 dialer"
+_LABEL_LISTENER = b"byzsgd-net-v2 listener"
+_LABEL_DIALER = b"byzsgd-net-v2 dialer"
 ROLES = ("ps", "worker")
 
 
@@ -52,23 +71,62 @@ def new_nonce() -> bytes:
     return os.urandom(NONCE_BYTES)
 
 
-def transcript(d_role: str, d_rank: int, nonce_d: bytes, l_role: str, l_rank: int, nonce_l: bytes) -> bytes:
-    return msgpack.packb([PROTOCOL_VERSION, d_role, d_rank, nonce_d, l_role, l_rank, nonce_l],
-                         use_bin_type=True)
+def norm_addr(addr) -> list:
+    """``[ip, port]`` from a socket address, IPv4-mapped IPv6 and scope ids folded, so the two
+    ends of one TCP connection name the listener's address identically."""
+    if not addr or len(addr) < 2:
+        return ["", 0]
+    host, port = str(addr[0]).split("%", 1)[0], int(addr[1])
+    try:
+        ip = ipaddress.ip_address(host)
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        host = ip.compressed
+    except ValueError:
+        pass
+    return [host, port]
 
 
-def mac(secret: bytes, listener: bool, tr: bytes) -> bytes:
+def channel_binding(transport) -> bytes:
+    """The TLS channel binding of ``transport`` (``b""`` over plain TCP)."""
+    sslobj = transport.get_extra_info("ssl_object") if transport is not None else None
+    if sslobj is None:
+        return b""
+    cb = sslobj.get_channel_binding("tls-unique")
+    if not cb:
+        raise errors.HandshakeError("TLS is on but no channel binding is available")
+    return bytes(cb)
+
+
+def transcript(dep: str, d_role: str, d_rank: int, nonce_d: bytes, l_role: str, l_rank: int, nonce_l: bytes,
+               to: list, binding: bytes) -> bytes:
+    return msgpack.packb([PROTOCOL_VERSION, dep, d_role, d_rank, nonce_d, l_role, l_rank, nonce_l,
+                          list(to), binding], use_bin_type=True)
+
+
+def mac(key: bytes, listener: bool, tr: bytes) -> bytes:
     label = _LABEL_LISTENER if listener else _LABEL_DIALER
-    return hmac.new(secret, label + tr, hashlib.sha256).digest()
+    return hmac.new(key, label + tr, hashlib.sha256).digest()
 
 
-def verify(secret: bytes, listener: bool, tr: bytes, got) -> None:
-    if type(got) is not bytes or not hmac.compare_digest(mac(secret, listener, tr), got):
-        raise errors.AuthError("bad HMAC: the peer does not hold the cluster secret")
+def verify(key: bytes, listener: bool, tr: bytes, got) -> None:
+    if type(got) is not bytes or not hmac.compare_digest(mac(key, listener, tr), got):
+        raise errors.AuthError("bad HMAC: the peer does not hold this pair's key (wrong rank, wrong "
+                               "deployment, or a relay between us)")
 
 
-def check_hello_fields(msg: dict, *, dialer: bool) -> tuple[str, int, bytes]:
-    """Type-check a hello (dialer's) or reply (listener's); returns (role, rank, nonce)."""
+@dataclass(frozen=True)
+class Hello:
+    role: str
+    rank: int
+    nonce: bytes
+    dep: str
+    want: int | None = None
+    to: list | None = None
+
+
+def check_hello_fields(msg: dict, *, dialer: bool) -> Hello:
+    """Type-check a hello (dialer's) or reply (listener's); raises the peer's refusal."""
     if "err" in msg:
         err = msg["err"]
         text = err[:200] if type(err) is str else "?"
@@ -78,17 +136,29 @@ def check_hello_fields(msg: dict, *, dialer: bool) -> tuple[str, int, bytes]:
             raise errors.DuplicateRank(f"peer refused: {text}")
         if text.startswith("rank"):
             raise errors.BadRank(f"peer refused: {text}")
+        if text.startswith("deployment"):
+            raise errors.DeploymentMismatch(f"peer refused: {text}")
+        if text.startswith("address"):
+            raise errors.AddressMismatch(f"peer refused: {text}")
         raise errors.HandshakeError(f"peer refused: {text}")
     v = msg.get("v")
     if v != PROTOCOL_VERSION or type(v) is not int:
         raise errors.VersionMismatch(f"protocol version {v!r}, this node speaks {PROTOCOL_VERSION}")
-    role, rank, nonce = msg.get("role"), msg.get("rank"), msg.get("nonce")
+    role, rank, nonce, dep = msg.get("role"), msg.get("rank"), msg.get("nonce"), msg.get("dep")
     if role not in ROLES or type(role) is not str:
         raise errors.BadRank(f"unknown role {role!r}")
     if type(rank) is not int or rank < 0:
         raise errors.BadRank(f"rank must be a non-negative int, got {rank!r}")
     if type(nonce) is not bytes or len(nonce) != NONCE_BYTES:
         raise errors.HandshakeError("nonce must be 32 bytes")
-    if dialer and type(msg.get("want")) is not int:
+    if type(dep) is not str or not 1 <= len(dep) <= 64:
+        raise errors.HandshakeError("deployment id must be a short str")
+    if not dialer:
+        return Hello(role, rank, nonce, dep)
+    want, to = msg.get("want"), msg.get("to")
+    if type(want) is not int:
         raise errors.HandshakeError("hello must say which rank it wants")
-    return role, rank, nonce
+    if (type(to) is not list or len(to) != 2 or type(to[0]) is not str or len(to[0]) > 64
+            or type(to[1]) is not int or not 0 <= to[1] <= 65535):
+        raise errors.HandshakeError("hello must say which [ip, port] it dialed")
+    return Hello(role, rank, nonce, dep, want, to)

@@ -2,8 +2,9 @@
 
 A node listens on its own address, dials every peer of *lower* rank (the higher rank dials, so a
 pair never ends up with two connections), reconnects with exponential backoff for as long as it
-runs, authenticates every connection (:mod:`.handshake`), refuses a second live connection for a
-rank, and dispatches received frames to the handler registered for their kind.  Sending goes
+runs, authenticates every connection's *rank* (:mod:`.handshake`, :mod:`.credentials`), refuses a
+second live connection for a rank, and dispatches received frames to the handler registered for
+their kind.  Sending goes
 through a bounded per-peer outbox (:mod:`.outbox`) and never blocks the caller.
 
 Threading: everything runs on the event loop that called :meth:`Node.start`; call ``send`` /
@@ -11,9 +12,19 @@ Threading: everything runs on the event loop that called :meth:`Node.start`; cal
 
 Error contract: a misbehaving peer (malformed frame, unknown kind, bad HMAC, duplicate rank...)
 only ever costs its own connection: it is closed with a reason logged on ``byzsgd.net`` and
-counted in ``node.stats.rejected[reason]``.  A handler that raises is logged (and counted in
-``stats.handler_errors``) and never kills the node.  Configuration mistakes raise
+counted in ``node.stats.rejected[reason]``.  A handler that raises never kills the node: it is
+counted in ``stats.failures["handler:<kind>:<ExceptionType>"]`` (and the total in
+``stats.handler_errors``) and logged once per such reason; the same holds for any failure of the
+dispatch path itself (``"dispatch:<ExceptionType>"``).  Configuration mistakes raise
 :class:`byzsgd.errors.ConfigError` in the constructor.
+
+Outsiders: connections that have not authenticated yet (TLS handshakes included: the listener
+accepts plain TCP and upgrades it with ``loop.start_tls`` inside the handshake timeout) are at
+most ``max_preauth_per_address`` per source IP and ``max_pending_handshakes`` in total.  A new
+connection is never refused for it: an old one makes room instead, from the address with the most
+(the one from this address when its own limit is hit), those that have not even sent a hello
+first, oldest first.  So a flood of idle sockets, even from a legitimate rank's own address, only
+evicts itself, and a rank that dials in and answers promptly is not starved.
 """
 from __future__ import annotations
 
@@ -22,6 +33,7 @@ import collections
 import inspect
 import logging
 import random
+import socket as _socket
 import ssl as _ssl
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -30,7 +42,9 @@ from typing import Callable, Iterable
 from . import errors
 from .bufpool import BufferPool
 from .frame import FrameLimits, Message, encode
-from .handshake import PROTOCOL_VERSION, check_hello_fields, mac, new_nonce, transcript, verify
+from .credentials import RankCredentials
+from .handshake import (PROTOCOL_VERSION, channel_binding, check_hello_fields, mac, new_nonce, norm_addr,
+                        transcript, verify)
 from .outbox import Outbox
 from .peers import PeerDirectory, role_of
 from .protocol import Connection
@@ -54,6 +68,8 @@ class NodeStats:
     handler_errors: int = 0
     connects: int = 0         # authenticated connections made (both directions)
     rejected: collections.Counter = field(default_factory=collections.Counter)
+    # contained local failures by stable reason: "handler:<kind>:<Exc>", "dispatch:<Exc>"
+    failures: collections.Counter = field(default_factory=collections.Counter)
 
 
 class Node:
@@ -63,8 +79,14 @@ class Node:
     directory port) or ``master=(host, port)`` with ``world_size`` and ``num_ps`` (rendezvous:
     rank 0 listens on the master port, the others on ``listen_port``, 0 = ephemeral, and
     register ``advertise_host`` or, by default, the address they reach the master from).
-    ``secret`` is the shared cluster secret (see :func:`byzsgd.net.resolve_secret`).
-    ``ssl_server``/``ssl_client`` add TLS under the HMAC handshake.  ``outbox_depth`` bounds the
+    ``secret`` is this rank's :class:`~byzsgd.net.credentials.RankCredentials` (the pair keys
+    that prove its rank), or, legacy/dev mode, ``bytes`` taken as the operator secret from which
+    this node derives its own credentials (every node then holds every key: membership, not rank,
+    is proven; see :mod:`.credentials`).
+    ``ssl_server``/``ssl_client`` add TLS under the HMAC handshake (which binds the TLS channel).
+    ``bind_address`` (plain TCP): refuse a dialer that reached this node through another address
+    (a relay); turn off behind NAT/port mapping, and use TLS there.  ``max_preauth_per_address``
+    bounds unauthenticated connections per source IP (see the module docstring).  ``outbox_depth`` bounds the
     messages queued per peer (overflow drops the oldest).  ``pool_bytes`` bounds the receive
     buffers kept for reuse (default: 4 frames of the maximum size).
 
@@ -89,7 +111,7 @@ class Node:
                  advertise_host: str | None = None, listen_port: int = 0,
                  ssl_server: _ssl.SSLContext | None = None, ssl_client: _ssl.SSLContext | None = None,
                  connect_timeout: float = 5.0, handshake_timeout: float = 5.0, outbox_depth: int = 16,
-                 pool_bytes: int | None = None):
+                 pool_bytes: int | None = None, bind_address: bool = True, max_preauth_per_address: int = 8):
         C = errors.ConfigError
         if type(rank) is not int or rank < 0:
             raise C(f"rank must be a non-negative int, got {rank!r}")
@@ -97,8 +119,14 @@ class Node:
             raise C(f"role must be one of {ROLES}, got {role!r}")
         if isinstance(secret, str):
             raise C("secret must be bytes (encode the --secret / BYZSGD_SECRET string first)")
-        if not isinstance(secret, (bytes, bytearray)) or len(secret) == 0:
-            raise C("a non-empty cluster secret (bytes) is required: pass --secret or set BYZSGD_SECRET")
+        if isinstance(secret, RankCredentials):
+            if secret.rank != rank:
+                raise C(f"the credentials are rank {secret.rank}'s, this node is rank {rank}")
+        elif not isinstance(secret, (bytes, bytearray)) or len(secret) == 0:
+            raise C("credentials (RankCredentials) or a non-empty cluster secret (bytes) are required: "
+                    "pass --secret or set BYZSGD_SECRET")
+        if type(max_preauth_per_address) is not int or max_preauth_per_address < 1:
+            raise C(f"max_preauth_per_address must be an int >= 1, got {max_preauth_per_address!r}")
         if not isinstance(limits, FrameLimits):
             raise C(f"limits must be a FrameLimits, got {type(limits).__name__}")
         if (directory is None) == (master is None):
@@ -139,9 +167,17 @@ class Node:
                 raise C(f"rank {rank} >= world_size {world_size}")
         if role != role_of(rank, num_ps):
             raise C(f"rank {rank} is a {role_of(rank, num_ps)} (ranks < num_ps={num_ps} are PS), not a {role}")
-        self.rank, self.role, self.secret = rank, role, bytes(secret)
-        if len(self.secret) < 16:
-            log.warning("rank %d: the cluster secret is only %d bytes; use 16+ random bytes", rank, len(self.secret))
+        self.rank, self.role = rank, role
+        if isinstance(secret, RankCredentials):
+            if secret.world_size != world_size:
+                raise C(f"the credentials are for a world of {secret.world_size}, this one has {world_size}")
+            self.credentials, self.legacy_secret = secret, False
+        else:
+            if len(secret) < 16:
+                log.warning("rank %d: the cluster secret is only %d bytes; use 16+ random bytes", rank, len(secret))
+            self.credentials, self.legacy_secret = RankCredentials.derive(bytes(secret), rank, world_size), True
+        self.bind_address = bool(bind_address)
+        self.max_preauth_per_address = max_preauth_per_address
         self.world_size, self.num_ps = world_size, num_ps
         self.limits = limits
         self.listen_host, self.advertise_host, self.listen_port = listen_host, advertise_host, listen_port
@@ -162,11 +198,17 @@ class Node:
         self._tasks: set[asyncio.Task] = set()
         self._conn_waiters: set[asyncio.Future] = set()
         self._server = None
+        self._lsock = None           # TLS listener socket (our own accept loop)
+        self._accept_task: asyncio.Task | None = None
+        self._tls_slots: set = set()
         self._port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False
         self._closing = False
         self.max_pending_handshakes = 64 + 4 * world_size
+        self._preauth: dict[str, dict] = {}  # source IP -> {unauthenticated accepted Connection: None}
+        self._npreauth = 0
+        self._logged_failures: set[str] = set()
         self._rdv: Rendezvous | None = Rendezvous(self) if directory is None else None
         if self._rdv is not None:
             self._rdv.register_kinds()
@@ -238,11 +280,17 @@ class Node:
             port = self.master[1]
         else:
             port = self.listen_port
-        self._server = await self._loop.create_server(
-            lambda: Connection(self), host=self.listen_host, port=port, ssl=self.ssl_server,
-            reuse_address=True, backlog=max(128, 4 * self.world_size),
-            ssl_handshake_timeout=self.handshake_timeout if self.ssl_server else None)
-        self._port = self._server.sockets[0].getsockname()[1]
+        backlog = max(128, 4 * self.world_size)
+        if self.ssl_server is None:
+            self._server = await self._loop.create_server(
+                lambda: Connection(self), host=self.listen_host, port=port, reuse_address=True, backlog=backlog)
+            self._port = self._server.sockets[0].getsockname()[1]
+        else:
+            # TLS: our own accept loop, so that a TLS handshake in progress is counted and evicted
+            # like any unauthenticated connection (create_server(ssl=) hides them from us).
+            self._lsock = await _listen_socket(self._loop, self.listen_host, port, backlog)
+            self._port = self._lsock.getsockname()[1]
+            self._accept_task = self._loop.create_task(self._accept_tls())
         log.info("rank %d (%s) listening on %s:%d", self.rank, self.role, self.listen_host, self._port)
         if self._directory is not None:
             self._set_directory(self._directory)
@@ -276,6 +324,12 @@ class Node:
             self._rdv.close()
         if self._server is not None:
             self._server.close()
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+        for slot in list(self._tls_slots):
+            slot.task.cancel()
+        if self._lsock is not None:
+            self._lsock.close()
         conns = list(self._connections)
         for c in conns:
             c.close()
@@ -323,9 +377,9 @@ class Node:
                     conn.close()
                 raise
             except errors.HandshakeError as e:
-                if conn is not None:
+                if conn is not None and not conn.closed:
                     conn.abort(e)
-                else:
+                else:  # the listener closed first: still count the refusal here
                     self.stats.rejected[e.reason] += 1
                 log.info("rank %d: handshake with rank %d failed: %s", self.rank, rank, e)
             except (OSError, asyncio.TimeoutError, errors.NetError, _ssl.SSLError) as e:
@@ -349,46 +403,71 @@ class Node:
 
     async def _dial_handshake(self, conn: Connection) -> None:
         want = conn.expect_rank
+        cred = self.credentials
+        key = cred.key(want)
         nonce_d = new_nonce()
-        conn.send_hs({"v": PROTOCOL_VERSION, "role": self.role, "rank": self.rank, "want": want, "nonce": nonce_d})
+        to = norm_addr(conn.transport.get_extra_info("peername"))
+        binding = channel_binding(conn.transport)
+        conn.send_hs({"v": PROTOCOL_VERSION, "dep": cred.deployment, "role": self.role, "rank": self.rank,
+                      "want": want, "nonce": nonce_d, "to": to})
         reply = await conn.recv_hs()
-        l_role, l_rank, nonce_l = check_hello_fields(reply, dialer=False)
-        if l_rank != want or l_role != role_of(want, self.num_ps):
-            raise errors.BadRank(f"dialed rank {want} but reached rank {l_rank} ({l_role})")
-        tr = transcript(self.role, self.rank, nonce_d, l_role, l_rank, nonce_l)
-        verify(self.secret, True, tr, reply.get("mac"))
-        conn.send_hs({"mac": mac(self.secret, False, tr)})
+        h = check_hello_fields(reply, dialer=False)
+        if h.dep != cred.deployment:
+            raise errors.DeploymentMismatch(f"rank {want} is in deployment {h.dep[:16]!r}, this is {cred.deployment!r}")
+        if h.rank != want or h.role != role_of(want, self.num_ps):
+            raise errors.BadRank(f"dialed rank {want} but reached rank {h.rank} ({h.role})")
+        tr = transcript(cred.deployment, self.role, self.rank, nonce_d, h.role, h.rank, h.nonce, to, binding)
+        verify(key, True, tr, reply.get("mac"))
+        conn.send_hs({"mac": mac(key, False, tr)})
         ok = await conn.recv_hs()
         if ok.get("ok") is not True:
             check_hello_fields(ok, dialer=False)  # raises the peer's refusal
             raise errors.HandshakeError("no ok from the listener")
-        self._attach(conn, l_rank, l_role)
+        self._attach(conn, h.rank, h.role)
 
     async def _serve_handshake(self, conn: Connection) -> None:
+        cred = self.credentials
         try:
             async with asyncio.timeout(self.handshake_timeout):
                 hello = await conn.recv_hs()
+                conn.progressed = True
                 try:
-                    d_role, d_rank, nonce_d = check_hello_fields(hello, dialer=True)
-                    self._check_inbound(d_rank, d_role, hello["want"])
+                    h = check_hello_fields(hello, dialer=True)
+                    if h.dep != cred.deployment:
+                        raise errors.DeploymentMismatch(
+                            f"the dialer is in deployment {h.dep[:16]!r}, this is {cred.deployment!r}")
+                    self._check_inbound(h.rank, h.role, h.want)
+                    if not conn.tls and self.bind_address:
+                        here = norm_addr(conn.transport.get_extra_info("sockname"))
+                        if h.to != here:
+                            raise errors.AddressMismatch(
+                                f"the dialer reached {h.to[0][:64]}:{h.to[1]}, this socket is {here[0]}:{here[1]}")
                 except errors.VersionMismatch as e:
                     conn.send_hs({"err": f"version: this node speaks {PROTOCOL_VERSION}"})
                     raise e
                 except errors.BadRank as e:
                     conn.send_hs({"err": f"rank: {e}"[:200]})
                     raise e
+                except errors.DeploymentMismatch as e:
+                    conn.send_hs({"err": f"deployment: {e}"[:200]})
+                    raise e
+                except errors.AddressMismatch as e:
+                    conn.send_hs({"err": f"address: {e}"[:200]})
+                    raise e
+                key = cred.key(h.rank)
                 nonce_l = new_nonce()
-                tr = transcript(d_role, d_rank, nonce_d, self.role, self.rank, nonce_l)
-                conn.send_hs({"v": PROTOCOL_VERSION, "role": self.role, "rank": self.rank,
-                              "nonce": nonce_l, "mac": mac(self.secret, True, tr)})
+                tr = transcript(cred.deployment, h.role, h.rank, h.nonce, self.role, self.rank, nonce_l, h.to,
+                                channel_binding(conn.transport))
+                conn.send_hs({"v": PROTOCOL_VERSION, "dep": cred.deployment, "role": self.role, "rank": self.rank,
+                              "nonce": nonce_l, "mac": mac(key, True, tr)})
                 reply = await conn.recv_hs()
-                verify(self.secret, False, tr, reply.get("mac"))
-                old = self._conns.get(d_rank)
+                verify(key, False, tr, reply.get("mac"))
+                old = self._conns.get(h.rank)
                 if old is not None and not old.closed:
-                    conn.send_hs({"err": f"duplicate: rank {d_rank} already has a live connection"})
-                    raise errors.DuplicateRank(f"rank {d_rank} already has a live connection")
+                    conn.send_hs({"err": f"duplicate: rank {h.rank} already has a live connection"})
+                    raise errors.DuplicateRank(f"rank {h.rank} already has a live connection")
                 conn.send_hs({"ok": True})
-                self._attach(conn, d_rank, d_role)
+                self._attach(conn, h.rank, h.role)
         except (TimeoutError, asyncio.TimeoutError):
             conn.abort(errors.HandshakeTimeout(f"no complete handshake within {self.handshake_timeout}s"))
         except errors.HandshakeError as e:
@@ -401,9 +480,71 @@ class Node:
         except Exception as e:
             log.exception("rank %d: unexpected handshake error: %r", self.rank, e)
             conn.abort(errors.HandshakeError(repr(e)))
+        finally:
+            if conn.rank is None:
+                self._preauth_done(conn)
+
+    # ------------------------------------------------------------------ before authentication
+    def _admit(self, conn) -> None:
+        """Count an accepted connection (or a TLS handshake in progress: a :class:`_TLSSlot`)
+        as unauthenticated, evicting others to stay in bounds."""
+        src = conn.source = conn.source or norm_addr(conn.peername)[0]
+        group = self._preauth.setdefault(src, {})
+        if len(group) >= self.max_preauth_per_address:
+            self._evict(group, "its address")
+        if self._npreauth >= self.max_pending_handshakes:
+            self._evict(max(self._preauth.values(), key=len), "in total")
+        group[conn] = None
+        self._npreauth += 1
+
+    def _evict(self, group: dict, where: str) -> None:
+        victim = next((c for c in group if not c.progressed), None) or next(iter(group), None)
+        if victim is None:
+            return
+        self._preauth_done(victim)
+        victim.abort(errors.PreauthEvicted(f"too many connections before authentication from {where}"))
+
+    def _preauth_done(self, conn: Connection) -> None:
+        group = self._preauth.get(conn.source)
+        if group is not None and conn in group:
+            del group[conn]
+            self._npreauth -= 1
+            if not group:
+                del self._preauth[conn.source]
 
     def _pending_handshakes(self) -> int:
-        return sum(1 for c in self._connections if c.rank is None)
+        return self._npreauth
+
+    async def _accept_tls(self) -> None:
+        loop = self._loop
+        while not self._closing:
+            try:
+                sock, addr = await loop.sock_accept(self._lsock)
+            except asyncio.CancelledError:
+                raise
+            except OSError as e:  # EMFILE and friends: back off instead of spinning
+                log.warning("rank %d: accept failed: %r", self.rank, e)
+                await asyncio.sleep(0.1)
+                continue
+            slot = _TLSSlot(self, addr)
+            self._tls_slots.add(slot)
+            self._admit(slot)
+            slot.task = loop.create_task(self._tls_accept_one(slot, sock))
+
+    async def _tls_accept_one(self, slot: "_TLSSlot", sock) -> None:
+        try:
+            await self._loop.connect_accepted_socket(
+                lambda: Connection(self, tls_slot=slot), sock, ssl=self.ssl_server,
+                ssl_handshake_timeout=self.handshake_timeout)
+        except asyncio.CancelledError:
+            pass  # evicted or closing; the loop closed the socket
+        except Exception as e:
+            err = errors.TLSHandshakeError(f"TLS handshake failed: {type(e).__name__}: {e}"[:200])
+            self.stats.rejected[err.reason] += 1
+            log.warning("rank %d: closing connection from %s: %s: %s", self.rank, slot.peername, err.reason, err)
+        finally:
+            self._preauth_done(slot)
+            self._tls_slots.discard(slot)
 
     def _check_inbound(self, rank: int, role: str, want) -> None:
         if want != self.rank:
@@ -416,6 +557,7 @@ class Node:
             raise errors.BadRank(f"rank {rank} dialed rank {self.rank}: only higher ranks dial lower ones")
 
     def _attach(self, conn: Connection, rank: int, role: str) -> None:
+        self._preauth_done(conn)
         old = self._conns.get(rank)
         if old is not None and not old.closed:
             raise errors.DuplicateRank(f"rank {rank} already has a live connection")
@@ -440,6 +582,7 @@ class Node:
 
     def _connection_lost(self, conn: Connection) -> None:
         self._connections.discard(conn)
+        self._preauth_done(conn)
         r = conn.rank
         if r is not None and self._conns.get(r) is conn:
             del self._conns[r]
@@ -470,6 +613,13 @@ class Node:
 
     # ------------------------------------------------------------------ receiving
     def _dispatch(self, conn: Connection, msg: Message) -> None:
+        try:
+            self._dispatch_one(conn, msg)
+        except Exception as e:  # the dispatch path itself must never take the node down
+            msg.release()
+            self._failed(f"dispatch:{type(e).__name__}", e, msg)
+
+    def _dispatch_one(self, conn: Connection, msg: Message) -> None:
         self.stats.frames_received += 1
         entry = self._handlers.get(msg.kind)
         if entry is None:  # cannot happen for frames (the decoder checks kinds); local sends
@@ -488,23 +638,41 @@ class Node:
             return
         self._call(handler, msg)
 
+    def _failed(self, reason: str, exc: BaseException, msg: Message | None) -> None:
+        """Count a contained failure under ``reason``; log it in full once per reason."""
+        self.stats.failures[reason] += 1
+        if reason.startswith("handler:"):
+            self.stats.handler_errors += 1
+        where = f" (message {msg.kind!r} from rank {msg.sender}, step {msg.step})" if msg is not None else ""
+        if reason not in self._logged_failures:
+            self._logged_failures.add(reason)
+            log.error("rank %d: %s%s; contained, counted in stats.failures[%r] (logged once)",
+                      self.rank, reason, where, reason, exc_info=exc)
+        else:
+            log.debug("rank %d: %s%s: %r", self.rank, reason, where, exc)
+
     def _call(self, handler, msg) -> None:
         try:
             r = handler(msg)
             if inspect.isawaitable(r):
-                t = self._loop.create_task(r)
+                t = self._loop.create_task(self._guard(r, msg))
                 self._tasks.add(t)
                 t.add_done_callback(self._task_done)
-        except Exception:
-            self.stats.handler_errors += 1
-            log.exception("rank %d: handler for %r raised (message from rank %d, step %d)",
-                          self.rank, msg.kind, msg.sender, msg.step)
+        except Exception as e:
+            self._failed(f"handler:{msg.kind}:{type(e).__name__}", e, msg)
+
+    async def _guard(self, awaitable, msg) -> None:
+        try:
+            await awaitable
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._failed(f"handler:{msg.kind}:{type(e).__name__}", e, msg)
 
     def _task_done(self, t: asyncio.Task) -> None:
         self._tasks.discard(t)
-        if not t.cancelled() and t.exception() is not None:
-            self.stats.handler_errors += 1
-            log.error("rank %d: async handler raised", self.rank, exc_info=t.exception())
+        if not t.cancelled() and t.exception() is not None:  # _guard contains all but BaseException
+            self._failed(f"task:{type(t.exception()).__name__}", t.exception(), None)
 
     async def _drain_dispatch(self, conn: Connection) -> None:
         q = conn._dispatch_q
@@ -516,10 +684,8 @@ class Node:
                     await r
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                self.stats.handler_errors += 1
-                log.exception("rank %d: handler for %r raised (message from rank %d, step %d)",
-                              self.rank, msg.kind, msg.sender, msg.step)
+            except Exception as e:
+                self._failed(f"handler:{msg.kind}:{type(e).__name__}", e, msg)
             q.popleft()
             if getattr(conn, "_dispatch_paused", False) and len(q) < 4 and not conn.closed:
                 conn._dispatch_paused = False
@@ -566,10 +732,46 @@ class Node:
         if self._closing:
             return
         self.stats.frames_received += 1
-        handler, _ = self._handlers[msg.kind]
-        self._call(handler, msg)
+        entry = self._handlers.get(msg.kind)
+        if entry is not None:
+            self._call(entry[0], msg)
 
     def broadcast(self, ranks: Iterable[int], kind: str, step: int, tensors=(), meta=None) -> list:
         """``send`` to each rank (the same tensor memory is shared by every outbox: do not
         modify the tensors until all futures resolved)."""
         return [self.send(r, kind, step, tensors, meta) for r in ranks]
+
+
+class _TLSSlot:
+    """A TLS handshake in progress on the accepted side: counted before authentication."""
+
+    progressed = False
+
+    def __init__(self, node: Node, peername):
+        self.node, self.peername = node, peername
+        self.source: str | None = None
+        self.task: asyncio.Task | None = None
+
+    def abort(self, err) -> None:
+        if self.task is not None and not self.task.done():
+            self.node.stats.rejected[err.reason] += 1
+            log.warning("rank %d: closing TLS handshake from %s: %s: %s", self.node.rank, self.peername,
+                        err.reason, err)
+            self.task.cancel()
+
+
+async def _listen_socket(loop, host: str, port: int, backlog: int):
+    infos = await loop.getaddrinfo(host or None, port, type=_socket.SOCK_STREAM, flags=_socket.AI_PASSIVE)
+    if not infos:
+        raise errors.ConfigError(f"cannot listen on {host}:{port}")
+    family, _, _, _, addr = infos[0]
+    sock = _socket.socket(family, _socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

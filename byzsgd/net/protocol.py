@@ -211,9 +211,10 @@ class Connection(asyncio.BufferedProtocol):
     ``node._dispatch(conn, msg)``; ``node._connection_lost(conn)`` on close.
     """
 
-    def __init__(self, node, *, expect_rank: int | None = None):
+    def __init__(self, node, *, expect_rank: int | None = None, tls_slot=None):
         self.node = node
         self.expect_rank = expect_rank  # set on the dialing side
+        self.tls_slot = tls_slot        # accepted TLS: the slot that counted its TLS handshake
         self.rank: int | None = None
         self.role: str | None = None
         self.transport: asyncio.Transport | None = None
@@ -231,6 +232,9 @@ class Connection(asyncio.BufferedProtocol):
         self.handshake_task: asyncio.Task | None = None
         self._read_paused = False
         self._dispatch_paused = False
+        self.source: str | None = None  # source IP, for the per-address limit (accepted side)
+        self.progressed = False          # a complete hello arrived (eviction spares these first)
+        self._lost_called = False
 
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport) -> None:
@@ -245,19 +249,20 @@ class Connection(asyncio.BufferedProtocol):
         # writes the tensors' memory and uses a high-water mark of 0: resume_writing then means
         # "the kernel took every byte".
         self.tls = transport.get_extra_info("ssl_object") is not None
+        accepted = self.expect_rank is None
         if not self.tls:
             try:
                 transport.set_write_buffer_limits(high=0, low=0)
             except Exception:  # pragma: no cover - every transport we use supports it
                 pass
+        if self.tls_slot is not None:
+            self.node._preauth_done(self.tls_slot)
         if self.node._closing:
             self.abort(None)
             return
-        if self.expect_rank is None and self.node._pending_handshakes() >= self.node.max_pending_handshakes:
-            self.abort(errors.HandshakeError("too many connections awaiting their handshake"))
-            return
         self.node._connections.add(self)
-        if self.expect_rank is None:  # accepted side: the server runs its half of the handshake
+        if accepted:  # the server runs its half of the handshake, counted as unauthenticated
+            self.node._admit(self)
             self.handshake_task = self.node._loop.create_task(self.node._serve_handshake(self))
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -293,6 +298,9 @@ class Connection(asyncio.BufferedProtocol):
             self.outbox.on_resume(self)
 
     def connection_lost(self, exc) -> None:
+        if self._lost_called:
+            return
+        self._lost_called = True
         self.closed = True
         self.reader.close()
         if self._hs_waiter is not None and not self._hs_waiter.done():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from . import handshake as hs
+from .credentials import RankCredentials
 from .frame import PREFIX, encode
 from .peers import role_of
 from .protocol import HS_PREFIX, hs_pack, hs_unpack
@@ -21,8 +22,8 @@ class RawPeer:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def connect(cls, host: str, port: int) -> "RawPeer":
-        r, w = await asyncio.open_connection(host, port)
+    async def connect(cls, host: str, port: int, *, ssl=None) -> "RawPeer":
+        r, w = await asyncio.open_connection(host, port, ssl=ssl, server_hostname=host if ssl else None)
         return cls(r, w)
 
     async def recv_hs(self, timeout: float = 5.0) -> dict:
@@ -32,17 +33,33 @@ class RawPeer:
     def write(self, data: bytes) -> None:
         self.writer.write(data)
 
-    async def handshake(self, secret: bytes, rank: int, want: int, num_ps: int, *, role: str | None = None,
-                        version: int = hs.PROTOCOL_VERSION, bad_mac: bool = False) -> dict:
-        """Run the dialer side; returns the listener's final message ({'ok': True} or {'err': ...})."""
+    async def handshake(self, creds, rank: int, want: int, num_ps: int, *, role: str | None = None,
+                        version: int = hs.PROTOCOL_VERSION, bad_mac: bool = False, world_size: int | None = None,
+                        to=None, dep: str | None = None) -> dict:
+        """Run the dialer side claiming ``rank``; returns the listener's final message
+        ({'ok': True}, {'err': ...} or {'closed': True}).
+
+        ``creds``: :class:`RankCredentials` (the MAC uses the key *they* hold for ``want``, so
+        claiming another rank than ``creds.rank`` is an impersonation attempt), or ``bytes``: an
+        operator secret from which ``rank``'s credentials are derived (needs ``world_size``).
+        ``to`` overrides the dialed address put in the transcript."""
+        if not isinstance(creds, RankCredentials):
+            if world_size is None:
+                raise ValueError("an operator secret needs world_size to derive credentials")
+            creds = RankCredentials.derive(creds, rank, world_size)
+        key = creds.keys[want] if 0 <= want < creds.world_size and creds.keys[want] is not None else bytes(32)
+        dep = creds.deployment if dep is None else dep
         role = role or role_of(rank, num_ps)
         nonce = hs.new_nonce()
-        self.write(hs_pack({"v": version, "role": role, "rank": rank, "want": want, "nonce": nonce}))
+        to = hs.norm_addr(self.writer.get_extra_info("peername")) if to is None else list(to)
+        self.write(hs_pack({"v": version, "dep": dep, "role": role, "rank": rank, "want": want, "nonce": nonce,
+                            "to": to}))
         reply = await self.recv_hs()
         if "err" in reply:
             return reply
-        tr = hs.transcript(role, rank, nonce, reply["role"], reply["rank"], reply["nonce"])
-        m = hs.mac(secret, False, tr)
+        tr = hs.transcript(dep, role, rank, nonce, reply["role"], reply["rank"], reply["nonce"], to,
+                           hs.channel_binding(self.writer.transport))
+        m = hs.mac(key, False, tr)
         if bad_mac:
             m = bytes(32)
         self.write(hs_pack({"mac": m}))
@@ -64,10 +81,10 @@ class RawPeer:
                     data = await self.reader.read(65536)
                     if not data:
                         return True
+        except TimeoutError:  # before OSError: TimeoutError is one
+            return False
         except (ConnectionError, OSError):
             return True
-        except TimeoutError:
-            return False
 
     async def close(self) -> None:
         self.writer.close()
