@@ -187,8 +187,11 @@ def test_missing_dataset_names_every_place(tmp_path, monkeypatch):
 
 
 def test_unknown_dataset_and_bad_specs():
-    with pytest.raises(UnknownNameError, match="cifar10"):
-        D.load_dataset("imagenet", train=True)
+    with pytest.raises(UnknownNameError, match="cifar100"):
+        D.load_dataset("svhn", train=True)
+    for bad in ("imagenet:big", "imagenet:4", "cifar100:32"):
+        with pytest.raises(ConfigError):
+            D.load_dataset(bad, train=True)
     with pytest.raises(ConfigError):
         D.load_dataset("synthetic:3xx2:10", train=True)
     with pytest.raises(ConfigError):
@@ -200,6 +203,151 @@ def test_unknown_dataset_and_bad_specs():
         D.WorkerShard(ds, 0, 2, 4, split="dirichlet:-1")
     with pytest.raises(ConfigError):
         D.WorkerShard(ds, 2, 2, 4)
+
+
+# ------------------------------------------------------------------ CIFAR-100
+
+def _write_cifar100(root, n_train=30, n_test=10, seed=0):
+    folder = os.path.join(root, "cifar-100-python")
+    os.makedirs(folder)
+    rs = np.random.default_rng(seed)
+    written = {}
+    for name, n in (("train", n_train), ("test", n_test)):
+        x = rs.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)
+        fine = rs.integers(0, 100, n).tolist()
+        fine[0] = 99  # the largest fine label occurs
+        coarse = [f // 5 for f in fine]
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump({"filenames": [f"{i}.png" for i in range(n)], "batch_label": name,
+                         "fine_labels": fine, "coarse_labels": coarse, "data": x}, f)
+        written[name] = (x, fine)
+    with open(os.path.join(folder, "meta"), "wb") as f:
+        pickle.dump({"fine_label_names": [str(i) for i in range(100)],
+                     "coarse_label_names": [str(i) for i in range(20)]}, f)
+    return written
+
+
+def test_cifar100_loader_fine_labels_normalisation_and_shards(tmp_path):
+    written = _write_cifar100(str(tmp_path))
+    tr = D.load_dataset("cifar100", train=True, root=str(tmp_path))
+    te = D.load_dataset("CIFAR-100", train=False, root=str(tmp_path))
+    assert (len(tr), len(te)) == (30, 10) and tr.num_classes == te.num_classes == 100
+    assert tr.input_shape == (3, 32, 32) and tr.name == "cifar100"
+    assert tr.labels.tolist() == written["train"][1] and te.labels.tolist() == written["test"][1]
+    raw = torch.from_numpy(written["test"][0]).view(10, 3, 32, 32).float() / 255
+    mean = torch.tensor([0.5071, 0.4865, 0.4409]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2673, 0.2564, 0.2762]).view(1, 3, 1, 1)
+    assert torch.allclose(te.inputs, (raw - mean) / std, atol=1e-5)
+    assert D.default_augment(tr)
+    shards = [D.WorkerShard(tr, w, 3, 4, seed=1, augment=True) for w in range(3)]
+    assert sorted(torch.cat([s.indices for s in shards]).tolist()) == list(range(30))
+    x, y = shards[1].batch(2)
+    assert x.shape == (4, 3, 32, 32) and torch.equal(y, tr.labels[shards[1].batch_indices(2)])
+    model = __import__("byzsgd.learning.models", fromlist=["build_model"]).build_model(
+        "cifarnet", dataset_info=tr)
+    assert model(x).shape == (4, 100)
+
+
+def test_cifar100_missing_names_the_folder(tmp_path):
+    with pytest.raises(ConfigError) as ei:
+        D.load_dataset("cifar100", train=False, root=str(tmp_path))
+    msg = str(ei.value)
+    assert os.path.join(str(tmp_path), "cifar-100-python") in msg and "test" in msg
+    assert "cifar-100-python.tar.gz" in msg
+    with pytest.raises(ConfigError, match="cifar-100-python"):
+        D.load_dataset("cifar100", train=True)
+
+
+# ------------------------------------------------------------------ ImageNet (image folders)
+
+def _write_image_folder(root, splits=(("train", 4), ("val", 2)), classes=("n01", "n02", "n03"),
+                        size=(40, 30)):
+    """A tiny ImageNet tree: solid-colour images (class c has red = 50 * (c + 1)), JPEG and PNG."""
+    from PIL import Image
+
+    for split, per_class in splits:
+        for c, wnid in enumerate(classes):
+            folder = os.path.join(root, "imagenet", split, wnid)
+            os.makedirs(folder)
+            for i in range(per_class):
+                colour = (50 * (c + 1), 10 * i, 200)
+                ext = "JPEG" if i % 2 == 0 else "png"
+                Image.new("RGB", size, colour).save(os.path.join(folder, f"{wnid}_{i}.{ext}"))
+    if os.path.isdir(os.path.join(root, "imagenet", "train", "n01")):
+        with open(os.path.join(root, "imagenet", "train", "n01", "README.txt"), "w") as f:
+            f.write("not an image")  # skipped: not an image extension
+
+
+def test_imagenet_folder_lazy_decode_labels_normalisation(tmp_path):
+    from byzsgd.learning.imagefolder import LazyImages
+
+    _write_image_folder(str(tmp_path))
+    tr = D.load_dataset("imagenet:16", train=True, root=str(tmp_path))
+    te = D.load_dataset("imagenet", train=False, root=str(tmp_path))
+    assert isinstance(tr.inputs, LazyImages) and len(tr) == 12 and len(te) == 6
+    assert tr.num_classes == te.num_classes == 3
+    assert tr.input_shape == (3, 16, 16) and te.input_shape == (3, 224, 224)
+    assert tr.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4 and te.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    x = tr.inputs[0:5]
+    assert x.shape == (5, 3, 16, 16) and x.dtype == torch.float32
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    # solid colours survive resize + crop; JPEG is lossy, PNG exact
+    png = tr.inputs[1]  # n01_1.png: (50, 10, 200)
+    expect = (torch.tensor([50.0, 10.0, 200.0]) / 255 - mean) / std
+    assert torch.allclose(png.mean(dim=(1, 2)), expect, atol=1e-4)
+    jpeg = tr.inputs[8]  # n03_0.JPEG: (150, 0, 200)
+    expect = (torch.tensor([150.0, 0.0, 200.0]) / 255 - mean) / std
+    assert torch.allclose(jpeg.mean(dim=(1, 2)), expect, atol=0.1)
+    assert torch.equal(tr.inputs.index_select(0, torch.tensor([8, 1])), torch.stack([jpeg, png]))
+    assert torch.equal(tr.inputs[torch.tensor([1])][0], png)
+    # worker shards: disjoint, covering, deterministic batches decoded on demand
+    shards = [D.WorkerShard(tr, w, 2, 3, seed=0) for w in range(2)]
+    assert sorted(torch.cat([s.indices for s in shards]).tolist()) == list(range(12))
+    xb, yb = shards[0].batch(1)
+    again = D.WorkerShard(tr, 0, 2, 3, seed=0).batch(1)
+    assert xb.shape == (3, 3, 16, 16) and torch.equal(xb, again[0]) and torch.equal(yb, again[1])
+    assert torch.equal(yb, tr.labels[shards[0].batch_indices(1)])
+    assert not D.default_augment(tr)
+    # a model on it, and evaluation through the lazy inputs
+    from byzsgd.learning.models import build_model
+
+    m = build_model("shufflenetg2", dataset_info=tr, seed=0)
+    acc, loss = D.evaluate(m, D.load_dataset("imagenet:16", train=False, root=str(tmp_path)))
+    assert 0.0 <= acc <= 100.0 and loss == loss
+
+
+def test_imagenet_val_takes_train_class_list(tmp_path):
+    _write_image_folder(str(tmp_path), splits=(("train", 1),))
+    _write_image_folder(str(tmp_path / "other"), splits=(("val", 1),), classes=("n02", "n03"))
+    os.rename(tmp_path / "other" / "imagenet" / "val", tmp_path / "imagenet" / "val")
+    te = D.load_dataset("imagenet:8", train=False, root=str(tmp_path))
+    assert te.num_classes == 3 and te.labels.tolist() == [1, 2]
+
+
+def test_imagenet_absent_or_broken_names_the_paths(tmp_path):
+    with pytest.raises(ConfigError) as ei:
+        D.load_dataset("imagenet", train=True, root=str(tmp_path))
+    assert os.path.join(str(tmp_path), "imagenet", "train") in str(ei.value)
+    assert "<class>" in str(ei.value)
+    with pytest.raises(ConfigError, match="data_root"):
+        D.load_dataset("imagenet", train=False)
+    os.makedirs(tmp_path / "imagenet" / "val")
+    with pytest.raises(ConfigError, match="no class sub-folders"):
+        D.load_dataset("imagenet", train=False, root=str(tmp_path))
+    os.makedirs(tmp_path / "imagenet" / "train" / "n01")
+    with pytest.raises(ConfigError, match="no images"):
+        D.load_dataset("imagenet:32", train=True, root=str(tmp_path))
+    bad = tmp_path / "b"
+    (bad / "imagenet" / "train" / "n01").mkdir(parents=True)
+    (bad / "imagenet" / "train" / "n01" / "x.JPEG").write_bytes(b"not a jpeg")
+    ds = D.load_dataset("imagenet:32", train=True, root=str(bad))
+    with pytest.raises(ConfigError, match="x.JPEG"):
+        ds.inputs[0]
+
+
+def test_dataset_help_lists_every_name():
+    text = D.dataset_help()
+    assert all(n in text for n in D.dataset_names())
 
 
 # ------------------------------------------------------------------ synthetic

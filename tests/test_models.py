@@ -84,6 +84,110 @@ def test_seeded_identical_init(name, shape):
     assert torch.equal(torch.rand(2), x)
 
 
+# ------------------------------------------------------------------ Garfield's model names
+
+from byzsgd.learning.models import GARFIELD_MODELS, LARGE_SIDE, model_help  # noqa: E402
+
+MNIST_SHAPE, CIFAR_SHAPE, IMAGENET_SHAPE = (1, 28, 28), (3, 32, 32), (3, 224, 224)
+GARFIELD_NAMES = ["convnet", "cifarnet", "cnn", "resnet18", "resnet34", "resnet50", "resnet152",
+                  "inception", "vgg16", "vgg19", "preactresnet18", "googlenet", "densenet121",
+                  "resnext29", "mobilenet", "mobilenetv2", "dpn92", "shufflenetg2", "senet18",
+                  "efficientnetb0", "regnetx200"]
+TORCHVISION_ONLY = {"resnet34", "resnet50", "resnet152", "vgg16", "vgg19", "inception"}
+# (name, parameters on CIFAR-10): the published sizes of these CIFAR forms
+CIFAR_PARAMS = {"cnn": 5852170, "resnet18": 11173962, "preactresnet18": 11171146,
+                "senet18": 11260354, "resnext29": 9128778, "densenet121": 6956298,
+                "dpn92": 34236634, "googlenet": 6166250, "mobilenet": 3217226,
+                "mobilenetv2": 2296922, "shufflenetg2": 887582, "efficientnetb0": 3598598,
+                "regnetx200": 2321946}
+# ImageNet forms: torchvision's networks (and the RegNetX-200MF of the RegNet paper)
+IMAGENET_PARAMS = {"resnet18": 11689512, "densenet121": 7978856, "mobilenetv2": 3504872,
+                   "efficientnetb0": 5288548, "regnetx200": 2684792, "googlenet": 6624904,
+                   "resnet50": 25557032}
+HEAVY = {"resnet152", "vgg16", "vgg19", "dpn92", "densenet121", "inception", "resnet34"}
+
+
+def _step(name, shape, classes):
+    """Build, one forward/backward on a batch of 2; the model's output and its gradients."""
+    m = build_model(name, input_shape=shape, num_classes=classes, seed=3)
+    out = m(torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, classes)
+    build_loss("cross_entropy")(out, torch.tensor([0, classes - 1])).backward()
+    grads = [p.grad for p in m.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    return m
+
+
+def test_every_garfield_name_is_registered():
+    assert set(GARFIELD_NAMES) == set(GARFIELD_MODELS) <= set(model_names())
+    assert all(n in model_help() for n in GARFIELD_NAMES)
+
+
+def _cases():
+    for name in GARFIELD_NAMES:
+        # 100 classes changes only the classifier: checked on the cheaper networks
+        shapes = [(CIFAR_SHAPE, 10)] + ([] if name in HEAVY else [(CIFAR_SHAPE, 100)])
+        if name not in TORCHVISION_ONLY:
+            shapes.append((MNIST_SHAPE, 10))
+        if name == "inception":
+            shapes = []  # needs >= 75x75: only the ImageNet shape
+        shapes.append((IMAGENET_SHAPE, 1000))
+        for shape, nc in shapes:
+            heavy = name in HEAVY or shape == IMAGENET_SHAPE and name not in (
+                "convnet", "cifarnet", "regnetx200", "shufflenetg2", "mobilenet", "mobilenetv2",
+                "efficientnetb0")
+            marks = [pytest.mark.slow] if heavy else []
+            yield pytest.param(name, shape, nc, id=f"{name}-{'x'.join(map(str, shape))}-{nc}",
+                               marks=marks)
+
+
+@pytest.mark.parametrize("name,shape,classes", list(_cases()))
+def test_forward_backward_on_each_dataset_shape(name, shape, classes):
+    m = _step(name, shape, classes)
+    if shape == CIFAR_SHAPE and classes == 10 and name in CIFAR_PARAMS:
+        assert num_parameters(m) == CIFAR_PARAMS[name]
+    if shape == IMAGENET_SHAPE and name in IMAGENET_PARAMS:
+        assert num_parameters(m) == IMAGENET_PARAMS[name]
+
+
+def test_cifar_forms_on_small_inputs_imagenet_forms_on_large():
+    import torchvision.models as tvm
+
+    small = build_model("resnet18", input_shape=CIFAR_SHAPE, num_classes=10)
+    assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1)
+    large = build_model("resnet18", input_shape=(3, LARGE_SIDE, LARGE_SIDE), num_classes=10)
+    assert isinstance(large, tvm.ResNet) and large.conv1.kernel_size == (7, 7)
+    # no torchvision counterpart: the same stages behind the ImageNet stem (224 -> 56)
+    m = build_model("preactresnet18", input_shape=(3, 128, 128), num_classes=10)
+    assert m.stem[0].kernel_size == (7, 7) and m.stem[0].stride == (2, 2)
+    assert isinstance(m.stem[-1], nn.MaxPool2d)
+    m = build_model("preactresnet18", input_shape=(3, 64, 64), num_classes=10)
+    assert m.stem[0].kernel_size == (3, 3) and len(m.stem) == 1  # conv only: blocks pre-activate
+    assert isinstance(build_model("inception", input_shape=(3, 299, 299), num_classes=5),
+                      tvm.Inception3)
+
+
+@pytest.mark.parametrize("name,shape,match", [
+    ("inception", CIFAR_SHAPE, "at least 75x75"),
+    ("vgg16", (3, 16, 16), "at least 32x32"),
+    ("resnet50", MNIST_SHAPE, "3-channel"),
+    ("torchvision:resnet18", MNIST_SHAPE, "3-channel"),
+    ("resnext29", (3, 4, 4), "at least 8x8"),
+    ("cnn", (3, 4, 32), "at least 8x8"),
+    ("densenet121", (784,), r"image inputs \[C,H,W\]"),
+])
+def test_shapes_a_model_cannot_take(name, shape, match):
+    with pytest.raises(ConfigError, match=match):
+        build_model(name, input_shape=shape, num_classes=10, seed=0)
+
+
+@pytest.mark.parametrize("name", ["cnn", "senet18", "regnetx200", "efficientnetb0", "shufflenetg2"])
+def test_new_models_seeded_identical_init(name):
+    a, b, c = (build_model(name, input_shape=CIFAR_SHAPE, num_classes=100, seed=s) for s in (4, 4, 5))
+    assert torch.equal(state_vector(a), state_vector(b)) and not torch.equal(state_vector(a), state_vector(c))
+
+
 # ------------------------------------------------------------------ flat vectors
 
 def test_state_vector_round_trip_with_bn_buffers():

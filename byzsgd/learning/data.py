@@ -20,6 +20,19 @@ Datasets (``load_dataset(name, train=..., root=...)``):
     ``torchvision.datasets.CIFAR10``; other files in that format (e.g. small test files) are read
     by a restricted unpickler that only accepts numpy arrays, lists, dicts, strings and numbers.
     ``download=True`` lets torchvision download it.
+``cifar100``
+    ``<root>/cifar-100-python/`` (torchvision's layout: pickles ``train`` and ``test``), read as
+    cifar10 (torchvision's class for genuine files, else the restricted unpickler); the 100
+    fine labels.  ``download=True`` lets torchvision download it.
+``imagenet[:<size>]``
+    ``<root>/imagenet/train/<class>/<image>`` and ``<root>/imagenet/val/<class>/<image>``
+    (an ImageFolder tree, e.g. what ``torchvision.datasets.ImageNet(<root>/imagenet, split=...)``
+    leaves from the ILSVRC2012 archives: one folder per WordNet id, ``*.JPEG`` files).  Labels
+    are the indices of the sorted class folders of ``train/`` (``val/`` is labelled with the
+    same list).  Images stay on disk and are decoded when a batch needs them
+    (:class:`byzsgd.learning.imagefolder.LazyImages`): shorter side resized to
+    ``size * 256 / 224``, centre crop ``size`` x ``size`` (default 224, e.g. ``imagenet:64``),
+    RGB.  Never downloaded.
 ``synthetic:<C>x<H>x<W>:<classes>[:<n_train>[:<n_test>]]``  (any shape, e.g. ``synthetic:784:10``)
     seeded standard-gaussian inputs labelled by a fixed random linear teacher (``argmax(W x)``):
     learnable, no files, for benchmarks.  Defaults: 10000 train / 2000 test samples.
@@ -29,7 +42,8 @@ cannot be found raises a :class:`~byzsgd.errors.ConfigError` naming every place 
 how to get the data.
 
 Inputs are normalised float32 (MNIST mean 0.1307 / std 0.3081, Fashion-MNIST 0.2860 / 0.3530,
-CIFAR-10 per channel as in Garfield), labels int64.  The tensors are shared by every user of a
+CIFAR-10 per channel as in Garfield, CIFAR-100 and ImageNet with their usual per-channel
+statistics), labels int64.  The tensors are shared by every user of a
 loaded dataset (in-process cache): treat them as read-only.
 """
 from __future__ import annotations
@@ -55,6 +69,7 @@ __all__ = [
     "WorkerShard",
     "load_dataset",
     "dataset_names",
+    "dataset_help",
     "partition",
     "test_batches",
     "evaluate",
@@ -71,7 +86,12 @@ _NORM = {
     "mnist": ((0.1307,), (0.3081,)),
     "fashion-mnist": ((0.2860,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),  # Garfield's values
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+
+IMAGENET_DIR = "imagenet"  # under the data root
+IMAGENET_SIZE = 224
 
 _ALIASES = {
     "mnist": "mnist",
@@ -80,13 +100,25 @@ _ALIASES = {
     "fmnist": "fashion-mnist",
     "cifar10": "cifar10",
     "cifar-10": "cifar10",
+    "cifar100": "cifar100",
+    "cifar-100": "cifar100",
+    "imagenet": "imagenet",
+    "ilsvrc2012": "imagenet",
     "synthetic": "synthetic",
 }
 
 
 def dataset_names() -> list[str]:
-    """The canonical dataset names (``synthetic`` takes a ``:shape:classes`` suffix)."""
-    return ["mnist", "fashion-mnist", "cifar10", "synthetic"]
+    """The canonical dataset names (``synthetic`` takes a ``:shape:classes`` suffix,
+    ``imagenet`` an optional ``:size``)."""
+    return ["mnist", "fashion-mnist", "cifar10", "cifar100", "imagenet", "synthetic"]
+
+
+def dataset_help() -> str:
+    """The ``--dataset`` help text."""
+    return ("mnist, fashion-mnist, cifar10, cifar100 (<data_root>/cifar-10-batches-py/, "
+            "cifar-100-python/), imagenet[:size] (<data_root>/imagenet/{train,val}/<class>/*.JPEG, "
+            "decoded lazily, default size 224) or synthetic:CxHxW:K")
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,7 +131,7 @@ class Dataset:
     int64."""
 
     name: str
-    inputs: Tensor
+    inputs: Tensor  # or a LazyImages (imagenet): same shape, index_select(0, ...) and slicing
     labels: Tensor
     num_classes: int
     train: bool = True
@@ -129,8 +161,13 @@ def _canonical(name: str) -> tuple[str, str]:
     if key not in _ALIASES:
         raise UnknownNameError("dataset", name, dataset_names())
     canon = _ALIASES[key]
-    if canon != "synthetic" and rest:
-        raise ConfigError(f"dataset {name!r}: only 'synthetic' takes ':' parameters")
+    if canon == "imagenet" and rest:
+        if not (rest.strip().isdigit() and 8 <= int(rest) <= 1024):
+            raise ConfigError(f"dataset {name!r}: expected 'imagenet:<size>' with a size in "
+                              f"[8, 1024] pixels, e.g. 'imagenet:64'")
+        rest = str(int(rest))
+    elif canon not in ("synthetic", "imagenet") and rest:
+        raise ConfigError(f"dataset {name!r}: only 'synthetic' and 'imagenet' take ':' parameters")
     return canon, rest
 
 
@@ -149,14 +186,17 @@ def load_dataset(name: str, *, train: bool, root: Optional[str] = None,
 def _load_cached(canon: str, rest: str, train: bool, root: Optional[str], download: bool) -> Dataset:
     if canon == "synthetic":
         return _synthetic(rest, train)
+    if canon == "imagenet":
+        return _load_imagenet(train, root, int(rest) if rest else IMAGENET_SIZE)
     if canon == "mnist":
         raw, labels, source = _load_mnist_like("mnist", train, root, download)
     elif canon == "fashion-mnist":
         raw, labels, source = _load_mnist_like("fashion-mnist", train, root, download)
     else:
-        raw, labels, source = _load_cifar10(train, root, download)
+        raw, labels, source = _load_cifar(canon, train, root, download)
     mean, std = _NORM[canon]
-    return _make(canon, raw, labels, 10, train, source, mean, std)
+    return _make(canon, raw, labels, _CIFAR[canon][3] if canon in _CIFAR else 10, train, source,
+                 mean, std)
 
 
 def _make(name, raw_u8: Tensor, labels, num_classes, train, source, mean, std) -> Dataset:
@@ -334,39 +374,81 @@ def _read_cifar_batch(path: str) -> tuple[np.ndarray, list]:
     return data, list(labels)
 
 
-def _load_cifar10(train: bool, root: Optional[str], download: bool):
+# canonical name -> (folder, train files, test files, classes, torchvision class, archive URL)
+_CIFAR = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                10, "CIFAR10", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], 100, "CIFAR100",
+                 "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
+}
+
+
+def _load_cifar(canon: str, train: bool, root: Optional[str], download: bool):
     import torchvision.datasets as tvd
 
+    folder_name, train_names, test_names, _, tv_name, url = _CIFAR[canon]
+    tv_class = getattr(tvd, tv_name)
     looked: list[str] = []
-    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    names = train_names if train else test_names
     if root is not None:
-        folder = os.path.join(root, "cifar-10-batches-py")
+        folder = os.path.join(root, folder_name)
         if all(os.path.isfile(os.path.join(folder, n)) for n in names):
             try:  # genuine files: torchvision's class (it checks their md5 first)
-                ds = tvd.CIFAR10(root, train=train, download=False)
+                ds = tv_class(root, train=train, download=False)
                 x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2)
-                return x, torch.tensor(ds.targets), f"torchvision.datasets.CIFAR10({root!r})"
+                return x, torch.tensor(ds.targets), f"torchvision.datasets.{tv_name}({root!r})"
             except RuntimeError:  # same format but not the official files
                 parts = [_read_cifar_batch(os.path.join(folder, n)) for n in names]
                 x = np.concatenate([p[0] for p in parts])
                 y = np.concatenate([np.asarray(p[1], dtype=np.int64) for p in parts])
                 return torch.from_numpy(x), torch.from_numpy(y), folder
-        looked.append(f"{folder}/ (torchvision layout: {', '.join(names)}; "
-                      f"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz extracted there)")
+        looked.append(f"{folder}/ (torchvision layout: {', '.join(names)}; {url} extracted there)")
         if download:
             try:
-                ds = tvd.CIFAR10(root, train=train, download=True)
+                ds = tv_class(root, train=train, download=True)
                 x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2)
-                return x, torch.tensor(ds.targets), f"torchvision.datasets.CIFAR10({root!r}) (downloaded)"
+                return x, torch.tensor(ds.targets), f"torchvision.datasets.{tv_name}({root!r}) (downloaded)"
             except Exception as exc:
                 looked.append(f"download into {root} failed: {exc}")
         else:
             looked.append("download not allowed (download=True needs network)")
     else:
-        looked.append(f"--data_root / ${_ENV_ROOT} not given (CIFAR-10 is only read from "
-                      f"<root>/cifar-10-batches-py/, torchvision layout, or downloaded there)")
-    raise ConfigError(f"dataset 'cifar10' ({'train' if train else 'test'}) not found; looked at:\n  - "
+        looked.append(f"--data_root / ${_ENV_ROOT} not given ({canon} is only read from "
+                      f"<root>/{folder_name}/, torchvision layout, or downloaded there)")
+    raise ConfigError(f"dataset {canon!r} ({'train' if train else 'test'}) not found; looked at:\n  - "
                       + "\n  - ".join(looked))
+
+
+# --------------------------------------------------------------------------------------------
+# ImageNet (lazily decoded image folders)
+
+
+def _load_imagenet(train: bool, root: Optional[str], size: int) -> Dataset:
+    from byzsgd.learning.imagefolder import LazyImages, scan
+
+    split = "train" if train else "val"
+    layout = ("ImageFolder layout <class>/<image>.JPEG, one folder per class, e.g. "
+              "torchvision.datasets.ImageNet(<root>/imagenet, split='train'/'val') run once "
+              "on the ILSVRC2012 archives")
+    if root is None:
+        raise ConfigError(f"dataset 'imagenet' ({split}) not found; looked at:\n  - --data_root / "
+                          f"${_ENV_ROOT} not given (imagenet is only read from "
+                          f"<root>/{IMAGENET_DIR}/{split}/, {layout}; never downloaded)")
+    base = os.path.join(root, IMAGENET_DIR)
+    folder = os.path.join(base, split)
+    if not os.path.isdir(folder):
+        raise ConfigError(f"dataset 'imagenet' ({split}) not found; looked at:\n  - {folder}/ "
+                          f"({layout}; never downloaded)")
+    classes = None
+    train_folder = os.path.join(base, "train")
+    if not train and os.path.isdir(train_folder):  # label val/ with train/'s class list
+        classes = sorted(e.name for e in os.scandir(train_folder) if e.is_dir()) or None
+    paths, labels, classes = scan(folder, classes)
+    mean, std = _NORM["imagenet"]
+    name = "imagenet" if size == IMAGENET_SIZE else f"imagenet:{size}"
+    return Dataset(name, LazyImages(paths, size, mean, std),  # type: ignore[arg-type]
+                   torch.tensor(labels, dtype=torch.int64), len(classes), train, folder,
+                   tuple(mean), tuple(std))
 
 
 # --------------------------------------------------------------------------------------------
@@ -580,8 +662,8 @@ class WorkerShard:
 
 
 def default_augment(dataset: Dataset) -> bool:
-    """Whether training batches of ``dataset`` are augmented by default (CIFAR-10 only)."""
-    return dataset.name == "cifar10"
+    """Whether training batches of ``dataset`` are augmented by default (CIFAR-10/100 only)."""
+    return dataset.name in ("cifar10", "cifar100")
 
 
 def augment_batch(x: Tensor, generator: torch.Generator, *, padding: int = 4,
@@ -628,6 +710,8 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, max_samples: Optional[int
     Under ``torch.no_grad`` in eval mode (the previous mode restored).  The default loss is
     cross-entropy on the outputs, which is also right for models ending in ``log_softmax``
     (log_softmax is idempotent), so it equals NLL for those."""
+    if not isinstance(dataset.inputs, Tensor):  # decoded on the fly: bound the batch's memory
+        batch_size = min(batch_size, 100)
     was_training = model.training
     try:
         device = next(model.parameters()).device
