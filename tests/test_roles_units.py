@@ -117,15 +117,17 @@ def test_nonfinite_rows_are_left_out_and_f_shrinks():
     honest = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
     rows = torch.cat([honest, torch.full((1, 2), float("nan"))])
     out, dropped = aggregate_finite("median", rows, 1)
-    assert dropped == 1 and torch.equal(out, torch.tensor([2.0, 2.0]))  # not biased to 2.5
+    assert dropped == [3] and torch.equal(out, torch.tensor([2.0, 2.0]))  # not biased to 2.5
+    out, dropped = aggregate_finite("median", rows[[3, 0, 1, 2]], 1)
+    assert dropped == [0]  # the index of the row left out, wherever it is
     kept_in, dropped = aggregate_finite("median", rows, 1, drop_nonfinite=False)
-    assert dropped == 0 and torch.equal(kept_in, torch.tensor([2.5, 2.5]))  # NaN orders as +inf
+    assert dropped == [] and torch.equal(kept_in, torch.tensor([2.5, 2.5]))  # NaN orders as +inf
     # every row non-finite (a diverged model): the rule gets them all, nothing blocks
     out, dropped = aggregate_finite("average", torch.full((3, 2), float("inf")), 1)
-    assert dropped == 0 and not torch.isfinite(out).any()
+    assert dropped == [] and not torch.isfinite(out).any()
     # too few finite rows left for the rule's bound: everything goes to the rule
     out, dropped = aggregate_finite("krum", torch.cat([honest[:2], torch.full((3, 2), float("nan"))]), 1)
-    assert dropped == 0
+    assert dropped == []
 
 
 # ---------------------------------------------------------------------------- paper --sync

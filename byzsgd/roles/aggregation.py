@@ -17,8 +17,8 @@ from byzsgd.errors import ResilienceError
 
 
 def aggregate_finite(rule: str, rows: torch.Tensor, f: int, *, drop_nonfinite: bool = True,
-                     **params) -> tuple[torch.Tensor, int]:
-    """(aggregate, number of non-finite rows left out)."""
+                     **params) -> tuple[torch.Tensor, list[int]]:
+    """(aggregate, indices of the non-finite rows left out)."""
     if drop_nonfinite:
         finite = torch.isfinite(rows).all(dim=1)
         k = int(rows.shape[0] - int(finite.sum()))
@@ -30,5 +30,6 @@ def aggregate_finite(rule: str, rows: torch.Tensor, f: int, *, drop_nonfinite: b
             except ResilienceError:
                 pass  # too few rows left for the rule: give it everything
             else:
-                return gars.aggregate(rule, kept, f_left, **params), k
-    return gars.aggregate(rule, rows, f, **params), 0
+                dropped = [i for i, ok in enumerate(finite.tolist()) if not ok]
+                return gars.aggregate(rule, kept, f_left, **params), dropped
+    return gars.aggregate(rule, rows, f, **params), []

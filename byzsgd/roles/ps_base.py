@@ -63,6 +63,7 @@ class PSBase(Role):
         self.B = torch.empty(cfg.q_w, replica.buffer_size) if replica.buffer_size else None
         self.M = torch.empty(cfg.q_ps, replica.state_size)
         self.nonfinite_dropped = 0  # NaN/Inf rows left out of aggregations
+        self.model_quorum: list[int] = []  # the peers whose models the last gather used
         self.models_rejected = 0  # models the workers' filters refused (their gradients say)
         self.step = 0
         self.checkpoints = CheckpointPolicy(cfg.checkpoint_dir, cfg.checkpoint_every, cfg.rank) \
@@ -153,8 +154,15 @@ class PSBase(Role):
         finally:
             for msg in grads.values():
                 msg.release()
-        g = self._aggregate(cfg.gar, self.G, cfg.fw, cfg.gar_args)
-        buffers = self._aggregate(cfg.gar, self.B, cfg.fw, cfg.gar_args) if self.B is not None else None
+        # who was aggregated and who was not (late or silent): an attack test must be able to
+        # show that the Byzantine ranks reached the rule, not only that accuracy held
+        senders = sorted(grads)
+        record["quorum"] = senders
+        record["late"] = [w for w in workers if w not in grads]
+        g, dropped = self._aggregate(cfg.gar, self.G, cfg.fw, cfg.gar_args)
+        if dropped:
+            record["nonfinite"] = [senders[i] for i in dropped]
+        buffers = self._aggregate(cfg.gar, self.B, cfg.fw, cfg.gar_args)[0] if self.B is not None else None
         replica.apply_gradient(g, buffers)
         return losses
 
@@ -178,6 +186,7 @@ class PSBase(Role):
                 msg.release()
         reached = min(steps.values())
         self._gathered(t, steps)
+        self.model_quorum = sorted(steps)
         self.replica.load_state_vector(self._aggregate_models(M))
         if reached > t:
             log.info("PS %d was behind at step %d: jumped to its peers' step %d", cfg.rank, t, reached)
@@ -186,15 +195,16 @@ class PSBase(Role):
                 self.checkpoints.maybe_save(reached + 1, self.replica)
         return max(t, reached) + 1
 
-    def _aggregate(self, rule: str, rows: torch.Tensor, f: int, params: dict) -> torch.Tensor:
+    def _aggregate(self, rule: str, rows: torch.Tensor, f: int, params: dict) -> tuple[torch.Tensor, list[int]]:
+        """(aggregate, indices of the rows left out for NaN/Inf)."""
         out, dropped = aggregate_finite(rule, rows, f, drop_nonfinite=self.cfg.drop_nonfinite, **params)
-        self.nonfinite_dropped += dropped
-        return out
+        self.nonfinite_dropped += len(dropped)
+        return out, dropped
 
     def _aggregate_models(self, M: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         params = cfg.gar_args if cfg.model_rule == cfg.gar else {}
-        return self._aggregate(cfg.model_rule, M, cfg.fps, params)
+        return self._aggregate(cfg.model_rule, M, cfg.fps, params)[0]
 
     @staticmethod
     def _stack(messages: dict[int, Message], index: int, out: torch.Tensor) -> torch.Tensor:
@@ -226,6 +236,7 @@ class PSBase(Role):
             t_next = t + 1
             if q_peers > 0 and self._gathers_after(t):
                 t_next = await self._gather_phase(t, record)
+                record["model_quorum"] = self.model_quorum
             self._record(t, t_next, time.perf_counter() - started, losses, record)
             t = t_next
         self.step = cfg.num_iter
