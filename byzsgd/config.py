@@ -289,29 +289,6 @@ class RunConfig:
         if self.num_ps > 1:
             gars.check(self.model_rule, self.q_ps, self.fps)
 
-    def secret(self) -> bytes:
-        """The cluster secret: --secret_file, $BYZSGD_SECRET_FILE or $BYZSGD_SECRET."""
-        path = self.secret_file or os.environ.get(SECRET_FILE_ENV)
-        if path:
-            try:
-                data = Path(path).read_bytes().strip()
-            except OSError as exc:
-                raise ConfigError(f"cannot read the secret file {path}: {exc}") from None
-            if not data:
-                raise ConfigError(f"the secret file {path} is empty")
-            return data
-        env = os.environ.get(SECRET_ENV)
-        if env:
-            return env.encode()
-        # Garfield's flags carry no secret: run, but say loudly that anyone can join.
-        import logging
-        logging.getLogger("byzsgd.config").warning(
-            "no cluster secret given ($%s, $%s or --secret_file): using "
-            "the public default secret, so anybody who can reach the ports can join; the "
-            "launchers generate a real one", SECRET_ENV, SECRET_FILE_ENV)
-        return INSECURE_DEFAULT_SECRET
-
-
     def validate(self) -> "RunConfig":
         """Everything a node would refuse, refused now (before step 0): the fields, the
         mode-specific flags, the resilience bounds, ``gar_args`` against the rule's
