@@ -419,10 +419,21 @@ def _current_step(run_dir: Path) -> int | None:
 # running
 
 
+def multihost_runner(exp: Experiment) -> list[str]:
+    """What runs a multi-host cell: the experiment's ``run_exp``, else the checkout's
+    scripts/run_exp.sh, else (byzsgd installed without its scripts) the module behind it,
+    with this interpreter."""
+    if "run_exp" in exp.remote:
+        return ["bash", exp.remote["run_exp"]]
+    script = ROOT / "scripts" / "run_exp.sh"
+    if script.is_file():
+        return ["bash", str(script)]
+    return [sys.executable, "-m", "byzsgd.deploy.cluster", "run"]
+
+
 def cell_command(exp: Experiment, cell: Cell, run_dir: Path) -> list[str]:
     if exp.remote:
-        script = exp.remote.get("run_exp", str(ROOT / "scripts" / "run_exp.sh"))
-        cmd = ["bash", script, "--servers", str(Path(exp.remote["servers"]).resolve()),
+        cmd = [*multihost_runner(exp), "--servers", str(Path(exp.remote["servers"]).resolve()),
                "--workers", str(Path(exp.remote["workers"]).resolve()), "--run_dir", str(run_dir),
                "--json", "--quiet"]
         if exp.timeout:
