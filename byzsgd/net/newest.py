@@ -10,6 +10,16 @@ jumps to its peers' step.  The step to continue from is the lowest among the q c
 q > f at least one of them is correct, so a Byzantine sender can neither trigger a jump on
 its own nor choose how far it goes.
 
+Far-future models.  With ``window`` set, a model of step > t + window (t: the step asked
+for) is *far*: it counts only when more than ``f`` senders have one (then at least one of
+them is correct and the node really is behind).  A single Byzantine sender labelling its
+model with a huge step therefore neither takes a seat in every quorum nor makes the node
+skip work.
+
+Gathers that take a model of a later step (``keep_ahead``): the model of step s > t stays
+the sender's newest (the caller gets a copy), so the gather at t + 1 can use it again
+instead of waiting for a model the sender already sent.
+
 Same verbs as :class:`.quorum.Mailbox`: ``deliver`` (the node's handler), ``collect`` (the
 quorum wait), ``close``.  Ownership too: what it drops it releases, what ``collect`` returns
 belongs to the caller.
@@ -26,11 +36,15 @@ __all__ = ["NewestModels"]
 
 
 class NewestModels:
-    def __init__(self, kind: str, senders: Collection[int]):
+    def __init__(self, kind: str, senders: Collection[int], *, window: int | None = None, f: int = 0):
+        if window is not None and (type(window) is not int or window < 0):
+            raise errors.ConfigError(f"window must be an int >= 0 or None, got {window!r}")
         self.kind = kind
         self.senders = frozenset(senders)
+        self.window = window
+        self.f = f
         self.newest: dict[int, Message] = {}  # insertion order = arrival order
-        self._waiter: tuple[int, int, frozenset | None, asyncio.Future] | None = None
+        self._waiter: tuple[int, int, frozenset | None, asyncio.Future, bool] | None = None
         self._watchers: list[tuple[int, int, asyncio.Future]] = []
         self._closed = False
         self.dropped = 0
@@ -47,9 +61,9 @@ class NewestModels:
             del self.newest[msg.sender]
         self.newest[msg.sender] = msg
         if self._waiter is not None:
-            q, step, among, fut = self._waiter
+            q, step, among, fut, keep = self._waiter
             if not fut.done():
-                self._try(q, step, fut, among)
+                self._try(q, step, fut, among, keep)
         for q, step, fut in self._watchers:
             if not fut.done() and self.ready(q, step):
                 fut.set_result(None)
@@ -57,12 +71,35 @@ class NewestModels:
         return True
 
     def _eligible(self, step: int, among: frozenset | None = None) -> list[int]:
-        return [s for s, m in self.newest.items() if m.step >= step and (among is None or s in among)]
+        ready = [s for s, m in self.newest.items() if m.step >= step and (among is None or s in among)]
+        if self.window is None:
+            return ready
+        horizon = step + self.window
+        far = [s for s in ready if self.newest[s].step > horizon]
+        if len(far) > self.f:  # more than f senders are that far ahead: one of them is correct
+            return ready
+        return [s for s in ready if self.newest[s].step <= horizon]
 
-    def _try(self, q: int, step: int, fut: asyncio.Future, among: frozenset | None = None) -> None:
+    def far(self, step: int) -> list[int]:
+        """The senders whose newest model is beyond ``step + window`` (not counted alone)."""
+        if self.window is None:
+            return []
+        return [s for s, m in self.newest.items() if m.step > step + self.window]
+
+    def _try(self, q: int, step: int, fut: asyncio.Future, among: frozenset | None = None,
+             keep_ahead: bool = False) -> None:
         ready = self._eligible(step, among)
         if len(ready) >= q:
-            fut.set_result({s: self.newest.pop(s) for s in ready[:q]})
+            got = {}
+            for s in ready[:q]:
+                m = self.newest[s]
+                if keep_ahead and m.step > step:
+                    # the next gather may need it again: keep it, hand out a copy
+                    got[s] = Message(m.kind, m.step, m.sender, [t.clone() for t in m.tensors],
+                                     dict(m.meta) if isinstance(m.meta, dict) else m.meta)
+                else:
+                    got[s] = self.newest.pop(s)
+            fut.set_result(got)
 
     def forget_below(self, step: int) -> None:
         """Drop the models older than ``step`` (they can no longer count)."""
@@ -83,9 +120,12 @@ class NewestModels:
         return fut
 
     async def collect(self, q: int, step: int, *, timeout: float | None = None,
-                     forget_older: bool = True, among: Collection[int] | None = None) -> dict[int, Message]:
+                     forget_older: bool = True, among: Collection[int] | None = None,
+                     keep_ahead: bool = False) -> dict[int, Message]:
         """The first q senders (arrival order) whose newest model is of step >= ``step``
         (only senders in ``among``, if given: a pull from one PS waits for that PS).
+        ``keep_ahead``: models of a step > ``step`` stay here (copies are returned), so a
+        collect for a later step can take them again.
 
         The caller owns the returned messages.  ``timeout`` raises
         :class:`errors.QuorumTimeout` listing who had a usable model."""
@@ -97,10 +137,10 @@ class NewestModels:
         if forget_older:
             self.forget_below(step)
         fut = asyncio.get_running_loop().create_future()
-        self._try(q, step, fut, among)
+        self._try(q, step, fut, among, keep_ahead)
         if fut.done():
             return fut.result()
-        self._waiter = (q, step, among, fut)
+        self._waiter = (q, step, among, fut, keep_ahead)
         try:
             return await asyncio.wait_for(fut, timeout) if timeout is not None else await fut
         except asyncio.TimeoutError:

@@ -70,6 +70,9 @@ class NodeStats:
     rejected: collections.Counter = field(default_factory=collections.Counter)
     # contained local failures by stable reason: "handler:<kind>:<Exc>", "dispatch:<Exc>"
     failures: collections.Counter = field(default_factory=collections.Counter)
+    # frames dropped (connection kept) because their sender may not send that kind:
+    # "sender:<kind>" (see Node.on(senders=...))
+    refused: collections.Counter = field(default_factory=collections.Counter)
 
 
 class Node:
@@ -190,6 +193,7 @@ class Node:
         self._directory = directory
         self._kinds: dict[str, list | None] = {}
         self._handlers: dict[str, tuple[Callable, bool]] = {}
+        self._senders: dict[str, str | frozenset] = {}
         self._mailboxes: list[Mailbox] = []
         self._peers: dict[int, Outbox] = {}
         self._conns: dict[int, Connection] = {}
@@ -214,14 +218,19 @@ class Node:
             self._rdv.register_kinds()
 
     # ------------------------------------------------------------------ registration
-    def on(self, kind: str, handler: Callable, *, shapes: list[tuple[int, ...]] | None = None) -> None:
+    def on(self, kind: str, handler: Callable, *, shapes: list[tuple[int, ...]] | None = None,
+           senders: str | Iterable[int] | None = None) -> None:
         """Route frames of ``kind`` to ``handler(msg)`` (sync or ``async def``).  Handlers run on
         the loop in arrival order per connection; the handler owns ``msg`` (``msg.release()``
         when done with its tensors).  ``shapes``: the exact shapes every frame of this kind must
-        carry (else the frame is a violation).  Register before :meth:`start`."""
-        self._register(kind, handler, shapes, internal=False)
+        carry (else the frame is a violation).  ``senders``: who may send this kind, a role
+        (``"ps"``/``"worker"``: the ranks of that role) or a collection of ranks; a frame from
+        anyone else never reaches the handler: it is released and counted in
+        ``stats.refused["sender:<kind>"]`` (the connection stays: the sender is a member that
+        may legitimately send other kinds).  Register before :meth:`start`."""
+        self._register(kind, handler, shapes, internal=False, senders=senders)
 
-    def _register(self, kind, handler, shapes, *, internal: bool) -> None:
+    def _register(self, kind, handler, shapes, *, internal: bool, senders=None) -> None:
         if self._started:
             raise errors.ConfigError(f"register kind {kind!r} before start()")
         if not isinstance(kind, str) or not kind or len(kind) > 64:
@@ -239,13 +248,39 @@ class Node:
                 raise errors.ConfigError(f"shapes must be a list of int tuples, got {shapes!r}") from None
             if len(shapes) > self.limits.max_tensors:
                 raise errors.ConfigError(f"{len(shapes)} shapes > limits.max_tensors={self.limits.max_tensors}")
+        if senders is not None:
+            if isinstance(senders, str):
+                if senders not in ROLES:
+                    raise errors.ConfigError(f"senders must be one of {ROLES} or ranks, got {senders!r}")
+            else:
+                try:
+                    senders = frozenset(int(r) for r in senders)
+                except (TypeError, ValueError):
+                    raise errors.ConfigError(f"senders must be a role or ranks, got {senders!r}") from None
+            self._senders[kind] = senders
         self._kinds[kind] = shapes
         self._handlers[kind] = (handler, inspect.iscoroutinefunction(handler))
 
-    def mailbox(self, kind: str, *, window: int = 8, shapes=None, senders=None) -> Mailbox:
-        """Register a handler that files every ``kind`` message into a new :class:`Mailbox`."""
+    def _may_send(self, kind: str, sender: int) -> bool:
+        """Whether ``sender`` may send ``kind`` (see :meth:`on`); counts a refusal."""
+        allowed = self._senders.get(kind)
+        if allowed is None:
+            return True
+        if isinstance(allowed, str):
+            ok = type(sender) is int and 0 <= sender < self.world_size and role_of(sender, self.num_ps) == allowed
+        else:
+            ok = sender in allowed
+        if not ok:
+            self.stats.refused[f"sender:{kind}"] += 1
+        return ok
+
+    def mailbox(self, kind: str, *, window: int = 8, shapes=None, senders=None,
+                role: str | None = None) -> Mailbox:
+        """Register a handler that files every ``kind`` message into a new :class:`Mailbox`
+        (``senders``: the ranks it accepts; ``role``: only ranks of that role may send it, see
+        :meth:`on`)."""
         mb = Mailbox(kind, window=window, senders=senders)
-        self.on(kind, mb.deliver, shapes=shapes)
+        self.on(kind, mb.deliver, shapes=shapes, senders=role if role is not None else senders)
         self._mailboxes.append(mb)
         return mb
 
@@ -312,11 +347,17 @@ class Node:
             return self.master
         raise errors.UnknownPeer(f"no address for rank {rank}")
 
-    async def close(self) -> None:
+    async def close(self, *, drain_timeout: float = 0.0) -> None:
         """Close everything (idempotent): dialers, listener, connections, outboxes (pending send
-        futures resolve False), mailboxes (pending collects are cancelled)."""
+        futures resolve False), mailboxes (pending collects are cancelled).
+
+        ``drain_timeout`` > 0: first let the outboxes of the connected peers flush what is
+        queued (a final model, a ``done``), for at most that many seconds; messages to peers
+        that are not connected are not waited for."""
         if self._closing:
             return
+        if drain_timeout and drain_timeout > 0 and self._loop is not None:
+            await self._drain(drain_timeout)
         self._closing = True
         for t in list(self._dialers.values()) + list(self._tasks):
             t.cancel()
@@ -350,6 +391,26 @@ class Node:
             except (asyncio.TimeoutError, Exception):
                 pass
         self.pool.clear()
+
+    def _undrained(self) -> list[int]:
+        """The connected peers whose outbox still holds (or is writing) a message."""
+        out = []
+        for r, ob in self._peers.items():
+            c = self._conns.get(r)
+            if c is None or c.closed or c.transport is None:
+                continue
+            if len(ob) or ob.busy or c.transport.get_write_buffer_size():
+                out.append(r)
+        return out
+
+    async def _drain(self, timeout: float) -> None:
+        loop = self._loop
+        deadline = loop.time() + timeout
+        while self._undrained() and loop.time() < deadline:
+            await asyncio.sleep(0.005)  # bounded: at most ``timeout``, only at shutdown
+        if not self._undrained():
+            # what the transports hold went to the kernel; give it a moment on the wire
+            await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
 
     async def __aenter__(self) -> "Node":
         await self.start()
@@ -626,6 +687,9 @@ class Node:
             msg.release()
             return
         handler, is_async = entry
+        if not self._may_send(msg.kind, msg.sender):
+            msg.release()
+            return
         if is_async or conn._dispatch_q:
             if conn._dispatch_q is None:
                 conn._dispatch_q = collections.deque()
@@ -733,7 +797,7 @@ class Node:
             return
         self.stats.frames_received += 1
         entry = self._handlers.get(msg.kind)
-        if entry is not None:
+        if entry is not None and self._may_send(msg.kind, msg.sender):
             self._call(entry[0], msg)
 
     def broadcast(self, ranks: Iterable[int], kind: str, step: int, tensors=(), meta=None) -> list:

@@ -46,6 +46,11 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._q)
 
+    @property
+    def busy(self) -> bool:
+        """A message is being written (not all of it taken by the kernel yet)."""
+        return self._inflight is not None
+
     def put(self, buffers, nbytes, future, keep) -> None:
         while len(self._q) >= self.depth:
             old = self._q.popleft()

@@ -11,8 +11,12 @@ import asyncio
 from byzsgd.config import RunConfig
 from byzsgd.errors import ByzSGDError
 from byzsgd.net import FrameLimits, race
-from byzsgd.roles.common import install_stop_signals, make_node
+from byzsgd.roles.common import SENDERS, install_stop_signals, make_node
 from byzsgd.roles.replica import Replica
+
+
+#: seconds a closing node lets its outboxes flush (a final gradient, model or ``done``)
+DRAIN_S = 2.0
 
 
 class Role:
@@ -24,6 +28,10 @@ class Role:
         self.limits = FrameLimits.for_model(replica.state_size)
         self.node = make_node(cfg, self.limits)
         self.stop: asyncio.Event | None = None  # created inside the event loop
+
+    def accept(self, kind: str, handler, shapes) -> None:
+        """Route ``kind`` to ``handler``, from the senders ``SENDERS`` allows only."""
+        self.node.on(kind, handler, shapes=shapes, senders=SENDERS[kind])
 
     async def run(self) -> int:
         """0 when the loop ended or a signal stopped it; 1 when it failed (logged)."""
@@ -62,7 +70,7 @@ class Role:
 
     async def _shutdown(self) -> None:
         """Release what the role holds and close the node (always runs)."""
-        await self.node.close()
+        await self.node.close(drain_timeout=DRAIN_S)
 
     def _finished(self) -> None:
         """The node is closed after a loop that ended (by itself or by a signal)."""

@@ -26,8 +26,9 @@ class Departure:
     def deliver(self, msg: Message) -> None:
         """The node's handler of ``done``."""
         msg.release()
-        self.done_from.add(msg.sender)
-        self.wakeup.set()
+        if type(msg.sender) is int and 0 <= msg.sender < self.num_ps:  # PSes only, once each
+            self.done_from.add(msg.sender)
+            self.wakeup.set()
 
     def wake(self) -> None:
         """Something arrived: the worker has work, and lingers on."""

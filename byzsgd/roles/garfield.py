@@ -5,13 +5,21 @@ q_w gradients, steps, and gathers q_ps models (own included) after **every** ste
 
 Worker: serves gradient requests.  The request of PS p for step t carries p's model; the
 worker computes the gradient of *its batch for step t* on that model and replies to p.
-Every PS asking for step t gets the gradient of the same batch.  Only the newest request of
-each PS is kept: a request superseded while the worker was busy is never computed (the PS
-has moved on and would drop the answer anyway).
+Every PS asking for step t gets the gradient of the same batch.
+
+Request discipline (a Byzantine PS may flood requests): only the newest request of each PS
+is kept (a request superseded while the worker was busy is never computed: the PS has moved
+on and would drop the answer anyway); a PS's request is answered once per step and only for
+a step above the last one answered to it (replays and copies are dropped) -- save the PS's
+own re-send after --resend_after (its gradient was lost), answered once more; and the
+PSes with a pending request are served round-robin in rank order, so a PS that re-sends
+requests gets at most its turn, never another PS's.  A PS that restarted behind the steps it
+was answered rejoins through its peers' models (the jump), not through the workers.
 """
 from __future__ import annotations
 
 import asyncio
+import time
 
 from byzsgd.config import RunConfig
 from byzsgd.net import Message
@@ -29,24 +37,48 @@ class GarfieldWorker(WorkerBase):
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
         self.pending: dict[int, Message] = {}  # each PS's newest request
-        self.node.on(KIND_MODEL, self._on_request, shapes=[(self.replica.state_size,)])
+        # each PS's last step answered: (step, when, re-answered already)
+        self.answered: dict[int, tuple[int, float, bool]] = {}
+        self.turn = -1  # the PS served last: the next turn goes to the next rank after it
+        self.refused = 0  # requests dropped: copies, replays, superseded
+        self.accept(KIND_MODEL, self._on_request, shapes=[(self.replica.state_size,)])
 
     def _on_request(self, msg: Message) -> None:
-        old = self.pending.get(msg.sender)
+        sender = msg.sender
+        old = self.pending.get(sender)
+        last, when, again = self.answered.get(sender, (-1, 0.0, True))
+        floor = last
         if old is not None:
-            if old.step > msg.step:  # a replayed/old request: keep the newer one
-                msg.release()
-                return
+            floor = max(floor, old.step)
+        elif msg.step == last and not again and time.monotonic() - when >= self.cfg.resend_after / 2:
+            # the PS's re-send of a request whose gradient it did not get: once more
+            self.answered[sender] = (last, when, True)
+            floor = last - 1
+        if msg.step <= floor:  # a copy, a replay, or older than what the PS asked already
+            self.refused += 1
+            msg.release()
+            return
+        if old is not None:
             old.release()
-        self.pending[msg.sender] = msg
+            self.refused += 1
+        self.pending[sender] = msg
         self.departure.wake()
 
+    def _next(self) -> int:
+        """The PS whose pending request is served now: the first after the last served, in
+        rank order (round-robin)."""
+        ranks = sorted(self.pending)
+        after = [r for r in ranks if r > self.turn]
+        return after[0] if after else ranks[0]
+
     async def _steps(self) -> None:
-        """Answer the pending request with the lowest step first, until it is time to leave."""
+        """Answer the pending requests round-robin over the PSes, until it is time to leave."""
         while True:
             while self.pending:
-                sender = min(self.pending, key=lambda r: (self.pending[r].step, r))
+                sender = self.turn = self._next()
                 msg = self.pending.pop(sender)
+                if self.answered.get(sender, (-1,))[0] != msg.step:
+                    self.answered[sender] = (msg.step, time.monotonic(), False)
                 try:
                     self._answer_steps({sender: msg.step}, msg.step, msg.tensors[0])
                 finally:

@@ -10,6 +10,8 @@ coordinate-wise median, computes **one** gradient and sends it to every PS.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from byzsgd import gars
@@ -29,7 +31,7 @@ class PaperPS(PSBase):
         self.probe = DiameterProbe(cfg.rank, self.peers, self.replica.grad_size, self._send_model,
                                    self.metrics, measure_after=cfg.log_diameter and cfg.num_ps > 1)
         if self.probe.measure_after:
-            self.node.on(KIND_PS_AFTER, self.probe.deliver, shapes=[(self.replica.state_size,)])
+            self.accept(KIND_PS_AFTER, self.probe.deliver, shapes=[(self.replica.state_size,)])
 
     def _gathers_after(self, t: int) -> bool:
         return (t + 1) % self.cfg.gather_period == 0
@@ -67,18 +69,31 @@ class PaperWorker(WorkerBase):
         if cfg.num_ps > 1:
             gars.check("median", cfg.q_ps, cfg.fps)
         super().__init__(cfg)
-        self.models = NewestModels(KIND_MODEL, cfg.ps_ranks)
-        self.node.on(KIND_MODEL, self._on_model, shapes=[(self.replica.state_size,)])
+        # a PS model beyond the worker's step + window counts only when more than fps PSes
+        # are that far ahead: a liar's far-future model takes no seat in the median
+        self.models = NewestModels(KIND_MODEL, cfg.ps_ranks, window=max(8, 2 * cfg.gather_period + 2),
+                                   f=cfg.fps)
+        self.accept(KIND_MODEL, self._on_model, shapes=[(self.replica.state_size,)])
         self.M = torch.empty(cfg.q_ps, self.replica.state_size)  # the models the median takes
         self.step = 0  # the step the worker waits for
         self.last_sent: tuple[list[torch.Tensor], dict] | None = None
+        self.replayed: dict[int, tuple[int, float, bool]] = {}  # PS -> (old step answered, when, again)
 
     def _on_model(self, msg: Message) -> None:
         if msg.step < self.step and self.last_sent is not None:
             # A PS behind the worker: it gets the gradient the worker computed last (one
-            # gradient per step, for every PS), tagged with the step it asked for.
-            self.node.send(msg.sender, KIND_GRAD, msg.step, *self.last_sent)
+            # gradient per step, for every PS), tagged with the step it asked for -- once per
+            # PS and step (again only for its re-send after --resend_after), increasing steps.
             msg.release()
+            last, when, again = self.replayed.get(msg.sender, (-1, 0.0, True))
+            now = time.monotonic()
+            if msg.step > last:
+                self.replayed[msg.sender] = (msg.step, now, False)
+            elif msg.step == last and not again and now - when >= self.cfg.resend_after / 2:
+                self.replayed[msg.sender] = (last, when, True)
+            else:
+                return
+            self.node.send(msg.sender, KIND_GRAD, msg.step, *self.last_sent)
             return
         self.models.deliver(msg)
         self.departure.wake()

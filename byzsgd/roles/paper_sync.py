@@ -10,6 +10,12 @@ the next PS.  PSes that failed come last in the next step's order, and one that 
 SKIP_AFTER times in a row is only asked again through the median.  The first step (no
 previous model to judge by) and any step in which every PS failed take the median of q_ps
 models instead, as the asynchronous mode does.
+
+The worker's clock: a pulled model is taken only if it is of the step the worker expects
+(t); a PS answering with a later step (a Byzantine PS labelling an honest-looking model t+3
+to drive the worker's clock, or a correct PS that went on without it) is passed over, and
+when no PS gave a model of step t the worker takes the median of q_ps models, whose step is
+the *lowest* of the q_ps: a jump needs q_ps PSes (fps + 1 correct at least) to be ahead.
 """
 from __future__ import annotations
 
@@ -39,7 +45,7 @@ class PaperSyncPS(PaperPS):
         self.serving: tuple[int, torch.Tensor] | None = None  # the step served and its model
         self.pending_pulls: dict[int, int] = {}  # worker -> step it waits for
         self.pulls_answered: dict[int, int] = {}  # per worker, for the step served
-        self.node.on(KIND_PULL, self._on_pull, shapes=[])
+        self.accept(KIND_PULL, self._on_pull, shapes=[])
 
     def _request_gradients(self, t: int, snapshot):
         self._serve(t, snapshot)
@@ -83,6 +89,8 @@ class PaperSyncWorker(PaperWorker):
         self.rejected = 0  # PSes whose model this step refused (or did not get)
         self.pull_timeouts = 0
         self.bootstraps = 0
+        self.ahead = 0  # pulled models of a later step than expected (passed over)
+        self.catch_up = False  # no PS gave step t's model: the median decides the step
 
     async def _pull(self, ps: int, t: int) -> Message | None:
         """Ask PS ``ps`` for its model of step >= t; None if it does not come in time."""
@@ -99,7 +107,8 @@ class PaperSyncWorker(PaperWorker):
         """One PS's model, judged by the filters (the median of q_ps models when there is
         nothing to judge by, or every PS failed); returns the next step (t when every PS
         failed: the next attempt takes the median)."""
-        if self.filters.prev is None or self.rejected >= self.cfg.num_ps:
+        if self.filters.prev is None or self.rejected >= self.cfg.num_ps or self.catch_up:
+            self.catch_up = False
             return await self._bootstrap(t)
         return await self._filtered(t)
 
@@ -139,6 +148,11 @@ class PaperSyncWorker(PaperWorker):
                 self.rejected += 1
                 continue
             step = msg.step
+            if step > t:  # one PS cannot move the worker's clock: only the median can
+                msg.release()
+                self.ahead += 1
+                self.catch_up = True
+                continue
             try:
                 state = msg.tensors[0].clone()
             finally:
@@ -160,10 +174,12 @@ class PaperSyncWorker(PaperWorker):
                                 rejected=self.rejected)
             self.rejected = 0
             return step + 1
-        log.info("worker %d step %d: no PS model passed the filters; median of q_ps", cfg.rank, t)
+        log.info("worker %d step %d: no PS model of step %d passed the filters; median of q_ps",
+                 cfg.rank, t, t)
         return t
 
     def _finished(self) -> None:
-        log.info("worker %d: filters rejected %s; %d pull timeouts; %d bootstraps", self.cfg.rank,
-                 self.filters.rejected, self.pull_timeouts, self.bootstraps)
+        log.info("worker %d: filters rejected %s; %d pull timeouts; %d bootstraps; %d models ahead "
+                 "passed over", self.cfg.rank, self.filters.rejected, self.pull_timeouts,
+                 self.bootstraps, self.ahead)
         super()._finished()

@@ -19,6 +19,7 @@ ahead.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import statistics
@@ -30,14 +31,19 @@ from byzsgd.config import RunConfig
 from byzsgd.errors import ByzSGDError, ConfigError
 from byzsgd.learning.checkpoint import CheckpointPolicy, common_checkpoint_step
 from byzsgd.metrics import MetricsWriter
-from byzsgd.net import Message, NewestModels, until_quorum
+from byzsgd.net import Message, NewestModels, race, until_quorum
 from byzsgd.roles import byzantine
 from byzsgd.roles.aggregation import aggregate_finite
-from byzsgd.roles.base import Role
-from byzsgd.roles.common import KIND_DONE, KIND_GRAD, KIND_MODEL, KIND_PS_MODEL
+from byzsgd.roles.base import DRAIN_S, Role
+from byzsgd.roles.common import KIND_DONE, KIND_GRAD, KIND_MODEL, KIND_PS_ASK, KIND_PS_MODEL, SENDERS
 from byzsgd.roles.replica import Replica
 
 log = logging.getLogger("byzsgd.ps")
+
+#: answers to one peer's ``ps_ask`` per step asked (its re-asks after a loss; more is a flood)
+ASKS_PER_STEP = 2
+#: own ps_models kept to answer re-asks (the newest ones)
+KEPT_MODELS = 2
 
 
 class PSBase(Role):
@@ -54,10 +60,20 @@ class PSBase(Role):
         if replica.buffer_size:
             grad_shapes.append((replica.buffer_size,))
         window = max(8, 2 * cfg.gather_period + 2)
-        self.grad_box = self.node.mailbox(KIND_GRAD, window=window, shapes=grad_shapes)
+        self.grad_box = self.node.mailbox(KIND_GRAD, window=window, shapes=grad_shapes,
+                                          role=SENDERS[KIND_GRAD])
         self.peers = [r for r in cfg.ps_ranks if r != cfg.rank]
-        self.models = NewestModels(KIND_PS_MODEL, self.peers)
-        self.node.on(KIND_PS_MODEL, self.models.deliver, shapes=[(replica.state_size,)])
+        # a peer's model beyond our step + window counts only when more than fps peers are
+        # that far ahead (docs/design.md §3): one liar neither keeps a seat nor makes us skip
+        self.models = NewestModels(KIND_PS_MODEL, self.peers, window=window, f=cfg.fps)
+        self.accept(KIND_PS_MODEL, self.models.deliver, shapes=[(replica.state_size,)])
+        # re-asks: our last ps_models, and how often each peer asked for which step
+        self.sent_models: dict[int, torch.Tensor] = {}
+        self.asks: dict[int, tuple[int, int]] = {}  # peer -> (step asked, answers given)
+        self.accept(KIND_PS_ASK, self._on_ask, shapes=[])
+        self.peers_done: set[int] = set()
+        self.all_peers_done = asyncio.Event()
+        self.accept(KIND_DONE, self._on_peer_done, shapes=[])
         # rows the quorums are stacked into: gradients, BatchNorm buffers, models
         self.G = torch.empty(cfg.q_w, replica.grad_size)
         self.B = torch.empty(cfg.q_w, replica.buffer_size) if replica.buffer_size else None
@@ -111,10 +127,51 @@ class PSBase(Role):
     # -- sending ----------------------------------------------------------------------
     def _send_model(self, ranks, kind: str, step: int, state: torch.Tensor) -> None:
         """Send ``state`` (a snapshot nobody mutates) to ``ranks``; a Byzantine PS forges."""
+        if kind == KIND_PS_MODEL and (not self.sent_models or step >= max(self.sent_models)):
+            self.sent_models[step] = state  # what a peer's re-ask gets
+            for old in sorted(self.sent_models)[:-KEPT_MODELS]:
+                del self.sent_models[old]
         if self.behaviour is None:
             self.node.broadcast(ranks, kind, step, [state])
         else:
             self.behaviour.send(self.node, ranks, kind, step, state)
+
+    # -- serving peers ------------------------------------------------------------------
+    def _on_ask(self, msg: Message) -> None:
+        """A peer asks for our ps_model of step >= msg.step: it gets the one of that step if
+        we still have it, else our newest of a later step; nothing if we are not there yet
+        (our ps_model of that step goes to every peer when we get there).  At most
+        ASKS_PER_STEP answers per peer and step asked, and only for its newest step."""
+        msg.release()
+        peer, step = msg.sender, msg.step
+        if peer not in self.peers:
+            return
+        last_step, answers = self.asks.get(peer, (-1, 0))
+        if step < last_step or (step == last_step and answers >= ASKS_PER_STEP):
+            return
+        have = [s for s in self.sent_models if s >= step]
+        if not have:
+            return
+        self.asks[peer] = (step, answers + 1 if step == last_step else 1)
+        s = min(have)
+        self._send_model([peer], KIND_PS_MODEL, s, self.sent_models[s])
+
+    def _on_peer_done(self, msg: Message) -> None:
+        """A peer finished (PS ranks only, once each: a set)."""
+        msg.release()
+        if msg.sender in self.peers:
+            self.peers_done.add(msg.sender)
+            if len(self.peers_done) == len(self.peers):
+                self.all_peers_done.set()
+
+    def _reask(self, step: int, least: int, own: torch.Tensor):
+        """What a gather does for the peers that did not answer: push our model again (a
+        restarted peer lost it) and ask for theirs of step >= ``least`` (ours took theirs
+        and lost it, or it went to an outbox that died)."""
+        def resend(silent: list[int]) -> None:
+            self._send_model(silent, KIND_PS_MODEL, step, own)
+            self.node.broadcast(silent, KIND_PS_ASK, least, [])
+        return resend
 
     def _stalled(self, step: int, q: int, what: str):
         def warn(waited: float, answered: list[int]) -> None:
@@ -174,8 +231,8 @@ class PSBase(Role):
         q = cfg.q_ps - 1
         least = t if at_least is None else at_least
         models = await until_quorum(
-            lambda: self.models.collect(q, least, timeout=cfg.resend_after), self.peers,
-            resend=lambda silent: self._send_model(silent, KIND_PS_MODEL, t, own),
+            lambda: self.models.collect(q, least, timeout=cfg.resend_after, keep_ahead=True), self.peers,
+            resend=self._reask(t, least, own),
             stall_after=cfg.step_timeout, on_stall=self._stalled(t, q, "peer models"))
         try:
             M[0].copy_(own)
@@ -302,11 +359,24 @@ class PSBase(Role):
         self.metrics.write(event="stopped", step=self.step)
 
     async def _shutdown(self) -> None:
-        # Tell the workers we are done, so they can leave once every PS is.
+        # Tell the workers (they leave once every PS is) and the peers (they stop waiting
+        # for us) that we are done.
         try:
-            self.node.broadcast(self.cfg.worker_ranks, KIND_DONE, self.step, [])
+            self.node.broadcast(self.cfg.worker_ranks + self.peers, KIND_DONE, self.step, [])
         except Exception:  # pragma: no cover - closing anyway
             pass
+        if self.peers and self.step >= self.cfg.num_iter and self.stop is not None:
+            await self._grace()
         self.models.close()
-        await self.node.close()
+        await self.node.close(drain_timeout=DRAIN_S)
         self.metrics.close()
+
+    async def _grace(self) -> None:
+        """After the last step, keep answering the peers' re-asks (a peer in its last
+        gather may have lost our model) until every peer is done, for at most
+        2 x --resend_after, or until a signal."""
+        try:
+            await asyncio.wait_for(race(self.all_peers_done.wait(), self.stop.wait()),
+                                   2 * self.cfg.resend_after)
+        except asyncio.TimeoutError:
+            pass

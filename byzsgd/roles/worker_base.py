@@ -29,7 +29,7 @@ class WorkerBase(Role):
                               f"{cfg.world_size - 1}")
         super().__init__(cfg, Replica(cfg, with_train_shard=True))
         self.departure = Departure(cfg.num_ps, cfg.q_ps)
-        self.node.on(KIND_DONE, self.departure.deliver)
+        self.accept(KIND_DONE, self.departure.deliver, shapes=[])
         self.behaviour = byzantine.worker_behaviour(cfg, self.replica) if cfg.attack else None
         self.served = 0  # gradients sent
 
