@@ -14,9 +14,12 @@ Convention (Farhadkhani et al. 2022; Karimireddy et al. 2021 write the same as
     m_i <- beta * m_i + (1 - beta) * g_i
 
 In steady state this has the gradient's scale, whereas the heavy-ball momentum of
-``torch.optim.SGD`` (``buf <- momentum * buf + g``) has 1/(1 - momentum) times it: an SGD
-learning rate ``lr`` with optimizer momentum 0.9 moves about as far per step as ``10 * lr``
-with worker momentum 0.9.  The two must not be stacked (:func:`check_worker_momentum`).
+``torch.optim.SGD`` (``buf <- momentum * buf + g``, ``buf_1 = g_1``) has 1/(1 - momentum)
+times it.  :meth:`WorkerMomentum.heavy_ball_rows` returns ``m_i / (1 - beta)``, which is
+exactly PyTorch's buffer (``m_1 / (1 - beta) = g_1``, then ``beta buf + g``): this is what a
+PS aggregates (``--worker_momentum``), so that switching from optimizer momentum beta to
+worker momentum beta keeps the learning rate's meaning.  The two must not be stacked
+(:func:`check_worker_momentum`).
 
 Workers outside a quorum: a worker's momentum is updated only at the steps where its
 gradient is used (it is in the quorum); otherwise it is left as it was, not decayed.  The PS
@@ -69,7 +72,7 @@ def check_worker_momentum(beta, opt_args: Mapping | None) -> float:
         raise ConfigError(
             f"--worker_momentum {b} with optimizer momentum {raw} (from --opt_args): the PS would "
             f"apply momentum twice; set --opt_args momentum to 0 with worker momentum "
-            f"(worker momentum {b} ~ optimizer momentum {b} with lr scaled by 1 - {b}), or "
+            f"(the PS aggregates PyTorch-style buffers m <- {b} m + g: keep the same lr), or "
             f"--worker_momentum 0")
     return b
 
@@ -118,6 +121,11 @@ class WorkerMomentum:
         self.momenta.index_copy_(0, idx, m)
         self.updates[torch.tensor(slots)] += 1
         return m
+
+    def heavy_ball_rows(self, grads_by_rank: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        """:meth:`rows` scaled by 1 / (1 - beta): each row is then ``torch.optim.SGD``'s
+        momentum buffer of that worker's gradients (``buf <- beta buf + g``, ``buf_1 = g``)."""
+        return self.rows(grads_by_rank).div_(1.0 - self.beta)
 
     def state_dict(self) -> dict:
         """Tensors and settings for a checkpoint (copies: later steps do not alter it)."""
