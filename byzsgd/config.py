@@ -98,7 +98,8 @@ class RunConfig:
     worker_momentum: float = _f(0.0, "PS: beta of a momentum the PS keeps per worker's gradient "
                                 "stream (m <- beta m + g, PyTorch SGD's convention: same lr as "
                                 "optimizer momentum beta) and aggregates instead of the raw "
-                                "gradients; 0: off; needs --opt_args momentum 0")
+                                "gradients; 0: off; --opt_args momentum must then be 0 or this "
+                                "beta (moved to the workers, never applied twice)")
     gather_period: int = _f(1, "paper mode: steps between gathers", needs="paper")
     peers: str | None = _f(None, "JSON peer directory (the deployment.json the launcher writes)")
     data_root: str | None = _f(None, "extra dataset directory (torchvision layout)")

@@ -49,8 +49,9 @@ def test_pipeline_resilience_refused_at_start_naming_stage_rule_n_f():
 
 def test_worker_momentum_refused_with_optimizer_momentum_and_out_of_range():
     with pytest.raises(ConfigError, match="momentum twice"):
-        RunConfig(worker_momentum=0.9, opt_args={"lr": "0.05", "momentum": "0.9"}).validate()
+        RunConfig(worker_momentum=0.9, opt_args={"lr": "0.05", "momentum": "0.5"}).validate()
     RunConfig(worker_momentum=0.9, opt_args=NO_MOMENTUM).validate()
+    RunConfig(worker_momentum=0.9, opt_args={"lr": "0.05", "momentum": "0.9"}).validate()
     for bad in (1.0, -0.1, 1.5):
         with pytest.raises(ConfigError, match="worker_momentum"):
             RunConfig(worker_momentum=bad)
@@ -58,7 +59,17 @@ def test_worker_momentum_refused_with_optimizer_momentum_and_out_of_range():
     from byzsgd.deploy.options import LaunchConfig
     with pytest.raises(ConfigError, match="momentum twice"):
         LaunchConfig.from_argv(["--worker_momentum", "0.9", "--opt_args",
-                                '{"lr": "0.05", "momentum": "0.9"}']).validate()
+                                '{"lr": "0.05", "momentum": "0.5"}']).validate()
+
+
+def test_optimizer_momentum_equal_to_worker_momentum_moves_to_the_workers():
+    """--opt_args momentum beta with --worker_momentum beta: the PS's optimizer runs without
+    momentum (applied once, per worker); without worker momentum it keeps it."""
+    moved, _ = _ps(worker_momentum=0.9, opt_args={"lr": "0.05", "momentum": "0.9"})
+    assert moved.replica.optimizer.param_groups[0]["momentum"] == 0
+    assert moved.replica.optimizer.param_groups[0]["lr"] == 0.05
+    kept, _ = _ps(opt_args={"lr": "0.05", "momentum": "0.9"})
+    assert kept.replica.optimizer.param_groups[0]["momentum"] == 0.9
 
 
 def test_heavy_ball_rows_are_pytorch_sgd_momentum_buffers():
