@@ -89,6 +89,17 @@ class RunConfig:
                    "step; paper: the full ByzSGD of El-Mhamdi et al.", choices=MODES)
     gar_args: dict[str, Any] = _f({}, "GAR parameters as JSON (checked against the rule's parameters)")
     model_gar: str | None = _f(None, "rule for the models (default: --gar; median in --mode paper)")
+    pre_agg: str = _f("none", "PS: pre-aggregation of the gradients before --gar, stages applied in "
+                      "order, e.g. 'nnm' or 'clipping:tau=5,nnm' (nnm, bucketing[:s=S], "
+                      "clipping[:tau=T], arc; 'none': the rule alone); the whole pipeline's "
+                      "resilience is checked at start at q_w with fw")
+    model_pre_agg: str = _f("none", "PS: pre-aggregation of the gathered models before the model "
+                            "rule (same syntax as --pre_agg; checked at q_ps with fps)")
+    worker_momentum: float = _f(0.0, "PS: beta of a momentum the PS keeps per worker's gradient "
+                                "stream (m <- beta m + g, PyTorch SGD's convention: same lr as "
+                                "optimizer momentum beta) and aggregates instead of the raw "
+                                "gradients; 0: off; --opt_args momentum must then be 0 or this "
+                                "beta (moved to the workers, never applied twice)")
     gather_period: int = _f(1, "paper mode: steps between gathers", needs="paper")
     peers: str | None = _f(None, "JSON peer directory (the deployment.json the launcher writes)")
     data_root: str | None = _f(None, "extra dataset directory (torchvision layout)")
@@ -178,6 +189,9 @@ class RunConfig:
             raise ConfigError(f"--checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.resume and not self.checkpoint_dir:
             raise ConfigError("--resume needs --checkpoint_dir")
+        if isinstance(self.worker_momentum, bool) or not isinstance(self.worker_momentum, (int, float)) \
+                or not 0.0 <= self.worker_momentum < 1.0:
+            raise ConfigError(f"--worker_momentum must be in [0, 1), got {self.worker_momentum!r}")
         if self.eval_samples < 0:
             raise ConfigError(f"--eval_samples must be >= 0, got {self.eval_samples}")
         if self.mode not in MODES:
@@ -271,8 +285,10 @@ class RunConfig:
                 "n_ps > 3 fps + 1 (journal theorem)": self.num_ps > 3 * self.fps + 1 or self.fps == 0}
 
     def check_resilience(self) -> None:
-        """Refuse, at start, a GAR that cannot tolerate f Byzantine inputs at the quorum size,
-        and in paper mode a deployment outside the paper's resilience conditions."""
+        """Refuse, at start, a GAR (after its --pre_agg / --model_pre_agg pipeline: every stage
+        and the rule, each at what the stages before it output) that cannot tolerate fw of q_w
+        gradients / fps of q_ps models, and in paper mode a deployment outside the paper's
+        resilience conditions."""
         from byzsgd import gars  # late: config must not drag the GARs into --help
 
         if self.mode == "paper":
@@ -285,20 +301,24 @@ class RunConfig:
                 raise ConfigError(
                     f"paper mode needs {' and '.join(broken)} (El-Mhamdi et al., ByzSGD), got "
                     f"n_ps={self.num_ps} fps={self.fps}, n_w={self.num_workers} fw={self.fw}")
-        gars.check(self.gar, self.q_w, self.fw)
+        from byzsgd.gars.pipeline import Pipeline
+
+        Pipeline.parse(self.pre_agg).check(self.gar, self.q_w, self.fw)
         if self.num_ps > 1:
-            gars.check(self.model_rule, self.q_ps, self.fps)
+            Pipeline.parse(self.model_pre_agg).check(self.model_rule, self.q_ps, self.fps)
 
     def validate(self) -> "RunConfig":
         """Everything a node would refuse, refused now (before step 0): the fields, the
         mode-specific flags, the resilience bounds, ``gar_args`` against the rule's
         parameters, and the attack with its arguments.  Returns ``self``."""
         from byzsgd import gars  # late: config must not drag torch into --help
+        from byzsgd.gars.worker_momentum import check_worker_momentum
         from byzsgd.roles import byzantine
 
         self.check_fields()
         self.check_mode_flags()
         self.check_resilience()
+        check_worker_momentum(self.worker_momentum, self.opt_args)
         gars.registry.check_params(self.gar, self.gar_args, what="--gar_args")
         if self.attack:
             byzantine.check_attack(self)

@@ -114,10 +114,9 @@ def cell(args, col: Column, row: str, fw: int, seed: int, workdir: Path,
              "--fw", str(fw), "--gar", col.rule, "--num_iter", str(args.steps), "--acc_freq",
              str(args.steps), "--batch", "32", "--opt_args", json.dumps(opt_args),
              "--seed", str(seed), "--run_dir", str(workdir / name), "--timeout", str(args.cell_timeout)]
-    if col.pre_agg:
-        flags += ["--pre_agg", str(col.pre_agg)]
-    if col.wm:
-        flags += ["--worker_momentum", str(col.wm)]
+    # always explicit: a column is its rule, pipeline and momentum, not the launcher's defaults
+    flags += ["--pre_agg", str(col.pre_agg) if col.pre_agg else "none",
+              "--worker_momentum", str(col.wm or 0)]
     fallback = model_rule_for(col.rule, args.num_ps, args.fps)
     if fallback:
         flags += ["--model_gar", fallback]

@@ -231,9 +231,16 @@ def test_check_worker_momentum():
     assert check_worker_momentum(0.9, {"lr": "0.05", "momentum": "0"}) == 0.9
     assert check_worker_momentum(0.9, {"lr": 0.05}) == 0.9
     assert check_worker_momentum(0, {"momentum": 0.9}) == 0.0  # off: optimizer momentum is fine
+    # the same momentum: moved to the workers, not stacked (optimizer_args drops it)
+    assert check_worker_momentum(0.9, {"lr": "0.05", "momentum": "0.9"}) == 0.9
     with pytest.raises(ConfigError) as e:
-        check_worker_momentum(0.9, {"lr": "0.05", "momentum": "0.9"})
-    assert "--worker_momentum 0.9" in str(e.value) and "momentum 0.9" in str(e.value)
+        check_worker_momentum(0.9, {"lr": "0.05", "momentum": "0.5"})
+    assert "--worker_momentum 0.9" in str(e.value) and "momentum 0.5" in str(e.value)
+    with pytest.raises(ConfigError, match="nesterov"):
+        check_worker_momentum(0.9, {"lr": "0.05", "momentum": "0.9", "nesterov": "true"})
+    from byzsgd.gars.worker_momentum import optimizer_args
+    assert optimizer_args(0.9, {"lr": "0.05", "momentum": "0.9"}) == {"lr": "0.05"}
+    assert optimizer_args(0, {"lr": "0.05", "momentum": "0.9"}) == {"lr": "0.05", "momentum": "0.9"}
     for bad in (1.0, 1.5, -0.5):
         with pytest.raises(ConfigError, match=r"\[0, 1\)"):
             check_worker_momentum(bad, {})

@@ -1,7 +1,7 @@
 """The main job as the README runs it: the launcher's defaults, not --quiet, shortened steps.
 
 Checks what a user sees: the deployment line (the README's 4 PS fps=1 + 7 workers fw=1,
-median), the progress bar, and one final accuracy per PS that matches the PS's own metrics.
+median after nnm of per-worker momentums), the progress bar, and one final accuracy per PS that matches the PS's own metrics.
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def test_main_job_prints_progress_and_every_ps_accuracy(tmp_path):
                          stdin=subprocess.DEVNULL)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
-    assert "4 PS (fps=1) + 7 workers (fw=1), gar=median, garfield mode, mnist/convnet" in out
+    assert ("4 PS (fps=1) + 7 workers (fw=1), gar=median after pre_agg=nnm, worker_momentum=0.9, "
+            "garfield mode, mnist/convnet") in out
     bars = re.findall(r"\[([#.]{30})\] step (\d+)/%d loss (\S+) acc\(min over correct PS\) (\S+)" % STEPS, out)
     assert bars, f"no progress bar in:\n{out[-2000:]}"
     steps = [int(s) for _, s, _, _ in bars]

@@ -24,8 +24,10 @@ from byzsgd.errors import ByzSGDError, ConfigError
 def run(lc: LaunchConfig) -> int:
     dep = plan(lc)
     byz = [f"{n.role}{n.rank}({n.attack})" for n in dep.nodes if n.byzantine]
+    defence = "".join([f" after pre_agg={dep.cfg.pre_agg}" if dep.cfg.pre_agg not in ("", "none") else "",
+                       f", worker_momentum={dep.cfg.worker_momentum}" if dep.cfg.worker_momentum else ""])
     print(f"byzsgd: {dep.cfg.num_ps} PS (fps={dep.cfg.fps}) + {dep.cfg.num_workers} workers "
-          f"(fw={dep.cfg.fw}), gar={dep.cfg.gar}, {dep.cfg.mode} mode, {dep.cfg.dataset}/{dep.cfg.model}, "
+          f"(fw={dep.cfg.fw}), gar={dep.cfg.gar}{defence}, {dep.cfg.mode} mode, {dep.cfg.dataset}/{dep.cfg.model}, "
           f"{dep.cfg.num_iter} steps; run dir {dep.run_dir}", file=sys.stderr)
     print(f"byzsgd: Byzantine nodes: {', '.join(byz) if byz else 'none'}", file=sys.stderr)
     interrupted = False

@@ -14,9 +14,13 @@ Convention (Farhadkhani et al. 2022; Karimireddy et al. 2021 write the same as
     m_i <- beta * m_i + (1 - beta) * g_i
 
 In steady state this has the gradient's scale, whereas the heavy-ball momentum of
-``torch.optim.SGD`` (``buf <- momentum * buf + g``) has 1/(1 - momentum) times it: an SGD
-learning rate ``lr`` with optimizer momentum 0.9 moves about as far per step as ``10 * lr``
-with worker momentum 0.9.  The two must not be stacked (:func:`check_worker_momentum`).
+``torch.optim.SGD`` (``buf <- momentum * buf + g``, ``buf_1 = g_1``) has 1/(1 - momentum)
+times it.  :meth:`WorkerMomentum.heavy_ball_rows` returns ``m_i / (1 - beta)``, which is
+exactly PyTorch's buffer (``m_1 / (1 - beta) = g_1``, then ``beta buf + g``): this is what a
+PS aggregates (``--worker_momentum``), so that switching from optimizer momentum beta to
+worker momentum beta keeps the learning rate's meaning.  The two are never stacked
+(:func:`check_worker_momentum`, :func:`optimizer_args`: an optimizer momentum equal to beta
+means that momentum moved to the workers).
 
 Workers outside a quorum: a worker's momentum is updated only at the steps where its
 gradient is used (it is in the quorum); otherwise it is left as it was, not decayed.  The PS
@@ -36,7 +40,7 @@ import torch
 
 from byzsgd.errors import ConfigError
 
-__all__ = ["WorkerMomentum", "check_worker_momentum"]
+__all__ = ["WorkerMomentum", "check_worker_momentum", "optimizer_args"]
 
 
 def _beta(beta) -> float:
@@ -55,23 +59,44 @@ def _beta(beta) -> float:
 def check_worker_momentum(beta, opt_args: Mapping | None) -> float:
     """Validate ``--worker_momentum beta`` against the PS optimizer's arguments; return beta.
 
-    Refused: beta outside [0, 1); beta > 0 together with an optimizer momentum > 0 (two
-    momentums stacked: per-worker then again on the aggregate, whose effective step is
-    neither the paper's nor the user's).  ``opt_args`` values may be strings (Garfield's
+    With ``beta > 0`` the momentum moves from the PS's optimizer to the workers' streams: the
+    optimizer's ``momentum`` must be 0 (or absent) or ``beta`` itself, which then means the
+    same momentum taken per worker (:func:`optimizer_args` drops it from the PS's optimizer,
+    so it is never applied twice).  Refused: beta outside [0, 1); beta > 0 with another
+    optimizer momentum (two momentums stacked, or an ambiguous one), or with ``nesterov`` /
+    ``dampening`` (not defined per worker).  ``opt_args`` values may be strings (Garfield's
     ``--opt_args '{"lr": "0.05", "momentum": "0.9"}'``)."""
     b = _beta(beta)
-    raw = (opt_args or {}).get("momentum", 0)
+    args = opt_args or {}
+    raw = args.get("momentum", 0)
     try:
         mom = float(raw)
     except (TypeError, ValueError):
         raise ConfigError(f"--opt_args momentum must be a number, got {raw!r}") from None
-    if b > 0.0 and mom != 0.0:
+    if b > 0.0 and mom != 0.0 and mom != b:
         raise ConfigError(
             f"--worker_momentum {b} with optimizer momentum {raw} (from --opt_args): the PS would "
-            f"apply momentum twice; set --opt_args momentum to 0 with worker momentum "
-            f"(worker momentum {b} ~ optimizer momentum {b} with lr scaled by 1 - {b}), or "
+            f"apply momentum twice; with worker momentum set --opt_args momentum to 0 or to {b} "
+            f"(the same momentum, taken per worker: the PS aggregates PyTorch-style buffers "
+            f"m <- {b} m + g and its optimizer runs without momentum; keep the same lr), or "
             f"--worker_momentum 0")
+    if b > 0.0:
+        from byzsgd.flags import parse_bool
+
+        if parse_bool(str(args.get("nesterov", False))) or float(args.get("dampening", 0) or 0) != 0:
+            raise ConfigError(f"--worker_momentum {b}: nesterov / dampening in --opt_args are not "
+                              f"defined for per-worker momentum; remove them or use "
+                              f"--worker_momentum 0")
     return b
+
+
+def optimizer_args(beta, opt_args: Mapping | None) -> dict:
+    """The PS optimizer's arguments under ``--worker_momentum beta``: ``opt_args`` without its
+    momentum when beta > 0 (the momentum is the workers' then), else ``opt_args`` unchanged."""
+    args = dict(opt_args or {})
+    if _beta(beta) > 0.0:
+        args.pop("momentum", None)
+    return args
 
 
 class WorkerMomentum:
@@ -118,6 +143,11 @@ class WorkerMomentum:
         self.momenta.index_copy_(0, idx, m)
         self.updates[torch.tensor(slots)] += 1
         return m
+
+    def heavy_ball_rows(self, grads_by_rank: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        """:meth:`rows` scaled by 1 / (1 - beta): each row is then ``torch.optim.SGD``'s
+        momentum buffer of that worker's gradients (``buf <- beta buf + g``, ``buf_1 = g``)."""
+        return self.rows(grads_by_rank).div_(1.0 - self.beta)
 
     def state_dict(self) -> dict:
         """Tensors and settings for a checkpoint (copies: later steps do not alter it)."""

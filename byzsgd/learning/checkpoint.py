@@ -66,6 +66,7 @@ class Checkpoint:
     model_state: torch.Tensor
     optimizer_state: dict
     extra: dict = field(default_factory=dict)
+    components: dict = field(default_factory=dict)  # name -> state_dict (absent in old files)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -82,8 +83,11 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, *, step: int, model_state: torch.Tensor,
-                    optimizer_state: dict, extra: dict | None = None) -> Path:
-    """Write a checkpoint atomically at ``path`` (temp file, fsync, rename, fsync dir)."""
+                    optimizer_state: dict, extra: dict | None = None,
+                    components: dict | None = None) -> Path:
+    """Write a checkpoint atomically at ``path`` (temp file, fsync, rename, fsync dir).
+    ``components``: more state of the rank (name -> a state_dict of tensors, numbers, lists),
+    e.g. the PS's per-worker momentum buffers."""
     path = Path(path)
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ConfigError(f"checkpoint step must be an integer >= 0, got {step!r}")
@@ -96,6 +100,8 @@ def save_checkpoint(path: str | os.PathLike, *, step: int, model_state: torch.Te
     payload = dict(format=FORMAT, version=VERSION, step=step, model_state=state,
                    state_size=state.numel(), dtype=str(state.dtype).replace("torch.", ""),
                    sha256=_digest(state), optimizer_state=optimizer_state, extra=dict(extra or {}))
+    if components:
+        payload["components"] = dict(components)
     directory = path.parent
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
@@ -154,7 +160,10 @@ def load_checkpoint(path: str | os.PathLike, *, expected_state_size: int) -> Che
     extra = payload.get("extra")
     if not isinstance(extra, dict):
         raise ConfigError(f"{where}: extra is not a dict")
-    return Checkpoint(path, step, state, opt, extra)
+    components = payload.get("components", {})  # checkpoints written before them have none
+    if not isinstance(components, dict) or not all(isinstance(v, dict) for v in components.values()):
+        raise ConfigError(f"{where}: components is not a dict of state dicts")
+    return Checkpoint(path, step, state, opt, extra, components)
 
 
 def list_checkpoints(directory: str | os.PathLike, rank: int) -> list[tuple[int, Path]]:
@@ -202,10 +211,15 @@ def prune_checkpoints(directory: str | os.PathLike, rank: int, keep: int) -> lis
 
 class CheckpointPolicy:
     """Periodic checkpoints of one rank's replica (``.flat.flat``, ``.optimizer``,
-    ``.state_vector()``, ``.load_state_vector(vec)``), keeping the ``keep`` newest."""
+    ``.state_vector()``, ``.load_state_vector(vec)``), keeping the ``keep`` newest.
+
+    ``components``: further state saved and restored with it (name -> an object with
+    ``state_dict()`` / ``load_state_dict(d)``, e.g. the PS's :class:`WorkerMomentum`).  A
+    checkpoint without a component (written before it existed) restores the rest and leaves
+    that component as it is (logged)."""
 
     def __init__(self, directory: str | os.PathLike, every: int, rank: int, keep: int = 2,
-                 extra: dict | None = None):
+                 extra: dict | None = None, components: dict | None = None):
         if not isinstance(every, int) or every < 0:
             raise ConfigError(f"--checkpoint_every must be an integer >= 0, got {every!r}")
         if not isinstance(keep, int) or keep < 1:
@@ -215,6 +229,7 @@ class CheckpointPolicy:
         self.rank = int(rank)
         self.keep = keep
         self.extra = dict(extra or {})
+        self.components = dict(components or {})
         self.last_saved: int | None = None
 
     def path_for(self, step: int) -> Path:
@@ -224,7 +239,8 @@ class CheckpointPolicy:
         opt = replica.optimizer.state_dict() if replica.optimizer is not None else \
             {"state": {}, "param_groups": []}
         path = save_checkpoint(self.path_for(step), step=step, model_state=replica.state_vector(),
-                               optimizer_state=opt, extra=dict(self.extra, rank=self.rank))
+                               optimizer_state=opt, extra=dict(self.extra, rank=self.rank),
+                               components={name: c.state_dict() for name, c in self.components.items()})
         self.last_saved = step
         prune_checkpoints(self.dir, self.rank, self.keep)
         # temporary files of this rank left behind by a crash mid-write (only this rank's
@@ -274,6 +290,15 @@ class CheckpointPolicy:
                 except (ValueError, KeyError, RuntimeError) as exc:
                     raise ConfigError(f"checkpoint {path}: optimizer state does not fit this "
                                       f"optimizer: {exc}") from None
+            for name, component in self.components.items():
+                if name in ckpt.components:
+                    try:
+                        component.load_state_dict(ckpt.components[name])
+                    except ConfigError as exc:
+                        raise ConfigError(f"checkpoint {path}: {name}: {exc}") from None
+                else:
+                    log.warning("checkpoint %s has no %s (written without it): it starts afresh",
+                                path, name)
             replica.load_state_vector(ckpt.model_state)
             self.last_saved = ckpt.step
             log.info("rank %d resumed from %s (step %d)", self.rank, path, ckpt.step)

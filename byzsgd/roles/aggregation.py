@@ -7,29 +7,46 @@ tolerated Byzantine one, and the bound is checked anyway).  Left in, a NaN sits 
 extreme of every coordinate and still biases a median by one order statistic.  When every
 row is non-finite (the model itself diverged) the rule gets them all, so the run goes on and
 shows the divergence instead of waiting for a finite input that will never come.
+
+With a pre-aggregation ``pipeline`` (``--pre_agg``) the rows left after that go through
+``prepare`` (the PS's per-worker momentum: it sees which input rows they are), then the
+pipeline's stages in order, then the rule: :func:`byzsgd.gars.pipeline.robust_aggregate`;
+the bound checked before dropping is then the whole pipeline's.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
-from byzsgd import gars
 from byzsgd.errors import ResilienceError
+from byzsgd.gars.pipeline import Pipeline, robust_aggregate
 
 
 def aggregate_finite(rule: str, rows: torch.Tensor, f: int, *, drop_nonfinite: bool = True,
+                     pipeline: "str | Pipeline | None" = None, step: int = 0, seed: int = 0,
+                     prepare: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None,
                      **params) -> tuple[torch.Tensor, list[int]]:
-    """(aggregate, indices of the non-finite rows left out)."""
+    """(aggregate, indices of the non-finite rows left out).
+
+    ``prepare(kept, rows)``, if given, maps the rows that stay (``kept``: their indices in
+    ``rows``) to what the pipeline and the rule receive (same shape)."""
+    pipe = Pipeline.parse(pipeline)
+    n = rows.shape[0]
+    kept, f_used, dropped = list(range(n)), f, []
     if drop_nonfinite:
         finite = torch.isfinite(rows).all(dim=1)
-        k = int(rows.shape[0] - int(finite.sum()))
-        if 0 < k < rows.shape[0]:
-            kept = rows[finite]
+        k = int(n - int(finite.sum()))
+        if 0 < k < n:
             f_left = max(0, f - k)
             try:
-                gars.check(rule, kept.shape[0], f_left)
+                pipe.check(rule, n - k, f_left)
             except ResilienceError:
-                pass  # too few rows left for the rule: give it everything
+                pass  # too few rows left for the pipeline and rule: give them everything
             else:
                 dropped = [i for i, ok in enumerate(finite.tolist()) if not ok]
-                return gars.aggregate(rule, kept, f_left, **params), dropped
-    return gars.aggregate(rule, rows, f, **params), []
+                kept = [i for i, ok in enumerate(finite.tolist()) if ok]
+                rows, f_used = rows[finite], f_left
+    if prepare is not None:
+        rows = prepare(kept, rows)
+    return robust_aggregate(rule, rows, f_used, pipe, step=step, seed=seed, **params), dropped

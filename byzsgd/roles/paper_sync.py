@@ -84,7 +84,11 @@ class PaperSyncWorker(PaperWorker):
         super().__init__(cfg)
         self.filters = ModelFilters(quantile=cfg.lipschitz_q, warmup=cfg.lipschitz_warmup,
                                     window=cfg.lipschitz_window,
-                                    factor=cfg.outliers_k, opt_args=cfg.opt_args)
+                                    factor=cfg.outliers_k,
+                                    # per-worker momentum beta: the PS's steps are (about) SGD
+                                    # with momentum beta on the aggregate
+                                    opt_args=dict(cfg.opt_args, momentum=cfg.worker_momentum)
+                                    if cfg.worker_momentum > 0 else cfg.opt_args)
         self.suspicion = {p: 0 for p in cfg.ps_ranks}  # consecutive failures: tried last
         self.rejected = 0  # PSes whose model this step refused (or did not get)
         self.pull_timeouts = 0

@@ -29,6 +29,8 @@ import torch
 
 from byzsgd.config import RunConfig
 from byzsgd.errors import ByzSGDError, ConfigError
+from byzsgd.gars.pipeline import Pipeline
+from byzsgd.gars.worker_momentum import WorkerMomentum
 from byzsgd.learning.checkpoint import CheckpointPolicy, common_checkpoint_step
 from byzsgd.metrics import MetricsWriter
 from byzsgd.net import Message, NewestModels, race, until_quorum
@@ -82,7 +84,15 @@ class PSBase(Role):
         self.model_quorum: list[int] = []  # the peers whose models the last gather used
         self.models_rejected = 0  # models the workers' filters refused (their gradients say)
         self.step = 0
-        self.checkpoints = CheckpointPolicy(cfg.checkpoint_dir, cfg.checkpoint_every, cfg.rank) \
+        # --pre_agg / --model_pre_agg, and the per-worker momentum (--worker_momentum): the PS
+        # computes each worker's momentum from what it received, so no worker can opt out
+        self.pre_agg = Pipeline.parse(cfg.pre_agg)
+        self.model_pre_agg = Pipeline.parse(cfg.model_pre_agg)
+        self.worker_momentum = WorkerMomentum(cfg.worker_momentum, replica.grad_size,
+                                              cfg.worker_ranks) if cfg.worker_momentum > 0 else None
+        self.checkpoints = CheckpointPolicy(
+            cfg.checkpoint_dir, cfg.checkpoint_every, cfg.rank,
+            components={"worker_momentum": self.worker_momentum} if self.worker_momentum else None) \
             if cfg.checkpoint_dir else None
         if self.checkpoints is not None and cfg.resume:
             # PSes sharing a directory resume at the newest step all of them have
@@ -216,7 +226,8 @@ class PSBase(Role):
         senders = sorted(grads)
         record["quorum"] = senders
         record["late"] = [w for w in workers if w not in grads]
-        g, dropped = self._aggregate(cfg.gar, self.G, cfg.fw, cfg.gar_args)
+        g, dropped = self._aggregate(cfg.gar, self.G, cfg.fw, cfg.gar_args, pipeline=self.pre_agg,
+                                     prepare=self._momentum_of(senders))
         if dropped:
             record["nonfinite"] = [senders[i] for i in dropped]
         buffers = self._aggregate(cfg.gar, self.B, cfg.fw, cfg.gar_args)[0] if self.B is not None else None
@@ -252,16 +263,40 @@ class PSBase(Role):
                 self.checkpoints.maybe_save(reached + 1, self.replica)
         return max(t, reached) + 1
 
-    def _aggregate(self, rule: str, rows: torch.Tensor, f: int, params: dict) -> tuple[torch.Tensor, list[int]]:
-        """(aggregate, indices of the rows left out for NaN/Inf)."""
-        out, dropped = aggregate_finite(rule, rows, f, drop_nonfinite=self.cfg.drop_nonfinite, **params)
+    def _aggregate(self, rule: str, rows: torch.Tensor, f: int, params: dict, *,
+                   pipeline: Pipeline | None = None, prepare=None) -> tuple[torch.Tensor, list[int]]:
+        """(aggregate, indices of the rows left out for NaN/Inf): NaN/Inf rows dropped, then
+        ``prepare`` (worker momentum), ``pipeline``'s stages in order, the rule."""
+        out, dropped = aggregate_finite(rule, rows, f, drop_nonfinite=self.cfg.drop_nonfinite,
+                                        pipeline=pipeline, step=self.step, seed=self.cfg.seed,
+                                        prepare=prepare, **params)
         self.nonfinite_dropped += len(dropped)
         return out, dropped
+
+    def _momentum_of(self, senders: list[int]):
+        """The ``prepare`` step of the gradient aggregation: each finite row (of worker
+        ``senders[i]``) replaced by that worker's momentum buffer (PyTorch's convention,
+        :meth:`WorkerMomentum.heavy_ball_rows`); a non-finite row the rule is handed anyway
+        (--drop_nonfinite false, or too few finite rows) stays as it is and never enters a
+        momentum.  None without --worker_momentum."""
+        wm = self.worker_momentum
+        if wm is None:
+            return None
+
+        def prepare(kept: list[int], rows: torch.Tensor) -> torch.Tensor:
+            finite = torch.isfinite(rows).all(dim=1).tolist()
+            use = [j for j, ok in enumerate(finite) if ok]
+            if not use:
+                return rows
+            out = rows.clone()
+            out[use] = wm.heavy_ball_rows({senders[kept[j]]: rows[j] for j in use})
+            return out
+        return prepare
 
     def _aggregate_models(self, M: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         params = cfg.gar_args if cfg.model_rule == cfg.gar else {}
-        return self._aggregate(cfg.model_rule, M, cfg.fps, params)[0]
+        return self._aggregate(cfg.model_rule, M, cfg.fps, params, pipeline=self.model_pre_agg)[0]
 
     @staticmethod
     def _stack(messages: dict[int, Message], index: int, out: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from byzsgd.gars.worker_momentum import optimizer_args
+
 from byzsgd.learning import data, models
 from byzsgd.learning import optim as training
 from byzsgd.config import RunConfig
@@ -31,7 +33,9 @@ class Replica:
         self.model = models.build_model(cfg.model, dataset_info=info, seed=cfg.seed)
         self.flat = training.flat_state(self.model)
         self.loss_fn = training.build_loss(cfg.loss)
-        self.optimizer = training.build_optimizer(cfg.optimizer, self.model.parameters(), cfg.opt_args) \
+        # --worker_momentum moves the momentum to the workers' streams (never applied twice)
+        self.optimizer = training.build_optimizer(cfg.optimizer, self.model.parameters(),
+                                                  optimizer_args(cfg.worker_momentum, cfg.opt_args)) \
             if with_test_set else None
         self.flip_labels = False
 

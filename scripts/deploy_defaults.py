@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""The acceptance of the main job's defaults: real deployments (``python -m byzsgd.launch``),
+one after the other, worker and PS attacks; one JSON line per run.
+
+Each run is the launcher with its defaults plus ``--num_iter STEPS --seed SEED`` plus the
+cell's flags (``--config`` adds flags to every cell, e.g. to measure another candidate).
+Per run: the lowest final accuracy among the correct PSes, and the share of the PS steps
+whose gradient quorum held a Byzantine worker (from the PSes' metrics ``quorum`` field: an
+attack that never reached the rule proves nothing).
+
+    python scripts/deploy_defaults.py --out runs/defaults.jsonl              # every cell
+    python scripts/deploy_defaults.py --cells none,optimal_alie --steps 300
+    python scripts/deploy_defaults.py --config "--gar median --opt_args {\\"lr\\":\\"0.05\\",\\"momentum\\":\\"0.9\\"} --worker_momentum 0 --pre_agg none"
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+W = ["--byz_workers", "1", "--worker_attack"]
+W2 = ["--fw", "2", "--byz_workers", "2", "--worker_attack"]
+# alie z = 100 and ipm epsilon = 10: strong enough to bite (as scripts/bench_attacks.py)
+CELLS: dict[str, list[str]] = {
+    "none": [],
+    "optimal_alie": W + ["optimal_alie"],
+    "optimal_ipm": W + ["optimal_ipm"],
+    "alie": W + ["alie", "--worker_attack_args", '{"z": 100}'],
+    "ipm": W + ["ipm", "--worker_attack_args", '{"epsilon": 10}'],
+    "optimal_alie+collude": W + ["optimal_alie", "--worker_attack_args", '{"collude": true}'],
+    "alie+collude": W + ["alie", "--worker_attack_args", '{"z": 100, "collude": true}'],
+    "fw2:optimal_alie": W2 + ["optimal_alie"],
+    "fw2:optimal_ipm": W2 + ["optimal_ipm"],
+    "ps:equivocate": ["--byz_ps", "1", "--ps_attack", "equivocate"],
+    "ps:reverse": ["--byz_ps", "1", "--ps_attack", "reverse"],
+}
+
+
+def quorum_share(run_dir: Path, byzantine: set[int]) -> float | None:
+    """Share of the correct PSes' step records whose quorum held a Byzantine worker."""
+    hits = total = 0
+    for path in sorted(run_dir.glob("metrics-ps*.jsonl")):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if "quorum" in rec:
+                total += 1
+                hits += bool(byzantine & set(rec["quorum"]))
+    return hits / total if total else None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cells", default=",".join(CELLS), help="comma-separated cells: " + ", ".join(CELLS))
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--config", default="", help="flags added to every cell (a candidate)")
+    ap.add_argument("--out", default=None, help="append JSON lines here too")
+    ap.add_argument("--timeout", type=float, default=900)
+    args = ap.parse_args()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    for cell in args.cells.split(","):
+        flags = shlex.split(args.config) + CELLS[cell]
+        with tempfile.TemporaryDirectory(prefix="byzsgd-defaults-") as tmp:
+            run_dir = Path(tmp) / "run"
+            cmd = [sys.executable, "-m", "byzsgd.launch", "--num_iter", str(args.steps), "--seed",
+                   str(args.seed), "--acc_freq", str(args.steps), "--quiet", "--json",
+                   "--run_dir", str(run_dir), "--timeout", str(args.timeout)] + flags
+            started = time.time()
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+            row = {"cell": cell, "steps": args.steps, "seed": args.seed, "config": args.config,
+                   "rc": res.returncode, "wall_s": round(time.time() - started, 1)}
+            try:
+                summary = json.loads((run_dir / "summary.json").read_text())
+                byz = set(summary.get("byzantine_ranks", []))
+                row.update(min_accuracy=summary.get("min_accuracy"), outcome=summary.get("outcome"),
+                           byzantine_ranks=sorted(byz), byzantine_in_quorum=quorum_share(run_dir, byz))
+            except (OSError, ValueError) as exc:
+                row.update(error=str(exc), tail=(res.stdout + res.stderr)[-800:])
+        line = json.dumps(row)
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a") as fh:
+                fh.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
