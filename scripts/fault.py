@@ -11,7 +11,10 @@
     python scripts/fault.py D wait-step K            only the wait of at-step
     python scripts/fault.py D netem RANK --dev IF [--netns NS] [--delay 50ms] [--loss 1%] [--apply|--clear]
                                                      print (or apply) a tc netem recipe
-    python scripts/fault.py D status                 ranks, pids, alive/stopped/dead, faults
+    python scripts/fault.py D status                 ranks, pids, alive/stopped/dead, faults; per
+                                                     restarted rank the step it rejoined at (first
+                                                     step a correct PS aggregated it again) and
+                                                     how many steps it served since
 
 Everything is found in the run directory: ``deployment.json`` (each rank's argv, port, log,
 metrics), the pid files ``<role><rank>.pid`` and ``secret``.  A process is signalled only
@@ -345,6 +348,7 @@ def status(run_dir: Path) -> list[str]:
     doc = load_deployment(run_dir)
     faults = read_faults(run_dir)
     steps = ps_steps(run_dir)
+    rejoined = rundir.rejoins(run_dir)
     lines = []
     for info in doc["ranks"]:
         rank = int(info["rank"])
@@ -353,8 +357,19 @@ def status(run_dir: Path) -> list[str]:
         extra = f" step {steps[rank]}" if rank in steps else ""
         lines.append(f"{info['role']}{rank} port {info['port']} pid {pid or '-'} {state}"
                      f"{' byzantine' if info['byzantine'] else ''}"
-                     f"{' faulty' if rank in faults['faulty'] else ''}{extra}")
+                     f"{' faulty' if rank in faults['faulty'] else ''}{extra}{_rejoin_text(rejoined.get(str(rank)))}")
     return lines
+
+
+def _rejoin_text(r: dict | None) -> str:
+    """How a restarted rank is doing (rundir.rejoins): when it served again and how much."""
+    if r is None:
+        return ""
+    if r["rejoined_step"] is None:
+        return f" restarted at step {r['restart_step']}, not aggregated since"
+    after = f" ({r['rejoined_after_s']:.1f} s after)" if r["rejoined_after_s"] is not None else ""
+    return (f" restarted at step {r['restart_step']}, rejoined at step {r['rejoined_step']}{after},"
+            f" served {r['steps_served']} steps")
 
 
 def build_parser() -> argparse.ArgumentParser:

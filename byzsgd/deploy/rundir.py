@@ -271,6 +271,62 @@ def summarize_run(run_dir: str | os.PathLike) -> dict[str, Any]:
                 bytes_sent=total("bytes_sent"), bytes_received=total("bytes_received"))
 
 
+def rejoins(run_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Per rank restarted by scripts/fault.py (``faults.json``): whether and when it served
+    again, read from the correct PSes' per-step ``quorum`` (a worker whose gradient was
+    aggregated) and ``model_quorum`` (a PS whose model was gathered) fields.
+
+    ``{rank: {"restarted_at", "restart_step", "rejoined_step", "rejoined_after_s",
+    "steps_served", "aggregations"}}``: the first step after its (last) restart in which a
+    correct PS aggregated it (None: not yet), seconds from the restart to that step's record,
+    how many distinct steps some correct PS aggregated it in since, and how many times in all
+    (one per PS and step)."""
+    run_dir = Path(run_dir)
+    faults = read_faults(run_dir)
+    restarts: dict[int, dict] = {}
+    for ev in faults["events"]:
+        if isinstance(ev, dict) and ev.get("action") == "restarted":
+            try:
+                restarts[int(ev["rank"])] = ev
+            except (KeyError, TypeError, ValueError):
+                continue
+    if not restarts:
+        return {}
+    ranks, _ = _correct_ps(run_dir)
+    seen: dict[int, dict[int, float]] = {r: {} for r in restarts}   # rank -> {step: first time}
+    count = dict.fromkeys(restarts, 0)
+    for ps_rank, path in ranks:
+        if not path.is_absolute():
+            path = run_dir / path
+        if not path.exists():
+            path = run_dir / path.name
+        for rec in read_metrics(path):
+            if "event" in rec or "step" not in rec:
+                continue
+            t = _num(rec.get("time"))
+            members = set()
+            for key in ("quorum", "model_quorum"):
+                v = rec.get(key)
+                if isinstance(v, list):
+                    members.update(x for x in v if type(x) is int)
+            for rank in members & set(restarts):
+                if ps_rank == rank or t is None or t < float(restarts[rank].get("time") or 0):
+                    continue
+                count[rank] += 1
+                step = int(rec["step"])
+                seen[rank][step] = min(t, seen[rank].get(step, t))
+    out = {}
+    for rank, ev in sorted(restarts.items()):
+        at = _num(ev.get("time"))
+        first = min(seen[rank]) if seen[rank] else None
+        out[str(rank)] = dict(
+            restarted_at=at, restart_step=ev.get("step"), rejoined_step=first,
+            rejoined_after_s=(round(seen[rank][first] - at, 3) if first is not None and at is not None
+                              else None),
+            steps_served=len(seen[rank]), aggregations=count[rank])
+    return out
+
+
 # ----------------------------------------------------------------------------- run summary
 def run_summary(run_dir: str | os.PathLike, outcome: str, *, started: float,
                 returncodes: dict[int, int | None], exclude: set[int] = frozenset(),
@@ -281,11 +337,15 @@ def run_summary(run_dir: str | os.PathLike, outcome: str, *, started: float,
     series = ps_series(run_dir)
     final = {str(r): s["final"] for r, s in series.items()}
     accs = [a for r, a in final.items() if a is not None and int(r) not in exclude]
-    return dict(outcome=outcome, run_dir=str(run_dir), final_accuracy=final,
-                min_accuracy=min(accs) if accs else None,
-                median_step_time=median_step_time(series), wall_time=time.time() - started,
-                byzantine_ranks=list(byzantine_ranks),
-                returncodes={str(k): v for k, v in returncodes.items()})
+    summary = dict(outcome=outcome, run_dir=str(run_dir), final_accuracy=final,
+                   min_accuracy=min(accs) if accs else None,
+                   median_step_time=median_step_time(series), wall_time=time.time() - started,
+                   byzantine_ranks=list(byzantine_ranks),
+                   returncodes={str(k): v for k, v in returncodes.items()})
+    rejoined = rejoins(run_dir)
+    if rejoined:  # nodes restarted by scripts/fault.py: did they serve again, from when
+        summary["rejoined"] = rejoined
+    return summary
 
 
 def write_summary(run_dir: str | os.PathLike, summary: dict) -> Path:

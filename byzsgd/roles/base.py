@@ -11,6 +11,7 @@ import asyncio
 from byzsgd.config import RunConfig
 from byzsgd.errors import ByzSGDError
 from byzsgd.net import FrameLimits, race
+from byzsgd.roles import protocol_attacks
 from byzsgd.roles.common import SENDERS, install_stop_signals, make_node
 from byzsgd.roles.replica import Replica
 
@@ -27,6 +28,8 @@ class Role:
         self.replica = replica
         self.limits = FrameLimits.for_model(replica.state_size)
         self.node = make_node(cfg, self.limits)
+        # --attack NAME of byzsgd.roles.protocol_attacks: wraps the node's send (None otherwise)
+        self.protocol_attack = protocol_attacks.attach(self)
         self.stop: asyncio.Event | None = None  # created inside the event loop
 
     def accept(self, kind: str, handler, shapes) -> None:

@@ -19,6 +19,10 @@ Parameter-server attacks act on the models a Byzantine PS sends, to workers (gra
 requests) and to other PSes (the gather): random, reverse, drop, nan, equivocate (a
 different model to each recipient), stale (replay an old model), silent (never answers),
 delay (answers late), crash (exits at a set step).
+
+Protocol attacks (impersonate, request_flood, huge_step, far_future, withhold_from,
+rendezvous_lie) keep the values honest and abuse the wire instead: see
+:mod:`byzsgd.roles.protocol_attacks`.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from byzsgd import attacks
 from byzsgd.attacks.optimal import optimal_alie_factor, optimal_ipm_factor
 from byzsgd.config import RunConfig
 from byzsgd.errors import ConfigError
+from byzsgd.roles import protocol_attacks
 from byzsgd.roles.common import KIND_MODEL, KIND_PS_MODEL
 
 log = logging.getLogger("byzsgd.byzantine")
@@ -173,7 +178,11 @@ class WorkerAttack:
         return attacks.forge(self.name, known, self.f, **params)[0].contiguous()
 
 
-def worker_behaviour(cfg: RunConfig, replica: Any) -> WorkerAttack:
+def worker_behaviour(cfg: RunConfig, replica: Any) -> WorkerAttack | None:
+    """The value attack of a Byzantine worker; None for a protocol attack (honest values,
+    :mod:`byzsgd.roles.protocol_attacks` plays with the wire instead)."""
+    if protocol_attacks.is_protocol_attack(cfg.attack):
+        return None
     if cfg.attack == "label_flip":
         replica.flip_labels = True
     return WorkerAttack(cfg, replica)
@@ -193,7 +202,8 @@ class PSAttack:
 
     def __init__(self, cfg: RunConfig):
         if cfg.attack not in PS_ATTACKS:
-            raise ConfigError(f"unknown PS attack {cfg.attack!r}; known: {', '.join(PS_ATTACKS)}")
+            raise ConfigError(f"unknown PS attack {cfg.attack!r}; known: {', '.join(PS_ATTACKS)}; "
+                              f"protocol attacks: {', '.join(protocol_attacks.names('ps'))}")
         self.name = cfg.attack
         args = dict(cfg.attack_args)
         self.scale = float(args.pop("scale", 10.0))
@@ -263,7 +273,10 @@ class PSAttack:
             node.send(r, k, step, [m])
 
 
-def ps_behaviour(cfg: RunConfig) -> PSAttack:
+def ps_behaviour(cfg: RunConfig) -> PSAttack | None:
+    """The value attack of a Byzantine PS; None for a protocol attack (see worker_behaviour)."""
+    if protocol_attacks.is_protocol_attack(cfg.attack):
+        return None
     return PSAttack(cfg)
 
 
@@ -274,13 +287,17 @@ def check_attack(cfg: RunConfig) -> None:
     if not cfg.attack:
         return
     role = "PS" if cfg.is_ps else "worker"
+    if protocol_attacks.is_protocol_attack(cfg.attack):
+        protocol_attacks.parse_args(cfg)
+        return
     try:
         if cfg.is_ps:
             PSAttack(cfg)
             return
         if cfg.attack not in worker_attack_names():
             raise ConfigError(f"unknown worker attack {cfg.attack!r}; known: "
-                              f"{', '.join(worker_attack_names())}")
+                              f"{', '.join(worker_attack_names())}; protocol attacks: "
+                              f"{', '.join(protocol_attacks.names('worker'))}")
         if cfg.attack in WORKER_ATTACKS_EXTRA:
             extra = sorted(set(cfg.attack_args) - set(WORKER_ROLE_ARGS))
             if extra:

@@ -1,0 +1,474 @@
+"""Protocol attacks: a Byzantine member that abuses the wire protocol, not the values.
+
+The value attacks of :mod:`byzsgd.roles.byzantine` forge *what* a Byzantine node sends; the
+attacks here keep its values honest and play with *how, when, to whom and under which step or
+rank* it sends them (DESIGN.md §5: replays, far-future or out-of-range steps, floods, withholding,
+a lying rendezvous master, attempts to pass as another rank).  Each one runs inside a real node
+(``--attack NAME --attack_args JSON`` on ``byzsgd.roles.ps`` / ``byzsgd.roles.worker``, or the
+launcher's ``--byz_workers/--worker_attack/--worker_attack_args`` and ``--byz_ps/--ps_attack/
+--ps_attack_args``) and does on the wire what it says:
+
+============== ====== ====================================================================
+name           roles  what it does
+============== ====== ====================================================================
+impersonate    both   besides its own connections, every ``every`` steps (default 50) dials
+                      every other rank ``r`` and runs the handshake claiming each rank ``c > r``
+                      it is not, with the credentials it holds (its own pair keys).  It must
+                      fail; it counts ``tried``/``refused``/``succeeded`` (log line below).
+request_flood  both   PS: after each gradient request (``model`` of step t) to a worker, sends
+                      that worker ``copies`` (default 8) more requests labelled ``step``
+                      (default 0) with its model.  Worker: after each gradient it sends, sends
+                      the PS ``copies`` duplicates of it (same step) and ``copies`` copies
+                      labelled ``step``; with ``"pull": true`` (default in paper --sync mode,
+                      where PSes serve pulls) also ``copies`` pulls of ``step``.
+huge_step      both   with each real message (``model``/``ps_model``/``grad``), the same tensors
+                      labelled 2**62 - 1 (the largest step a frame may carry) and t + 10**6
+                      (beyond any window); every ``kill_every`` steps (default 10) frames
+                      labelled 2**63 - 1 and 2**64 - 1 (out of the frame range: the receiver
+                      must close that connection, counted ``bad_step``); the last is written raw
+                      on the connection because the encoder refuses it.
+far_future     PS     with each ``model`` / ``ps_model`` of step t, the same model labelled
+                      t + ``ahead`` (default 1000).
+withhold_from  both   ``{"ranks": [...]}``: never sends anything to those ranks (the
+                      rendezvous' own frames excepted); honest towards the others.
+rendezvous_lie PS 0   as the rendezvous master (``--master``, not ``--peers``): hands out a
+                      directory that routes ``ranks`` (default: every other PS) to a trap
+                      listener of its own that answers each handshake as the rank dialed
+                      (``"to": "self"``, default), or to another rank's real address
+                      (``"to": "swap"``); after ``for_s`` seconds (default 10; 0: never) it
+                      hands out the true one.  The dialers' handshakes fail (the trap cannot
+                      prove a pair key it lacks; a real node refuses a hello for another rank):
+                      never an impostor.
+============== ====== ====================================================================
+
+How: :func:`attach` wraps the node's ``send`` (``broadcast`` goes through it) so the role's own
+loop stays the honest one; the extra frames go out through the node's own outboxes (encoded and
+limit-checked like any frame), except the out-of-range steps, which are written raw on the live
+connection.  Extra frames are sent *after* the real one so an outbox overflow drops the
+attacker's own flood first... of its older items only (the outbox drops its oldest), which the
+flood sizes keep below the outbox depth.
+
+Every attack logs, at WARNING and at most every ``report_every`` steps (default 25) and at the end
+of each impersonation round, one line ``protocol attack NAME: key=value ...`` with what it
+did (frames sent per label, handshakes tried/refused/succeeded, trap hits); :func:`parse_report`
+reads the last one back from a node's log.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Any
+
+import msgpack
+
+from byzsgd.config import RunConfig
+from byzsgd.errors import ConfigError
+
+log = logging.getLogger("byzsgd.protocol_attack")
+
+#: name -> the roles that may run it
+PROTOCOL_ATTACKS = {
+    "impersonate": ("ps", "worker"),
+    "request_flood": ("ps", "worker"),
+    "huge_step": ("ps", "worker"),
+    "far_future": ("ps",),
+    "withhold_from": ("ps", "worker"),
+    "rendezvous_lie": ("ps",),
+}
+#: each attack's arguments and their defaults
+ARGS: dict[str, dict[str, Any]] = {
+    "impersonate": {"every": 50, "max_claims": 64},
+    "request_flood": {"copies": 8, "step": 0, "pull": None},
+    "huge_step": {"kill_every": 10},
+    "far_future": {"ahead": 1000},
+    "withhold_from": {"ranks": None},
+    "rendezvous_lie": {"ranks": None, "to": "self", "for_s": 10.0},
+}
+COMMON_ARGS = {"report_every": 25}
+
+MAX_FRAME_STEP = (1 << 62) - 1     # the largest step a received frame may carry
+INT64_MAX = (1 << 63) - 1          # encodable, refused by every receiver
+UINT64_MAX = (1 << 64) - 1         # not even encodable by byzsgd: written raw
+BEYOND_WINDOW = 10 ** 6
+
+_DATA_KINDS = ("model", "ps_model", "grad")
+_REPORT = re.compile(r"protocol attack (\w+): (.*)$")
+
+
+def is_protocol_attack(name: str | None) -> bool:
+    return name in PROTOCOL_ATTACKS
+
+
+def names(role: str) -> list[str]:
+    return sorted(n for n, roles in PROTOCOL_ATTACKS.items() if role in roles)
+
+
+def parse_args(cfg: RunConfig) -> dict[str, Any]:
+    """The attack's arguments with defaults; :class:`ConfigError` for a role, a rank or an
+    argument the attack refuses (what ``check_attack`` runs before step 0)."""
+    name, role = cfg.attack, cfg.role
+    if role not in PROTOCOL_ATTACKS[name]:
+        raise ConfigError(f"protocol attack {name!r} is for {' and '.join(PROTOCOL_ATTACKS[name])} "
+                          f"nodes, rank {cfg.rank} is a {role}")
+    args = dict(cfg.attack_args)
+    known = {**ARGS[name], **COMMON_ARGS}
+    unknown = sorted(set(args) - set(known))
+    if unknown:
+        raise ConfigError(f"protocol attack {name!r}: unknown arguments {unknown}; known: "
+                          f"{', '.join(sorted(known))}")
+    out = {**known, **args}
+    try:
+        out["report_every"] = int(out["report_every"])
+        if out["report_every"] < 1:
+            raise ValueError("report_every must be >= 1")
+        if name == "impersonate":
+            out["every"], out["max_claims"] = int(out["every"]), int(out["max_claims"])
+            if out["every"] < 1 or out["max_claims"] < 1:
+                raise ValueError("every and max_claims must be >= 1")
+        elif name == "request_flood":
+            out["copies"], out["step"] = int(out["copies"]), int(out["step"])
+            if not 1 <= out["copies"] <= 64:
+                raise ValueError("copies must be in [1, 64]")
+            if not 0 <= out["step"] <= MAX_FRAME_STEP:
+                raise ValueError(f"step must be in [0, 2**62)")
+            if out["pull"] is None:
+                out["pull"] = cfg.mode == "paper" and bool(getattr(cfg, "sync", False))
+            out["pull"] = bool(out["pull"])
+        elif name == "huge_step":
+            out["kill_every"] = int(out["kill_every"])
+            if out["kill_every"] < 1:
+                raise ValueError("kill_every must be >= 1")
+        elif name == "far_future":
+            out["ahead"] = int(out["ahead"])
+            if not 1 <= out["ahead"] < (1 << 61):
+                raise ValueError("ahead must be in [1, 2**61)")
+        elif name == "withhold_from":
+            ranks = out["ranks"]
+            if not isinstance(ranks, list) or not ranks or any(type(r) is not int for r in ranks):
+                raise ValueError('needs {"ranks": [rank, ...]} (a non-empty list of ints)')
+            bad = [r for r in ranks if not 0 <= r < cfg.world_size or r == cfg.rank]
+            if bad:
+                raise ValueError(f"ranks {bad} are not other ranks of this world of {cfg.world_size}")
+            out["ranks"] = frozenset(ranks)
+        elif name == "rendezvous_lie":
+            if cfg.rank != 0 or cfg.peers:
+                raise ValueError("only rank 0, as the rendezvous master (--master, no --peers), "
+                                 "hands out the directory")
+            ranks = out["ranks"] if out["ranks"] is not None else list(range(1, cfg.num_ps))
+            if not isinstance(ranks, list) or any(type(r) is not int or not 0 < r < cfg.world_size
+                                                  for r in ranks):
+                raise ValueError("ranks must be a list of ranks in [1, world_size)")
+            if out["to"] not in ("self", "swap"):
+                raise ValueError('to must be "self" or "swap"')
+            if out["to"] == "swap" and len(ranks) < 2:
+                raise ValueError('"swap" needs at least two ranks')
+            out["ranks"] = sorted(set(ranks))
+            out["for_s"] = float(out["for_s"])
+            if out["for_s"] < 0:
+                raise ValueError("for_s must be >= 0")
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"protocol attack {name!r}: bad arguments {cfg.attack_args}: {exc}") from None
+    return out
+
+
+def parse_report(text: str, name: str | None = None) -> dict[str, int] | None:
+    """The counters of the last ``protocol attack NAME: k=v ...`` line of a log, or None."""
+    found = None
+    for line in text.splitlines():
+        m = _REPORT.search(line)
+        if m and (name is None or m.group(1) == name):
+            found = {k: int(v) for k, v in re.findall(r"(\w+)=(-?\d+)", m.group(2))}
+    return found
+
+
+class ProtocolAttack:
+    """One protocol attack running inside ``role`` (see the module docstring)."""
+
+    def __init__(self, cfg: RunConfig, role: Any):
+        self.cfg = cfg
+        self.name = cfg.attack
+        self.args = parse_args(cfg)
+        self.role = role
+        self.node = role.node
+        self.counts: dict[str, int] = {}
+        self._send = self.node.send        # the node's own send, bound
+        self.node.send = self._intercept    # broadcast() calls self.send: goes through here too
+        self._close = self.node.close
+        self.node.close = self._closing     # a last report when the node closes
+        self._steps_seen: set[int] = set()
+        self._last_report = -1
+        self._tasks: set[asyncio.Task] = set()
+        self._imp_round = -1
+        if self.name == "rendezvous_lie":
+            self._lie = RendezvousLie(self)
+
+    # -- bookkeeping ----------------------------------------------------------------
+    def count(self, key: str, n: int = 1) -> None:
+        self.counts[key] = self.counts.get(key, 0) + n
+
+    def report(self) -> None:
+        body = " ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
+        log.warning("protocol attack %s: %s", self.name, body)
+
+    async def _closing(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        lie = getattr(self, "_lie", None)
+        if lie is not None and lie.trap is not None:
+            lie.trap.close()
+        self.report()
+        await self._close()
+
+    def _on_step(self, step: int) -> None:
+        """The role's own traffic reached ``step`` (called once per new step label)."""
+        if step in self._steps_seen:
+            return
+        self._steps_seen.add(step)
+        if len(self._steps_seen) > 4096:
+            self._steps_seen = set(sorted(self._steps_seen)[-1024:])
+        self.count("steps")
+        if self.name == "impersonate":
+            rnd = step // self.args["every"]
+            if rnd != self._imp_round:
+                self._imp_round = rnd
+                self._spawn(self._impersonate())
+        if self.counts["steps"] - self._last_report >= self.args["report_every"]:
+            self._last_report = self.counts["steps"]
+            self.report()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- the send hook -----------------------------------------------------------------
+    def _intercept(self, rank: int, kind: str, step: int, tensors=(), meta=None):
+        name, args, send = self.name, self.args, self._send
+        internal = kind.startswith("__")
+        if name == "withhold_from" and rank in args["ranks"] and not internal:
+            self.count("withheld")
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_result(False)
+            return fut
+        fut = send(rank, kind, step, tensors, meta)
+        if internal or rank == self.node.rank or kind not in _DATA_KINDS:
+            return fut
+        self._on_step(step)
+        if name == "request_flood":
+            self._flood(rank, kind, step, tensors, meta)
+        elif name == "far_future" and kind in ("model", "ps_model"):
+            send(rank, kind, step + args["ahead"], tensors, meta)
+            self.count(f"sent_{kind}_ahead")
+        elif name == "huge_step":
+            self._huge(rank, kind, step, tensors, meta)
+        return fut
+
+    def _flood(self, rank, kind, step, tensors, meta) -> None:
+        args, send = self.args, self._send
+        copies, label = args["copies"], args["step"]
+        if kind == "model":  # PS -> worker: the same request again, labelled ``label``
+            for _ in range(copies):
+                send(rank, kind, label, tensors, meta)
+            self.count("flood_requests", copies)
+        elif kind == "grad":  # worker -> PS: duplicates of this step, old steps, pulls
+            for _ in range(copies):
+                send(rank, kind, step, tensors, meta)
+                send(rank, kind, label, tensors, meta)
+            self.count("flood_grads", 2 * copies)
+            if args["pull"]:
+                for _ in range(copies):
+                    send(rank, "pull", label, [])
+                self.count("flood_pulls", copies)
+
+    def _huge(self, rank, kind, step, tensors, meta) -> None:
+        send = self._send
+        send(rank, kind, MAX_FRAME_STEP, tensors, meta)
+        send(rank, kind, step + BEYOND_WINDOW, tensors, meta)
+        self.count("sent_max_frame_step")
+        self.count("sent_beyond_window")
+        if self.counts.get("steps", 0) % self.args["kill_every"] == 0 and not self._killed(rank, step):
+            # out of the frame range: the receiver drops the connection at the first one, so the
+            # kill rounds alternate between 2**63 - 1 (encoded) and 2**64 - 1 (written raw)
+            self._kill_round = getattr(self, "_kill_round", 0) + 1
+            if self._kill_round % 2:
+                send(rank, kind, INT64_MAX, [], meta)
+                self.count("sent_int64_max")
+            elif self._write_raw(rank, _raw_frame(kind, UINT64_MAX, self.node.rank)):
+                self.count("sent_uint64_max")
+
+    def _killed(self, rank: int, step: int) -> bool:
+        key = (rank, step)
+        done = getattr(self, "_kills", None)
+        if done is None:
+            done = self._kills = set()
+        if key in done:
+            return True
+        done.add(key)
+        if len(done) > 4096:
+            done.clear()
+        return False
+
+    def _write_raw(self, rank: int, data: bytes) -> bool:
+        """Bytes straight onto the live connection to ``rank`` (after whatever the outbox
+        already handed to the transport, so the framing before it stays intact)."""
+        conn = self.node._conns.get(rank)
+        if conn is None or conn.closed or conn.transport is None:
+            return False
+        conn.transport.write(data)
+        return True
+
+    # -- impersonation -------------------------------------------------------------------
+    async def _impersonate(self) -> None:
+        from byzsgd.net.testing import RawPeer
+
+        node = self.node
+        me, world = node.rank, node.world_size
+        creds = node.credentials
+        tried = 0
+        for target in range(world):
+            if target == me:
+                continue
+            host, port = node.directory[target]
+            for claim in range(target + 1, world):  # only a higher rank may dial
+                if claim == me or tried >= self.args["max_claims"]:
+                    continue
+                tried += 1
+                self.count("tried")
+                peer = None
+                try:
+                    peer = await asyncio.wait_for(RawPeer.connect(host, port), 5.0)
+                    reply = await asyncio.wait_for(
+                        peer.handshake(creds, claim, target, node.num_ps), 10.0)
+                except (OSError, asyncio.TimeoutError, ConnectionError, asyncio.IncompleteReadError,
+                        Exception) as exc:  # any failure is a refusal of the attempt
+                    reply = {"err": type(exc).__name__}
+                finally:
+                    if peer is not None:
+                        await peer.close()
+                if reply.get("ok") is True:
+                    self.count("succeeded")
+                    log.error("protocol attack impersonate: rank %d passed as rank %d towards rank %d",
+                              me, claim, target)
+                else:
+                    self.count("refused")
+        self.report()
+
+
+def _raw_frame(kind: str, step: int, sender: int) -> bytes:
+    """A tensor-less frame whose header carries ``step`` whatever its range (msgpack uint64)."""
+    from byzsgd.net.frame import PREFIX
+
+    header = msgpack.packb([kind, step, sender, [], {}], use_bin_type=True)
+    return PREFIX.pack(len(header), 0) + header
+
+
+class RendezvousLie:
+    """Rank 0's rendezvous hands out a lying directory (see the module docstring)."""
+
+    def __init__(self, attack: ProtocolAttack):
+        self.attack = attack
+        self.node = node = attack.node
+        if node._rdv is None:
+            raise ConfigError("rendezvous_lie needs a rendezvous (--master, not --peers)")
+        self.rdv = node._rdv
+        self._honest = self.rdv._broadcast
+        self.rdv._broadcast = self._broadcast
+        self.trap: asyncio.AbstractServer | None = None
+        self.trap_addr: tuple[str, int] | None = None
+        self._opening = False
+        self.lying = True
+        self._ended = False
+
+    def _broadcast(self, ranks=None) -> None:
+        if not self.lying:
+            self._honest(ranks)
+            return
+        loop = asyncio.get_running_loop()
+        if self.attack.args["to"] == "self" and self.trap_addr is None:
+            if not self._opening:  # the trap listens before the first lie goes out
+                self._opening = True
+                task = loop.create_task(self._open_trap_then_lie(ranks))
+                self.attack._tasks.add(task)
+                task.add_done_callback(self.attack._tasks.discard)
+            else:
+                loop.call_later(0.05, self._broadcast, ranks)
+            return
+        self._send_lie(ranks)
+
+    async def _open_trap_then_lie(self, ranks) -> None:
+        host = self.node._directory[0][0]
+        server = await asyncio.start_server(self._trap_conn, host, 0)
+        self.trap = server
+        self.trap_addr = (host, server.sockets[0].getsockname()[1])
+        self._send_lie(ranks)
+
+    def _send_lie(self, ranks) -> None:
+        node, args = self.node, self.attack.args
+        d = node._directory
+        entries = [list(d[r]) for r in range(d.world_size)]
+        victims = args["ranks"]
+        if args["to"] == "self":
+            for r in victims:
+                entries[r] = list(self.trap_addr)
+        else:  # each victim gets the next victim's real address
+            for i, r in enumerate(victims):
+                entries[r] = list(d[victims[(i + 1) % len(victims)]])
+        blob = msgpack.packb(entries, use_bin_type=True)
+        for r in (range(1, d.world_size) if ranks is None else ranks):
+            self.attack._send(r, "__rdv_dir", 0, meta={"dir": blob, "num_ps": d.num_ps})
+        self.attack.count("lies_sent")
+        self.attack.report()
+        if not self._ended and args["for_s"] > 0:
+            self._ended = True
+            asyncio.get_running_loop().call_later(args["for_s"], self._repent)
+
+    def _repent(self) -> None:
+        self.lying = False
+        self._honest(None)
+        self.attack.count("truth_sent")
+        self.attack.report()
+
+    async def _trap_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer a hello as the rank the dialer wants, proving it with the only key rank 0
+        holds for that dialer: K(0, dialer), not K(dialer, wanted)."""
+        from byzsgd.net import handshake as hs
+        from byzsgd.net.peers import role_of
+        from byzsgd.net.protocol import HS_PREFIX, hs_pack, hs_unpack
+
+        node = self.node
+        self.attack.count("trap_hellos")
+        try:
+            (n,) = HS_PREFIX.unpack(await asyncio.wait_for(reader.readexactly(HS_PREFIX.size), 5))
+            hello = hs_unpack(await asyncio.wait_for(reader.readexactly(n), 5))
+            want, drank, nonce_d, to = hello.get("want"), hello.get("rank"), hello.get("nonce"), hello.get("to")
+            if type(want) is not int or type(drank) is not int or not 0 < drank < node.world_size:
+                return
+            key = node.credentials.key(drank)
+            nonce_l = hs.new_nonce()
+            tr = hs.transcript(node.credentials.deployment, hello.get("role"), drank, nonce_d,
+                               role_of(want, node.num_ps), want, nonce_l, to, b"")
+            writer.write(hs_pack({"v": hs.PROTOCOL_VERSION, "dep": node.credentials.deployment,
+                                  "role": role_of(want, node.num_ps), "rank": want, "nonce": nonce_l,
+                                  "mac": hs.mac(key, True, tr)}))
+            await writer.drain()
+            (n,) = HS_PREFIX.unpack(await asyncio.wait_for(reader.readexactly(HS_PREFIX.size), 5))
+            await asyncio.wait_for(reader.readexactly(n), 5)
+            self.attack.count("trap_proofs_received")  # the dialer believed the trap: an impostor
+            log.error("protocol attack rendezvous_lie: rank %d's dialer accepted the trap as rank %d",
+                      drank, want)
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError, OSError, Exception):
+            self.attack.count("trap_refused")
+        finally:
+            writer.close()
+
+
+def attach(role: Any) -> ProtocolAttack | None:
+    """Start ``role``'s protocol attack (``--attack NAME``), if it has one."""
+    cfg = role.cfg
+    if not is_protocol_attack(cfg.attack):
+        return None
+    attack = ProtocolAttack(cfg, role)
+    log.warning("Byzantine %s %d runs protocol attack %s %s", cfg.role, cfg.rank, cfg.attack,
+                {k: (sorted(v) if isinstance(v, frozenset) else v) for k, v in attack.args.items()})
+    return attack
