@@ -129,7 +129,8 @@ def _every_flag_set() -> RunConfig:
                      drop_nonfinite=False, checkpoint_dir="/ck", checkpoint_every=4, resume=True,
                      sync=True, lipschitz_quantile=0.5, lipschitz_warmup=2, lipschitz_window=9,
                      outliers_factor=7.5, pull_timeout=0.5, log_diameter=False,
-                     strict_resilience=True)
+                     strict_resilience=True, lipschitz_l=0.5, lipschitz_history="window",
+                     outliers_bound="update")
 
 
 def test_every_flag_round_trips_through_argv():

@@ -24,8 +24,11 @@ from byzsgd.errors import ByzSGDError, ConfigError
 def run(lc: LaunchConfig) -> int:
     dep = plan(lc)
     byz = [f"{n.role}{n.rank}({n.attack})" for n in dep.nodes if n.byzantine]
+    mode = f"{dep.cfg.mode} mode"
+    if dep.cfg.mode == "paper":  # the gather period, resolved (``auto``: from lr and l)
+        mode += f" (T={dep.cfg.gather_every}{', auto' if dep.cfg.gather_period == 'auto' else ''})"
     print(f"byzsgd: {dep.cfg.num_ps} PS (fps={dep.cfg.fps}) + {dep.cfg.num_workers} workers "
-          f"(fw={dep.cfg.fw}), gar={dep.cfg.gar}, {dep.cfg.mode} mode, {dep.cfg.dataset}/{dep.cfg.model}, "
+          f"(fw={dep.cfg.fw}), gar={dep.cfg.gar}, {mode}, {dep.cfg.dataset}/{dep.cfg.model}, "
           f"{dep.cfg.num_iter} steps; run dir {dep.run_dir}", file=sys.stderr)
     print(f"byzsgd: Byzantine nodes: {', '.join(byz) if byz else 'none'}", file=sys.stderr)
     interrupted = False

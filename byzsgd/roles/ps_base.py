@@ -53,7 +53,9 @@ class PSBase(Role):
         grad_shapes = [(replica.grad_size,)]
         if replica.buffer_size:
             grad_shapes.append((replica.buffer_size,))
-        window = max(8, 2 * cfg.gather_period + 2)
+        # gradients buffered ahead per worker: PSes drift apart by up to T steps between
+        # gathers; capped, since a PS further behind jumps to its peers at the next gather
+        window = max(8, min(2 * cfg.gather_every + 2, 32))
         self.grad_box = self.node.mailbox(KIND_GRAD, window=window, shapes=grad_shapes)
         self.peers = [r for r in cfg.ps_ranks if r != cfg.rank]
         self.models = NewestModels(KIND_PS_MODEL, self.peers)
