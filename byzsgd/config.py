@@ -97,9 +97,10 @@ class RunConfig:
                    "step; paper: the full ByzSGD of El-Mhamdi et al.", choices=MODES)
     gar_args: dict[str, Any] = _f({}, "GAR parameters as JSON (checked against the rule's parameters)")
     model_gar: str | None = _f(None, "rule for the models (default: --gar; median in --mode paper)")
-    gather_period: str = _f("1", "paper mode: steps T between gathers, or 'auto': the authors' "
-                            "T = int(1 / (3 l lr)) (l: --lipschitz_l), at least 1 and at most "
-                            "--num_iter", needs="paper")
+    gather_period: str = _f("auto", "paper mode: steps T between gathers (DMC; in --sync the "
+                            "workers pull every PS at t mod T == 0), or 'auto': the ByzSGD "
+                            "authors' T = int(1 / (3 l lr)) (l: --lipschitz_l), at least 1 and at "
+                            "most --num_iter", needs="paper")
     lipschitz_l: float = _f(1.0, "paper mode, --gather_period auto: the loss's Lipschitz constant l "
                             "(the authors' default 1)", needs="paper")
     peers: str | None = _f(None, "JSON peer directory (the deployment.json the launcher writes)")
@@ -287,7 +288,10 @@ class RunConfig:
     @property
     def gather_every(self) -> int:
         """T, the steps between gathers: the flag's integer, or with ``auto`` the ByzSGD
-        authors' ``int(1 / (3 l lr))`` (byzWorker.py), at least 1 and at most --num_iter."""
+        authors' ``int(1 / (3 l lr))`` (byzWorker.py), at least 1 and at most --num_iter.
+        Garfield mode gathers after every step: 1."""
+        if self.mode != "paper":
+            return 1
         if self.gather_period != "auto":
             return int(self.gather_period)
         lr = float(self.opt_args.get("lr", 0.1))
