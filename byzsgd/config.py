@@ -58,6 +58,14 @@ def _f(default: Any, help: str, **kw) -> Any:
     return field(default=default, metadata=flag(help, **kw))
 
 
+def auto_gather_period(lr: float, l: float, num_iter: int) -> int:
+    """The ByzSGD authors' gather period ``T = int(1 / (3 l lr))`` (their byzWorker.py, with
+    the Lipschitz constant ``l``), floored at 1 and capped by the run length."""
+    if not (lr > 0 and l > 0):
+        raise ConfigError(f"--gather_period auto needs lr > 0 and --lipschitz_l > 0, got lr={lr}, l={l}")
+    return max(1, min(int(num_iter), int(1.0 / (3.0 * l * lr))))
+
+
 @dataclass
 class RunConfig:
     """Everything one node (PS or worker) needs; cheap checks in ``__post_init__``, the rest
@@ -100,7 +108,12 @@ class RunConfig:
                                 "optimizer momentum beta) and aggregates instead of the raw "
                                 "gradients; 0: off; --opt_args momentum must then be 0 or this "
                                 "beta (moved to the workers, never applied twice)")
-    gather_period: int = _f(1, "paper mode: steps between gathers", needs="paper")
+    gather_period: str = _f("auto", "paper mode: steps T between gathers (DMC; in --sync the "
+                            "workers pull every PS at t mod T == 0), or 'auto': the ByzSGD "
+                            "authors' T = int(1 / (3 l lr)) (l: --lipschitz_l), at least 1 and at "
+                            "most --num_iter", needs="paper")
+    lipschitz_l: float = _f(1.0, "paper mode, --gather_period auto: the loss's Lipschitz constant l "
+                            "(the authors' default 1)", needs="paper")
     peers: str | None = _f(None, "JSON peer directory (the deployment.json the launcher writes)")
     data_root: str | None = _f(None, "extra dataset directory (torchvision layout)")
     split: str = _f("iid", "iid or dirichlet:<alpha>")
@@ -137,15 +150,25 @@ class RunConfig:
         None, "--sync: a model passes the Lipschitz filter if its empirical Lipschitz coefficient "
         "is at most this quantile of the accepted ones (default: the paper's (n_ps - fps) / n_ps)",
         group=PAPER, needs="sync")
-    lipschitz_warmup: int = _f(5, "--sync: coefficients observed before the Lipschitz filter "
-                               "rejects", group=PAPER, needs="sync")
-    lipschitz_window: int = _f(20, "--sync: the Lipschitz filter's history is the last N "
-                               "coefficients (the coefficient drifts as training goes; a short "
-                               "window follows it)", group=PAPER, needs="sync")
+    lipschitz_history: str = _f(
+        "authors", "--sync: the Lipschitz filter's history. authors: every coefficient, the current "
+        "one included in the quantile, trimmed to the last 50 when it reaches 100 (byzWorker.py); "
+        "window: the last --lipschitz_window earlier coefficients, after --lipschitz_warmup",
+        choices=("authors", "window"), group=PAPER, needs="sync")
+    lipschitz_warmup: int = _f(5, "--sync --lipschitz_history window: coefficients observed before "
+                               "the Lipschitz filter rejects", group=PAPER, needs="sync")
+    lipschitz_window: int = _f(20, "--sync --lipschitz_history window: the history is the last N "
+                               "coefficients", group=PAPER, needs="sync")
+    outliers_bound: str = _f(
+        "authors", "--sync: the outliers filter's bound. authors: lr ||g|| ((3T + 2)(n_w - f_w) / "
+        "(4 f_w) + 2 ((t - 1) mod T)), g the gradient just computed at the pulled model, checked "
+        "only when f_w > 0 (the ByzSGD authors' byzWorker.py); update: factor * lr * gap * ||u'||, "
+        "u' the worker's previous SGD update (byzsgd's earlier form, tighter)",
+        choices=("authors", "update"), group=PAPER, needs="sync")
     outliers_factor: float | None = _f(
-        None, "--sync: a model passes the outliers filter if it lies within factor * lr * "
-        "||update|| of the model the worker expects (default: the paper's 3T + 2, T = "
-        "--gather_period)", group=PAPER, needs="sync")
+        None, "--sync --outliers_bound update: a model passes if it lies within factor * lr * "
+        "||u'|| of the model the worker expects (default 3T + 2, T = the gather period)",
+        group=PAPER, needs="sync")
     pull_timeout: float = _f(1.0, "--sync: seconds a worker waits for a pulled model before the "
                              "next PS", group=PAPER, needs="sync")
     log_diameter: bool = _f(True, "PSes exchange their models after each gather to log the exact "
@@ -164,7 +187,7 @@ class RunConfig:
     def check_fields(self) -> None:
         """The checks that need nothing but the values (run at construction)."""
         ints = ("rank", "num_ps", "num_workers", "fw", "fps", "batch", "num_iter", "acc_freq",
-                "gather_period", "seed", "threads", "eval_samples", "checkpoint_every",
+                "seed", "threads", "eval_samples", "checkpoint_every",
                 "lipschitz_warmup", "lipschitz_window")
         for name in ints:
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
@@ -182,7 +205,18 @@ class RunConfig:
         if not 0 <= self.fps < self.num_ps:
             raise ConfigError(f"--fps must be in [0, num_ps), got fps={self.fps} with "
                               f"num_ps={self.num_ps}")
-        for name in ("batch", "num_iter", "acc_freq", "gather_period", "threads"):
+        self.gather_period = str(self.gather_period).strip().lower()
+        if self.gather_period != "auto":
+            try:
+                if int(self.gather_period) < 1:
+                    raise ValueError
+            except ValueError:
+                raise ConfigError(f"--gather_period must be an integer >= 1 or 'auto', got "
+                                  f"{self.gather_period!r}") from None
+            self.gather_period = str(int(self.gather_period))
+        if not self.lipschitz_l > 0:
+            raise ConfigError(f"--lipschitz_l must be > 0, got {self.lipschitz_l}")
+        for name in ("batch", "num_iter", "acc_freq", "threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.checkpoint_every < 0:
@@ -266,11 +300,30 @@ class RunConfig:
         return (self.num_ps - self.fps) / self.num_ps
 
     @property
+    def gather_every(self) -> int:
+        """T, the steps between gathers: the flag's integer, or with ``auto`` the ByzSGD
+        authors' ``int(1 / (3 l lr))`` (byzWorker.py), at least 1 and at most --num_iter.
+        Garfield mode gathers after every step: 1."""
+        if self.mode != "paper":
+            return 1
+        if self.gather_period != "auto":
+            return int(self.gather_period)
+        lr = float(self.opt_args.get("lr", 0.1))
+        return auto_gather_period(lr, self.lipschitz_l, self.num_iter)
+
+    @property
+    def step_window(self) -> int:
+        """How far ahead of its own step a node keeps per-sender messages (gradients, models):
+        PSes drift apart by up to T steps between gathers; capped, since a PS further behind
+        jumps to its peers at the next gather and a window costs memory per sender."""
+        return max(8, min(2 * self.gather_every + 2, 32))
+
+    @property
     def outliers_k(self) -> float:
-        """The outliers filter's factor: the paper's 3T + 2 by default (T: gather period)."""
+        """The outliers filter's factor (``--outliers_bound update``): 3T + 2 by default."""
         if self.outliers_factor is not None:
             return self.outliers_factor
-        return 3.0 * self.gather_period + 2.0
+        return 3.0 * self.gather_every + 2.0
 
     def paper_conditions(self) -> dict[str, bool]:
         """The resilience conditions of ByzSGD (paper mode), each with whether it holds.

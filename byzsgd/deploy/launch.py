@@ -26,8 +26,11 @@ def run(lc: LaunchConfig) -> int:
     byz = [f"{n.role}{n.rank}({n.attack})" for n in dep.nodes if n.byzantine]
     defence = "".join([f" after pre_agg={dep.cfg.pre_agg}" if dep.cfg.pre_agg not in ("", "none") else "",
                        f", worker_momentum={dep.cfg.worker_momentum}" if dep.cfg.worker_momentum else ""])
+    mode = f"{dep.cfg.mode} mode"
+    if dep.cfg.mode == "paper":  # the gather period, resolved (``auto``: from lr and l)
+        mode += f" (T={dep.cfg.gather_every}{', auto' if dep.cfg.gather_period == 'auto' else ''})"
     print(f"byzsgd: {dep.cfg.num_ps} PS (fps={dep.cfg.fps}) + {dep.cfg.num_workers} workers "
-          f"(fw={dep.cfg.fw}), gar={dep.cfg.gar}{defence}, {dep.cfg.mode} mode, {dep.cfg.dataset}/{dep.cfg.model}, "
+          f"(fw={dep.cfg.fw}), gar={dep.cfg.gar}{defence}, {mode}, {dep.cfg.dataset}/{dep.cfg.model}, "
           f"{dep.cfg.num_iter} steps; run dir {dep.run_dir}", file=sys.stderr)
     print(f"byzsgd: Byzantine nodes: {', '.join(byz) if byz else 'none'}", file=sys.stderr)
     interrupted = False

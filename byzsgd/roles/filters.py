@@ -22,6 +22,21 @@ both based on what the worker saw at its previous step (model x', gradient g', u
   of the SGD update — its own gradients through the PS's momentum — so the test follows the
   optimizer the PSes run.
 
+Two forms of each test (``--outliers_bound``, ``--lipschitz_history``):
+
+* ``authors`` (the default) follows the ByzSGD authors' own code of the synchronous
+  algorithm (LPD-EPFL/Garfield, ``tensorflow_impl/applications/Garfield_legacy/byzWorker.py``,
+  its ``--smart`` mode): the outliers bound is
+  ``lr * ||g|| * ((3T + 2)(n_w - f_w) / (4 f_w) + 2 ((t - 1) mod T))`` with g the gradient
+  the worker just computed at the pulled model, compared with the distance of the pulled
+  model to the worker's own local model, and run only when f_w > 0; the Lipschitz history
+  keeps every coefficient, the current one included in the quantile, trimmed to the last
+  50 when it reaches 100.  (That prototype computes both values but acts on neither; here a
+  model that fails is dropped and the next PS pulled.)
+* ``update`` / ``window``: byzsgd's earlier forms, kept as named variants: the bound
+  ``K * lr * gap * ||u'||`` (u' the previous SGD update, K = 3T + 2) also run when f_w = 0,
+  and a sliding window of earlier coefficients with a warm-up.
+
 Distances are over the parameters only (BatchNorm buffers are not moved by SGD).  Every
 comparison is NaN-safe: a model with NaN/Inf fails both filters.
 """
@@ -86,6 +101,12 @@ class LipschitzFilter:
         ok = math.isfinite(k) and k <= bound
         return Verdict(ok, "" if ok else "lipschitz", k, bound)
 
+    def test(self, k: float) -> Verdict:
+        """Check ``k`` against the earlier coefficients, then record it."""
+        verdict = self.check(k)
+        self.record(k)
+        return verdict
+
     def record(self, k: float) -> None:
         if not math.isfinite(k):
             return
@@ -99,8 +120,58 @@ class LipschitzFilter:
         return len(self._order)
 
 
+class AuthorsLipschitzHistory:
+    """The authors' Lipschitz test: the current coefficient joins the history first, then it
+    must not exceed the history's ``quantile`` (numpy's linear-interpolation percentile, as
+    ``np.percentile``); the history is trimmed to its last ``keep`` values when it reaches
+    ``cap``.  No warm-up: the first coefficient is its own quantile and passes."""
+
+    def __init__(self, quantile: float, cap: int = 100, keep: int = 50):
+        if not 0.0 < quantile <= 1.0:
+            raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+        if not 1 <= keep <= cap:
+            raise ValueError(f"need 1 <= keep <= cap, got keep={keep} cap={cap}")
+        self.quantile, self.cap, self.keep = quantile, cap, keep
+        self.history: list[float] = []
+
+    def threshold(self) -> float:
+        if not self.history:
+            return float("inf")
+        ordered = sorted(self.history)
+        pos = self.quantile * (len(ordered) - 1)
+        lo = math.floor(pos)
+        hi = min(lo + 1, len(ordered) - 1)
+        return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+    def test(self, k: float) -> Verdict:
+        """Record ``k`` (when finite), then test it against the quantile it is part of."""
+        self.record(k)
+        bound = self.threshold()
+        ok = math.isfinite(k) and k <= bound
+        return Verdict(ok, "" if ok else "lipschitz", k, bound)
+
+    def record(self, k: float) -> None:
+        if not math.isfinite(k):
+            return
+        self.history.append(k)
+        if len(self.history) >= self.cap:
+            del self.history[:-self.keep]
+
+    def __len__(self) -> int:
+        return len(self.history)
+
+
+def authors_outliers_bound(lr: float, grad_norm: float, T: int, n_w: int, f_w: int, t: int) -> float:
+    """The authors' outliers bound ``lr ||g|| ((3T + 2)(n_w - f_w) / (4 f_w) + 2 ((t - 1) mod T))``
+    (byzWorker.py); ``inf`` when f_w = 0 (they run the test only when f_w > 0)."""
+    if f_w <= 0:
+        return float("inf")
+    return lr * grad_norm * ((3 * T + 2) * (n_w - f_w) / (4 * f_w) + 2 * ((t - 1) % T))
+
+
 class OutliersFilter:
-    """Accepts a model within ``factor * lr * gap * ||u'||`` of ``x' - lr * gap * u'``."""
+    """Accepts a model within ``factor * lr * gap * ||u'||`` of ``x' - lr * gap * u'``
+    (``--outliers_bound update``)."""
 
     def __init__(self, factor: float, lr: float):
         if not factor > 0 or not lr > 0:
@@ -155,17 +226,29 @@ class Previous:
 class ModelFilters:
     """Both filters and the worker's memory, as the worker uses them at every pull.
 
-    ``screen`` (before computing a gradient) runs the outliers filter; ``judge`` (after)
-    runs the Lipschitz filter; ``accept`` remembers the model.  With no previous model (the
+    ``screen`` (before computing a gradient) refuses non-finite models and far steps, and
+    with ``--outliers_bound update`` runs the outliers filter; ``judge`` (after, with the
+    gradient at the pulled model) runs the authors' outliers bound (it needs that gradient)
+    and the Lipschitz filter; ``accept`` remembers the model.  With no previous model (the
     first step) every model passes: the worker then bootstraps from the median of q_ps
     models instead of trusting one."""
 
     #: Farthest a pulled model's step may lie beyond the last accepted one.
     max_gap = 4
 
-    def __init__(self, *, quantile: float, warmup: int, window: int, factor: float, opt_args: dict):
-        self.lipschitz = LipschitzFilter(quantile, warmup, window)
-        self.outliers = OutliersFilter(factor, float(opt_args.get("lr", 0.1)))
+    def __init__(self, *, quantile: float, warmup: int, window: int, factor: float, opt_args: dict,
+                 outliers_bound: str = "update", lipschitz_history: str = "window", T: int = 1,
+                 n_w: int = 1, f_w: int = 0):
+        if outliers_bound not in ("authors", "update"):
+            raise ValueError(f"outliers_bound must be authors or update, got {outliers_bound!r}")
+        if lipschitz_history not in ("authors", "window"):
+            raise ValueError(f"lipschitz_history must be authors or window, got {lipschitz_history!r}")
+        self.lipschitz = (AuthorsLipschitzHistory(quantile) if lipschitz_history == "authors"
+                          else LipschitzFilter(quantile, warmup, window))
+        self.lr = float(opt_args.get("lr", 0.1))
+        self.outliers = OutliersFilter(factor, self.lr)
+        self.outliers_bound = outliers_bound
+        self.T, self.n_w, self.f_w = max(1, int(T)), n_w, f_w
         self.sgd = SGDUpdate(opt_args)
         self.prev: Previous | None = None
         self.rejected = {"outliers": 0, "lipschitz": 0}
@@ -182,23 +265,58 @@ class ModelFilters:
             # worker this far behind catches up through the median of q_ps models instead.
             self.rejected["outliers"] += 1
             return Verdict(False, "step", float(step - self.prev.step), float(self.max_gap))
+        if self.outliers_bound != "update":
+            return Verdict(True)
         verdict = self.outliers.check(params, self.prev.model, self.prev.update, step - self.prev.step)
         if not verdict.ok:
             self.rejected["outliers"] += 1
         return verdict
 
-    def judge(self, params: torch.Tensor, grad: torch.Tensor) -> Verdict:
-        """The Lipschitz filter; the coefficient joins the history either way."""
+    def authors_outliers(self, params: torch.Tensor, grad: torch.Tensor, step: int) -> Verdict:
+        """The authors' test: the pulled model within their bound of the worker's own local
+        model ``x' - lr * gap * u'`` (what the worker reaches applying its own update)."""
+        prev = self.prev
+        gap = max(1, step - prev.step)
+        distance = _norm(params - (prev.model - self.lr * gap * prev.update))
+        bound = authors_outliers_bound(self.lr, _norm(grad), self.T, self.n_w, self.f_w, step)
+        ok = math.isfinite(distance) and distance <= bound
+        return Verdict(ok, "" if ok else "outliers", distance, bound)
+
+    def judge(self, params: torch.Tensor, grad: torch.Tensor, step: int | None = None) -> Verdict:
+        """The authors' outliers test (``--outliers_bound authors``) and the Lipschitz filter;
+        the coefficient joins the history either way."""
         if self.prev is None:
             return Verdict(True)
-        k = self.lipschitz.coefficient(grad, self.prev.grad, params, self.prev.model)
-        verdict = self.lipschitz.check(k)
-        self.lipschitz.record(k)
+        if self.outliers_bound == "authors" and self.f_w > 0:
+            verdict = self.authors_outliers(params, grad, self.prev.step + 1 if step is None else step)
+            if not verdict.ok:
+                self.rejected["outliers"] += 1
+                return verdict
+        verdict = self.lipschitz.test(self._coefficient(params, grad))
         if not verdict.ok:
             self.rejected["lipschitz"] += 1
         return verdict
+
+    def observe(self, params: torch.Tensor, grad: torch.Tensor) -> None:
+        """A model taken without judging it (the median of a gather step or a bootstrap):
+        its Lipschitz coefficient still joins the history."""
+        if self.prev is not None:
+            self.lipschitz.record(self._coefficient(params, grad))
+
+    def _coefficient(self, params: torch.Tensor, grad: torch.Tensor) -> float:
+        return LipschitzFilter.coefficient(grad, self.prev.grad, params, self.prev.model)
 
     def accept(self, params: torch.Tensor, grad: torch.Tensor, step: int) -> None:
         update = self.sgd.advance(grad, params)
         self.prev = Previous(step, params.clone(), grad.clone(), update.clone())
 
+
+def filters_for(cfg) -> ModelFilters:
+    """The filters a ``--mode paper --sync`` worker runs, from its configuration."""
+    # with per-worker momentum beta the PS's steps are (about) SGD with momentum beta on the
+    # aggregate: the worker's estimate of the update follows that
+    opt_args = dict(cfg.opt_args, momentum=cfg.worker_momentum) if cfg.worker_momentum > 0 else cfg.opt_args
+    return ModelFilters(quantile=cfg.lipschitz_q, warmup=cfg.lipschitz_warmup,
+                        window=cfg.lipschitz_window, factor=cfg.outliers_k, opt_args=opt_args,
+                        outliers_bound=cfg.outliers_bound, lipschitz_history=cfg.lipschitz_history,
+                        T=cfg.gather_every, n_w=cfg.num_workers, f_w=cfg.fw)

@@ -1,8 +1,8 @@
 """Mode ``paper``: the full ByzSGD of El-Mhamdi et al. (PODC 2020; Distributed Computing 35, 2022).
 
 PS: pushes its model of step t to every worker, aggregates q_w gradients with --gar (MDA by
-default), steps; scatter phase for T = --gather_period steps, then a gather phase: DMC, the
-coordinate-wise median of q_ps models.  It measures the diameter of the correct models
+default), steps; scatter phase for T = --gather_period steps (``auto``: the authors'
+int(1 / (3 l lr))), then a gather phase: DMC, the coordinate-wise median of q_ps models.  It measures the diameter of the correct models
 around each gather (:mod:`byzsgd.roles.diameter`).
 
 Worker: at step t takes the first q_ps PS models of step >= t, aggregates them with the
@@ -34,7 +34,7 @@ class PaperPS(PSBase):
             self.accept(KIND_PS_AFTER, self.probe.deliver, shapes=[(self.replica.state_size,)])
 
     def _gathers_after(self, t: int) -> bool:
-        return (t + 1) % self.cfg.gather_period == 0
+        return (t + 1) % self.cfg.gather_every == 0
 
     async def _gather_phase(self, t: int, record: dict) -> int:
         own = self.replica.state_vector()
@@ -71,7 +71,7 @@ class PaperWorker(WorkerBase):
         super().__init__(cfg)
         # a PS model beyond the worker's step + window counts only when more than fps PSes
         # are that far ahead: a liar's far-future model takes no seat in the median
-        self.models = NewestModels(KIND_MODEL, cfg.ps_ranks, window=max(8, 2 * cfg.gather_period + 2),
+        self.models = NewestModels(KIND_MODEL, cfg.ps_ranks, window=cfg.step_window,
                                    f=cfg.fps)
         self.accept(KIND_MODEL, self._on_model, shapes=[(self.replica.state_size,)])
         self.M = torch.empty(cfg.q_ps, self.replica.state_size)  # the models the median takes

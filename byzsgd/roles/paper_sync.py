@@ -7,9 +7,10 @@ per worker and step served.
 Worker: pulls the model of **one** PS, checks it with the outliers and Lipschitz filters
 (:mod:`byzsgd.roles.filters`) and, if it fails or does not come within --pull_timeout, pulls
 the next PS.  PSes that failed come last in the next step's order, and one that failed
-SKIP_AFTER times in a row is only asked again through the median.  The first step (no
-previous model to judge by) and any step in which every PS failed take the median of q_ps
-models instead, as the asynchronous mode does.
+SKIP_AFTER times in a row is only asked again through the median.  At a gather step
+(t mod T == 0, right after the PSes' DMC) the worker pulls **every** PS and takes the
+coordinate-wise median of the first q_ps models, as the authors' synchronous worker does;
+so do the first step (no previous model to judge by) and any step in which every PS failed.
 
 The worker's clock: a pulled model is taken only if it is of the step the worker expects
 (t); a PS answering with a later step (a Byzantine PS labelling an honest-looking model t+3
@@ -27,7 +28,7 @@ from byzsgd.config import RunConfig
 from byzsgd.net import Message
 from byzsgd.net import errors as net_errors
 from byzsgd.roles.common import KIND_MODEL, KIND_PULL
-from byzsgd.roles.filters import ModelFilters
+from byzsgd.roles.filters import filters_for
 from byzsgd.roles.paper import PaperPS, PaperWorker
 
 log = logging.getLogger("byzsgd.worker")
@@ -82,13 +83,7 @@ class PaperSyncPS(PaperPS):
 class PaperSyncWorker(PaperWorker):
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
-        self.filters = ModelFilters(quantile=cfg.lipschitz_q, warmup=cfg.lipschitz_warmup,
-                                    window=cfg.lipschitz_window,
-                                    factor=cfg.outliers_k,
-                                    # per-worker momentum beta: the PS's steps are (about) SGD
-                                    # with momentum beta on the aggregate
-                                    opt_args=dict(cfg.opt_args, momentum=cfg.worker_momentum)
-                                    if cfg.worker_momentum > 0 else cfg.opt_args)
+        self.filters = filters_for(cfg)
         self.suspicion = {p: 0 for p in cfg.ps_ranks}  # consecutive failures: tried last
         self.rejected = 0  # PSes whose model this step refused (or did not get)
         self.pull_timeouts = 0
@@ -108,18 +103,20 @@ class PaperSyncWorker(PaperWorker):
         return got[ps]
 
     async def _step(self, t: int) -> int:
-        """One PS's model, judged by the filters (the median of q_ps models when there is
-        nothing to judge by, or every PS failed); returns the next step (t when every PS
-        failed: the next attempt takes the median)."""
-        if self.filters.prev is None or self.rejected >= self.cfg.num_ps or self.catch_up:
+        """One PS's model, judged by the filters; the median of q_ps models of all the PSes at
+        a gather step, when there is nothing to judge by, when every PS failed, or when no PS
+        gave step t's model (catch up).  Returns the next step (t when every PS failed: the
+        next attempt takes the median)."""
+        if (self.filters.prev is None or self.rejected >= self.cfg.num_ps or self.catch_up
+                or t % self.cfg.gather_every == 0):
             self.catch_up = False
             return await self._bootstrap(t)
         return await self._filtered(t)
 
     async def _bootstrap(self, t: int) -> int:
-        """The median of q_ps models: the first step (nothing to judge by) and the step every
-        PS failed in (one of them at least is correct, so the filters were unlucky or the
-        worker's memory is off): what the async mode does."""
+        """The median of the first q_ps models of all the PSes: a gather step, the first step
+        (nothing to judge by) and the step every PS failed in (one of them at least is
+        correct, so the filters were unlucky or the worker's memory is off)."""
         cfg, filters = self.cfg, self.filters
         grad_size = self.replica.grad_size
         self.bootstraps += 1
@@ -129,7 +126,7 @@ class PaperSyncWorker(PaperWorker):
         for ps in steps:  # they answered: pulled again from the next step on
             self.suspicion[ps] = 0
         grad, buffers, loss = self.replica.gradient_at(state, step)
-        filters.judge(state[:grad_size], grad)  # its coefficient joins the history
+        filters.observe(state[:grad_size], grad)  # its coefficient joins the history
         filters.accept(state[:grad_size], grad, step)
         self._send_gradient({p: step for p in cfg.ps_ranks}, step, grad, buffers, loss,
                             rejected=min(self.rejected, cfg.num_ps))
@@ -165,7 +162,7 @@ class PaperSyncWorker(PaperWorker):
             verdict = filters.screen(params, step)
             if verdict.ok:  # a retry takes another batch: an independent trial
                 grad, buffers, loss = self.replica.gradient_at(state, step, attempt)
-                verdict = filters.judge(params, grad)
+                verdict = filters.judge(params, grad, step)
             if not verdict.ok:
                 log.debug("worker %d step %d: PS %d's model fails the %s filter (%.4g > %.4g)",
                           cfg.rank, t, ps, verdict.reason, verdict.value, verdict.bound)

@@ -61,7 +61,7 @@ class PSBase(Role):
         grad_shapes = [(replica.grad_size,)]
         if replica.buffer_size:
             grad_shapes.append((replica.buffer_size,))
-        window = max(8, 2 * cfg.gather_period + 2)
+        window = cfg.step_window
         self.grad_box = self.node.mailbox(KIND_GRAD, window=window, shapes=grad_shapes,
                                           role=SENDERS[KIND_GRAD])
         self.peers = [r for r in cfg.ps_ranks if r != cfg.rank]
