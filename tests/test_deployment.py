@@ -120,7 +120,7 @@ def test_trainer_flags_start_a_working_deployment(tmp_path):
 def test_bad_configuration_refused_at_start(tmp_path):
     started = time.monotonic()
     proc, _ = launch(tmp_path, "--num_ps", "1", "--fps", "0", "--num_workers", "5", "--fw", "2",
-                     "--gar", "krum", "--num_iter", "10", timeout=120)
+                     "--gar", "krum", "--pre_agg", "none", "--num_iter", "10", timeout=120)
     assert proc.returncode == 2
     assert "krum" in proc.stderr and "n=3" in proc.stderr and "f=2" in proc.stderr
     assert "n=7" in proc.stderr  # the bound: 2f + 3
