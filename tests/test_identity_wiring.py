@@ -95,6 +95,26 @@ def test_a_node_without_credentials_refuses_to_start(tmp_path, module):
     assert res.returncode == 2 and "readable by others" in res.stderr, res.stderr[-2000:]
 
 
+def test_fault_restart_checks_the_ranks_credentials(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import fault
+
+    assert fault.rank_credentials({"cmd": ["py", "--rank", "3", "--credentials", "/c/rank3.cred"]}) == "/c/rank3.cred"
+    assert fault.rank_credentials({"cmd": ["py", "--credentials=/c/r.cred"]}) == "/c/r.cred"
+    assert fault.rank_credentials({"cmd": ["py", "--rank", "3"]}) is None
+    for var in SECRET_VARS:
+        monkeypatch.setenv(var, "inherited")
+    env = fault.node_env(tmp_path)  # no inherited secret or credentials reaches a restarted node
+    assert not any(var in env for var in SECRET_VARS)
+    (tmp_path / "secret").write_text("s")
+    assert fault.node_env(tmp_path)["BYZSGD_SECRET_FILE"] == str(tmp_path / "secret")
+    ranks = [dict(rank=0, role="worker", host="h", port=1, pid=None, byzantine=False, log=str(tmp_path / "w.log"),
+                  metrics=None, cmd=[PY, "-c", "pass", "--rank", "0", "--credentials", str(tmp_path / "gone.cred")])]
+    (tmp_path / "deployment.json").write_text(json.dumps(dict(num_ps=0, num_workers=1, ranks=ranks)))
+    with pytest.raises(fault.FaultError, match="credentials file .* is gone"):
+        fault.restart(tmp_path, 0)
+
+
 # -- summary: rejections ----------------------------------------------------------------------
 def test_rejections_from_logs_and_done_records(tmp_path):
     run = tmp_path
@@ -125,8 +145,7 @@ def _wait(pred, timeout: float, what: str):
 
 
 def _ps0_started(run: Path) -> bool:
-    path = run / "metrics-ps0.jsonl"
-    return path.exists() and '"event": "start"' in path.read_text()
+    return any(rec.get("event") == "start" for rec in read_metrics(run / "metrics-ps0.jsonl"))
 
 
 async def _impostor(port: int, creds: RankCredentials, claim: int, num_ps: int) -> dict:
