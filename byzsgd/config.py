@@ -21,10 +21,12 @@ from byzsgd.flags import (BYZSGD, GARFIELD, PAPER, add_flags, build_parser, defa
                           flag_fields, parse_bool, parse_json_object, to_argv, values_from)
 
 __all__ = ["RunConfig", "parse_bool", "parse_json_object", "parse_host_port", "node_parser",
-           "config_from_args", "add_arguments", "SECRET_ENV", "SECRET_FILE_ENV", "MODES"]
+           "config_from_args", "add_arguments", "SECRET_ENV", "SECRET_FILE_ENV", "CREDENTIALS_ENV",
+           "MODES"]
 
 SECRET_ENV = "BYZSGD_SECRET"
 SECRET_FILE_ENV = "BYZSGD_SECRET_FILE"
+CREDENTIALS_ENV = "BYZSGD_CREDENTIALS"
 DEFAULT_MASTER_PORT = 29500
 INSECURE_DEFAULT_SECRET = b"byzsgd-public-default-secret"
 MODES = ("garfield", "paper")
@@ -124,8 +126,18 @@ class RunConfig:
     listen_host: str = _f("0.0.0.0", "address to listen on")
     advertise_host: str | None = _f(None, "address other nodes use to reach this one")
     port: int | None = _f(None, "port to listen on (default: directory's)")
-    secret_file: str | None = _f(None, f"file holding the cluster secret (else ${SECRET_FILE_ENV} "
-                                 f"or ${SECRET_ENV})")
+    credentials: str | None = _f(None, f"this rank's credentials file (0600; else ${CREDENTIALS_ENV}): "
+                                 f"its pairwise keys, written by the launchers; a node refuses to start "
+                                 f"without it unless --insecure_shared_secret true")
+    insecure_shared_secret: bool = _f(False, "INSECURE: authenticate with one shared secret "
+                                      f"(--secret_file, ${SECRET_FILE_ENV} or ${SECRET_ENV}) instead "
+                                      "of --credentials; it proves membership, not rank: any holder "
+                                      "can pose as any rank")
+    secret_file: str | None = _f(None, f"--insecure_shared_secret: file holding the shared secret "
+                                 f"(else ${SECRET_FILE_ENV} or ${SECRET_ENV})")
+    bind_address: bool = _f(True, "plain TCP: refuse a dialer that reached this node through another "
+                            "address than its own view of it (false behind NAT / port forwarding, "
+                            "where TLS must then bind the channel)")
     tls_cert: str | None = _f(None, "TLS certificate (PEM); enables TLS")
     tls_key: str | None = _f(None, "TLS private key (PEM)")
     tls_ca: str | None = _f(None, "CA bundle used to verify peers' certificates")
@@ -249,6 +261,9 @@ class RunConfig:
                 raise ConfigError(f"--{name} must be > 0, got {getattr(self, name)}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("--tls_cert and --tls_key go together")
+        if self.credentials and self.insecure_shared_secret:
+            raise ConfigError("--credentials and --insecure_shared_secret true exclude each other: "
+                              "per-rank credentials prove the rank, a shared secret does not")
 
 
     # -- derived quantities -------------------------------------------------------------
@@ -400,7 +415,8 @@ class RunConfig:
         return config_from_args(node_parser(prog, raising=True).parse_args(list(argv)))
 
     def secret(self) -> bytes:
-        """The cluster secret: --secret_file, $BYZSGD_SECRET_FILE or $BYZSGD_SECRET."""
+        """The shared secret of ``--insecure_shared_secret``: --secret_file,
+        $BYZSGD_SECRET_FILE or $BYZSGD_SECRET, else the public default (logged loudly)."""
         path = self.secret_file or os.environ.get(SECRET_FILE_ENV)
         if path:
             try:
@@ -413,13 +429,45 @@ class RunConfig:
         env = os.environ.get(SECRET_ENV)
         if env:
             return env.encode()
-        # Garfield's flags carry no secret: run, but say loudly that anyone can join.
         import logging
         logging.getLogger("byzsgd.config").warning(
-            "no cluster secret given ($%s, $%s or --secret_file): using "
-            "the public default secret, so anybody who can reach the ports can join; the "
-            "launchers generate a real one", SECRET_ENV, SECRET_FILE_ENV)
+            "no shared secret given ($%s, $%s or --secret_file): using the PUBLIC default "
+            "secret, so anybody who can reach the ports can join, as any rank", SECRET_ENV,
+            SECRET_FILE_ENV)
         return INSECURE_DEFAULT_SECRET
+
+    def credentials_path(self) -> str | None:
+        """--credentials, else $BYZSGD_CREDENTIALS (None: neither)."""
+        return self.credentials or os.environ.get(CREDENTIALS_ENV) or None
+
+    def identity(self):
+        """What proves this node's rank to its peers (see byzsgd.net.credentials): its
+        :class:`~byzsgd.net.RankCredentials`, loaded from --credentials / $BYZSGD_CREDENTIALS and
+        checked against --rank and the world size; or, with --insecure_shared_secret true only,
+        the shared secret (bytes), logged loudly.  ConfigError when there is neither: a node
+        never starts without a proof of its rank by accident."""
+        import logging
+
+        from byzsgd.net.credentials import RankCredentials
+
+        path = self.credentials_path()
+        if self.insecure_shared_secret:
+            if self.credentials is None and path:
+                raise ConfigError(f"${CREDENTIALS_ENV} is set and --insecure_shared_secret true: "
+                                  f"choose one (unset ${CREDENTIALS_ENV})")
+            secret = self.secret()
+            logging.getLogger("byzsgd.config").warning(
+                "INSECURE: --insecure_shared_secret true: rank %d authenticates with a shared "
+                "secret; ranks are NOT proven (any holder of the secret can pose as any rank, "
+                "including this one)", self.rank)
+            return secret
+        if not path:
+            raise ConfigError(
+                f"no credentials: pass --credentials FILE (or set ${CREDENTIALS_ENV}) with this "
+                f"rank's file; the launchers (python -m byzsgd.launch, scripts/run_exp.sh, "
+                f"scripts/slurm_byzsgd.sbatch) provision one per rank.  To run with one shared "
+                f"secret that proves membership but not rank, pass --insecure_shared_secret true")
+        return RankCredentials.load(path, rank=self.rank, world_size=self.world_size)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

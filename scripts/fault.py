@@ -17,7 +17,8 @@
                                                      how many steps it served since
 
 Everything is found in the run directory: ``deployment.json`` (each rank's argv, port, log,
-metrics), the pid files ``<role><rank>.pid`` and ``secret``.  A process is signalled only
+metrics, credentials file), the pid files ``<role><rank>.pid`` and the rank's credentials
+``credentials/rank<r>.cred`` (or ``secret`` in ``--insecure_shared_secret`` runs).  A process is signalled only
 after checking that it is the node of this run (its ``/proc/PID/cmdline`` carries this run's
 ``--peers D/deployment.json`` and ``--rank RANK``), so a recycled pid is never hit; nothing
 is matched by name.
@@ -52,6 +53,7 @@ from byzsgd.metrics import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET_FILE_ENV = "BYZSGD_SECRET_FILE"
+SECRET_ENVS = ("BYZSGD_SECRET", SECRET_FILE_ENV, "BYZSGD_CREDENTIALS")
 FAULTS = rundir.FAULTS
 
 
@@ -281,13 +283,27 @@ def resume(run_dir: Path, rank: int) -> int:
 
 
 def node_env(run_dir: Path) -> dict:
-    """The environment the launcher gives a node (launch.start): ours, without an inline
-    secret, with the run's secret file and one thread."""
+    """The environment the launcher gives a node (launch.start): ours, without an inherited
+    secret or credentials (the node's argv names its own ``--credentials`` file), with the
+    run's secret file in ``--insecure_shared_secret`` runs only, and one thread."""
     env = dict(os.environ)
-    env.pop("BYZSGD_SECRET", None)
-    env.update({SECRET_FILE_ENV: str(run_dir / "secret"), "OMP_NUM_THREADS": "1",
-                "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    for var in SECRET_ENVS:
+        env.pop(var, None)
+    if (run_dir / rundir.SECRET).exists():
+        env[SECRET_FILE_ENV] = str(run_dir / rundir.SECRET)
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     return env
+
+
+def rank_credentials(info: dict) -> str | None:
+    """The ``--credentials`` file named in a rank's argv (None: none named)."""
+    cmd = list(info.get("cmd") or [])
+    for i, word in enumerate(cmd):
+        if word == "--credentials" and i + 1 < len(cmd):
+            return cmd[i + 1]
+        if word.startswith("--credentials="):
+            return word.partition("=")[2]
+    return None
 
 
 def restart(run_dir: Path, rank: int) -> int:
@@ -297,8 +313,12 @@ def restart(run_dir: Path, rank: int) -> int:
     old = node_pid(run_dir, info)
     if old is not None:
         raise FaultError(f"rank {rank} is still running (pid {old}); kill it first")
-    if not (run_dir / "secret").exists():
-        raise FaultError(f"no secret file in {run_dir}")
+    cred = rank_credentials(info)
+    if cred is not None and not Path(cred).is_file():
+        raise FaultError(f"rank {rank}'s credentials file {cred} is gone; it cannot prove its rank")
+    if cred is None and not (run_dir / rundir.SECRET).exists():
+        raise FaultError(f"rank {rank}'s command names no --credentials and {run_dir} holds no "
+                         f"secret file: it could not authenticate")
     # faulty first: the launcher must never take the restarted node's exit for the old one's
     update_faults(run_dir, rank, "restart", None, faulty=True, paused=False)
     with open(info["log"], "ab") as log:

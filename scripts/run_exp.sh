@@ -10,14 +10,17 @@
 # (see scripts/servers.example); the first server is the master (rank 0); ranks are the
 # servers in file order, then the workers.  Trainer flags come from --config (see
 # scripts/exp.conf.example) and after `--`; the deployment sets --rank --master --port
-# --advertise_host --secret_file --metrics itself.  Rank r listens on base_port + r.
+# --advertise_host --credentials --metrics itself.  Rank r listens on base_port + r.
 #
 # Runner: $BYZSGD_RUNNER (or --runner), default "ssh -o BatchMode=yes"; the per-host script
 # goes to `RUNNER HOST sh -s` on stdin ("{host}" in RUNNER is replaced instead of appending).
 #   BYZSGD_RUNNER="ip netns exec"   hosts are network namespaces (scripts/netns_cluster.sh)
 #   BYZSGD_RUNNER=local             everything on this machine
-# The cluster secret (fresh per run unless --secret_file/$BYZSGD_SECRET_FILE) travels on
-# that stdin into <dir>/secret (0600): never on a command line.
+# Credentials: a fresh operator secret is drawn in memory here (never written, never sent);
+# each host receives, on that stdin, only the credentials files of the ranks it runs
+# (<dir>/credentials/rank<r>.cred, 0600): never on a command line; --dry_run redacts them.
+# (--insecure_shared_secret true in the trainer flags: one shared secret instead, from
+# --secret_file/$BYZSGD_SECRET_FILE or fresh, into <dir>/secret; it proves membership only.)
 #
 # Writes RUN_DIR/deployment.json (rank, role, host, addr, port, pid, pgid, log, metrics),
 # <role><rank>.{pid,pgid,rc,log}, metrics-ps<rank>.jsonl and, at the end, summary.json.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import pytest
 
@@ -123,7 +124,7 @@ def _every_flag_set() -> RunConfig:
                      gar_args={}, model_gar="median", gather_period=3, peers="/x/deployment.json",
                      data_root="/data", split="dirichlet:0.5", seed=9, eval_samples=100,
                      metrics="/x/m.jsonl", listen_host="127.0.0.2", advertise_host="h", port=1234,
-                     secret_file="/s", tls_cert="c.pem", tls_key="k.pem", tls_ca="ca.pem",
+                     secret_file="/s", insecure_shared_secret=True, bind_address=False, tls_cert="c.pem", tls_key="k.pem", tls_ca="ca.pem",
                      step_timeout=5.5, resend_after=0.25, startup_timeout=1e-3, attack="ipm",
                      attack_args={"epsilon": 0.5, "collude": True}, threads=2,
                      drop_nonfinite=False, checkpoint_dir="/ck", checkpoint_every=4, resume=True,
@@ -139,8 +140,12 @@ def test_every_flag_round_trips_through_argv():
 
     cfg = _every_flag_set()
     unset = [f.name for f, _ in flag_fields(RunConfig) if getattr(cfg, f.name) == default_of(f)]
-    # the test covers every flag (--sync needs the default optimizer; median takes no gar_args)
-    assert unset == ["optimizer", "gar_args"], unset
+    # the test covers every flag (--sync needs the default optimizer; median takes no gar_args;
+    # --credentials excludes --insecure_shared_secret: round-tripped below)
+    assert unset == ["optimizer", "gar_args", "credentials"], unset
+    with_creds = RunConfig.from_argv(dataclasses.replace(cfg, insecure_shared_secret=False,
+                                                         credentials="/c/rank2.cred").to_argv())
+    assert with_creds.credentials == "/c/rank2.cred" and not with_creds.insecure_shared_secret
     argv = cfg.to_argv()
     assert RunConfig.from_argv(argv) == cfg
     other = RunConfig(optimizer="adam", num_workers=3, gar="geometric_median", gar_args={"eps": 1e-5})

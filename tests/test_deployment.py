@@ -87,7 +87,9 @@ def test_silent_worker_and_silent_ps_do_not_stall(tmp_path):
 
 @pytest.mark.slow
 def test_trainer_flags_start_a_working_deployment(tmp_path):
-    """Garfield's trainer.py flags, one process per rank, rendezvous through --master."""
+    """Garfield's trainer.py flags, one process per rank, rendezvous through --master; they
+    carry no secret: the explicit legacy mode --insecure_shared_secret true (a shared secret from
+    the environment) still runs, and says that ranks are not proven."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -99,7 +101,8 @@ def test_trainer_flags_start_a_working_deployment(tmp_path):
                "--dataset", "mnist", "--batch", "32", "--num_ps", str(num_ps), "--num_workers",
                str(num_workers), "--fw", "0", "--fps", "0", "--model", "convnet", "--loss", "nll",
                "--optimizer", "sgd", "--opt_args", '{"lr":"0.1","momentum":"0.9"}', "--num_iter", "60",
-               "--gar", "average", "--acc_freq", "30", "--bench", "false", "--log", "true"]
+               "--gar", "average", "--acc_freq", "30", "--bench", "false", "--log", "true",
+               "--insecure_shared_secret", "true"]
         if rank < num_ps:
             cmd += ["--metrics", str(tmp_path / f"ps{rank}.jsonl")]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -112,6 +115,7 @@ def test_trainer_flags_start_a_working_deployment(tmp_path):
                 p.kill()
     for rank, p in enumerate(procs):
         assert p.returncode == 0, f"rank {rank}:\n{outs[rank][-3000:]}"
+        assert "ranks are NOT proven" in outs[rank]
     for rank in range(num_ps):
         done = [r for r in read_metrics(tmp_path / f"ps{rank}.jsonl") if r.get("event") == "done"]
         assert done and done[0]["final_accuracy"] > 80.0

@@ -52,7 +52,7 @@ def figure(name: str, value) -> None:
 def clean_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not (k.startswith("SLURM_") or k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                                                  "LOCAL_RANK", "BYZSGD_SECRET", "BYZSGD_SECRET_FILE",
+                                                  "LOCAL_RANK", "BYZSGD_SECRET", "BYZSGD_SECRET_FILE", "BYZSGD_CREDENTIALS",
                                                   "BYZSGD_RUNNER", "BYZSGD_MASTER"))}
     # the scripts and every host run the interpreter running the tests (issue: the suite
     # must pass from any environment byzsgd is installed in, not only the checkout's .venv)
@@ -161,7 +161,8 @@ def test_plan_ranks_ports_and_flags(tmp_path):
     w3 = plan.ranks[3]
     flags = cluster.split_flags(w3.argv)
     assert flags["rank"] == "3" and flags["master"] == "10.1.0.1:31000" and flags["port"] == "31003"
-    assert flags["advertise_host"] == "10.1.0.2" and flags["secret_file"] == "/remote/secret"
+    assert flags["advertise_host"] == "10.1.0.2" and flags["credentials"] == "/remote/credentials/rank3.cred"
+    assert "secret_file" not in flags and flags["insecure_shared_secret"] == "false"
     assert flags["num_iter"] == "7" and "metrics" not in flags and w3.host.python == "/p/python"
     assert cluster.split_flags(plan.ranks[1].argv)["metrics"] == str(tmp_path / "run" / "metrics-ps1.jsonl")
     assert plan.ranks[4].host.addr == "h2"
@@ -170,6 +171,8 @@ def test_plan_ranks_ports_and_flags(tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--rank", "3"], "--rank is set per rank"),
     (["--master", "x:1"], "--master is set per rank"),
+    (["--credentials", "/x/rank0.cred"], "--credentials is set per rank"),
+    (["--credentials", "/x/rank0.cred", "--insecure_shared_secret", "true"], "--credentials is set per rank"),
     (["--num_ps", "5"], "the servers file lists 4"),
     (["--fw", "5"], "--fw must be in"),
     (["--gar", "krum"], "needs at least"),
@@ -181,9 +184,45 @@ def test_plan_refuses_bad_flags(tmp_path, extra, message):
         cluster.make_plan(args)
 
 
-def test_secret_travels_on_stdin_only(tmp_path):
+def test_each_host_gets_only_its_ranks_credentials_on_stdin(tmp_path):
     args = plan_args(tmp_path, "h0\n", "h1\nh1\n", extra=["--fw", "0", "--fps", "0"])
     plan = cluster.make_plan(args)
+    assert not plan.insecure
+    creds = cluster.rank_credentials(3)
+    keys = {r: [k for k in json.loads(t)["keys"] if k] for r, t in creds.items()}
+    assert all(json.loads(t)["rank"] == r for r, t in creds.items())
+    for host, ranks in plan.hosts().items():
+        mine = {r.rank for r in ranks}
+        script = cluster.start_script(plan, ranks, None, "probe", creds={r: creds[r] for r in mine})
+        for r, text in creds.items():
+            lines = [line for line in script.splitlines() if text in line]
+            if r in mine:  # through printf (a shell builtin) into <dir>/credentials/rank<r>.cred
+                assert len(lines) == 1 and "printf '%s' " in lines[0] and f"/credentials/rank{r}.cred" in lines[0]
+                assert "umask 077" in script.splitlines()[:2]
+            else:  # no other rank's file, nor any pair key without one of this host's ranks
+                assert not lines
+                assert not [k for k in keys[r] if k in script and not any(k in keys[m] for m in mine)]
+        assert "/secret" not in script and "secret_file" not in script
+        for r in ranks:
+            assert creds[r.rank] not in " ".join(r.argv)
+            assert cluster.split_flags(r.argv)["credentials"] == f"{r.dir}/credentials/rank{r.rank}.cred"
+        redacted = cluster.start_script(plan, ranks, None, "probe", redact=True)
+        assert not any(k in redacted for ks in keys.values() for k in ks)
+        assert all(f"<credentials of rank {r}>" in redacted for r in mine)
+
+
+def test_secret_file_only_with_the_insecure_mode(tmp_path):
+    args = plan_args(tmp_path, "h0\n", "h1\n", extra=["--fw", "0", "--fps", "0"],
+                     flags=["--secret_file", str(tmp_path / "s")])
+    with pytest.raises(ConfigError, match="--insecure_shared_secret"):
+        cluster.make_plan(args)
+
+
+def test_secret_travels_on_stdin_only_in_the_insecure_mode(tmp_path):
+    args = plan_args(tmp_path, "h0\n", "h1\nh1\n",
+                     extra=["--fw", "0", "--fps", "0", "--insecure_shared_secret", "true"])
+    plan = cluster.make_plan(args)
+    assert plan.insecure and all("credentials" not in cluster.split_flags(r.argv) for r in plan.ranks)
     secret = "f00dfeed" * 8
     for host, ranks in plan.hosts().items():
         script = cluster.start_script(plan, ranks, secret, "probe")
@@ -258,7 +297,15 @@ def test_local_runner_with_separate_host_dirs_collects_the_files(tmp_path):
     for r in doc["ranks"]:
         assert Path(r["log"]).parent == run and Path(r["log"]).exists()
         assert (run / f"{r['role']}{r['rank']}.rc").read_text().strip() == "0"
-    assert (tmp_path / "hostA" / "secret").stat().st_mode & 0o777 == 0o600
+    # each host got the credentials of its own ranks only (0600, directory 0700), no secret
+    assert sorted(p.name for p in (tmp_path / "hostA" / "credentials").iterdir()) == ["rank0.cred"]
+    assert sorted(p.name for p in (tmp_path / "hostB" / "credentials").iterdir()) == ["rank1.cred", "rank2.cred"]
+    for d in (tmp_path / "hostA" / "credentials", tmp_path / "hostB" / "credentials"):
+        assert d.stat().st_mode & 0o777 == 0o700
+        assert all(p.stat().st_mode & 0o777 == 0o600 for p in d.iterdir())
+    assert not (tmp_path / "hostA" / "secret").exists() and not (tmp_path / "hostB" / "secret").exists()
+    assert not (run / "credentials").exists() and not (run / "secret").exists()
+    assert set(summary["rejections"]) == {"0", "1", "2"}  # every rank reported (nothing refused)
     assert (run / "metrics-ps0.jsonl").read_text() == (tmp_path / "hostA" / "metrics-ps0.jsonl").read_text()
 
 
@@ -274,9 +321,8 @@ def trainer_flags(steps: int = 30, num_ps: int = 1, num_workers: int = 2) -> lis
 @pytest.mark.timeout(180)
 def test_trainer_takes_rank_and_master_from_torchrun_env(tmp_path):
     """No --rank / --master: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT only."""
-    secret = tmp_path / "secret"
-    secret.write_text("0123456789abcdef" * 4)
-    secret.chmod(0o600)
+    from byzsgd.net.credentials import credentials_path, provision
+    provision(b"torchrun-test-operator-secret", 3, tmp_path / "creds")
     port = free_port()
     procs = []
     for rank in range(3):
@@ -284,7 +330,7 @@ def test_trainer_takes_rank_and_master_from_torchrun_env(tmp_path):
         if rank == 0:
             flags += ["--metrics", str(tmp_path / "metrics-ps0.jsonl")]
         env = clean_env(RANK=str(rank), WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                        BYZSGD_SECRET_FILE=str(secret))
+                        BYZSGD_CREDENTIALS=str(credentials_path(tmp_path / "creds", rank)))
         procs.append(subprocess.Popen([PY, "-m", "byzsgd.trainer", *flags], env=env, cwd=ROOT,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
@@ -330,11 +376,15 @@ def slurm_env(tmp_path: Path, ntasks: int, **extra) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_slurm_batch_script_with_srun(tmp_path):
+@pytest.mark.parametrize("stage", [False, True], ids=["shared", "staged"])
+def test_slurm_batch_script_with_srun(tmp_path, stage):
     conf = tmp_path / "exp.conf"
     conf.write_text(" ".join(trainer_flags()[:-2]).replace('{"lr":"0.1"}', "'{\"lr\":\"0.1\"}'") + "\n")
+    staging = tmp_path / "node-local"
+    staging.mkdir()
+    extra = dict(BYZSGD_STAGE_CREDENTIALS="1", BYZSGD_STAGE_DIR=str(staging)) if stage else {}
     res = subprocess.run(["bash", str(SCRIPTS / "slurm_byzsgd.sbatch")], capture_output=True, text=True,
-                         timeout=170, env=slurm_env(tmp_path, 3, BYZSGD_CONF=str(conf)), cwd=tmp_path)
+                         timeout=170, env=slurm_env(tmp_path, 3, BYZSGD_CONF=str(conf), **extra), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-2000:]
     run = tmp_path / "run"
     doc = json.loads((run / "deployment.json").read_text())
@@ -342,7 +392,15 @@ def test_slurm_batch_script_with_srun(tmp_path):
     assert doc["master"].startswith("127.0.0.1:") and all(r["pid"] > 0 for r in doc["ranks"])
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["outcome"] == "ok" and summary["final_accuracy"]["0"] > 30.0
-    assert (run / "secret").stat().st_mode & 0o777 == 0o600
+    # provisioned before srun: one 0600 file per rank in a 0700 directory, no shared secret;
+    # staged: each task moved its own file to node-local disk and removed it at exit
+    creds = run / "credentials"
+    assert creds.stat().st_mode & 0o777 == 0o700 and not (run / "secret").exists()
+    if stage:
+        assert list(creds.iterdir()) == [] and list(staging.iterdir()) == []
+    else:
+        assert sorted(p.name for p in creds.iterdir()) == ["rank0.cred", "rank1.cred", "rank2.cred"]
+        assert all(p.stat().st_mode & 0o777 == 0o600 for p in creds.iterdir())
     assert {(run / f"{r['role']}{r['rank']}.rc").read_text().strip() for r in doc["ranks"]} == {"0"}
 
 
@@ -352,7 +410,7 @@ def test_slurm_batch_script_refuses_a_world_size_mismatch(tmp_path):
     res = subprocess.run(["bash", str(SCRIPTS / "slurm_byzsgd.sbatch")], capture_output=True, text=True,
                          timeout=60, env=slurm_env(tmp_path, 5, BYZSGD_CONF=str(conf)))
     assert res.returncode == 2 and "SLURM_NTASKS=5" in res.stderr, res.stderr
-    assert not (tmp_path / "run" / "secret").exists()
+    assert not (tmp_path / "run" / "secret").exists() and not (tmp_path / "run" / "credentials").exists()
 
 
 @pytest.mark.timeout(40)
@@ -582,12 +640,12 @@ def test_tls_run_and_kill_leaves_nothing(netns, tmp_path):
                              capture_output=True, text=True, timeout=30)
         assert res.returncode == 0, res.stderr
         assert "".join(res.stdout.split()) == "".join(cert.read_text().split())
-        secret = (run / "secret").read_text().strip()
+        keys = [k for k in json.loads((run / "credentials" / "rank0.cred").read_text())["keys"] if k]
         alive = run_ids_alive(run_id)
         assert len(alive) >= 22  # 11 wrappers + 11 trainers
         for pid in alive:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            assert secret not in cmdline
+            assert not any(k in cmdline for k in keys)
         for r in doc["ranks"]:
             assert r["pid"] in alive and r["pgid"] in alive
             assert "--tls_cert" in r["cmd"]

@@ -31,11 +31,16 @@ Ports: rank r listens on ``--base_port + r`` (``--ports fixed``, the default; th
 ``addr0:base_port``), or, with ``--ports ephemeral``, every rank but the master on a port the
 kernel picks, announced through the rendezvous.
 
-Secret: ``--secret_file`` / ``$BYZSGD_SECRET_FILE`` or a fresh random one (``RUN_DIR/secret``,
-0600); it reaches each host through the runner's stdin (``printf``, a shell builtin), into
-``<dir>/secret`` (0600, umask 077), and the trainers get ``--secret_file``.  TLS certificates
-(``--tls_cert/--tls_key/--tls_ca``, local files) travel the same way; the HMAC handshake over
-the secret always runs, TLS under it when certificates are given.
+Credentials: an operator secret is drawn here, in memory (never written, never sent); each
+rank's credentials (its pairwise keys, :mod:`byzsgd.net.credentials`) are derived from it, and
+each host receives only the files of the ranks it runs, through the runner's stdin (``printf``,
+a shell builtin, umask 077), into ``<dir>/credentials/rank<r>.cred`` (0600; directory 0700);
+the trainers get ``--credentials``.  ``--dry_run`` prints the scripts with the keys redacted.
+Only with ``--insecure_shared_secret true`` among the trainer flags is a shared secret used
+instead (``--secret_file`` / ``$BYZSGD_SECRET_FILE`` or a fresh ``RUN_DIR/secret``, shipped to
+``<dir>/secret``): it proves membership, not rank.  TLS certificates (``--tls_cert/--tls_key/
+--tls_ca``, local files) travel the same way; the HMAC handshake always runs, TLS under it
+when certificates are given.
 
 Each rank runs as ``setsid sh -c '<trainer> & echo $! > <role><rank>.pid; wait; echo $? >
 <role><rank>.rc'`` (see ``WRAPPER``): its own session (the process group id, ``.pgid``, is the wrapper's pid),
@@ -63,6 +68,7 @@ from byzsgd.config import RunConfig
 from byzsgd.deploy import rundir
 from byzsgd.errors import ByzSGDError, ConfigError
 from byzsgd.flags import split_argv
+from byzsgd.net.credentials import RankCredentials, credentials_path
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RUNNER = "ssh -o BatchMode=yes"
@@ -71,7 +77,7 @@ RUN_ID_ENV = "BYZSGD_RUN_ID"
 HOST_KEYS = ("addr", "python", "repo", "dir", "listen")
 #: trainer flags the deployment sets per rank: refused in the config
 OWNED_FLAGS = ("rank", "master", "port", "listen_host", "advertise_host", "secret_file", "metrics",
-               "peers")
+               "peers", "credentials")
 TLS_FLAGS = ("tls_cert", "tls_key", "tls_ca")
 
 
@@ -221,7 +227,7 @@ class Plan:
     flags: list[str]
     ranks: list[Rank]
     tls: dict[str, str]
-    secret_file: Path
+    secret_file: Path | None  # --insecure_shared_secret only
     started: float = 0.0
     shared: dict[str, bool] = field(default_factory=dict)  # host -> run dir shared with us
 
@@ -236,6 +242,14 @@ class Plan:
         for r in self.ranks:
             out.setdefault(r.host.name, []).append(r)
         return out
+
+    @property
+    def insecure(self) -> bool:
+        return self.secret_file is not None
+
+    def cred_dir(self, r: Rank) -> str:
+        """Where rank ``r``'s credentials file goes on its host."""
+        return f"{r.dir}/{rundir.CREDENTIALS}"
 
     def local(self, r: Rank, what: str) -> Path:
         return rundir.rank_file(self.run_dir, r.role, r.rank, what)
@@ -255,7 +269,8 @@ class Plan:
                     run_dir=str(self.run_dir), run_id=self.run_id, runner=self.runner,
                     master=self.master, base_port=self.base_port, ports=self.ports,
                     launcher_pid=os.getpid(), started=self.started,
-                    secret_file=str(self.secret_file), flags=self.flags,
+                    credentials=None if self.insecure else "per host: <dir>/credentials",
+                    secret_file=str(self.secret_file) if self.insecure else None, flags=self.flags,
                     tls=bool(self.tls), shared_dirs=self.shared, byzantine_ranks=[], ranks=ranks)
 
     def write_description(self) -> Path:
@@ -324,7 +339,13 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise ConfigError(f"{run_dir} already holds a deployment (deployment.json); pick another "
                           f"--run_dir, or --force")
     runner = args.runner if args.runner is not None else os.environ.get(RUNNER_ENV, DEFAULT_RUNNER)
-    secret_file = Path(args.secret_file or os.environ.get("BYZSGD_SECRET_FILE") or run_dir / "secret")
+    if shared.insecure_shared_secret:
+        secret_file = Path(args.secret_file or os.environ.get("BYZSGD_SECRET_FILE") or run_dir / rundir.SECRET)
+    elif args.secret_file:
+        raise ConfigError("--secret_file is for --insecure_shared_secret true only: by default each "
+                          "rank gets its own credentials, provisioned from a fresh operator secret")
+    else:
+        secret_file = None
     plan = Plan(run_dir=run_dir, run_id=f"{os.uname().nodename}-{os.getpid()}-{secrets.token_hex(4)}",
                 runner=runner, base_port=args.base_port, ports=args.ports, num_ps=len(servers),
                 num_workers=len(workers), flags=flags, ranks=[], tls=tls, secret_file=secret_file)
@@ -337,8 +358,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         plan.ranks.append(r)
     for r in plan.ranks:  # each rank's configuration, as argv: it starts on another host
         own = dict(rank=r.rank, master=plan.master, port=r.port or 0, listen_host=r.host.listen,
-                   advertise_host=r.host.addr, secret_file=f"{r.dir}/{rundir.SECRET}",
-                   metrics=r.remote_metrics,
+                   advertise_host=r.host.addr, metrics=r.remote_metrics,
+                   secret_file=f"{r.dir}/{rundir.SECRET}" if plan.insecure else None,
+                   credentials=None if plan.insecure else str(credentials_path(plan.cred_dir(r), r.rank)),
                    **{k: f"{r.dir}/{k.replace('_', '-')}.pem" if k in tls else None for k in TLS_FLAGS})
         r.argv = dataclasses.replace(shared, **own).to_argv()
     return plan
@@ -394,18 +416,32 @@ WRAPPER = ('echo $$ > "$1.pgid"; s=$1; shift; "$@" & c=$!; echo $c > "$s.pid"; '
            'while kill -0 $c 2>/dev/null; do wait $c; rc=$?; done; echo $rc > "$s.rc"')
 
 
-def start_script(plan: Plan, ranks: list[Rank], secret: str, probe: str, redact: bool = False) -> str:
+def start_script(plan: Plan, ranks: list[Rank], secret: str | None, probe: str, redact: bool = False,
+                 creds: dict[int, str] | None = None) -> str:
+    """The script a host runs (on its stdin): its directories, the credentials files of *its*
+    ranks only (``creds``: rank -> file text; or the shared ``secret`` under
+    --insecure_shared_secret), the TLS files, then one wrapped trainer per rank."""
     host = ranks[0].host
     dirs = sorted({r.dir for r in ranks})
     lines = ["set -u", "umask 077"]
     for d in dirs:
         lines.append(f"mkdir -p {q(d)} || {{ echo 'byzsgd-error: cannot create {d}'; exit 3; }}")
-        # printf is a shell builtin: the secret is never on a command line
-        lines.append(f"printf '%s\\n' {q('<secret>' if redact else secret)} > {q(d + '/secret')}")
+        if secret is not None:
+            # printf is a shell builtin: the secret is never on a command line
+            lines.append(f"printf '%s\\n' {q('<secret>' if redact else secret)} > {q(d + '/secret')}")
         for k, path in plan.tls.items():
             text = "<pem>" if redact else Path(path).read_text()
             lines.append(f"printf '%s' {q(text)} > {q(d + '/' + k.replace('_', '-') + '.pem')}")
         lines.append(f": > {q(d + '/.probe-' + probe)}")
+    shipped = ranks if (creds is not None or (redact and not plan.insecure)) else []
+    for r in shipped:
+        cdir = plan.cred_dir(r)
+        path = str(credentials_path(cdir, r.rank))
+        text = "<credentials of rank %d>" % r.rank if redact else creds[r.rank]
+        # a fresh 0600 file (rm first: '>' would keep an older file's mode), 0700 directory
+        lines.append(f"mkdir -p {q(cdir)} && chmod 700 {q(cdir)} && rm -f {q(path)} && "
+                     f"printf '%s' {q(text)} > {q(path)} || "
+                     f"{{ echo 'byzsgd-error: cannot write the credentials of rank {r.rank} in {cdir}'; exit 3; }}")
     lines += [f"REPO={q(host.repo)}", f"PYSEL={q(host.python or '')}", PY_PICK.rstrip(), PY_PROBE.rstrip()]
     env = (f"{RUN_ID_ENV}={q(plan.run_id)} OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1 "
            f"PYTHONPATH=\"$REPO${{PYTHONPATH:+:$PYTHONPATH}}\"")
@@ -474,7 +510,8 @@ echo "byzsgd-left" $(members)
 
 
 # ----------------------------------------------------------------------------- start / monitor
-def start(plan: Plan, quiet: bool = False) -> None:
+def read_shared_secret(plan: Plan) -> str:
+    """--insecure_shared_secret: the shared secret's one line (a fresh file when none given)."""
     if plan.secret_file == plan.run_dir / rundir.SECRET and not plan.secret_file.exists():
         rundir.write_secret(plan.secret_file)
     try:
@@ -483,6 +520,22 @@ def start(plan: Plan, quiet: bool = False) -> None:
         raise ConfigError(f"cannot read the secret file {plan.secret_file}: {exc}") from None
     if not secret or any(c in secret for c in "\n\r\0"):
         raise ConfigError(f"the secret file {plan.secret_file} must hold one non-empty line")
+    return secret
+
+
+def rank_credentials(world_size: int) -> dict[int, str]:
+    """Every rank's credentials file text, derived from a fresh operator secret that exists
+    only inside this call (never written, never sent anywhere)."""
+    operator = secrets.token_bytes(32)
+    return {r: RankCredentials.derive(operator, r, world_size).to_json() for r in range(world_size)}
+
+
+def start(plan: Plan, quiet: bool = False) -> None:
+    secret, creds = None, None
+    if plan.insecure:
+        secret = read_shared_secret(plan)
+    else:
+        creds = rank_credentials(plan.num_ps + plan.num_workers)
     plan.started = time.time()
     plan.write_description()
     groups = plan.hosts()
@@ -490,7 +543,9 @@ def start(plan: Plan, quiet: bool = False) -> None:
 
     def launch(item):
         host, ranks = item
-        return host, run_script(plan.runner, host, start_script(plan, ranks, secret, probe), timeout=120)
+        mine = None if creds is None else {r.rank: creds[r.rank] for r in ranks}  # its ranks' only
+        return host, run_script(plan.runner, host, start_script(plan, ranks, secret, probe, creds=mine),
+                                timeout=120)
 
     errors = []
     for host, res in parallel(launch, groups.items()):
@@ -700,7 +755,7 @@ def describe_slurm(run_dir: Path, num_ps: int, num_workers: int, master: str, wa
         time.sleep(0.5)
     doc = dict(num_ps=num_ps, num_workers=num_workers, kind="slurm", run_dir=str(run_dir),
                master=master, job_id=os.environ.get("SLURM_JOB_ID"), started=time.time(),
-               secret_file=str(run_dir / rundir.SECRET), byzantine_ranks=[], ranks=ranks)
+               credentials=str(rundir.credentials_dir(run_dir)), byzantine_ranks=[], ranks=ranks)
     rundir.write_deployment(run_dir, doc)
     return doc
 
@@ -724,13 +779,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--base_port", type=int, default=29500, help="rank r listens on base_port + r")
     r.add_argument("--ports", default="fixed", choices=("fixed", "ephemeral"),
                    help="fixed: base_port + rank; ephemeral: only the master's port is fixed")
-    r.add_argument("--secret_file", default=None, help="cluster secret (default: a fresh random one)")
+    r.add_argument("--secret_file", default=None, help="with --insecure_shared_secret true among the "
+                   "trainer flags only: the shared secret (default: a fresh random one)")
     for k in TLS_FLAGS:
         r.add_argument(f"--{k}", default=None, help="local PEM file, shipped to every host (TLS on)")
     r.add_argument("--timeout", type=float, default=0, help="stop the run after N s (0: never)")
     r.add_argument("--detach", action="store_true", help="start and return (see wait / kill)")
     r.add_argument("--force", action="store_true", help="reuse a run directory")
-    r.add_argument("--dry_run", action="store_true", help="print the per-host scripts (secret redacted)")
+    r.add_argument("--dry_run", action="store_true", help="print the per-host scripts (credentials and secret redacted)")
     r.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     r.add_argument("--quiet", action="store_true", help="no progress lines")
     r.add_argument("trainer_flags", nargs=argparse.REMAINDER,
@@ -769,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
                 for host, ranks in plan.hosts().items():
                     print(f"# {host}: python {python_rule(ranks[0].host, plan.runner)}")
                     print(f"# {' '.join(runner_argv(plan.runner, host))} <<'EOF'")
-                    print(start_script(plan, ranks, "", "probe", redact=True) + "EOF")
+                    print(start_script(plan, ranks, "" if plan.insecure else None, "probe", redact=True) + "EOF")
                 return 0
             print(f"byzsgd.cluster: {plan.num_ps} PS + {plan.num_workers} workers on "
                   f"{len(plan.hosts())} hosts, master {plan.master}, runner {plan.runner!r}; "

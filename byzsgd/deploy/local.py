@@ -1,8 +1,10 @@
 """The nodes of a one-machine deployment: lay them out, start them, watch them, stop them.
 
-Every PS and worker is a separate process on loopback; ports are picked free, a cluster
-secret is generated (handed over in a 0600 file, never on a command line), and the run
-directory (:mod:`byzsgd.deploy.rundir`) holds each node's log and metrics plus
+Every PS and worker is a separate process on loopback; ports are picked free; an operator
+secret is generated in memory (never written) and each rank's credentials (its pairwise keys,
+byzsgd.net.credentials) are provisioned from it into ``run_dir/credentials/rank<r>.cred``
+(0600, directory 0700), rank r getting ``--credentials`` of its own file only (Byzantine ranks
+included); and the run directory (:mod:`byzsgd.deploy.rundir`) holds each node's log and metrics plus
 ``deployment.json``.  A forked node gets its :class:`~byzsgd.config.RunConfig` in memory;
 an exec'd one (and a restart by scripts/fault.py) its argv.  Progress (step, loss,
 accuracy) is read from the PSes' metrics files; nodes never poll.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -20,15 +23,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from byzsgd.config import SECRET_FILE_ENV, RunConfig
+from byzsgd.config import CREDENTIALS_ENV, SECRET_ENV, SECRET_FILE_ENV, RunConfig
 from byzsgd.deploy import rundir
 from byzsgd.deploy.options import LaunchConfig
 from byzsgd.deploy.spawn import fork_node, preload_roles
 from byzsgd.metrics import gather_diameters, read_metrics
+from byzsgd.net.credentials import provision
 from byzsgd.roles.entry import run_role
 
 #: node fields that differ per rank: not part of the shared ``config`` of deployment.json
-NODE_OWN = ("rank", "peers", "metrics", "attack", "attack_args", "byzantine", "secret_file")
+NODE_OWN = ("rank", "peers", "metrics", "attack", "attack_args", "byzantine", "secret_file", "credentials")
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -93,7 +97,9 @@ class Deployment:
     def write_description(self) -> Path:
         doc = dict(num_ps=self.cfg.num_ps, num_workers=self.cfg.num_workers, host=self.host,
                    run_dir=str(self.run_dir), launcher_pid=os.getpid(), started=self.started,
-                   secret_file=str(self.run_dir / rundir.SECRET),
+                   credentials=(None if self.cfg.insecure_shared_secret
+                                else str(rundir.credentials_dir(self.run_dir))),
+                   secret_file=str(self.run_dir / rundir.SECRET) if self.cfg.insecure_shared_secret else None,
                    config={k: v for k, v in self.cfg.to_dict().items() if k not in NODE_OWN},
                    byzantine_ranks=[n.rank for n in self.nodes if n.byzantine],
                    ranks=[n.describe(self.host) for n in self.nodes])
@@ -119,13 +125,35 @@ def plan(lc: LaunchConfig) -> Deployment:
     return dep
 
 
+def provision_credentials(dep: Deployment) -> list[Path]:
+    """One credentials file per rank in ``run_dir/credentials`` (0600 each, directory 0700),
+    derived from an operator secret that lives only in this function's memory."""
+    cred_dir = rundir.credentials_dir(dep.run_dir)
+    for stale in cred_dir.glob("rank*.cred") if cred_dir.is_dir() else ():
+        stale.unlink()  # a reused run directory: no file of an earlier world stays behind
+    return provision(secrets.token_bytes(32), dep.cfg.world_size, cred_dir)
+
+
+def node_env(run_dir: Path, insecure: bool) -> dict[str, str]:
+    """The nodes' environment: ours, without any inherited secret or credentials (each node
+    gets its own file through --credentials), one thread each."""
+    env = dict(os.environ)
+    for var in (SECRET_ENV, SECRET_FILE_ENV, CREDENTIALS_ENV):
+        env.pop(var, None)
+    if insecure:
+        env[SECRET_FILE_ENV] = str(run_dir / rundir.SECRET)
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    return env
+
+
 def start(dep: Deployment, spawn: str = "exec") -> None:
     """Start every node: ``exec`` (a fresh interpreter each) or ``fork`` (see byzsgd.deploy.spawn)."""
-    secret_path = rundir.write_secret(dep.run_dir / rundir.SECRET)
-    env = dict(os.environ)
-    env.pop("BYZSGD_SECRET", None)
-    env.update({SECRET_FILE_ENV: str(secret_path), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                "PYTHONUNBUFFERED": "1"})
+    insecure = dep.cfg.insecure_shared_secret
+    if insecure:  # the legacy mode: one shared secret, handed over as a 0600 file
+        rundir.write_secret(dep.run_dir / rundir.SECRET)
+    else:
+        provision_credentials(dep)
+    env = node_env(dep.run_dir, insecure)
     dep.started = time.time()
     dep.write_description()  # ports are needed by every node before it starts
     if spawn == "fork":

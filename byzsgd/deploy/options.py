@@ -126,7 +126,8 @@ class LaunchConfig:
                 | set(range(cfg.world_size - self.byz_workers, cfg.world_size)))
 
     def node_config(self, rank: int, *, byzantine: bool | None = None, run_dir: Path | None = None) -> RunConfig:
-        """The configuration rank ``rank`` runs with (``run_dir``: its peers file and metrics)."""
+        """The configuration rank ``rank`` runs with (``run_dir``: its peers file, metrics and
+        credentials file)."""
         cfg = self.run
         is_ps = rank < cfg.num_ps
         byz = rank in self.byzantine_ranks() if byzantine is None else byzantine
@@ -137,7 +138,10 @@ class LaunchConfig:
                                        byzantine=bool(attack))
         if run_dir is not None:
             from byzsgd.deploy import rundir
+            from byzsgd.net.credentials import credentials_path
             changes["peers"] = str(rundir.deployment_path(run_dir))
+            if not cfg.insecure_shared_secret:  # its own file only (launch.start provisions)
+                changes["credentials"] = str(credentials_path(rundir.credentials_dir(run_dir), rank))
             if is_ps:
                 changes["metrics"] = str(rundir.rank_file(run_dir, "ps", rank, "metrics"))
         return dataclasses.replace(cfg, **changes)

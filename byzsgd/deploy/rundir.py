@@ -2,8 +2,10 @@
 
 One directory per run holds ``deployment.json`` (who runs where: each rank's role, address,
 pid, Byzantine or not, log and metrics files), per-rank files (``<role><rank>.log/.pid/
-.pgid/.rc/.host``, ``metrics-ps<rank>.jsonl``), ``secret`` (0600), ``faults.json``
-(scripts/fault.py) and ``summary.json``.  The launcher, the multi-host deployment, the
+.pgid/.rc/.host``, ``metrics-ps<rank>.jsonl``), ``credentials/rank<r>.cred`` (0600 each, in a
+0700 directory: the ranks' pairwise keys, byzsgd.net.credentials; the operator secret they are
+derived from is never written), ``secret`` (0600, only under ``--insecure_shared_secret``),
+``faults.json`` (scripts/fault.py) and ``summary.json``.  The launcher, the multi-host deployment, the
 experiment harness, the report and the fault injector all go through this module, so the
 schema and the summary (one definition of the median step time) cannot drift.
 
@@ -32,12 +34,15 @@ DEPLOYMENT = "deployment.json"
 SUMMARY = "summary.json"
 FAULTS = "faults.json"
 SECRET = "secret"
+CREDENTIALS = "credentials"
+#: the line each node prints on stderr at exit (its log): transport rejections and failures
+NET_STATS_PREFIX = "byzsgd-net-stats "
 #: per-rank files: what -> file name pattern (``{stem}`` is ``<role><rank>``)
 RANK_FILES = {"log": "{stem}.log", "pid": "{stem}.pid", "pgid": "{stem}.pgid", "rc": "{stem}.rc",
               "host": "{stem}.host", "metrics": "metrics-{stem}.jsonl"}
 #: what every rank entry of a deployment.json holds (writers); readers need rank and role
 RANK_KEYS = ("rank", "role", "host", "port", "pid", "byzantine", "attack", "attack_args", "log", "metrics")
-DOC_KEYS = ("num_ps", "num_workers", "run_dir", "started", "secret_file", "byzantine_ranks", "ranks")
+DOC_KEYS = ("num_ps", "num_workers", "run_dir", "started", "credentials", "byzantine_ranks", "ranks")
 
 
 # ----------------------------------------------------------------------------- file names
@@ -65,8 +70,13 @@ def atomic_write(path: Path, text: str) -> None:
         raise
 
 
+def credentials_dir(run_dir: str | os.PathLike) -> Path:
+    """Where the launchers provision the ranks' credentials files (``rank<r>.cred``)."""
+    return Path(run_dir) / CREDENTIALS
+
+
 def write_secret(path: Path) -> Path:
-    """A fresh random cluster secret in ``path`` (0600)."""
+    """A fresh random shared secret in ``path`` (0600): ``--insecure_shared_secret`` only."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(secrets.token_hex(32))
@@ -327,20 +337,87 @@ def rejoins(run_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
     return out
 
 
+# ----------------------------------------------------------------------------- net stats
+def net_stats_line(rank: int, role: str, rejected: dict, failures: dict) -> str:
+    """The line a node prints at exit: ``byzsgd-net-stats {json}``."""
+    return NET_STATS_PREFIX + json.dumps({"rank": int(rank), "role": role,
+                                          "rejected": {str(k): int(v) for k, v in dict(rejected).items()},
+                                          "failures": {str(k): int(v) for k, v in dict(failures).items()}},
+                                         sort_keys=True)
+
+
+def _count_map(value: Any) -> dict[str, int] | None:
+    if not isinstance(value, dict):
+        return None
+    return {str(k): int(v) for k, v in value.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def read_net_stats(log: str | os.PathLike) -> dict | None:
+    """The last ``byzsgd-net-stats`` record of a node's log (None when there is none)."""
+    found = None
+    try:
+        with open(log, "rb") as fh:
+            for raw in fh:
+                if raw.startswith(NET_STATS_PREFIX.encode()):
+                    found = raw
+    except OSError:
+        return None
+    if found is None:
+        return None
+    try:
+        doc = json.loads(found[len(NET_STATS_PREFIX):].decode("utf-8", "replace"))
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def rejections(run_dir: str | os.PathLike) -> dict[str, dict[str, int]]:
+    """Per rank that reported, what its transport refused: ``{rank: {reason: count}}`` (an
+    empty map: nothing refused).  From the line each node prints at exit into its log, else
+    (a PS) from its metrics' done record; a rank that reported neither is absent."""
+    run_dir = Path(run_dir)
+    try:
+        ranks = read_deployment(run_dir)["ranks"]
+    except ConfigError:
+        return {}
+    out: dict[str, dict[str, int]] = {}
+    for r in ranks:
+        try:
+            rank, role = int(r["rank"]), r["role"]
+        except (KeyError, TypeError, ValueError):
+            continue
+        log = Path(r.get("log") or rank_file(run_dir, role, rank, "log"))
+        if not log.exists():
+            log = rank_file(run_dir, role, rank, "log")  # run directory moved since
+        stats = read_net_stats(log)
+        counts = _count_map(stats.get("rejected")) if stats else None
+        if counts is None and role == "ps":
+            metrics = Path(r.get("metrics") or rank_file(run_dir, role, rank, "metrics"))
+            if not metrics.exists():
+                metrics = rank_file(run_dir, role, rank, "metrics")
+            for rec in read_metrics(metrics):
+                if rec.get("event") == "done" and "rejected" in rec:
+                    counts = _count_map(rec["rejected"])
+        if counts is not None:
+            out[str(rank)] = counts
+    return out
+
+
 # ----------------------------------------------------------------------------- run summary
 def run_summary(run_dir: str | os.PathLike, outcome: str, *, started: float,
                 returncodes: dict[int, int | None], exclude: set[int] = frozenset(),
                 byzantine_ranks: list[int] = ()) -> dict[str, Any]:
     """The fields every deployment's ``summary.json`` (and ``--json`` line) has: per correct
     PS its final accuracy (its done record's, else its last evaluation), the least of them
-    (ranks in ``exclude`` — killed on purpose — left out), the median step time."""
+    (ranks in ``exclude`` — killed on purpose — left out), the median step time, and per
+    rank what its transport refused (``rejections``: reason -> count, see :func:`rejections`)."""
     series = ps_series(run_dir)
     final = {str(r): s["final"] for r, s in series.items()}
     accs = [a for r, a in final.items() if a is not None and int(r) not in exclude]
     summary = dict(outcome=outcome, run_dir=str(run_dir), final_accuracy=final,
                    min_accuracy=min(accs) if accs else None,
                    median_step_time=median_step_time(series), wall_time=time.time() - started,
-                   byzantine_ranks=list(byzantine_ranks),
+                   byzantine_ranks=list(byzantine_ranks), rejections=rejections(run_dir),
                    returncodes={str(k): v for k, v in returncodes.items()})
     rejoined = rejoins(run_dir)
     if rejoined:  # nodes restarted by scripts/fault.py: did they serve again, from when

@@ -7,8 +7,10 @@ then close.  A role fills in its loop and the hooks that say what it logs and re
 from __future__ import annotations
 
 import asyncio
+import sys
 
 from byzsgd.config import RunConfig
+from byzsgd.deploy import rundir
 from byzsgd.errors import ByzSGDError
 from byzsgd.net import FrameLimits, race
 from byzsgd.roles import protocol_attacks
@@ -54,8 +56,19 @@ class Role:
             if not finished:
                 self._stopped()
             await self._shutdown()
+            self._report_net_stats()
         self._finished()
         return 0
+
+    def _report_net_stats(self) -> None:
+        """One line on stderr (the node's log), whatever the log level: what the transport
+        refused (``stats.rejected``: reason -> count) and the local failures it contained
+        (``stats.failures``); the run summary's ``rejections`` come from it."""
+        try:
+            print(rundir.net_stats_line(self.cfg.rank, self.cfg.role, self.node.stats.rejected,
+                                        self.node.stats.failures), file=sys.stderr, flush=True)
+        except Exception:  # pragma: no cover - a closed stderr must not change the exit code
+            pass
 
     # -- what a role fills in ------------------------------------------------------------
     async def _steps(self) -> None:

@@ -71,8 +71,9 @@ def tls_contexts(cfg: RunConfig) -> tuple[ssl.SSLContext | None, ssl.SSLContext 
         server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         server.load_cert_chain(cfg.tls_cert, cfg.tls_key)
         client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cfg.tls_ca or cfg.tls_cert)
-        # Peers are addressed by IP in most clusters; identity is proven by the HMAC handshake
-        # over the cluster secret, the CA proves the certificate is the cluster's.
+        # Peers are addressed by IP in most clusters; the rank is proven by the HMAC handshake
+        # under the pair key of the two ranks (--credentials), the CA proves the certificate
+        # is the cluster's and the handshake binds the TLS channel.
         client.check_hostname = False
         if cfg.tls_ca:
             server.verify_mode = ssl.CERT_OPTIONAL
@@ -84,9 +85,10 @@ def tls_contexts(cfg: RunConfig) -> tuple[ssl.SSLContext | None, ssl.SSLContext 
 
 def make_node(cfg: RunConfig, limits: FrameLimits) -> Node:
     """The node's endpoint: from --peers when given, else a rendezvous through --master."""
+    identity = cfg.identity()  # refuses to start without a proof of this rank (ConfigError)
     ssl_server, ssl_client = tls_contexts(cfg)
     common = dict(limits=limits, listen_host=cfg.listen_host, advertise_host=cfg.advertise_host,
-                  ssl_server=ssl_server, ssl_client=ssl_client)
+                  ssl_server=ssl_server, ssl_client=ssl_client, bind_address=cfg.bind_address)
     if cfg.peers:
         directory = load_directory(cfg.peers)
         if directory.world_size != cfg.world_size or directory.num_ps != cfg.num_ps:
@@ -94,10 +96,10 @@ def make_node(cfg: RunConfig, limits: FrameLimits) -> Node:
                 f"the peer directory {cfg.peers} describes {directory.num_ps} PS and "
                 f"{directory.world_size - directory.num_ps} workers, but the flags say "
                 f"{cfg.num_ps} PS and {cfg.num_workers} workers")
-        return Node(cfg.rank, cfg.role, cfg.secret(), directory=directory, **common)
+        return Node(cfg.rank, cfg.role, identity, directory=directory, **common)
     host, port = parse_host_port(cfg.master)
     listen_port = cfg.port if cfg.port is not None else (port if cfg.rank == 0 else 0)
-    return Node(cfg.rank, cfg.role, cfg.secret(), master=(host, port), world_size=cfg.world_size,
+    return Node(cfg.rank, cfg.role, identity, master=(host, port), world_size=cfg.world_size,
                 num_ps=cfg.num_ps, listen_port=listen_port, **common)
 
 

@@ -371,7 +371,9 @@ class PSBase(Role):
                            models_rejected=self.models_rejected,
                            median_step_time=statistics.median(warm),
                            bytes_sent=self.node.stats.bytes_sent,
-                           bytes_received=self.node.stats.bytes_received)
+                           bytes_received=self.node.stats.bytes_received,
+                           rejected=dict(self.node.stats.rejected),
+                           failures=dict(self.node.stats.failures))
         log.info("PS %d done: %d steps, final accuracy %.2f%%, median %.4f s/step", cfg.rank,
                  cfg.num_iter, self.accuracy if self.accuracy is not None else float("nan"),
                  statistics.median(warm))

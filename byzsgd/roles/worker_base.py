@@ -72,4 +72,6 @@ class WorkerBase(Role):
         log.error("worker %d stopped: %s", self.cfg.rank, exc)
 
     def _finished(self) -> None:
-        log.info("worker %d done: %d gradients sent", self.cfg.rank, self.served)
+        stats = self.node.stats
+        log.info("worker %d done: %d gradients sent; rejected %s, failures %s", self.cfg.rank,
+                 self.served, dict(stats.rejected) or "none", dict(stats.failures) or "none")
