@@ -82,8 +82,11 @@ class RunConfig:
     gar: str | None = _f(None, "aggregation rule of the gradients (default: median; mda in "
                          "--mode paper)", group=GARFIELD)
     acc_freq: int = _f(100, "evaluate the test accuracy every N steps", group=GARFIELD)
-    bench: bool = _f(False, "print step timings (true/false)", group=GARFIELD)
-    log: bool = _f(True, "log progress (true/false)", group=GARFIELD)
+    bench: bool = _f(False, "true: a PS prints the time each step took, every step",
+                     group=GARFIELD)
+    log: bool = _f(False, "true: a PS prints each step's loss (mean over the gradients it "
+                   "aggregated) and the loss accumulated so far (start-up, evaluations and "
+                   "warnings are printed either way)", group=GARFIELD)
     # -- ours
     mode: str = _f("garfield", "garfield: each PS drives its own learning, models gathered every "
                    "step; paper: the full ByzSGD of El-Mhamdi et al.", choices=MODES)
