@@ -69,3 +69,33 @@ def test_bench_prints_each_step_time_and_log_each_step_loss(tmp_path):
     # the metrics file holds the same per-step losses
     recs = [json.loads(x) for x in (tmp_path / "run-false-true" / "metrics-ps0.jsonl").read_text().splitlines()]
     assert [round(r["loss"], 4) for r in recs if "step_time" in r and "event" not in r] == step_loss
+
+
+# ============================================================================ --model / --dataset help
+HELP_PROBE = """\
+import runpy, sys
+sys.argv = [sys.argv[1], "--help"]
+try:
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+except SystemExit:
+    pass
+print("TORCH-IMPORTED", "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("module", ["byzsgd.trainer", "byzsgd.roles.ps", "byzsgd.launch"])
+def test_model_and_dataset_help_come_from_the_registries(module):
+    """--help lists every model and dataset (model_help() / dataset_help(), the registries'
+    own texts); the trainer's and the launcher's --help do not import torch."""
+    from byzsgd.learning.data import dataset_help
+    from byzsgd.learning.models import model_help
+
+    res = subprocess.run([PY, "-c", HELP_PROBE, module], capture_output=True, text=True,
+                         cwd=ROOT, env=clean_env(), timeout=120)
+    assert res.returncode == 0, res.stderr
+    flat = "".join(res.stdout.split())  # argparse re-wraps the text
+    assert "".join(model_help().split()) in flat and "".join(dataset_help().split()) in flat
+    for name in ("resnet18", "densenet121", "vgg19", "cifar100", "imagenet", "fashion-mnist"):
+        assert name in res.stdout.replace("-\n", "-")
+    if module != "byzsgd.roles.ps":  # the node modules import the roles (torch) at load
+        assert res.stdout.strip().endswith("TORCH-IMPORTED False"), res.stdout[-300:]
