@@ -99,3 +99,128 @@ def test_model_and_dataset_help_come_from_the_registries(module):
         assert name in res.stdout.replace("-\n", "-")
     if module != "byzsgd.roles.ps":  # the node modules import the roles (torch) at load
         assert res.stdout.strip().endswith("TORCH-IMPORTED False"), res.stdout[-300:]
+
+
+# ============================================================================ run_exp.sh / kill.sh
+def _private_net_reason() -> str | None:
+    """run_exp.sh with no argument listens on Garfield's port 29500 (+ rank): the test runs it
+    in a network namespace of its own, so that nothing else on this machine can hold it."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return "needs root (a private network namespace for port 29500)"
+    res = subprocess.run(["unshare", "-n", "--", "ip", "link", "set", "lo", "up"],
+                         capture_output=True, text=True)
+    return None if res.returncode == 0 else f"cannot unshare a network namespace: {res.stderr.strip()}"
+
+
+def garfield_dir(tmp_path: Path, steps: int) -> Path:
+    """An experiment directory as Garfield's README has it: servers, workers and (ours) the
+    trainer flags in exp.conf."""
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "servers").write_text("127.0.0.1\n")
+    (exp / "workers").write_text("127.0.0.1\n127.0.0.1\n")
+    (exp / "exp.conf").write_text(" ".join(TINY) + f" --num_iter {steps} --acc_freq {steps}\n"
+                                  "--startup_timeout 60  # comments are fine\n")
+    return exp
+
+
+def run_exp_here(exp: Path, env: dict, **kw) -> subprocess.Popen:
+    """``./run_exp.sh`` with no argument, from ``exp``, on a private loopback."""
+    return subprocess.Popen(["unshare", "-n", "--", "sh", "-c",
+                             f'ip link set lo up && exec bash {SCRIPTS / "run_exp.sh"}'],
+                            cwd=exp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)
+
+
+def kill_sh(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPTS / "kill.sh"), *args], capture_output=True, text=True,
+                          env=env, cwd="/", timeout=90)
+
+
+def test_kill_without_argument_refuses_when_no_run_is_recorded(tmp_path, monkeypatch):
+    monkeypatch.setenv(cluster.LATEST_ENV, str(tmp_path / "runs" / "latest"))
+    env = clean_env(**{cluster.LATEST_ENV: str(tmp_path / "runs" / "latest")})
+    res = kill_sh(env)
+    assert res.returncode == 2 and "no run recorded in" in res.stderr, res.stderr
+    assert str(tmp_path / "runs" / "latest") in res.stderr
+    # a recorded run whose directory is gone: refused, naming it
+    assert cluster.record_latest(tmp_path / "gone") == tmp_path / "runs" / "latest"
+    res = kill_sh(env)
+    assert res.returncode == 2 and "holds no deployment.json" in res.stderr
+    assert str(tmp_path / "gone") in res.stderr
+
+
+def test_latest_run_pointer(tmp_path, monkeypatch):
+    pointer = tmp_path / "state" / "latest"
+    monkeypatch.setenv(cluster.LATEST_ENV, str(pointer))
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "deployment.json").write_text("{}")
+        assert cluster.record_latest(tmp_path / name) == pointer
+        assert cluster.latest_run() == tmp_path / name  # replaced, not appended
+    assert [p.name for p in pointer.parent.iterdir()] == ["latest"]  # no temporary left
+    monkeypatch.delenv(cluster.LATEST_ENV)
+    assert cluster.latest_pointer() == cluster.REPO / "runs" / "latest"
+    # the default config: exp.conf beside the servers file, only when it exists
+    (tmp_path / "servers").write_text("h\n")
+    assert cluster.default_config(tmp_path / "servers") is None
+    (tmp_path / "exp.conf").write_text("--num_iter 3\n")
+    assert cluster.default_config(tmp_path / "servers") == tmp_path / "exp.conf"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_run_exp_and_kill_without_arguments(tmp_path, monkeypatch):
+    """Garfield's workflow: servers / workers / exp.conf in the working directory,
+    ``run_exp.sh`` with no argument (local runner), then ``kill.sh`` with no argument, from
+    elsewhere, stops that run -- and says so when the latest run is already over."""
+    reason = _private_net_reason()
+    if reason:
+        pytest.skip(reason)
+    monkeypatch.setenv(cluster.LATEST_ENV, str(tmp_path / "latest"))
+    env = clean_env(BYZSGD_RUNNER="local", **{cluster.LATEST_ENV: str(tmp_path / "latest")})
+    # 1. a short run to its end: flags from exp.conf, run directory under ./runs
+    exp = garfield_dir(tmp_path, steps=4)
+    proc = run_exp_here(exp, env)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert f"trainer flags from {exp / 'exp.conf'}" in err
+    run = cluster.latest_run()
+    assert run.parent == exp / "runs"
+    doc = json.loads((run / "deployment.json").read_text())
+    flags = cluster.split_flags(doc["flags"])
+    assert (flags["num_iter"], flags["model"], flags["dataset"]) == ("4", "cnn", TINY[1])
+    assert [r["port"] for r in doc["ranks"]] == [29500, 29501, 29502]  # Garfield's port
+    assert json.loads((run / "summary.json").read_text())["outcome"] == "ok"
+    res = kill_sh(env)
+    assert res.returncode == 0 and f"the latest run: {run}" in res.stderr
+    assert "no process of the run" in res.stderr
+    # 2. a long run, stopped by kill.sh with no argument
+    (tmp_path / "exp").rename(tmp_path / "exp1")
+    exp = garfield_dir(tmp_path, steps=100000)
+    proc = run_exp_here(exp, env)
+    try:
+        def started():
+            try:
+                latest = cluster.latest_run()
+            except Exception:
+                return None
+            if latest.parent != exp / "runs":
+                return None
+            d = json.loads((latest / "deployment.json").read_text())
+            return d if all(r.get("pid") for r in d["ranks"]) else None
+        doc = wait_for(started, 120, what="the run to start")
+        metrics = Path(doc["run_dir"]) / "metrics-ps0.jsonl"
+        wait_for(lambda: metrics.exists() and '"step_time"' in metrics.read_text(), 180,
+                 what="a first step")
+        assert run_ids_alive(doc["run_id"])
+        res = kill_sh(env, "--grace", "3")
+        assert res.returncode == 0, res.stderr
+        assert f"the latest run: {doc['run_dir']}" in res.stderr
+        assert run_ids_alive(doc["run_id"]) == []
+        proc.communicate(timeout=60)  # run_exp.sh sees its ranks gone and ends
+        assert proc.returncode != 0
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
