@@ -219,7 +219,8 @@ def test_run_exp_and_kill_without_arguments(tmp_path, monkeypatch):
         assert f"the latest run: {doc['run_dir']}" in res.stderr
         assert run_ids_alive(doc["run_id"]) == []
         proc.communicate(timeout=60)  # run_exp.sh sees its ranks gone and ends
-        assert proc.returncode != 0
+        summary = json.loads((Path(doc["run_dir"]) / "summary.json").read_text())
+        assert 0 < summary["steps_done"]["0"] < 100000, summary
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
