@@ -225,3 +225,45 @@ def test_run_exp_and_kill_without_arguments(tmp_path, monkeypatch):
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
             proc.communicate(timeout=60)
+
+
+# ============================================================================ Garfield's parameters, netns
+#: Garfield's run_exp.sh parameter set (resnet18 / cifar10 / cross-entropy / SGD lr 0.1 with
+#: momentum 0.9 and weight decay 0.0005), with median for its "average", CIFAR-10-shaped
+#: synthetic data, and few steps of a small batch
+GARFIELD_CONF = """\
+--dataset synthetic:3x32x32:10:256:64 --model resnet18 --loss cross-entropy
+--optimizer sgd --opt_args '{"lr":"0.1","momentum":"0.9","weight_decay":"0.0005"}'
+--batch 4 --gar median --fw 1 --fps 1 --num_iter 3 --acc_freq 3 --eval_samples 16
+--bench true --log true --startup_timeout 200 --step_timeout 300
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_garfield_parameter_set_runs_on_the_netns_bed(netns, tmp_path, monkeypatch):
+    """servers / workers / exp.conf in the working directory, run_exp.sh with no argument
+    over the network namespaces: 4 PS (fps=1) + 7 workers (fw=1) on 5 hosts train resnet18."""
+    monkeypatch.setenv(cluster.LATEST_ENV, str(tmp_path / "latest"))
+    (tmp_path / "servers").write_text(netns.servers)
+    (tmp_path / "workers").write_text(netns.workers)
+    (tmp_path / "exp.conf").write_text(GARFIELD_CONF)
+    env = dict(netns.env, BYZSGD_RUNNER="ip netns exec", **{cluster.LATEST_ENV: str(tmp_path / "latest")})
+    res = subprocess.run(["bash", str(SCRIPTS / "run_exp.sh")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=560)
+    assert res.returncode == 0, res.stderr[-4000:]
+    run = cluster.latest_run()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["outcome"] == "ok" and summary["steps_done"] == {str(r): 3 for r in range(4)}
+    doc = json.loads((run / "deployment.json").read_text())
+    assert len({r["host"] for r in doc["ranks"]}) == 5 and run_ids_alive(doc["run_id"]) == []
+    flags = cluster.split_flags(doc["flags"])
+    assert (flags["model"], flags["loss"], flags["gar"]) == ("resnet18", "cross-entropy", "median")
+    start = next(json.loads(x) for x in (run / "metrics-ps0.jsonl").read_text().splitlines()
+                 if '"start"' in x)
+    assert start["config"]["opt_args"] == {"lr": "0.1", "momentum": "0.9", "weight_decay": "0.0005"} \
+        or start["config"]["opt_args"] == {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0005}
+    assert start["parameters"] > 11_000_000  # resnet18
+    log = (run / "ps0.log").read_text()
+    assert len(re.findall(r"ps0 INFO byzsgd\.ps: step \d+ takes ", log)) == 3
+    assert len(re.findall(r"ps0 INFO byzsgd\.ps: step \d+ loss \d", log)) == 3
