@@ -165,8 +165,15 @@ def latest_pointer() -> Path:
     directory, so that ``kill.sh`` finds the run whichever directory either script ran from
     (each experiment directory holding its own servers / workers / exp.conf); a symlink so that
     ``runs/latest/ps0.log`` works, replaced atomically (``os.replace``) so that a reader never
-    sees half a record, and holding an absolute path (``--run_dir`` may be anywhere)."""
-    return Path(os.environ.get(LATEST_ENV) or REPO / "runs" / "latest")
+    sees half a record, and holding an absolute path (``--run_dir`` may be anywhere).  An
+    installed byzsgd (no checkout around it) records in ``$XDG_STATE_HOME/byzsgd/latest``
+    (``~/.local/state``) instead of its site-packages."""
+    if os.environ.get(LATEST_ENV):
+        return Path(os.environ[LATEST_ENV])
+    if (REPO / "scripts" / "run_exp.sh").is_file():
+        return REPO / "runs" / "latest"
+    state = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(state) / "byzsgd" / "latest"
 
 
 def record_latest(run_dir: Path) -> Path | None:
