@@ -19,6 +19,7 @@ from typing import Any
 from byzsgd.errors import ConfigError
 from byzsgd.flags import (BYZSGD, GARFIELD, PAPER, add_flags, build_parser, default_of, flag,
                           flag_fields, parse_bool, parse_json_object, to_argv, values_from)
+from byzsgd.learning.catalog import dataset_help, model_help  # torch-free: --help stays fast
 
 __all__ = ["RunConfig", "parse_bool", "parse_json_object", "parse_host_port", "node_parser",
            "config_from_args", "add_arguments", "SECRET_ENV", "SECRET_FILE_ENV", "CREDENTIALS_ENV",
@@ -77,13 +78,13 @@ class RunConfig:
     master: str = _f("127.0.0.1", "master (rank 0) address, host or host:port (port default "
                      "29500); used for the rendezvous when --peers is not given", group=GARFIELD)
     rank: int = _f(0, "this node's rank; ranks below --num_ps are parameter servers", group=GARFIELD)
-    dataset: str = _f("mnist", "mnist, fashion-mnist, cifar10 or synthetic:CxHxW:K", group=GARFIELD)
+    dataset: str = _f("mnist", dataset_help(), group=GARFIELD)
     batch: int = _f(32, "per-worker mini-batch size", group=GARFIELD)
     num_ps: int = _f(1, "number of parameter servers", group=GARFIELD)
     num_workers: int = _f(1, "number of workers", group=GARFIELD)
     fw: int = _f(0, "number of Byzantine workers tolerated", group=GARFIELD)
     fps: int = _f(0, "number of Byzantine parameter servers tolerated", group=GARFIELD)
-    model: str = _f("convnet", "convnet, cifarnet, resnet18 or a torchvision model", group=GARFIELD)
+    model: str = _f("convnet", model_help(), group=GARFIELD)
     loss: str = _f("nll", "nll or cross-entropy", group=GARFIELD)
     optimizer: str = _f("sgd", "sgd, adam, adamw, rmsprop, adagrad", group=GARFIELD)
     opt_args: dict[str, Any] = _f({"lr": 0.1}, "optimizer arguments as JSON, e.g. "
@@ -92,8 +93,11 @@ class RunConfig:
     gar: str | None = _f(None, "aggregation rule of the gradients (default: median; mda in "
                          "--mode paper)", group=GARFIELD)
     acc_freq: int = _f(100, "evaluate the test accuracy every N steps", group=GARFIELD)
-    bench: bool = _f(False, "print step timings (true/false)", group=GARFIELD)
-    log: bool = _f(True, "log progress (true/false)", group=GARFIELD)
+    bench: bool = _f(False, "true: a PS prints the time each step took, every step",
+                     group=GARFIELD)
+    log: bool = _f(False, "true: a PS prints each step's loss (mean over the gradients it "
+                   "aggregated) and the loss accumulated so far (start-up, evaluations and "
+                   "warnings are printed either way)", group=GARFIELD)
     # -- ours
     mode: str = _f("garfield", "garfield: each PS drives its own learning, models gathered every "
                    "step; paper: the full ByzSGD of El-Mhamdi et al.", choices=MODES)

@@ -5,6 +5,7 @@ from byzsgd.deploy.garfield import main
 __all__ = ["main"]
 
 if __name__ == "__main__":
+    code = main()  # first: --help and flag errors must not import torch (byzsgd.roles does)
     from byzsgd.roles.common import exit_now
 
-    exit_now(main())
+    exit_now(code)

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Start a ByzSGD experiment over several hosts: one `python -m byzsgd.trainer` per rank.
 #
+# Garfield's way: in a directory holding `servers`, `workers` and `exp.conf` (trainer flags,
+# see scripts/exp.conf.example), run `path/to/scripts/run_exp.sh` with no argument; then
+# `path/to/scripts/kill.sh` (no argument) stops that run, the latest one of this checkout.
+#
 #   scripts/run_exp.sh [--servers FILE] [--workers FILE] [--config FILE] [--run_dir DIR]
 #                      [--base_port 29500] [--ports fixed|ephemeral] [--runner CMD]
 #                      [--tls_cert PEM --tls_key PEM [--tls_ca PEM]] [--timeout S]
@@ -8,7 +12,8 @@
 #
 # servers / workers: one rank per line, "HOST [addr=A] [python=P] [repo=R] [dir=D] [listen=L]"
 # (see scripts/servers.example); the first server is the master (rank 0); ranks are the
-# servers in file order, then the workers.  Trainer flags come from --config (see
+# servers in file order, then the workers.  Defaults: ./servers, ./workers.  Trainer flags come
+# from --config (default: exp.conf beside the servers file, when there is one; see
 # scripts/exp.conf.example) and after `--`; the deployment sets --rank --master --port
 # --advertise_host --credentials --metrics itself.  Rank r listens on base_port + r.
 #
@@ -25,7 +30,8 @@
 # Writes RUN_DIR/deployment.json (rank, role, host, addr, port, pid, pgid, log, metrics),
 # <role><rank>.{pid,pgid,rc,log}, metrics-ps<rank>.jsonl and, at the end, summary.json.
 # Without --detach it waits for the run (Ctrl-C stops every rank); stop a detached run
-# with scripts/kill.sh RUN_DIR.
+# with scripts/kill.sh RUN_DIR (or scripts/kill.sh alone: the run is recorded as the
+# checkout's latest, runs/latest, or $BYZSGD_LATEST_RUN).
 # Python here: $BYZSGD_PYTHON, else the active venv/conda env, else <repo>/.venv/bin/python,
 # else python3 (scripts/pick_python.sh).  On the hosts: python= in the host file, else --python,
 # else this same interpreter when the hosts are this machine (runner local / ip netns exec),

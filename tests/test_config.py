@@ -120,7 +120,7 @@ def _every_flag_set() -> RunConfig:
     return RunConfig(master="10.0.0.1:4000", rank=2, dataset="synthetic:1x8x8:4", batch=7, num_ps=4,
                      num_workers=7, fw=1, fps=1, model="cifarnet", loss="cross-entropy",
                      optimizer="sgd", opt_args={"lr": "0.05", "momentum": 0.9}, num_iter=11,
-                     gar="median", acc_freq=3, bench=True, log=False, mode="paper",
+                     gar="median", acc_freq=3, bench=True, log=True, mode="paper",
                      gar_args={}, model_gar="median", gather_period=3, peers="/x/deployment.json",
                      data_root="/data", split="dirichlet:0.5", seed=9, eval_samples=100,
                      metrics="/x/m.jsonl", listen_host="127.0.0.2", advertise_host="h", port=1234,

@@ -2,12 +2,17 @@
 
 ``python -m byzsgd.deploy.cluster run``  starts one ``python -m byzsgd.trainer`` per rank, each on its
 host, through a *runner* (a command that runs ``sh -s`` on a host: ``ssh`` by default), waits
-for the run, collects the files and writes ``summary.json``.  ``kill RUN_DIR`` stops exactly the
-ranks of a run.  ``wait``, ``status`` and ``collect`` act on a run started with ``--detach``;
+for the run, collects the files and writes ``summary.json``.  ``kill [RUN_DIR]`` stops exactly the
+ranks of a run (without RUN_DIR: the latest run started from this checkout, recorded by ``run``
+in ``runs/latest``; see :func:`latest_pointer`).  ``wait``, ``status`` and ``collect`` act on a
+run started with ``--detach``;
 ``describe`` writes ``deployment.json`` for a run started by SLURM (``scripts/slurm_byzsgd.sbatch``).
 
 Only the standard library is needed on the launching machine (torch is used, when present,
 to check the configuration before anything starts).
+
+With no argument, ``run`` reads ``servers``, ``workers`` and, when there is one, ``exp.conf``
+(trainer flags) from the working directory: Garfield's ``./run_exp.sh`` workflow.
 
 Hosts files (``servers``, ``workers``): one rank per line, ``HOST [key=value ...]``; ``#``
 starts a comment; a host may appear on several lines (several ranks there).  The first server
@@ -74,6 +79,10 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RUNNER = "ssh -o BatchMode=yes"
 RUNNER_ENV = "BYZSGD_RUNNER"
 RUN_ID_ENV = "BYZSGD_RUN_ID"
+#: where ``run`` records its run directory, for ``kill.sh`` with no argument (see latest_pointer)
+LATEST_ENV = "BYZSGD_LATEST_RUN"
+#: the trainer flags ``run`` reads when --config is not given: this file beside --servers
+DEFAULT_CONFIG = "exp.conf"
 HOST_KEYS = ("addr", "python", "repo", "dir", "listen")
 #: trainer flags the deployment sets per rank: refused in the config
 OWNED_FLAGS = ("rank", "master", "port", "listen_host", "advertise_host", "secret_file", "metrics",
@@ -120,6 +129,10 @@ def parse_hosts(text: str, source: str = "hosts") -> list[Host]:
 
 
 def read_hosts(path: str | os.PathLike) -> list[Host]:
+    if not Path(path).exists():
+        raise ConfigError(f"no hosts file {Path(path).resolve()}: write one host per line (the "
+                          f"first server is the master; see scripts/servers.example), or name "
+                          f"it with --servers / --workers")
     try:
         text = Path(path).read_text()
     except OSError as exc:
@@ -142,6 +155,62 @@ def read_config(path: str | os.PathLike | None) -> list[str]:
         return shlex.split(text, comments=True)
     except ValueError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def default_config(servers: str | os.PathLike) -> Path | None:
+    """The config file used when --config is not given: ``exp.conf`` beside the servers file
+    (Garfield kept its trainer parameters in run_exp.sh, run from that directory)."""
+    path = Path(servers).resolve().parent / DEFAULT_CONFIG
+    return path if path.is_file() else None
+
+
+# ----------------------------------------------------------------------------- the latest run
+def latest_pointer() -> Path:
+    """``$BYZSGD_LATEST_RUN``, else ``<checkout>/runs/latest``: a symlink to the run directory
+    of the latest ``run`` started from this checkout.  In the checkout, not the working
+    directory, so that ``kill.sh`` finds the run whichever directory either script ran from
+    (each experiment directory holding its own servers / workers / exp.conf); a symlink so that
+    ``runs/latest/ps0.log`` works, replaced atomically (``os.replace``) so that a reader never
+    sees half a record, and holding an absolute path (``--run_dir`` may be anywhere).  An
+    installed byzsgd (no checkout around it) records in ``$XDG_STATE_HOME/byzsgd/latest``
+    (``~/.local/state``) instead of its site-packages."""
+    if os.environ.get(LATEST_ENV):
+        return Path(os.environ[LATEST_ENV])
+    if (REPO / "scripts" / "run_exp.sh").is_file():
+        return REPO / "runs" / "latest"
+    state = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(state) / "byzsgd" / "latest"
+
+
+def record_latest(run_dir: Path) -> Path | None:
+    """Point :func:`latest_pointer` at ``run_dir``; a pointer that cannot be written (a
+    read-only checkout) is a warning, not a failed start."""
+    pointer = latest_pointer()
+    tmp = pointer.with_name(f".{pointer.name}.{os.getpid()}")
+    try:
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.is_symlink():
+            tmp.unlink()
+        os.symlink(Path(run_dir).resolve(), tmp)
+        os.replace(tmp, pointer)
+    except OSError as exc:
+        print(f"byzsgd.cluster: warning: cannot record the latest run in {pointer} ({exc}); "
+              f"scripts/kill.sh will need the run directory", file=sys.stderr)
+        return None
+    return pointer
+
+
+def latest_run() -> Path:
+    """The run directory :func:`record_latest` recorded, or a ConfigError saying why none."""
+    pointer = latest_pointer()
+    if not pointer.is_symlink():
+        raise ConfigError(f"no run recorded in {pointer} (scripts/run_exp.sh records each run it "
+                          f"starts there): give the run directory")
+    target = Path(os.readlink(pointer))
+    if not rundir.deployment_path(target).exists():
+        raise ConfigError(f"the latest run, {target} ({pointer}), holds no deployment.json any "
+                          f"more: give the run directory")
+    return target
 
 
 #: ``--name value`` pairs of an argv (see byzsgd.flags.split_argv)
@@ -306,7 +375,7 @@ def check_flags(flags: list[str], num_ps: int, num_workers: int) -> RunConfig:
 def make_plan(args: argparse.Namespace) -> Plan:
     servers = read_hosts(args.servers)
     workers = read_hosts(args.workers)
-    flags = read_config(args.config) + list(args.trainer_flags)
+    flags = read_config(args.config or default_config(args.servers)) + list(args.trainer_flags)
     # TLS files given as trainer flags are local files shipped like the secret.
     given = split_flags(flags)
     tls = {k: getattr(args, k) for k in TLS_FLAGS if getattr(args, k, None)}
@@ -761,6 +830,10 @@ def describe_slurm(run_dir: Path, num_ps: int, num_workers: int, master: str, wa
 
 
 # ----------------------------------------------------------------------------- CLI
+LATEST_HELP = (f"the run directory (default: the latest run started from this checkout, "
+               f"${LATEST_ENV} or <checkout>/runs/latest)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m byzsgd.deploy.cluster",
                                 description=__doc__.split("\n\n")[0],
@@ -770,7 +843,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     r.add_argument("--servers", default="servers", help="hosts of the PSes, one rank a line")
     r.add_argument("--workers", default="workers", help="hosts of the workers, one rank a line")
-    r.add_argument("--config", default=None, help="file of trainer flags (shell words, # comments)")
+    r.add_argument("--config", default=None, help=f"file of trainer flags (shell words, # comments; "
+                   f"default: {DEFAULT_CONFIG} beside the servers file, if there is one)")
     r.add_argument("--run_dir", default=None, help="local run directory (default runs/multihost-<time>)")
     r.add_argument("--remote_dir", default=None, help="run directory on the hosts (default: --run_dir)")
     r.add_argument("--repo", default=str(REPO), help="byzsgd checkout on the hosts (default: this one)")
@@ -792,19 +866,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("trainer_flags", nargs=argparse.REMAINDER,
                    help="after --: more trainer flags (override the config file)")
     w = sub.add_parser("wait", help="wait for a detached run, then stop, collect, summarize")
-    w.add_argument("run_dir")
+    w.add_argument("run_dir", nargs="?", help=LATEST_HELP)
     w.add_argument("--timeout", type=float, default=0)
     w.add_argument("--json", action="store_true")
     w.add_argument("--quiet", action="store_true")
     k = sub.add_parser("kill", help="stop every rank of a run (scripts/kill.sh)")
-    k.add_argument("run_dir")
+    k.add_argument("run_dir", nargs="?", help=LATEST_HELP)
     k.add_argument("--grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL")
     s = sub.add_parser("status", help="per-rank state of a run, as JSON")
-    s.add_argument("run_dir")
+    s.add_argument("run_dir", nargs="?", help=LATEST_HELP)
     c = sub.add_parser("collect", help="copy logs/metrics of non-shared hosts into the run dir")
-    c.add_argument("run_dir")
+    c.add_argument("run_dir", nargs="?", help=LATEST_HELP)
     sm = sub.add_parser("summary", help="summary of a finished run (metrics of the PSes), as JSON")
-    sm.add_argument("run_dir")
+    sm.add_argument("run_dir", nargs="?", help=LATEST_HELP)
     d = sub.add_parser("describe", help="write deployment.json for a SLURM run")
     d.add_argument("run_dir")
     d.add_argument("--num_ps", type=int, required=True)
@@ -817,6 +891,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.cmd in ("wait", "kill", "status", "collect", "summary") and not args.run_dir:
+            args.run_dir = str(latest_run())
+            print(f"byzsgd.cluster: the latest run: {args.run_dir}", file=sys.stderr)
         if args.cmd == "run":
             if args.trainer_flags and args.trainer_flags[0] == "--":
                 args.trainer_flags = args.trainer_flags[1:]
@@ -830,6 +907,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"byzsgd.cluster: {plan.num_ps} PS + {plan.num_workers} workers on "
                   f"{len(plan.hosts())} hosts, master {plan.master}, runner {plan.runner!r}; "
                   f"run dir {plan.run_dir}", file=sys.stderr)
+            config = args.config or default_config(args.servers)
+            print(f"byzsgd.cluster: trainer flags from {config}" if config else
+                  f"byzsgd.cluster: no --config and no {DEFAULT_CONFIG} beside the servers file: "
+                  f"the trainer's defaults", file=sys.stderr)
+            record_latest(plan.run_dir)  # before anything starts: kill.sh can stop a half start
             try:
                 start(plan, args.quiet)
             except (StartError, KeyboardInterrupt) as exc:
@@ -851,6 +933,8 @@ def main(argv: list[str] | None = None) -> int:
             for host, pids in left.items():
                 if pids:
                     print(f"byzsgd.cluster: {host}: still running: {pids}", file=sys.stderr)
+            if not any(left.values()):
+                print(f"byzsgd.cluster: no process of the run {doc['run_dir']} is left", file=sys.stderr)
             return 1 if any(left.values()) else 0
         if args.cmd == "status":
             print(json.dumps({str(k): v for k, v in poll(load(args.run_dir)).items()}, indent=1))

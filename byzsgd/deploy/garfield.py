@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    code = main()  # first: --help and flag errors must not import torch (byzsgd.roles does)
     from byzsgd.roles.common import exit_now
 
-    exit_now(main())
+    exit_now(code)

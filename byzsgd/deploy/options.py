@@ -59,7 +59,7 @@ class LaunchConfig:
     timeout: float = _d(0.0, "kill the deployment after N s (0: never)")
     json: bool = _d(False, "print a JSON summary as the last line", switch=True)
     quiet: bool = _d(False, "no progress bar", switch=True)
-    node_log: bool = _d(False, "nodes log at INFO level", switch=True)
+    node_log: bool = _d(False, "same as --log true: each PS logs every step's loss", switch=True)
     spawn: str = _d(_spawn_default(), "fork: nodes are forked from the launcher after one import "
                     "of torch (fast start); exec: each node a fresh interpreter",
                     choices=("fork", "exec"))
@@ -132,7 +132,7 @@ class LaunchConfig:
         is_ps = rank < cfg.num_ps
         byz = rank in self.byzantine_ranks() if byzantine is None else byzantine
         attack = (self.ps_attack if is_ps else self.worker_attack) if byz else None
-        changes: dict[str, Any] = dict(rank=rank, log=self.node_log, attack=attack,
+        changes: dict[str, Any] = dict(rank=rank, log=self.node_log or cfg.log, attack=attack,
                                        attack_args=dict((self.ps_attack_args if is_ps else
                                                          self.worker_attack_args) if attack else {}),
                                        byzantine=bool(attack))

@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from byzsgd.errors import ConfigError, UnknownNameError
+from byzsgd.learning.catalog import dataset_help
 
 __all__ = [
     "Dataset",
@@ -112,13 +113,6 @@ def dataset_names() -> list[str]:
     """The canonical dataset names (``synthetic`` takes a ``:shape:classes`` suffix,
     ``imagenet`` an optional ``:size``)."""
     return ["mnist", "fashion-mnist", "cifar10", "cifar100", "imagenet", "synthetic"]
-
-
-def dataset_help() -> str:
-    """The ``--dataset`` help text."""
-    return ("mnist, fashion-mnist, cifar10, cifar100 (<data_root>/cifar-10-batches-py/, "
-            "cifar-100-python/), imagenet[:size] (<data_root>/imagenet/{train,val}/<class>/*.JPEG, "
-            "decoded lazily, default size 224) or synthetic:CxHxW:K")
 
 
 # --------------------------------------------------------------------------------------------

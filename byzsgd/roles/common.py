@@ -48,9 +48,11 @@ log = logging.getLogger("byzsgd.roles")
 
 
 def setup_logging(cfg: RunConfig) -> None:
-    level = logging.INFO if cfg.log else logging.WARNING
+    """Every line a node prints, on stderr, prefixed with time and node (``ps0``, ``worker4``):
+    start-up, evaluations, stalls, the end — and, per step, what ``--bench`` / ``--log`` ask
+    for (:meth:`byzsgd.roles.ps_base.PSBase._record`)."""
     logging.basicConfig(
-        level=level, stream=sys.stderr,
+        level=logging.INFO, stream=sys.stderr,
         format=f"%(asctime)s {cfg.role}{cfg.rank} %(levelname)s %(name)s: %(message)s")
 
 

@@ -48,6 +48,10 @@ ASKS_PER_STEP = 2
 KEPT_MODELS = 2
 
 
+def _fmt(loss: float | None) -> str:
+    return "n/a" if loss is None else f"{loss:.4f}"
+
+
 class PSBase(Role):
     """One PS: a model replica, a node, and the step loop; a mode subclass says how it asks
     for gradients and when it gathers."""
@@ -107,6 +111,7 @@ class PSBase(Role):
         self.accuracy: float | None = None
         self.next_eval = 0
         self.evaluated_at = -1
+        self.loss_total, self.loss_steps = 0.0, 0  # --log: the loss accumulated over the steps
 
     # -- what a mode fills in -------------------------------------------------------------
     def _request_gradients(self, t: int, snapshot):
@@ -343,17 +348,25 @@ class PSBase(Role):
                       loss=statistics.fmean(losses) if losses else None,
                       bytes_sent=self.node.stats.bytes_sent,
                       bytes_received=self.node.stats.bytes_received)
+        # Garfield's --bench / --log lines (each independently, every step, at the PS):
+        # the step's wall time; the loss of the step (mean of the losses the aggregated
+        # gradients report) and the loss accumulated so far (mean over the steps)
+        if cfg.bench:
+            log.info("step %d takes %.6f s", t, step_time)
+        if cfg.log:
+            if record["loss"] is not None:
+                self.loss_total += record["loss"]
+                self.loss_steps += 1
+            log.info("step %d loss %s accumulated %s", t, _fmt(record["loss"]),
+                     _fmt(self.loss_total / self.loss_steps if self.loss_steps else None))
         if last or t_next >= self.next_eval:
             self.next_eval = (t_next // cfg.acc_freq + 1) * cfg.acc_freq
             self.accuracy, test_loss = replica.evaluate(full=last)
             self.evaluated_at = t_next
             record.update(accuracy=self.accuracy, test_loss=test_loss)
-            if cfg.log:
-                log.info("step %d/%d loss %.4f accuracy %.2f%% (%.3f s/step)", t + 1,
-                         cfg.num_iter, record["loss"] or float("nan"), self.accuracy,
-                         statistics.median(self.step_times[-cfg.acc_freq:]))
-        elif cfg.bench:
-            log.info("step %d: %.4f s", t, step_time)
+            log.info("step %d/%d loss %s accuracy %.2f%% (%.3f s/step)", t + 1, cfg.num_iter,
+                     _fmt(record["loss"]), self.accuracy,
+                     statistics.median(self.step_times[-cfg.acc_freq:]))
         self.models_rejected += record.get("models_rejected", 0)
         self.metrics.write(**record)
         if self.checkpoints is not None:

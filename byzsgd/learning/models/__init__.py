@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from byzsgd.errors import ConfigError, UnknownNameError
+from byzsgd.learning.catalog import model_help
 from byzsgd.learning.models.common import LARGE_SIDE, image_shape, is_large
 from byzsgd.learning.models.dense import DPN92, DenseNet121
 from byzsgd.learning.models.googlenet import GoogLeNet
@@ -131,15 +132,6 @@ def model_names(include_torchvision: bool = False) -> list[str]:
     if include_torchvision:
         names += [f"torchvision:{n}" for n in _torchvision_names()]
     return names
-
-
-def model_help() -> str:
-    """The ``--model`` help text: every built-in name and what it is."""
-    return ("convnet (MNIST), cifarnet, cnn; CIFAR-sized, any channels, torchvision's form on "
-            f"inputs >= {LARGE_SIDE}px: resnet18, preactresnet18, senet18, resnext29, "
-            "densenet121, dpn92, googlenet, mobilenet, mobilenetv2, shufflenetg2, "
-            "efficientnetb0, regnetx200; torchvision's (3 channels): resnet34, resnet50, "
-            "resnet152, vgg16, vgg19, inception (>= 75px); or torchvision:<name>")
 
 
 def _torchvision_factory(tv_name: str, display: str) -> ModelFactory:

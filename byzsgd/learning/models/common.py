@@ -12,9 +12,7 @@ from typing import Sequence
 import torch.nn as nn
 
 from byzsgd.errors import ConfigError
-
-# inputs whose both sides reach this many pixels are "ImageNet-sized"
-LARGE_SIDE = 96
+from byzsgd.learning.catalog import LARGE_SIDE  # inputs this large on both sides: ImageNet-sized
 
 
 def image_shape(input_shape: Sequence[int], name: str, min_side: int = 1) -> tuple[int, int, int]:

@@ -1,0 +1,29 @@
+"""What ``--model`` and ``--dataset`` accept, in words: the flags' help texts.
+
+Torch-free on purpose: :mod:`byzsgd.config` builds every parser from these, and ``--help``
+(or a launching machine without torch, ``scripts/run_exp.sh``) must not import torch.
+:func:`byzsgd.learning.models.model_help` and :func:`byzsgd.learning.data.dataset_help` are
+these functions; ``tests/test_models.py`` / ``tests/test_data.py`` check they name every
+registered model and dataset.
+"""
+from __future__ import annotations
+
+#: inputs whose both sides reach this many pixels are "ImageNet-sized" (the CIFAR networks
+#: then take their ImageNet stem; :mod:`byzsgd.learning.models.common`)
+LARGE_SIDE = 96
+
+
+def model_help() -> str:
+    """The ``--model`` help text: every built-in name and what it is."""
+    return ("convnet (MNIST), cifarnet, cnn; CIFAR-sized, any channels, torchvision's form on "
+            f"inputs >= {LARGE_SIDE}px: resnet18, preactresnet18, senet18, resnext29, "
+            "densenet121, dpn92, googlenet, mobilenet, mobilenetv2, shufflenetg2, "
+            "efficientnetb0, regnetx200; torchvision's (3 channels): resnet34, resnet50, "
+            "resnet152, vgg16, vgg19, inception (>= 75px); or torchvision:<name>")
+
+
+def dataset_help() -> str:
+    """The ``--dataset`` help text."""
+    return ("mnist, fashion-mnist, cifar10, cifar100 (<data_root>/cifar-10-batches-py/, "
+            "cifar-100-python/), imagenet[:size] (<data_root>/imagenet/{train,val}/<class>/*.JPEG, "
+            "decoded lazily, default size 224) or synthetic:CxHxW:K")
