@@ -140,7 +140,7 @@ def _sync_worker(**kw):
     from byzsgd.roles.worker import Worker
 
     cfg = RunConfig(rank=4, mode="paper", sync=True, num_ps=4, fps=1, num_workers=7, fw=1,
-                    dataset=SYNTH, **kw)
+                    dataset=SYNTH, insecure_shared_secret=True, **kw)
     return Worker(cfg)
 
 

@@ -26,35 +26,35 @@ NO_MOMENTUM = {"lr": "0.05", "momentum": "0"}
 # ---------------------------------------------------------------------------- refused at start
 def test_pipeline_resilience_refused_at_start_naming_stage_rule_n_f():
     # bucketing s=2 of q_w = 6 gradients -> 3 buckets, below 2f + 1 = 5 for fw = 2
-    cfg = RunConfig(num_ps=1, num_workers=8, fw=2, pre_agg="bucketing:s=2,nnm")
+    cfg = RunConfig(insecure_shared_secret=True, num_ps=1, num_workers=8, fw=2, pre_agg="bucketing:s=2,nnm")
     with pytest.raises(ResilienceError) as err:
         cfg.validate()
     msg = str(err.value)
     assert "bucketing:s=2" in msg and "stage 1" in msg and "median" in msg
     assert "n=6" in msg and "f=2" in msg
     # the rule after the stages: clipping passes 4 rows on, krum needs 2f + 3 = 5
-    cfg = RunConfig(num_ps=1, num_workers=5, fw=1, gar="krum", pre_agg="clipping")
+    cfg = RunConfig(insecure_shared_secret=True, num_ps=1, num_workers=5, fw=1, gar="krum", pre_agg="clipping")
     with pytest.raises(ResilienceError, match=r"krum \(after pipeline clipping.*n=4; from n=4, f=1"):
         cfg.validate()
     # the models' pipeline at q_ps = 3 with fps = 1: bucketing s=2 leaves 2 rows
-    cfg = RunConfig(num_ps=4, fps=1, num_workers=7, fw=1, model_pre_agg="bucketing")
+    cfg = RunConfig(insecure_shared_secret=True, num_ps=4, fps=1, num_workers=7, fw=1, model_pre_agg="bucketing")
     with pytest.raises(ResilienceError, match=r"q|median|n=2"):
         cfg.validate()
     # unknown stage, and a rule used as a stage
     with pytest.raises(ConfigError, match="pre-aggregation stage"):
-        RunConfig(pre_agg="nmm").validate()
-    RunConfig(num_ps=4, fps=1, num_workers=7, fw=2, pre_agg="clipping,nnm",
+        RunConfig(insecure_shared_secret=True, pre_agg="nmm").validate()
+    RunConfig(insecure_shared_secret=True, num_ps=4, fps=1, num_workers=7, fw=2, pre_agg="clipping,nnm",
               model_pre_agg="nnm").validate()  # fine
 
 
 def test_worker_momentum_refused_with_optimizer_momentum_and_out_of_range():
     with pytest.raises(ConfigError, match="momentum twice"):
-        RunConfig(worker_momentum=0.9, opt_args={"lr": "0.05", "momentum": "0.5"}).validate()
-    RunConfig(worker_momentum=0.9, opt_args=NO_MOMENTUM).validate()
-    RunConfig(worker_momentum=0.9, opt_args={"lr": "0.05", "momentum": "0.9"}).validate()
+        RunConfig(insecure_shared_secret=True, worker_momentum=0.9, opt_args={"lr": "0.05", "momentum": "0.5"}).validate()
+    RunConfig(insecure_shared_secret=True, worker_momentum=0.9, opt_args=NO_MOMENTUM).validate()
+    RunConfig(insecure_shared_secret=True, worker_momentum=0.9, opt_args={"lr": "0.05", "momentum": "0.9"}).validate()
     for bad in (1.0, -0.1, 1.5):
         with pytest.raises(ConfigError, match="worker_momentum"):
-            RunConfig(worker_momentum=bad)
+            RunConfig(insecure_shared_secret=True, worker_momentum=bad)
     # the launcher refuses it too, before anything starts
     from byzsgd.deploy.options import LaunchConfig
     with pytest.raises(ConfigError, match="momentum twice"):
@@ -110,7 +110,7 @@ def _ps(**kw):
 
     base = dict(rank=0, num_ps=1, fps=0, num_workers=7, fw=2, dataset=SYNTH, opt_args=NO_MOMENTUM)
     base.update(kw)
-    ps = ParameterServer(RunConfig(**base))
+    ps = ParameterServer(RunConfig(insecure_shared_secret=True, **base))
     applied = []
     ps.replica.apply_gradient = lambda g, buffers=None: applied.append(g.clone())
     ps._request_gradients = lambda t, snapshot: None

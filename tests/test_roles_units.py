@@ -27,7 +27,7 @@ def run(coro):
 
 # ---------------------------------------------------------------------------- PS attacks
 def ps_attack(name: str, **args) -> PSAttack:
-    return PSAttack(RunConfig(num_ps=4, num_workers=7, fps=1, fw=1, attack=name, attack_args=args,
+    return PSAttack(RunConfig(insecure_shared_secret=True, num_ps=4, num_workers=7, fps=1, fw=1, attack=name, attack_args=args,
                               num_iter=100))
 
 
@@ -66,7 +66,7 @@ class FakeReplica:
 
 
 def worker_attack(name: str, **args) -> WorkerAttack:
-    cfg = RunConfig(rank=10, num_ps=4, num_workers=7, fps=1, fw=1, attack=name, attack_args=args)
+    cfg = RunConfig(insecure_shared_secret=True, rank=10, num_ps=4, num_workers=7, fps=1, fw=1, attack=name, attack_args=args)
     return WorkerAttack(cfg, FakeReplica())
 
 
@@ -145,7 +145,7 @@ class _RecordingNode:
 def test_ps_serves_pulls_once_it_reaches_the_step_and_bounds_them():
     from byzsgd.roles.ps import PULLS_PER_STEP, ParameterServer
 
-    cfg = RunConfig(rank=0, mode="paper", sync=True, num_ps=4, fps=1, num_workers=7, fw=1,
+    cfg = RunConfig(insecure_shared_secret=True, rank=0, mode="paper", sync=True, num_ps=4, fps=1, num_workers=7, fw=1,
                     dataset="synthetic:1x28x28:10:64:64")
     ps = ParameterServer(cfg)
     node = ps.node = _RecordingNode()
@@ -184,25 +184,25 @@ def test_each_mode_builds_its_own_classes_with_only_their_state():
                 "paper": (paper.PaperPS, paper.PaperWorker),
                 "sync": (paper_sync.PaperSyncPS, paper_sync.PaperSyncWorker)}
     for name, extra in modes.items():
-        ps = ParameterServer(RunConfig(rank=0, **base, **extra))
-        worker = Worker(RunConfig(rank=5, **base, **extra))
+        ps = ParameterServer(RunConfig(insecure_shared_secret=True, rank=0, **base, **extra))
+        worker = Worker(RunConfig(insecure_shared_secret=True, rank=5, **base, **extra))
         assert (type(ps), type(worker)) == expected[name]
         assert hasattr(ps, "probe") == (name != "garfield")
         assert hasattr(ps, "serving") == hasattr(worker, "filters") == (name == "sync")
         assert hasattr(worker, "pending") == (name == "garfield")
         assert hasattr(worker, "models") == hasattr(worker, "last_sent") == (name != "garfield")
     with pytest.raises(ConfigError, match="is a worker"):
-        ParameterServer(RunConfig(rank=5, **base))
+        ParameterServer(RunConfig(insecure_shared_secret=True, rank=5, **base))
     with pytest.raises(ConfigError, match="is a parameter server"):
-        Worker(RunConfig(rank=0, **base))
+        Worker(RunConfig(insecure_shared_secret=True, rank=0, **base))
 
 
 def test_paper_ps_gathers_every_period_garfield_every_step():
     from byzsgd.roles.ps import ParameterServer
 
     base = dict(rank=0, num_ps=4, fps=1, num_workers=7, fw=1, dataset=SYNTH)
-    garfield_ps = ParameterServer(RunConfig(**base))
-    paper_ps = ParameterServer(RunConfig(mode="paper", gather_period=3, **base))
+    garfield_ps = ParameterServer(RunConfig(insecure_shared_secret=True, **base))
+    paper_ps = ParameterServer(RunConfig(insecure_shared_secret=True, mode="paper", gather_period=3, **base))
     assert all(garfield_ps._gathers_after(t) for t in range(6))
     assert [t for t in range(9) if paper_ps._gathers_after(t)] == [2, 5, 8]
 

@@ -11,16 +11,32 @@ Modules: :mod:`.frame` (wire format, limits, Message), :mod:`.codec` (dtypes, te
 model per sender), :mod:`.resend` (quorum waits that re-ask), :mod:`.race`, :mod:`.node`,
 :mod:`.loop`, :mod:`.errors`.
 """
-from . import errors
-from .frame import FrameLimits, Message
-from .handshake import resolve_secret
-from .loop import install_event_loop, run
-from .node import Node, NodeStats
-from .peers import PeerDirectory
-from .newest import NewestModels
-from .quorum import Mailbox
-from .race import race
-from .resend import until_quorum
+from __future__ import annotations
 
-__all__ = ["Node", "NodeStats", "Message", "FrameLimits", "PeerDirectory", "Mailbox", "NewestModels",
-           "until_quorum", "race", "install_event_loop", "run", "errors", "resolve_secret"]
+import importlib
+
+from . import errors
+
+#: the package's names and the module each lives in: imported on first use (PEP 562), so a
+#: torch-free module (credentials, handshake, peers) can be imported without torch
+_EXPORTS = {
+    "Node": ".node", "NodeStats": ".node", "Message": ".frame", "FrameLimits": ".frame",
+    "PeerDirectory": ".peers", "Mailbox": ".quorum", "NewestModels": ".newest",
+    "until_quorum": ".resend", "race": ".race", "install_event_loop": ".loop", "run": ".loop",
+    "resolve_secret": ".handshake",
+}
+
+__all__ = [*_EXPORTS, "errors"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'byzsgd.net' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
