@@ -95,9 +95,12 @@ def test_done_counts_only_from_ps_ranks_once_each():
             d.deliver(Message(kind="done", step=0, sender=sender, tensors=[], meta={}))
         assert d.done_from == {0} and not d.all_done
         ps = ParameterServer(cfg(rank=0))
-        for sender in (5, 1, 1, 2):
+        for sender in (5, 1, 1):
             ps._on_peer_done(Message(kind="done", step=0, sender=sender, tensors=[], meta={}))
-        assert ps.peers_done == {1, 2} and not ps.all_peers_done.is_set()
+        assert ps.peers_done == {1} and not ps.all_peers_done.is_set()
+        # all peers but fps = 1 done: the correct ones are (a crashed one never says so)
+        ps._on_peer_done(Message(kind="done", step=0, sender=2, tensors=[], meta={}))
+        assert ps.peers_done == {1, 2} and ps.all_peers_done.is_set()
     asyncio.run(main())
 
 
@@ -229,6 +232,24 @@ def test_a_gather_that_took_a_later_model_does_not_wait_for_it_again():
         ps.models.deliver(_model(ps, 3, 1))
         assert await asyncio.wait_for(ps._gather(1, own), 5) == 2
         assert ps.model_quorum == [1, 3]
+        ps.models.close()
+    asyncio.run(main())
+
+
+def test_a_ps_that_jumps_publishes_its_model_of_the_step_it_reached():
+    """A PS that jumps from t to its peers' step r never computes a model of r itself: it
+    sends the model it took to its peers (tagged r), or a peer still gathering at r — at the
+    last step, with a crashed PS, say — waits for it forever; and answers asks for r with it."""
+    async def main():
+        ps = _ps()
+        own = ps.replica.state_vector()
+        ps.models.deliver(_model(ps, 1, 7))
+        ps.models.deliver(_model(ps, 2, 7))
+        assert await asyncio.wait_for(ps._gather(2, own, at_least=3), 5) == 8
+        assert {(r, "ps_model", 7) for r in (1, 2, 3)} <= set(ps.node.sent)
+        ps.node.sent.clear()
+        ps._on_ask(Message(kind="ps_ask", step=7, sender=3, tensors=[], meta={}))
+        assert ps.node.sent == [(3, "ps_model", 7)]
         ps.models.close()
     asyncio.run(main())
 

@@ -176,7 +176,9 @@ class PSBase(Role):
         msg.release()
         if msg.sender in self.peers:
             self.peers_done.add(msg.sender)
-            if len(self.peers_done) == len(self.peers):
+            # the correct peers are done once all but fps are (a crashed or Byzantine peer
+            # may never say so)
+            if len(self.peers_done) >= len(self.peers) - self.cfg.fps:
                 self.all_peers_done.set()
 
     def _reask(self, step: int, least: int, own: torch.Tensor):
@@ -264,6 +266,9 @@ class PSBase(Role):
         if reached > t:
             log.info("PS %d was behind at step %d: jumped to its peers' step %d", cfg.rank, t, reached)
             self.metrics.write(event="jump", step=t, to_step=reached + 1)
+            # our model of the step we jumped to: a peer still gathering at that step (the
+            # last one, say) needs it, and nothing else would ever send one of that step
+            self._send_model(self.peers, KIND_PS_MODEL, reached, self.replica.state_vector())
             if self.checkpoints is not None:
                 self.checkpoints.maybe_save(reached + 1, self.replica)
         return max(t, reached) + 1
@@ -423,10 +428,12 @@ class PSBase(Role):
 
     async def _grace(self) -> None:
         """After the last step, keep answering the peers' re-asks (a peer in its last
-        gather may have lost our model) until every peer is done, for at most
-        2 x --resend_after, or until a signal."""
+        gather may have lost our model, or needs it because the others left) until all
+        peers but fps are done — the correct ones: each of them needs q_ps - 1 peer models
+        of its last step, ours possibly among them — for at most --step_timeout, or until
+        a signal."""
         try:
             await asyncio.wait_for(race(self.all_peers_done.wait(), self.stop.wait()),
-                                   2 * self.cfg.resend_after)
+                                   self.cfg.step_timeout)
         except asyncio.TimeoutError:
             pass
