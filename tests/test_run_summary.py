@@ -18,8 +18,10 @@ def _run_dir(tmp_path, records: dict[int, list[dict]], *, byzantine_ps=(3,)):
     return tmp_path
 
 
-def step(t, quorum, late, nonfinite=None):
+def step(t, quorum, late, nonfinite=None, models=None):
     rec = dict(step=t, step_time=0.1, time=10.0 + t, quorum=quorum, late=late)
+    if models is not None:
+        rec["model_quorum"] = models
     if nonfinite:
         rec["nonfinite"] = nonfinite
     return rec
@@ -27,10 +29,11 @@ def step(t, quorum, late, nonfinite=None):
 
 def test_quorum_share_counts_the_correct_pses_gradient_phases(tmp_path):
     run = _run_dir(tmp_path, {
-        0: [dict(event="start", time=1.0), step(0, [4, 5, 7], [6], nonfinite=[7]), step(1, [4, 5, 6], [7]),
+        0: [dict(event="start", time=1.0), step(0, [4, 5, 7], [6], nonfinite=[7], models=[1, 3]),
+            step(1, [4, 5, 6], [7], models=[3, 2]),
             dict(event="jump", step=2, to_step=4),  # no gradient phase: not counted
             dict(step=4, accuracy=50.0, time=20.0)],  # an evaluation without a quorum: not counted
-        1: [step(0, [5, 6, 7], [4]), step(1, [4, 6, 7], [5], nonfinite=[7])],
+        1: [step(0, [5, 6, 7], [4], models=[0, 3]), step(1, [4, 6, 7], [5], nonfinite=[7], models=[0, 2])],
         # a Byzantine PS's metrics do not count, whatever they say
         3: [step(t, [4, 5, 6], [7]) for t in range(50)],
     })
@@ -38,6 +41,9 @@ def test_quorum_share_counts_the_correct_pses_gradient_phases(tmp_path):
     assert shares["quorum_steps"] == 4
     assert shares["quorum_share"] == {"4": 0.75, "5": 0.75, "6": 0.75, "7": 0.75}
     assert shares["nonfinite_share"] == {"7": 0.5}
+    # the Byzantine PS 3 was in 3 of the 4 gathers; PS 1 in one (PS 0's), PS 0 in PS 1's two
+    assert shares["model_quorum_steps"] == 4
+    assert shares["model_quorum_share"] == {"0": 0.5, "1": 0.25, "2": 0.5, "3": 0.75}
     summary = rundir.run_summary(run, "ok", started=1.0, returncodes={}, byzantine_ranks=[3, 7])
     assert summary["quorum_share"]["7"] == 0.75 and summary["quorum_steps"] == 4
     assert rundir.summarize_run(run)["quorum_share"] == shares["quorum_share"]
@@ -48,6 +54,7 @@ def test_a_worker_never_aggregated_is_listed_with_zero(tmp_path):
     shares = rundir.quorum_shares(run)
     assert shares["quorum_share"]["7"] == 0.0 and shares["quorum_share"]["4"] == 1.0
     assert shares["nonfinite_share"] == {}
+    assert shares["model_quorum_share"] == {} and shares["model_quorum_steps"] == 0
 
 
 def test_the_summary_line_names_the_byzantine_workers_share(tmp_path, capsys):
@@ -60,4 +67,5 @@ def test_the_summary_line_names_the_byzantine_workers_share(tmp_path, capsys):
 
 def test_no_metrics_no_shares(tmp_path):
     shares = rundir.quorum_shares(tmp_path)
-    assert shares == dict(quorum_share={}, nonfinite_share={}, quorum_steps=0)
+    assert shares == dict(quorum_share={}, nonfinite_share={}, quorum_steps=0,
+                          model_quorum_share={}, model_quorum_steps=0)

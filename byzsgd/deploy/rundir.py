@@ -201,6 +201,7 @@ def ps_series(run_dir: str | os.PathLike) -> dict[int, dict[str, Any]]:
         evals, steps, final, start, done = [], [], None, None, None
         sent = received = None
         quorums: list[tuple[list, list]] = []  # per gradient phase: (aggregated, nonfinite)
+        gathers: list[list] = []  # per gather: the peers whose models it used
         last_step = -1
         for rec in read_metrics(path):
             if rec.get("event") == "start":
@@ -218,6 +219,8 @@ def ps_series(run_dir: str | os.PathLike) -> dict[int, dict[str, Any]]:
                 received = rec.get("bytes_received", received)
                 if isinstance(rec.get("quorum"), list):
                     quorums.append((rec["quorum"], rec.get("nonfinite") or []))
+                if isinstance(rec.get("model_quorum"), list):
+                    gathers.append(rec["model_quorum"])
                 if "accuracy" in rec:
                     evals.append((int(rec["step"]), _num(rec.get("accuracy")), rec.get("time")))
         origin = t0 or start or (steps[0]["time"] if steps else None)
@@ -229,7 +232,7 @@ def ps_series(run_dir: str | os.PathLike) -> dict[int, dict[str, Any]]:
                          first_time=steps[0].get("time") if steps else None,
                          last_time=steps[-1].get("time") if steps else None,
                          bytes_sent=sent, bytes_received=received, metrics=str(path),
-                         done=done is not None, quorums=quorums,
+                         done=done is not None, quorums=quorums, gathers=gathers,
                          median_step_time=_num(done.get("median_step_time")) if done else None)
     return out
 
@@ -246,6 +249,13 @@ def _worker_ranks(run_dir: Path) -> list[int]:
         return []
 
 
+def _ps_ranks(run_dir: Path) -> list[int]:
+    try:
+        return sorted(int(r["rank"]) for r in read_deployment(run_dir)["ranks"] if r.get("role") == "ps")
+    except (ConfigError, KeyError, TypeError, ValueError):
+        return []
+
+
 def quorum_shares(run_dir: str | os.PathLike,
                   series: dict[int, dict[str, Any]] | None = None) -> dict[str, dict[str, float] | int]:
     """Which workers the correct PSes' gradient quorums held, from their metrics (each step
@@ -255,7 +265,9 @@ def quorum_shares(run_dir: str | os.PathLike,
     never left out are not listed}, ``quorum_steps`` (how many gradient phases: the
     denominator).  Every worker rank of deployment.json is in ``quorum_share`` (0.0 when
     never aggregated: a silent or slow worker); a Byzantine worker's share says whether its
-    attack reached the rule at all."""
+    attack reached the rule at all.  Likewise for the models: ``model_quorum_share`` {PS rank:
+    share of the correct PSes' gathers that used its model} over ``model_quorum_steps``
+    gathers (the other PSes' ranks only; empty without gathers)."""
     run_dir = Path(run_dir)
     series = ps_series(run_dir) if series is None else series
     phases = [q for s in series.values() for q in s["quorums"]]
@@ -270,9 +282,17 @@ def quorum_shares(run_dir: str | os.PathLike,
             nonfinite[w] = nonfinite.get(w, 0) + 1
     n = len(phases)
     share = lambda c: round(c / n, 4) if n else 0.0  # noqa: E731
+    gathers = [g for s in series.values() for g in s["gathers"]]
+    used: dict[int, int] = {}
+    for peers in gathers:
+        for p in set(peers):
+            used[p] = used.get(p, 0) + 1
+    ps_ranks = set(used) | {p for r, s in series.items() if s["gathers"] for p in _ps_ranks(run_dir) if p != r}
     return dict(quorum_share={str(w): share(counts.get(w, 0)) for w in sorted(ranks)},
                 nonfinite_share={str(w): share(c) for w, c in sorted(nonfinite.items())},
-                quorum_steps=n)
+                quorum_steps=n,
+                model_quorum_share={str(p): round(used.get(p, 0) / len(gathers), 4) for p in sorted(ps_ranks)},
+                model_quorum_steps=len(gathers))
 
 
 def median_step_time(series: dict[int, dict[str, Any]]) -> float | None:
