@@ -270,6 +270,12 @@ def trainer_flags(steps: int = 30, num_ps: int = 1, num_workers: int = 2) -> lis
             "--startup_timeout", "60"]
 
 
+def trainer_vanilla(steps: int = 30, num_workers: int = 2) -> float:
+    """What trainer_flags' run computes, in this process (tests/vanilla.py): 47.45% at 30 steps."""
+    from tests.vanilla import vanilla_accuracy
+    return vanilla_accuracy(steps, num_workers, batch=32, opt_args={"lr": "0.1"})
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_trainer_takes_rank_and_master_from_torchrun_env(tmp_path):
@@ -295,7 +301,8 @@ def test_trainer_takes_rank_and_master_from_torchrun_env(tmp_path):
                 p.kill()
     assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(o[-2000:] for o in outs)
     done = [r for r in read_metrics(tmp_path / "metrics-ps0.jsonl") if r.get("event") == "done"]
-    assert done and done[0]["final_accuracy"] > 30.0  # chance is 10%
+    # one PS averaging 2 workers' gradients is plain SGD: it ends where SGD in this process does
+    assert done and done[0]["final_accuracy"] >= trainer_vanilla() - 5.0, (done, trainer_vanilla())
 
 
 def fake_slurm_bin(tmp_path: Path) -> Path:
@@ -341,7 +348,8 @@ def test_slurm_batch_script_with_srun(tmp_path):
     assert [(r["rank"], r["role"]) for r in doc["ranks"]] == [(0, "ps"), (1, "worker"), (2, "worker")]
     assert doc["master"].startswith("127.0.0.1:") and all(r["pid"] > 0 for r in doc["ranks"])
     summary = json.loads(res.stdout.strip().splitlines()[-1])
-    assert summary["outcome"] == "ok" and summary["final_accuracy"]["0"] > 30.0
+    assert summary["outcome"] == "ok" and summary["final_accuracy"]["0"] >= trainer_vanilla() - 5.0, \
+        (summary, trainer_vanilla())
     assert (run / "secret").stat().st_mode & 0o777 == 0o600
     assert {(run / f"{r['role']}{r['rank']}.rc").read_text().strip() for r in doc["ranks"]} == {"0"}
 
