@@ -104,12 +104,15 @@ def deploy(flags: list[str]) -> dict:
 
 # The attack must reach the rule for "the rule holds" to mean anything: the Byzantine worker's
 # share of the correct PSes' gradient quorums (the run summary's ``quorum_share``, from the
-# PSes' per-step ``quorum`` records).  Each of the 7 workers is, on average, in 6/7 = 86% of
-# the quorums (the first n_w - fw = 6 gradients); a Byzantine worker as fast as the honest
-# ones is in about as many.  The bar leaves room for a loaded machine.  Where a Byzantine PS
-# forges, its model must likewise be in the correct PSes' gathers (``model_quorum_share``).
-MIN_WORKER_SHARE = 0.5
-MIN_PS_SHARE = 0.5
+# PSes' per-step ``quorum`` records), less the share in which its row was left out as NaN/Inf
+# (``nonfinite_share``).  Each of the 7 workers is, on average, in 6/7 = 86% of the quorums
+# (the first n_w - fw = 6 gradients), but the Byzantine worker is the highest rank, the last
+# one each PS asks: measured 39-80% under MDA, 51-98% under the average (2-core machine, busy).
+# The bar, a quarter of the steps, is far above the 1.8% of a worker that attacks nobody.
+# A forging Byzantine PS must likewise be in the correct PSes' gathers (``model_quorum_share``;
+# measured 98.9-100%).
+MIN_WORKER_SHARE = 0.25
+MIN_PS_SHARE = 0.9
 
 
 def reached(summary: dict, *, ps: bool = False, nonfinite: bool = False) -> None:
@@ -122,11 +125,11 @@ def reached(summary: dict, *, ps: bool = False, nonfinite: bool = False) -> None
           f"(dropped as NaN/Inf in {dropped:.1%})"
           + (f"; Byzantine PS {BYZ_PS} in {ps_share:.1%} of {summary['model_quorum_steps']} gathers" if ps else ""))
     assert summary["quorum_steps"] > 0, summary
-    assert share >= MIN_WORKER_SHARE, summary["quorum_share"]
     if nonfinite:
+        assert share >= MIN_WORKER_SHARE, summary["quorum_share"]
         assert dropped == share, (summary["quorum_share"], summary["nonfinite_share"])
-    else:
-        assert dropped == 0.0, summary["nonfinite_share"]  # its rows reached the rule itself
+    else:  # its rows reached the rule itself (optimal_alie's search may overflow to Inf)
+        assert share - dropped >= MIN_WORKER_SHARE, (summary["quorum_share"], summary["nonfinite_share"])
     if ps:
         assert ps_share is not None and ps_share >= MIN_PS_SHARE, summary["model_quorum_share"]
 
