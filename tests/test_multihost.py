@@ -542,6 +542,43 @@ def test_cut_host_does_not_stop_the_others_and_rejoins(netns, tmp_path):
     assert summary["min_accuracy"] > 80.0
 
 
+
+@pytest.mark.slow
+@pytest.mark.timeout(360)
+def test_a_partitioned_ps_jumps_to_its_peers_after_the_heal(netns, tmp_path):
+    """h3 holds PS 3 (and worker 7): cut off, it cannot step while the other three PSes and
+    six workers go on (q_ps = 3, q_w = 6); once the link is back, it takes its peers' newer
+    models and jumps to their step -- a ``jump`` event in its metrics -- instead of redoing
+    the steps it missed."""
+    steps = 250
+    proc, run = start_run(netns, tmp_path, "--num_iter", str(steps), "--acc_freq", str(steps))
+
+    def jumps():
+        return [r for r in read_metrics(run / "metrics-ps3.jsonl") if r.get("event") == "jump"]
+    try:
+        wait_for(lambda: min(ps_steps(run)) >= 20, 150, what="20 steps")
+        before = len(jumps())
+        netns.sh("cut", "3")
+        cut_at = max(ps_steps(run))
+        wait_for(lambda: min(ps_steps(run, skip=(3,))) >= cut_at + 25, 90, what="progress while h3 is cut off")
+        stuck_at = ps_steps(run)[3]
+        ahead = min(ps_steps(run, skip=(3,)))
+        assert ahead - stuck_at >= 20, (ahead, stuck_at)  # PS 3 really fell behind
+        netns.sh("heal", "3")
+        wait_for(lambda: len(jumps()) > before, 90, 0.2, what="PS 3 to jump")
+    except BaseException:
+        netns.sh("heal", "3", check=False)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+        raise
+    jump = jumps()[before]
+    figure("ps3_jump_after_partition", f"from step {jump['step']} to {jump['to_step']} (stuck at {stuck_at}, "
+                                       f"peers at {ahead} when healed)")
+    assert jump["step"] <= stuck_at + 1 and jump["to_step"] >= ahead - 1, (jump, stuck_at, ahead)
+    summary = finish_run(proc, run)
+    assert summary["steps_done"] == {str(r): steps for r in range(4)}, summary
+    assert summary["returncodes"]["3"] == 0, summary
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_impaired_host_still_finishes(netns, tmp_path):
