@@ -118,5 +118,7 @@ def test_a_crashing_ps_exits_at_its_step_and_the_others_finish(tmp_path):
     assert set(summary["final_accuracy"]) == {"0", "1", "2"}
     crashed = [r for r in read_metrics(tmp_path / "run" / "metrics-ps3.jsonl") if "quorum" in r]
     assert crashed and max(r["step"] for r in crashed) == crash - 1
-    # it was in the gathers before it crashed, and in none after: at most its first 5 steps
-    assert 0 < summary["model_quorum_share"]["3"] <= crash / steps, summary["model_quorum_share"]
+    # in no gather after it crashed: at most its first 5 steps' (an honest-looking PS of the
+    # highest rank finishes its steps last, so it is seldom among the first q_ps - 1 anyway)
+    assert summary["model_quorum_share"]["3"] <= crash / steps, summary["model_quorum_share"]
+    assert all(summary["model_quorum_share"][str(r)] > 0.5 for r in (0, 1, 2)), summary["model_quorum_share"]
