@@ -116,8 +116,11 @@ def test_a_crashing_ps_exits_at_its_step_and_the_others_finish(tmp_path):
     assert summary["outcome"] == "ok", (summary, proc.stderr[-3000:])
     assert summary["byzantine_ranks"] == [3] and summary["returncodes"]["3"] == 3  # os._exit(3)
     assert set(summary["final_accuracy"]) == {"0", "1", "2"}
-    crashed = [r for r in read_metrics(tmp_path / "run" / "metrics-ps3.jsonl") if "quorum" in r]
-    assert crashed and max(r["step"] for r in crashed) == crash - 1
+    # nothing of it past its crash step (it may have logged fewer steps: behind, it joined its
+    # peers without a gradient phase of its own)
+    crashed = [r for r in read_metrics(tmp_path / "run" / "metrics-ps3.jsonl") if "step" in r]
+    assert all(r["step"] < crash for r in crashed), crashed[-3:]
+    assert not any(r.get("event") == "done" for r in crashed)
     # in no gather after it crashed: at most its first 5 steps' (an honest-looking PS of the
     # highest rank finishes its steps last, so it is seldom among the first q_ps - 1 anyway)
     assert summary["model_quorum_share"]["3"] <= crash / steps, summary["model_quorum_share"]
