@@ -49,7 +49,18 @@ Measured on the 2-core machine (shared with other jobs), lowest correct-PS accur
 baseline 95.85%; under average (60 steps) reverse, alie, ipm, optimal_alie, nan: 9.8 each;
 under MDA (150 steps) reverse + PS equivocate 96.28, alie + PS stale 96.10, ipm + PS random
 96.34, optimal_alie + PS reverse 95.79, nan + PS nan 96.11, sign_flip 95.07, label_flip 96.54.
-The module takes ~265 s (13 deployments).  Under the coordinate-wise median the same ALIE
+The module takes ~265 s (13 deployments).
+
+Every attack test also asserts that the attack reached the rule (``reached`` below, from the
+run summary's ``quorum_share``).  Measured share of the correct PSes' gradient quorums that
+held the Byzantine worker (2026-11-30, busy 2-core machine, two runs where two are given):
+under average (60 steps) reverse 73.5%, alie z=100 51.2%, ipm 75.0%, optimal_alie 51.7% / 69.7%
+(11.5% / 0% of them NaN/Inf, left out), nan 97.9%; under MDA (150 steps) reverse + PS equivocate
+39.2% / 40.7%, alie + PS stale 69.0%, ipm + PS random 70.7%, optimal_alie + PS reverse 40.2% /
+73.1%, nan + PS nan 79.8%, sign_flip 76.8% / 61.6%, label_flip 91.3%; nan under the average
+with the default drop: 77.8%, every time left out.  The forging PS was in 98.7-100% of the
+gathers.  sign_flip under MDA ended once at 94.37 against a 96.41 baseline (over the 1.5-point
+bar) when it was in 76.8% of the quorums, and at 95.61 against 96.14 in the rerun (61.6%).  Under the coordinate-wise median the same ALIE
 costs 5 points (90.5% against 95.4-95.7%) and optimal_alie 9 (86.4%) at 200 steps: the
 attack was designed against it -- see scripts/bench_attacks.py for every rule.
 """
