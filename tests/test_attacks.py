@@ -218,3 +218,32 @@ def test_line_search_finds_interior_optimum():
     assert line_search(lambda t: -(t - 3.7) ** 2) == pytest.approx(3.7, abs=1e-3)
     assert line_search(lambda t: -(t + 5.0) ** 2) == pytest.approx(-5.0, abs=1e-3)
     assert line_search(lambda t: 0.0 if t < 10 else math.inf) == 16.0
+
+
+def test_alie_strength_is_explicit_and_the_textbook_z_is_named():
+    """z = "textbook" is the paper's z_max (also what no z means); at the deployments' sizes
+    it is no attack: 0.18 sigma for 7 workers, exactly the honest mean for 6."""
+    h = torch.randn(5, 40, dtype=torch.float64)
+    mu, sd = h.mean(0), h.std(0, correction=1)
+    textbook = A.forge("alie", h, 1, n=7, z="textbook")[0]
+    assert torch.allclose(textbook, A.forge("alie", h, 1, n=7)[0])
+    np.testing.assert_allclose(textbook.numpy(), (mu + alie_z(7, 1) * sd).numpy(), rtol=1e-12)
+    assert alie_z(7, 1) == pytest.approx(0.1800123697927051, abs=1e-9)
+    assert alie_z(6, 1) == 0.0
+    assert torch.allclose(A.forge("alie", h, 1, n=6, z="textbook")[0], mu)  # the honest mean
+    assert torch.allclose(A.forge("alie", h, 1, z="100")[0], mu + 100 * sd)  # TOML/JSON strings
+    for bad in ("strong", float("inf"), True, [1.0]):
+        with pytest.raises(ConfigError, match="z must be"):
+            A.forge("alie", h, 1, z=bad)
+
+
+def test_a_byzantine_worker_checks_alie_z_at_start():
+    from byzsgd.config import RunConfig
+    from byzsgd.roles.byzantine import WorkerAttack
+
+    def worker(**args):
+        cfg = RunConfig(rank=10, num_ps=4, num_workers=7, fps=1, fw=1, gar="median", attack="alie", attack_args=args)
+        return WorkerAttack(cfg, None)
+    worker(z="textbook"), worker(z=100), worker()
+    with pytest.raises(ConfigError, match="z must be"):
+        worker(z="strong")

@@ -58,3 +58,26 @@ def test_the_allowed_reasons_are_only_what_a_cpu_ci_cannot_have():
                                               "fork spawning is Linux-only"}
     assert not conftest.skip_allowed_in_ci("cannot create network namespaces here")
     assert not conftest.skip_allowed_in_ci("torch.compile unavailable here: boom")
+
+
+def test_in_ci_a_netns_test_without_ip_fails_loudly(tmp_path):
+    """The multi-host tests' fixture skips through pytest.skip when `ip` (or root) is missing;
+    in CI the hook makes that a failure naming the reason.  `ip` and `nft` are hidden by
+    running with a PATH that holds neither."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    root = CONFTEST.parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    env.update(CI="true", PATH=str(empty))
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA",
+                          "tests/test_multihost.py::test_netns_run_trains_like_the_local_launcher"],
+                         capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert res.returncode == 1, res.stdout[-3000:]
+    assert "skipped in CI for a reason that is not allowed there" in res.stdout, res.stdout[-3000:]
+    assert "needs iproute2" in res.stdout or "needs root" in res.stdout, res.stdout[-3000:]
+    # outside CI the same run is a skip with that reason
+    env.pop("CI")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA",
+                          "tests/test_multihost.py::test_netns_run_trains_like_the_local_launcher"],
+                         capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert res.returncode == 0 and "1 skipped" in res.stdout, res.stdout[-3000:]

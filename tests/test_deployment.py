@@ -77,7 +77,14 @@ def test_silent_worker_and_silent_ps_do_not_stall(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(summary["byzantine_ranks"]) == [3, 8]
     assert set(summary["final_accuracy"]) == {"0", "1", "2"}
-    assert min(summary["final_accuracy"].values()) > 60.0
+    # the silent nodes are never in a quorum (they send nothing) ...
+    assert summary["quorum_share"]["8"] == 0.0 and summary["model_quorum_share"]["3"] == 0.0, summary
+    assert all(summary["quorum_share"][str(w)] == 1.0 for w in (4, 5, 6, 7)), summary["quorum_share"]
+    # ... and the run trains like plain SGD over the workers' batches at the same step count
+    # (tests/vanilla.py: 92.93% measured; the median of 4 honest gradients is not their mean)
+    from tests.vanilla import vanilla_accuracy
+    vanilla = vanilla_accuracy(60, 5, batch=48, opt_args={"lr": "0.05", "momentum": "0.9"})
+    assert min(summary["final_accuracy"].values()) >= vanilla - 5.0, (summary["final_accuracy"], vanilla)
     for rank, recs in ps_records(tmp_path / "run").items():
         times = step_times(recs)
         assert len(times) == 60

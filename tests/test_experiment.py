@@ -343,8 +343,13 @@ def test_real_two_cell_grid_then_report(tmp_path):
     for r in recs.values():
         assert r["outcome"] == "ok" and r["steps"] == 40 and r["steps_per_s"] > 0
         assert r["bytes_sent"] > 0 and r["cell"]["byz_workers"] == 1
-    # median survives one reversed (x100) gradient; the average does not
-    assert recs["median"]["final_accuracy"] > 30, recs["median"]
+    # median survives one reversed (x100) gradient: compared with plain SGD over the same 4
+    # workers' batches at the same step count (tests/vanilla.py, 88.85% measured) it pays for
+    # the median of 4 rows with one far off (65.98% measured at 40 steps), but it trains; the
+    # average does not
+    from tests.vanilla import vanilla_accuracy
+    vanilla = vanilla_accuracy(40, 4, batch=48, opt_args={"lr": "0.05", "momentum": "0.9"})
+    assert recs["median"]["final_accuracy"] >= vanilla - 30, (recs["median"], vanilla)
     assert recs["average"]["final_accuracy"] < 15, recs["average"]
     # the report on the real results
     from byzsgd.experiments.report import make_report
@@ -377,3 +382,25 @@ def test_progress_bar_on_a_terminal_and_plain_lines_otherwise():
     assert plain.getvalue().splitlines() == ["[1/4] cell 3: gar=median ...",
                                              plain.getvalue().splitlines()[1]]
     assert "failed:2, final accuracy n/a" in plain.getvalue()
+
+
+def test_an_attack_entry_carries_its_strength(tmp_path):
+    """``{alie = {z = 100}}`` in an attack axis: that cell runs alie with those arguments, the
+    others keep theirs (none) -- the README figure's way of naming ALIE's z."""
+    cfg = write(tmp_path, BASE + 'gar = "median"\nworker_attack = ["none", "reverse", {alie = {z = 100}}, '
+                '{alie = {z = "textbook"}}]\n')
+    exp = load_experiment(cfg)
+    by_args = [(c.values["worker_attack"], c.values.get("worker_attack_args")) for c in exp.cells]
+    assert by_args == [("none", None), ("reverse", None), ("alie", {"z": 100}), ("alie", {"z": "textbook"})]
+    alie = exp.cells[2]
+    assert json.loads(alie.flags[alie.flags.index("--worker_attack_args") + 1]) == {"z": 100}
+    rev = exp.cells[1].flags
+    assert "--worker_attack_args" not in rev or json.loads(rev[rev.index("--worker_attack_args") + 1]) == {}
+    assert exp.cells[2].label != exp.cells[3].label
+    for bad, why in (('{alie = {z = 1}, ipm = {}}', "one-key table"), ('{alie = 3}', "one-key table"),
+                     ('{alie = {z = "strong"}}', "z must be")):
+        with pytest.raises(ConfigError, match=why):
+            load_experiment(write(tmp_path, BASE + f'worker_attack = [{bad}]\n', name="bad.toml"))
+    with pytest.raises(ConfigError, match="drop worker_attack_args"):
+        load_experiment(write(tmp_path, BASE + 'worker_attack = [{alie = {z = 1}}]\n'
+                              'worker_attack_args = {z = 2}\n', name="both.toml"))

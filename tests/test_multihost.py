@@ -317,6 +317,12 @@ def trainer_flags(steps: int = 30, num_ps: int = 1, num_workers: int = 2) -> lis
             "--startup_timeout", "60"]
 
 
+def trainer_vanilla(steps: int = 30, num_workers: int = 2) -> float:
+    """What trainer_flags' run computes, in this process (tests/vanilla.py): 47.45% at 30 steps."""
+    from tests.vanilla import vanilla_accuracy
+    return vanilla_accuracy(steps, num_workers, batch=32, opt_args={"lr": "0.1"})
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_trainer_takes_rank_and_master_from_torchrun_env(tmp_path):
@@ -341,7 +347,8 @@ def test_trainer_takes_rank_and_master_from_torchrun_env(tmp_path):
                 p.kill()
     assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(o[-2000:] for o in outs)
     done = [r for r in read_metrics(tmp_path / "metrics-ps0.jsonl") if r.get("event") == "done"]
-    assert done and done[0]["final_accuracy"] > 30.0  # chance is 10%
+    # one PS averaging 2 workers' gradients is plain SGD: it ends where SGD in this process does
+    assert done and done[0]["final_accuracy"] >= trainer_vanilla() - 5.0, (done, trainer_vanilla())
 
 
 def fake_slurm_bin(tmp_path: Path) -> Path:
@@ -391,7 +398,8 @@ def test_slurm_batch_script_with_srun(tmp_path, stage):
     assert [(r["rank"], r["role"]) for r in doc["ranks"]] == [(0, "ps"), (1, "worker"), (2, "worker")]
     assert doc["master"].startswith("127.0.0.1:") and all(r["pid"] > 0 for r in doc["ranks"])
     summary = json.loads(res.stdout.strip().splitlines()[-1])
-    assert summary["outcome"] == "ok" and summary["final_accuracy"]["0"] > 30.0
+    assert summary["outcome"] == "ok" and summary["final_accuracy"]["0"] >= trainer_vanilla() - 5.0, \
+        (summary, trainer_vanilla())
     # provisioned before srun: one 0600 file per rank in a 0700 directory, no shared secret;
     # staged: each task moved its own file to node-local disk and removed it at exit
     creds = run / "credentials"
@@ -591,6 +599,43 @@ def test_cut_host_does_not_stop_the_others_and_rejoins(netns, tmp_path):
     assert summary["returncodes"]["10"] == 0, summary  # the cut worker finished with the others
     assert summary["min_accuracy"] > 80.0
 
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(360)
+def test_a_partitioned_ps_jumps_to_its_peers_after_the_heal(netns, tmp_path):
+    """h3 holds PS 3 (and worker 7): cut off, it cannot step while the other three PSes and
+    six workers go on (q_ps = 3, q_w = 6); once the link is back, it takes its peers' newer
+    models and jumps to their step -- a ``jump`` event in its metrics -- instead of redoing
+    the steps it missed."""
+    steps = 250
+    proc, run = start_run(netns, tmp_path, "--num_iter", str(steps), "--acc_freq", str(steps))
+
+    def jumps():
+        return [r for r in read_metrics(run / "metrics-ps3.jsonl") if r.get("event") == "jump"]
+    try:
+        wait_for(lambda: min(ps_steps(run)) >= 20, 150, what="20 steps")
+        before = len(jumps())
+        netns.sh("cut", "3")
+        cut_at = max(ps_steps(run))
+        wait_for(lambda: min(ps_steps(run, skip=(3,))) >= cut_at + 25, 90, what="progress while h3 is cut off")
+        stuck_at = ps_steps(run)[3]
+        ahead = min(ps_steps(run, skip=(3,)))
+        assert ahead - stuck_at >= 20, (ahead, stuck_at)  # PS 3 really fell behind
+        netns.sh("heal", "3")
+        wait_for(lambda: len(jumps()) > before, 90, 0.2, what="PS 3 to jump")
+    except BaseException:
+        netns.sh("heal", "3", check=False)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+        raise
+    jump = jumps()[before]
+    figure("ps3_jump_after_partition", f"from step {jump['step']} to {jump['to_step']} (stuck at {stuck_at}, "
+                                       f"peers at {ahead} when healed)")
+    assert jump["step"] <= stuck_at + 1 and jump["to_step"] >= ahead - 1, (jump, stuck_at, ahead)
+    summary = finish_run(proc, run)
+    assert summary["steps_done"] == {str(r): steps for r in range(4)}, summary
+    assert summary["returncodes"]["3"] == 0, summary
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)

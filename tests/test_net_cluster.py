@@ -1,5 +1,6 @@
 """Rendezvous through the master, host files, and TLS."""
 import asyncio
+import logging
 import shutil
 import ssl
 import subprocess
@@ -143,7 +144,9 @@ def test_tls_round_trip(tmp_path):
     run(main())
 
 
-def test_tls_client_refuses_untrusted_server(tmp_path):
+def test_tls_client_refuses_untrusted_server(tmp_path, caplog):
+    """The dialer refuses for the certificate, not for any failure to connect: the listener is
+    up and reachable, and the dial fails on certificate verification."""
     cert, key = _self_signed(tmp_path)
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server.load_cert_chain(cert, key)
@@ -158,11 +161,15 @@ def test_tls_client_refuses_untrusted_server(tmp_path):
         try:
             for n in nodes:
                 await n.start()
-            assert await nodes[1].wait_connected({0}, 0.5) == set()
+            assert await nodes[1].wait_connected({0}, 1.5) == set()
+            assert nodes[0].port  # listening: the refusal is not a connection failure
         finally:
             for n in nodes:
                 await n.close()
-    run(main())
+    with caplog.at_level(logging.DEBUG, logger="byzsgd.net"):
+        run(main())
+    reasons = [r.getMessage() for r in caplog.records if "cannot reach rank 0" in r.getMessage()]
+    assert reasons and all("CERTIFICATE_VERIFY_FAILED" in m for m in reasons), reasons
 
 
 def test_resolve_secret(monkeypatch):

@@ -163,3 +163,13 @@ def test_cli_and_errors(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "byzsgd.report", str(tmp_path / "missing.jsonl")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "byzsgd.report: error: no results file" in proc.stderr
+
+
+def test_an_attacks_strength_is_in_its_label():
+    from byzsgd.experiments.report import attack_label
+    assert attack_label({"worker_attack": "alie", "worker_attack_args": {"z": 100}}, set()) == 'alie{"z":100}'
+    assert attack_label({"worker_attack": "alie", "worker_attack_args": {"z": "textbook"}}, set()) \
+        == 'alie{"z":"textbook"}'
+    assert attack_label({"worker_attack": "reverse", "worker_attack_args": {}}, set()) == "reverse"
+    assert attack_label({"worker_attack": "none", "ps_attack": "delay", "ps_attack_args": {"delay": 2}},
+                        set()) == 'ps:delay{"delay":2}'

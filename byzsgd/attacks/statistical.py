@@ -5,14 +5,21 @@ gradients of several batches computed by the Byzantine nodes themselves (Garfiel
 ALIE's statistics from fw batches).  ``mu = honest.mean(0)``.  Output: f copies of one vector.
 
 * ``alie`` -- "A Little Is Enough", Baruch, Baruch, Goldberg, NeurIPS 2019: ``mu + z * sigma``,
-  sigma the per-coordinate standard deviation of the rows (unbiased, correction 1).  When ``z``
-  is not given it is the paper's z_max: ``s = floor(n/2 + 1) - f`` and ``z = Phi^-1((n - s)/n)``
+  sigma the per-coordinate standard deviation of the rows (unbiased, correction 1).  ``z`` is
+  a number, or ``"textbook"`` (also what an absent ``z`` means) for the paper's z_max:
+  ``s = floor(n/2 + 1) - f`` and ``z = Phi^-1((n - s)/n)``
   (``statistics.NormalDist``), n = total number of workers (param ``n``, default ``k + f``).  s is
   clamped to [1, n - 1] so z stays finite (s <= 0 means the Byzantine already hold a majority;
   Phi^-1(1) would be +inf).  For n = 20, f = 8: s = 3, z = Phi^-1(0.85) = 1.0364 (Garfield's
   hard-coded 1.035).  With a single row (k = 1) no spread can be estimated: sigma = 0 and the
   attack sends ``mu`` -- finite, unlike Garfield's NaN for fw = 1; supply several batches'
   gradients as rows to get a real attack.
+
+  The textbook z is tiny at small n: ``alie_z(7, 1) = 0.18`` (an average moves by 0.03 sigma)
+  and ``alie_z(6, 1) = 0.0`` exactly (s = 3, Phi^-1(0.5): the Byzantine worker sends the honest
+  mean).  It is the strength the paper argues for many workers, not an attack at these sizes;
+  whatever shows an ALIE result (the tests, the README's figure) names its z, and uses one that
+  bites the plain average (``{"z": 100}`` there) next to the robust rules.
 * ``ipm`` -- Inner Product Manipulation, Xie, Koyejo, Gupta, "Fall of Empires: Breaking
   Byzantine-tolerant SGD by Inner Product Manipulation", UAI 2019: ``-epsilon * mu``,
   default epsilon = 0.1 (the small-epsilon regime that fools median/Krum).
@@ -28,7 +35,10 @@ import torch
 from byzsgd.attacks.registry import register
 from byzsgd.errors import ConfigError
 
-__all__ = ["alie_z", "alie", "ipm", "empire", "honest_stats"]
+__all__ = ["alie_z", "alie", "alie_strength", "ipm", "empire", "honest_stats", "TEXTBOOK"]
+
+#: ``alie``'s ``z`` that asks for the paper's z_max (:func:`alie_z`)
+TEXTBOOK = "textbook"
 
 
 def alie_z(n: int, f: int) -> float:
@@ -60,12 +70,28 @@ def _default_n(honest: torch.Tensor, f: int, n: int | None) -> int:
     return n
 
 
+def alie_strength(z, n: int | None = None, f: int | None = None) -> float | None:
+    """ALIE's z as a number: ``z`` itself, or :func:`alie_z` (n, f) for ``None`` /
+    ``"textbook"`` (None when n or f is not given: the check of an argument)."""
+    if z is None or z == TEXTBOOK:
+        return alie_z(n, f) if n is not None and f is not None else None
+    if isinstance(z, bool) or not isinstance(z, (int, float, str)):
+        raise ConfigError(f"alie: z must be a number or {TEXTBOOK!r}, got {z!r}")
+    try:
+        value = float(z)
+    except ValueError:
+        raise ConfigError(f"alie: z must be a number or {TEXTBOOK!r}, got {z!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"alie: z must be finite, got {z!r}")
+    return value
+
+
 @register("alie", reference="Baruch, Baruch, Goldberg, A Little Is Enough, NeurIPS 2019", params=("n", "z"))
-def alie(honest: torch.Tensor, f: int, n: int | None = None, z: float | None = None) -> torch.Tensor:
-    if z is None:
-        z = alie_z(_default_n(honest, f, n), f)
+def alie(honest: torch.Tensor, f: int, n: int | None = None, z: float | str | None = None) -> torch.Tensor:
+    textbook = z is None or z == TEXTBOOK
+    z = alie_strength(z, _default_n(honest, f, n) if textbook else None, f)
     mu, sigma = honest_stats(honest)
-    return (mu + float(z) * sigma).unsqueeze(0).repeat(f, 1)
+    return (mu + z * sigma).unsqueeze(0).repeat(f, 1)
 
 
 @register("ipm", reference="Xie, Koyejo, Gupta, Fall of Empires (inner product manipulation), UAI 2019",

@@ -210,6 +210,8 @@ def ps_series(run_dir: str | os.PathLike) -> dict[int, dict[str, Any]]:
             path = run_dir / path.name  # run directory moved since
         evals, steps, final, start, done = [], [], None, None, None
         sent = received = None
+        quorums: list[tuple[list, list]] = []  # per gradient phase: (aggregated, nonfinite)
+        gathers: list[list] = []  # per gather: the peers whose models it used
         last_step = -1
         for rec in read_metrics(path):
             if rec.get("event") == "start":
@@ -225,6 +227,10 @@ def ps_series(run_dir: str | os.PathLike) -> dict[int, dict[str, Any]]:
                     last_step = max(last_step, int(rec["step"]))
                 sent = rec.get("bytes_sent", sent)
                 received = rec.get("bytes_received", received)
+                if isinstance(rec.get("quorum"), list):
+                    quorums.append((rec["quorum"], rec.get("nonfinite") or []))
+                if isinstance(rec.get("model_quorum"), list):
+                    gathers.append(rec["model_quorum"])
                 if "accuracy" in rec:
                     evals.append((int(rec["step"]), _num(rec.get("accuracy")), rec.get("time")))
         origin = t0 or start or (steps[0]["time"] if steps else None)
@@ -236,7 +242,7 @@ def ps_series(run_dir: str | os.PathLike) -> dict[int, dict[str, Any]]:
                          first_time=steps[0].get("time") if steps else None,
                          last_time=steps[-1].get("time") if steps else None,
                          bytes_sent=sent, bytes_received=received, metrics=str(path),
-                         done=done is not None,
+                         done=done is not None, quorums=quorums, gathers=gathers,
                          median_step_time=_num(done.get("median_step_time")) if done else None)
     return out
 
@@ -244,6 +250,59 @@ def ps_series(run_dir: str | os.PathLike) -> dict[int, dict[str, Any]]:
 def ps_steps(run_dir: str | os.PathLike) -> dict[int, int]:
     """The last completed step logged by each correct PS (-1 when none yet)."""
     return {rank: s["last_step"] for rank, s in ps_series(run_dir).items()}
+
+
+def _worker_ranks(run_dir: Path) -> list[int]:
+    try:
+        return sorted(int(r["rank"]) for r in read_deployment(run_dir)["ranks"] if r.get("role") == "worker")
+    except (ConfigError, KeyError, TypeError, ValueError):
+        return []
+
+
+def _ps_ranks(run_dir: Path) -> list[int]:
+    try:
+        return sorted(int(r["rank"]) for r in read_deployment(run_dir)["ranks"] if r.get("role") == "ps")
+    except (ConfigError, KeyError, TypeError, ValueError):
+        return []
+
+
+def quorum_shares(run_dir: str | os.PathLike,
+                  series: dict[int, dict[str, Any]] | None = None) -> dict[str, dict[str, float] | int]:
+    """Which workers the correct PSes' gradient quorums held, from their metrics (each step
+    record's ``quorum`` and ``nonfinite``): ``quorum_share`` {worker rank: share of the
+    correct PSes' gradient phases (all of them pooled) that aggregated its gradient},
+    ``nonfinite_share`` {worker rank: share of them that left its row out for NaN/Inf; ranks
+    never left out are not listed}, ``quorum_steps`` (how many gradient phases: the
+    denominator).  Every worker rank of deployment.json is in ``quorum_share`` (0.0 when
+    never aggregated: a silent or slow worker); a Byzantine worker's share says whether its
+    attack reached the rule at all.  Likewise for the models: ``model_quorum_share`` {PS rank:
+    share of the correct PSes' gathers that used its model} over ``model_quorum_steps``
+    gathers (the other PSes' ranks only; empty without gathers)."""
+    run_dir = Path(run_dir)
+    series = ps_series(run_dir) if series is None else series
+    phases = [q for s in series.values() for q in s["quorums"]]
+    ranks = set(_worker_ranks(run_dir))
+    counts: dict[int, int] = {}
+    nonfinite: dict[int, int] = {}
+    for members, dropped in phases:
+        for w in set(members):
+            counts[w] = counts.get(w, 0) + 1
+            ranks.add(w)
+        for w in set(dropped):
+            nonfinite[w] = nonfinite.get(w, 0) + 1
+    n = len(phases)
+    share = lambda c: round(c / n, 4) if n else 0.0  # noqa: E731
+    gathers = [g for s in series.values() for g in s["gathers"]]
+    used: dict[int, int] = {}
+    for peers in gathers:
+        for p in set(peers):
+            used[p] = used.get(p, 0) + 1
+    ps_ranks = set(used) | {p for r, s in series.items() if s["gathers"] for p in _ps_ranks(run_dir) if p != r}
+    return dict(quorum_share={str(w): share(counts.get(w, 0)) for w in sorted(ranks)},
+                nonfinite_share={str(w): share(c) for w, c in sorted(nonfinite.items())},
+                quorum_steps=n,
+                model_quorum_share={str(p): round(used.get(p, 0) / len(gathers), 4) for p in sorted(ps_ranks)},
+                model_quorum_steps=len(gathers))
 
 
 def median_step_time(series: dict[int, dict[str, Any]]) -> float | None:
@@ -258,7 +317,7 @@ def summarize_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     series = ps_series(run_dir)
     if not series:
         return dict(final_accuracy=None, best_accuracy=None, final_accuracy_per_ps={}, steps=0,
-                    steps_per_s=None, bytes_sent=None, bytes_received=None)
+                    steps_per_s=None, bytes_sent=None, bytes_received=None, quorum_share={})
     finals = {str(r): s["final"] for r, s in series.items()}
     final = min(finals.values()) if all(v is not None for v in finals.values()) else None
     by_step: dict[int, list[float | None]] = {}
@@ -278,7 +337,8 @@ def summarize_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     return dict(final_accuracy=final, best_accuracy=max(mins) if mins else None,
                 final_accuracy_per_ps=finals, steps=min(s["steps"] for s in series.values()),
                 steps_per_s=min(rates) if len(rates) == len(series) else None,
-                bytes_sent=total("bytes_sent"), bytes_received=total("bytes_received"))
+                bytes_sent=total("bytes_sent"), bytes_received=total("bytes_received"),
+                quorum_share=quorum_shares(run_dir, series)["quorum_share"])
 
 
 def rejoins(run_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
@@ -409,18 +469,21 @@ def run_summary(run_dir: str | os.PathLike, outcome: str, *, started: float,
                 byzantine_ranks: list[int] = ()) -> dict[str, Any]:
     """The fields every deployment's ``summary.json`` (and ``--json`` line) has: per correct
     PS its final accuracy (its done record's, else its last evaluation), the least of them
-    (ranks in ``exclude`` — killed on purpose — left out), the median step time, and per
-    rank what its transport refused (``rejections``: reason -> count, see :func:`rejections`)."""
+    (ranks in ``exclude`` — killed on purpose — left out), the median step time, which
+    workers the gradient quorums held (:func:`quorum_shares`), per rank what its transport
+    refused (``rejections``: reason -> count, see :func:`rejections`) and, for nodes restarted
+    by scripts/fault.py, whether and when they served again (``rejoined``)."""
     series = ps_series(run_dir)
     final = {str(r): s["final"] for r, s in series.items()}
     accs = [a for r, a in final.items() if a is not None and int(r) not in exclude]
     summary = dict(outcome=outcome, run_dir=str(run_dir), final_accuracy=final,
                    min_accuracy=min(accs) if accs else None,
                    median_step_time=median_step_time(series), wall_time=time.time() - started,
-                   byzantine_ranks=list(byzantine_ranks), rejections=rejections(run_dir),
+                   byzantine_ranks=list(byzantine_ranks), **quorum_shares(run_dir, series),
+                   rejections=rejections(run_dir),
                    returncodes={str(k): v for k, v in returncodes.items()})
     rejoined = rejoins(run_dir)
-    if rejoined:  # nodes restarted by scripts/fault.py: did they serve again, from when
+    if rejoined:
         summary["rejoined"] = rejoined
     return summary
 
@@ -448,6 +511,11 @@ def print_summary(summary: dict, prog: str, stream=None) -> None:
     if summary.get("median_step_time") is not None:
         print(f"{prog}: median step time {summary['median_step_time']:.4f} s, wall time "
               f"{summary['wall_time']:.1f} s", file=stream)
+    shares = summary.get("quorum_share") or {}
+    for rank in summary.get("byzantine_ranks") or ():
+        if str(rank) in shares:
+            print(f"{prog}: Byzantine worker {rank} in {100 * shares[str(rank)]:.1f}% of the correct "
+                  f"PSes' gradient quorums ({summary.get('quorum_steps')} steps)", file=stream)
 
 
 def print_log_tail(path: str | os.PathLike, lines: int = 15, stream=None) -> None:

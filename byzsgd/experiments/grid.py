@@ -23,7 +23,9 @@ written (the first list is the outermost loop).  ``worker_attack = "none"`` (or
 ``ps_attack = "none"``) means no Byzantine worker (PS) in that cell; with an attack,
 ``byz_workers`` (``byz_ps``) defaults to ``fw`` (``fps``): as many Byzantine nodes as
 tolerated.  A dict value (``opt_args``, ``gar_args``, ``*_attack_args``) is a scalar; a
-list of dicts is an axis.
+list of dicts is an axis.  An attack axis entry may carry its own arguments as a one-key
+table, ``worker_attack = ["none", "reverse", {alie = {z = 100}}]``: that cell runs ``alie``
+with ``worker_attack_args = {z = 100}`` (and the report labels it ``alie{"z":100}``).
 
 Every cell is validated (flags, resilience bounds, attack names and arguments) before
 anything runs; unknown keys and bad values are a clear error.  Each finished cell appends
@@ -200,6 +202,15 @@ def _resolve(fields, defaults: dict[str, Any], values: dict[str, Any]) -> dict[s
     for attack, count, args, tol in (("worker_attack", "byz_workers", "worker_attack_args", "fw"),
                                      ("ps_attack", "byz_ps", "ps_attack_args", "fps")):
         name = out.get(attack)
+        if isinstance(name, dict):  # {name = {args}}: that attack with those arguments
+            if len(name) != 1 or not isinstance(next(iter(name.values())), dict):
+                raise ConfigError(f"{attack}: a table entry is a one-key table {{<attack> = {{<arguments>}}}}, got {name!r}")
+            if args in out:
+                raise ConfigError(f"{attack}: {name!r} gives its arguments; drop {args} from [grid]")
+            (name, given), = name.items()
+            out[attack] = name
+            if given:
+                out[args] = dict(given)
         if name is None or (isinstance(name, str) and name.strip().lower() == NONE_ATTACK):
             out[attack] = NONE_ATTACK
             out[count] = 0

@@ -13,8 +13,9 @@ cells' metrics files, and writes into ``--out`` (default: the results file's dir
   ("none" excluded when there are attacks; a failed cell counts as 0 %), with the full
   rule x attack table in markdown.
 
-The rule is ``gar``; the attack is ``worker_attack`` and/or ``ps:<ps_attack>`` (with their
-arguments when they vary).  Matplotlib runs headless (Agg).
+The rule is ``gar``; the attack is ``worker_attack`` and/or ``ps:<ps_attack>``, with their
+arguments whenever a cell gives some (an attack's strength is part of what it is:
+``alie{"z":100}``).  Matplotlib runs headless (Agg).
 """
 from __future__ import annotations
 
@@ -63,10 +64,10 @@ def attack_label(cell: dict, varying: set[str]) -> str:
     p = cell.get("ps_attack", "none") or "none"
     if w != "none":
         args = cell.get("worker_attack_args")
-        parts.append(w + (_short(args) if args and "worker_attack_args" in varying else ""))
+        parts.append(w + (_short(args) if args else ""))  # an attack's strength is part of its name
     if p != "none":
         args = cell.get("ps_attack_args")
-        parts.append("ps:" + p + (_short(args) if args and "ps_attack_args" in varying else ""))
+        parts.append("ps:" + p + (_short(args) if args else ""))
     return "+".join(parts) or "none"
 
 

@@ -36,6 +36,7 @@ import torch
 
 from byzsgd import attacks
 from byzsgd.attacks.optimal import optimal_alie_factor, optimal_ipm_factor
+from byzsgd.attacks.statistical import alie_strength
 from byzsgd.config import RunConfig
 from byzsgd.errors import ConfigError
 from byzsgd.roles import protocol_attacks
@@ -115,6 +116,8 @@ class WorkerAttack:
             if unknown:
                 raise ConfigError(f"worker attack {name!r}: unknown arguments {sorted(unknown)}; known: "
                                   f"{', '.join(spec.params + WORKER_ROLE_ARGS)}")
+        if name == "alie" and "z" in params:
+            alie_strength(params["z"])  # a bad z fails at start, not at the first forged gradient
         self.params = params
         self.f = max(1, cfg.fw)
         self._history: collections.OrderedDict[int, torch.Tensor] = collections.OrderedDict()
