@@ -6,10 +6,12 @@ look at the role objects afterwards.  Small on purpose: a few PS and workers, a 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import socket
 from pathlib import Path
 
 from byzsgd.config import RunConfig
+from byzsgd.net.credentials import credentials_path, provision
 from byzsgd.roles.ps import ParameterServer
 from byzsgd.roles.worker import Worker
 
@@ -26,7 +28,8 @@ def deploy(tmp_path: Path, monkeypatch, *, num_ps: int, num_workers: int,
            byzantine: dict[int, tuple[str, dict]] | None = None, timeout: float = 240, **config):
     """Run every rank to the end; returns ({rank: role object}, {rank: exit code}).  The
     PSes write ``tmp_path/metrics-ps<rank>.jsonl``.  ``byzantine``: {rank: (attack, args)}."""
-    monkeypatch.setenv("BYZSGD_SECRET", SECRET)
+    # per-rank credentials, as the launchers provision them
+    cred_dir = provision(secrets.token_bytes(32), num_ps + num_workers, tmp_path / "credentials")[0].parent
     master = f"127.0.0.1:{free_port()}"
     byzantine = byzantine or {}
     common = dict(master=master, num_ps=num_ps, num_workers=num_workers, log=False,
@@ -35,7 +38,8 @@ def deploy(tmp_path: Path, monkeypatch, *, num_ps: int, num_workers: int,
     for rank in range(num_ps + num_workers):
         attack, args = byzantine.get(rank, (None, {}))
         extra = dict(metrics=str(tmp_path / f"metrics-ps{rank}.jsonl")) if rank < num_ps else {}
-        cfg = RunConfig(rank=rank, attack=attack, attack_args=args, **common, **extra)
+        cfg = RunConfig(rank=rank, attack=attack, attack_args=args,
+                        credentials=str(credentials_path(cred_dir, rank)), **common, **extra)
         cfg.validate()
         roles[rank] = ParameterServer(cfg) if rank < num_ps else Worker(cfg)
 

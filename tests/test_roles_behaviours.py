@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_a_label_flipping_worker_computes_its_gradient_on_flipped_labels(monkeypatch):
     monkeypatch.setenv("BYZSGD_SECRET", inprocess.SECRET)
-    common = dict(rank=3, num_ps=1, num_workers=3, fw=1, gar="median", batch=16, seed=2)
+    common = dict(rank=3, num_ps=1, num_workers=3, fw=1, gar="median", batch=16, seed=2,
+                  insecure_shared_secret=True)  # built, never connected
     honest = Worker(RunConfig(**common))
     flipper = Worker(RunConfig(attack="label_flip", **common))
     state = honest.replica.state_vector()
