@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from byzsgd.experiments import grid as experiment
+from byzsgd.experiments import runner as cells  # where the cells run: what the tests patch
 from byzsgd.errors import ConfigError
 from byzsgd.experiments.grid import load_experiment, read_results, run_experiment
 
@@ -197,7 +198,7 @@ def fake_launcher(tmp_path, monkeypatch):
     def command(exp, cell, run_dir):
         return [sys.executable, str(script), "--run_dir", str(run_dir), *cell.flags]
 
-    monkeypatch.setattr(experiment, "cell_command", command)
+    monkeypatch.setattr(cells, "cell_command", command)
     return log
 
 
@@ -255,14 +256,14 @@ def test_interrupted_cell_is_not_recorded_and_resumes(tmp_path, fake_launcher, m
             raise KeyboardInterrupt
         return real(exp, cell, progress)
 
-    monkeypatch.setattr(experiment, "run_cell", interrupting)
+    monkeypatch.setattr(cells, "run_cell", interrupting)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(load_experiment(cfg, results=str(res), runs_dir=str(tmp_path / "runs")))
     assert [r["index"] for r in read_results(res)] == [0]
     # a truncated last line (killed mid-write) is ignored
     with open(res, "a") as fh:
         fh.write('{"key": "trunc')
-    monkeypatch.setattr(experiment, "run_cell", real)
+    monkeypatch.setattr(cells, "run_cell", real)
     counts = run_experiment(load_experiment(cfg, results=str(res), runs_dir=str(tmp_path / "runs")))
     assert counts["skipped"] == 1 and counts["ran"] == 2
     assert sorted(r["index"] for r in read_results(res)) == [0, 1, 2]
@@ -272,7 +273,7 @@ def test_cell_timeout_is_recorded(tmp_path, fake_launcher, monkeypatch):
     import time
 
     # the fake launcher ignores --timeout: the harness's own hard limit must stop it
-    monkeypatch.setattr(experiment, "HARD_LIMIT_SLACK", 1.0)
+    monkeypatch.setattr(cells, "HARD_LIMIT_SLACK", 1.0)
     cfg = write(tmp_path, BASE.replace("timeout = 60", "timeout = 1") + 'seed = [14, 2]\n')
     exp = load_experiment(cfg, results=str(tmp_path / "r.jsonl"), runs_dir=str(tmp_path / "runs"))
     started = time.time()

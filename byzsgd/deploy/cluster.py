@@ -55,7 +55,6 @@ the trainer's exact pid, its exit code; the environment carries ``BYZSGD_RUN_ID`
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import os
@@ -65,103 +64,26 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from byzsgd.config import RunConfig
 from byzsgd.deploy import rundir
 from byzsgd.errors import ByzSGDError, ConfigError
-from byzsgd.flags import split_argv
-from byzsgd.net.credentials import RankCredentials, credentials_path
+from byzsgd.net.credentials import RankCredentials
+
+# The plan (hosts files, flags, ranks) and the per-host scripts live in their own modules;
+# their names are re-exported here, where the scripts and the tests have always found them.
+from byzsgd.deploy.host_scripts import (  # noqa: F401  (re-exported)
+    PY_PICK, PY_PROBE, RUN_ID_ENV, WRAPPER, _ours, default_python, kill_script, python_rule, q,
+    runs_on_this_machine, start_script, status_script)
+from byzsgd.deploy.plan import (  # noqa: F401  (re-exported)
+    DEFAULT_CONFIG, DEFAULT_RUNNER, HOST_KEYS, OWNED_FLAGS, RUNNER_ENV, TLS_FLAGS, Host, Plan,
+    Rank, check_flags, default_config, make_plan, parse_hosts, read_config, read_hosts,
+    split_flags)
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_RUNNER = "ssh -o BatchMode=yes"
-RUNNER_ENV = "BYZSGD_RUNNER"
-RUN_ID_ENV = "BYZSGD_RUN_ID"
 #: where ``run`` records its run directory, for ``kill.sh`` with no argument (see latest_pointer)
 LATEST_ENV = "BYZSGD_LATEST_RUN"
-#: the trainer flags ``run`` reads when --config is not given: this file beside --servers
-DEFAULT_CONFIG = "exp.conf"
-HOST_KEYS = ("addr", "python", "repo", "dir", "listen")
-#: trainer flags the deployment sets per rank: refused in the config
-OWNED_FLAGS = ("rank", "master", "port", "listen_host", "advertise_host", "secret_file", "metrics",
-               "peers", "credentials")
-TLS_FLAGS = ("tls_cert", "tls_key", "tls_ca")
-
-
-# ----------------------------------------------------------------------------- parsing
-@dataclass
-class Host:
-    name: str
-    addr: str
-    python: str | None = None
-    repo: str | None = None
-    dir: str | None = None
-    listen: str = "0.0.0.0"
-    line: str = ""
-
-
-def parse_hosts(text: str, source: str = "hosts") -> list[Host]:
-    """One rank per non-empty line: ``HOST [key=value ...]``; ``#`` comments."""
-    hosts = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        try:
-            words = shlex.split(raw, comments=True)
-        except ValueError as exc:
-            raise ConfigError(f"{source}:{number}: {exc}") from None
-        if not words:
-            continue
-        name, opts = words[0], {}
-        if "=" in name:
-            raise ConfigError(f"{source}:{number}: a line starts with the host, got {name!r}")
-        for word in words[1:]:
-            key, sep, value = word.partition("=")
-            if not sep or key not in HOST_KEYS:
-                raise ConfigError(f"{source}:{number}: unknown setting {word!r} (known: "
-                                  f"{', '.join(k + '=' for k in HOST_KEYS)})")
-            if not value:
-                raise ConfigError(f"{source}:{number}: empty {key}=")
-            opts[key] = value
-        addr = opts.pop("addr", name.rpartition("@")[2])
-        hosts.append(Host(name=name, addr=addr, line=raw.strip(), **opts))
-    return hosts
-
-
-def read_hosts(path: str | os.PathLike) -> list[Host]:
-    if not Path(path).exists():
-        raise ConfigError(f"no hosts file {Path(path).resolve()}: write one host per line (the "
-                          f"first server is the master; see scripts/servers.example), or name "
-                          f"it with --servers / --workers")
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the hosts file {path}: {exc}") from None
-    hosts = parse_hosts(text, str(path))
-    if not hosts:
-        raise ConfigError(f"the hosts file {path} lists no host")
-    return hosts
-
-
-def read_config(path: str | os.PathLike | None) -> list[str]:
-    """Trainer flags of a config file: shell words (quotes, ``#`` comments), any layout."""
-    if not path:
-        return []
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the config file {path}: {exc}") from None
-    try:
-        return shlex.split(text, comments=True)
-    except ValueError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-
-
-def default_config(servers: str | os.PathLike) -> Path | None:
-    """The config file used when --config is not given: ``exp.conf`` beside the servers file
-    (Garfield kept its trainer parameters in run_exp.sh, run from that directory)."""
-    path = Path(servers).resolve().parent / DEFAULT_CONFIG
-    return path if path.is_file() else None
 
 
 # ----------------------------------------------------------------------------- the latest run
@@ -213,10 +135,6 @@ def latest_run() -> Path:
     return target
 
 
-#: ``--name value`` pairs of an argv (see byzsgd.flags.split_argv)
-split_flags = split_argv
-
-
 def runner_argv(runner: str, host: str) -> list[str]:
     """The local command that runs ``sh -s`` on ``host`` (script on its stdin)."""
     if runner.strip() in ("", "local"):
@@ -254,328 +172,6 @@ def parallel(fn, items: Iterable) -> list:
     for t in threads:
         t.join()
     return results
-
-
-def q(value: Any) -> str:
-    return shlex.quote(str(value))
-
-
-# ----------------------------------------------------------------------------- the plan
-@dataclass
-class Rank:
-    rank: int
-    role: str
-    host: Host
-    port: int | None
-    dir: str
-    argv: list[str] = field(default_factory=list)
-    pid: int | None = None
-    pgid: int | None = None
-
-    @property
-    def stem(self) -> str:
-        return f"{self.role}{self.rank}"
-
-    def remote(self, suffix: str) -> str:
-        return f"{self.dir}/{self.stem}{suffix}"
-
-    @property
-    def remote_metrics(self) -> str | None:
-        return f"{self.dir}/metrics-{self.stem}.jsonl" if self.role == "ps" else None
-
-
-@dataclass
-class Plan:
-    run_dir: Path
-    run_id: str
-    runner: str
-    base_port: int
-    ports: str
-    num_ps: int
-    num_workers: int
-    flags: list[str]
-    ranks: list[Rank]
-    tls: dict[str, str]
-    secret_file: Path | None  # --insecure_shared_secret only
-    started: float = 0.0
-    shared: dict[str, bool] = field(default_factory=dict)  # host -> run dir shared with us
-
-    @property
-    def master(self) -> str:
-        addr = self.ranks[0].host.addr
-        return f"[{addr}]:{self.base_port}" if ":" in addr else f"{addr}:{self.base_port}"
-
-    def hosts(self) -> dict[str, list[Rank]]:
-        """Ranks grouped by (runner host, run directory), in rank order."""
-        out: dict[str, list[Rank]] = {}
-        for r in self.ranks:
-            out.setdefault(r.host.name, []).append(r)
-        return out
-
-    @property
-    def insecure(self) -> bool:
-        return self.secret_file is not None
-
-    def cred_dir(self, r: Rank) -> str:
-        """Where rank ``r``'s credentials file goes on its host."""
-        return f"{r.dir}/{rundir.CREDENTIALS}"
-
-    def local(self, r: Rank, what: str) -> Path:
-        return rundir.rank_file(self.run_dir, r.role, r.rank, what)
-
-    def describe(self) -> dict:
-        ranks = []
-        for r in self.ranks:
-            ranks.append(dict(
-                rank=r.rank, role=r.role, host=r.host.name, addr=r.host.addr, port=r.port,
-                pid=r.pid, pgid=r.pgid, byzantine=False, attack=None, attack_args={},
-                log=str(self.local(r, "log")),
-                metrics=str(self.local(r, "metrics")) if r.role == "ps" else None,
-                remote_dir=r.dir, remote_log=r.remote(".log"), remote_metrics=r.remote_metrics,
-                python=r.host.python, repo=r.host.repo,
-                cmd=[r.host.python or "<repo>/.venv/bin/python|python3", "-m", "byzsgd.trainer"] + r.argv))
-        return dict(num_ps=self.num_ps, num_workers=self.num_workers, kind="multihost",
-                    run_dir=str(self.run_dir), run_id=self.run_id, runner=self.runner,
-                    master=self.master, base_port=self.base_port, ports=self.ports,
-                    launcher_pid=os.getpid(), started=self.started,
-                    credentials=None if self.insecure else "per host: <dir>/credentials",
-                    secret_file=str(self.secret_file) if self.insecure else None, flags=self.flags,
-                    tls=bool(self.tls), shared_dirs=self.shared, byzantine_ranks=[], ranks=ranks)
-
-    def write_description(self) -> Path:
-        return rundir.write_deployment(self.run_dir, self.describe())
-
-
-def check_flags(flags: list[str], num_ps: int, num_workers: int) -> RunConfig:
-    """Refuse flags the deployment owns; parse and validate the rest (the trainer's flags)
-    into the configuration every rank shares."""
-    given = split_argv(flags)
-    for name in OWNED_FLAGS:
-        if name in given:
-            raise ConfigError(f"--{name} is set per rank by the deployment; remove it from the "
-                              f"config / command line")
-    for name, count, what in (("num_ps", num_ps, "servers"), ("num_workers", num_workers, "workers")):
-        if name in given and given[name] != str(count):
-            raise ConfigError(f"--{name} {given[name]} but the {what} file lists {count} "
-                              f"rank{'s' if count != 1 else ''}")
-    try:
-        cfg = RunConfig.from_argv(list(flags) + ["--rank", "0", "--num_ps", str(num_ps),
-                                                 "--num_workers", str(num_workers)],
-                                  prog="python -m byzsgd.trainer")
-    except ConfigError as exc:
-        raise ConfigError(f"bad trainer flags {' '.join(flags)!r}: {exc}") from None
-    try:
-        import torch  # noqa: F401  (the GAR check needs it; the launching machine may lack it)
-    except ImportError:
-        return cfg
-    cfg.validate()
-    return cfg
-
-
-def make_plan(args: argparse.Namespace) -> Plan:
-    servers = read_hosts(args.servers)
-    workers = read_hosts(args.workers)
-    flags = read_config(args.config or default_config(args.servers)) + list(args.trainer_flags)
-    # TLS files given as trainer flags are local files shipped like the secret.
-    given = split_flags(flags)
-    tls = {k: getattr(args, k) for k in TLS_FLAGS if getattr(args, k, None)}
-    for k in TLS_FLAGS:
-        if k in given:
-            tls.setdefault(k, given[k])
-    kept, i = [], 0
-    while i < len(flags):
-        name = flags[i][2:].partition("=")[0] if flags[i].startswith("--") else None
-        if name in TLS_FLAGS:
-            i += 1 if "=" in flags[i] else 2
-            continue
-        kept.append(flags[i])
-        i += 1
-    flags = kept
-    if bool(tls.get("tls_cert")) != bool(tls.get("tls_key")):
-        raise ConfigError("--tls_cert and --tls_key go together")
-    for k, path in tls.items():
-        if not Path(path).is_file():
-            raise ConfigError(f"--{k} {path}: no such file")
-    shared = check_flags(flags, len(servers), len(workers))
-    if args.ports not in ("fixed", "ephemeral"):
-        raise ConfigError(f"--ports must be fixed or ephemeral, got {args.ports!r}")
-    world = len(servers) + len(workers)
-    if not 1 <= args.base_port <= 65535 - (world if args.ports == "fixed" else 0):
-        raise ConfigError(f"--base_port {args.base_port}: ports up to base_port + {world - 1} must exist")
-    run_dir = Path(args.run_dir or Path("runs") / time.strftime("multihost-%Y%m%d-%H%M%S")).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if rundir.deployment_path(run_dir).exists() and not args.force:
-        raise ConfigError(f"{run_dir} already holds a deployment (deployment.json); pick another "
-                          f"--run_dir, or --force")
-    runner = args.runner if args.runner is not None else os.environ.get(RUNNER_ENV, DEFAULT_RUNNER)
-    if shared.insecure_shared_secret:
-        secret_file = Path(args.secret_file or os.environ.get("BYZSGD_SECRET_FILE") or run_dir / rundir.SECRET)
-    elif args.secret_file:
-        raise ConfigError("--secret_file is for --insecure_shared_secret true only: by default each "
-                          "rank gets its own credentials, provisioned from a fresh operator secret")
-    else:
-        secret_file = None
-    plan = Plan(run_dir=run_dir, run_id=f"{os.uname().nodename}-{os.getpid()}-{secrets.token_hex(4)}",
-                runner=runner, base_port=args.base_port, ports=args.ports, num_ps=len(servers),
-                num_workers=len(workers), flags=flags, ranks=[], tls=tls, secret_file=secret_file)
-    for rank, host in enumerate(servers + workers):
-        host.repo = host.repo or args.repo
-        host.python = host.python or args.python or default_python(runner)
-        role = "ps" if rank < len(servers) else "worker"
-        port = args.base_port + rank if (args.ports == "fixed" or rank == 0) else None
-        r = Rank(rank, role, host, port, (host.dir or args.remote_dir or str(run_dir)).rstrip("/") or "/")
-        plan.ranks.append(r)
-    for r in plan.ranks:  # each rank's configuration, as argv: it starts on another host
-        own = dict(rank=r.rank, master=plan.master, port=r.port or 0, listen_host=r.host.listen,
-                   advertise_host=r.host.addr, metrics=r.remote_metrics,
-                   secret_file=f"{r.dir}/{rundir.SECRET}" if plan.insecure else None,
-                   credentials=None if plan.insecure else str(credentials_path(plan.cred_dir(r), r.rank)),
-                   **{k: f"{r.dir}/{k.replace('_', '-')}.pem" if k in tls else None for k in TLS_FLAGS})
-        r.argv = dataclasses.replace(shared, **own).to_argv()
-    return plan
-
-
-# ----------------------------------------------------------------------------- scripts
-PY_PICK = """\
-if [ -n "$PYSEL" ]; then PY=$PYSEL
-elif [ -x "$REPO/.venv/bin/python" ]; then PY=$REPO/.venv/bin/python
-else PY=python3; fi
-command -v "$PY" >/dev/null 2>&1 || { echo "byzsgd-error: no python '$PY' on $(hostname)"; exit 3; }
-cd "$REPO" || { echo "byzsgd-error: no byzsgd checkout at '$REPO' on $(hostname)"; exit 3; }
-"""
-
-#: fail fast, naming the interpreter and the module, when a host's python cannot run a node
-#: (otherwise every rank dies at import and the run fails in its summary)
-PY_PROBE = """\
-miss=$(PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c '
-import importlib
-for m in ("msgpack", "numpy", "torch", "byzsgd.net"):
-    try:
-        importlib.import_module(m)
-    except Exception as e:
-        print(m + " (" + type(e).__name__ + ": " + str(e) + ")")
-        break
-' 2>&1) || miss="? (the interpreter failed: $miss)"
-[ -z "$miss" ] || { echo "byzsgd-error: $(hostname): $PY cannot import $miss"; exit 3; }
-"""
-
-def runs_on_this_machine(runner: str) -> bool:
-    """Runners whose "hosts" are this machine (plain local, network namespaces): there the
-    default interpreter is the one running the launcher, whatever environment it lives in."""
-    words = " ".join(shlex.split(runner))
-    return words in ("", "local") or words.startswith("ip netns exec")
-
-
-def default_python(runner: str) -> str | None:
-    """The interpreter a host runs when neither its ``python=`` nor ``--python`` says:
-    this very interpreter where the hosts are this machine, else None (the host picks
-    ``$REPO/.venv/bin/python``, else ``python3``)."""
-    return sys.executable if runs_on_this_machine(runner) else None
-
-
-def python_rule(host: "Host", runner: str) -> str:
-    """What ``--dry_run`` prints: the interpreter a host will use, or the rule it follows."""
-    return host.python or default_python(runner) or "<repo>/.venv/bin/python if present, else python3"
-
-
-#: the per-rank wrapper: own session, exact trainer pid, exit code kept
-#: (a signal to the wrapper is passed on to the trainer, and the wrapper stays to record its exit)
-WRAPPER = ('echo $$ > "$1.pgid"; s=$1; shift; "$@" & c=$!; echo $c > "$s.pid"; '
-           'trap \'kill -TERM $c 2>/dev/null\' TERM INT HUP; wait $c; rc=$?; '
-           'while kill -0 $c 2>/dev/null; do wait $c; rc=$?; done; echo $rc > "$s.rc"')
-
-
-def start_script(plan: Plan, ranks: list[Rank], secret: str | None, probe: str, redact: bool = False,
-                 creds: dict[int, str] | None = None) -> str:
-    """The script a host runs (on its stdin): its directories, the credentials files of *its*
-    ranks only (``creds``: rank -> file text; or the shared ``secret`` under
-    --insecure_shared_secret), the TLS files, then one wrapped trainer per rank."""
-    host = ranks[0].host
-    dirs = sorted({r.dir for r in ranks})
-    lines = ["set -u", "umask 077"]
-    for d in dirs:
-        lines.append(f"mkdir -p {q(d)} || {{ echo 'byzsgd-error: cannot create {d}'; exit 3; }}")
-        if secret is not None:
-            # printf is a shell builtin: the secret is never on a command line
-            lines.append(f"printf '%s\\n' {q('<secret>' if redact else secret)} > {q(d + '/secret')}")
-        for k, path in plan.tls.items():
-            text = "<pem>" if redact else Path(path).read_text()
-            lines.append(f"printf '%s' {q(text)} > {q(d + '/' + k.replace('_', '-') + '.pem')}")
-        lines.append(f": > {q(d + '/.probe-' + probe)}")
-    shipped = ranks if (creds is not None or (redact and not plan.insecure)) else []
-    for r in shipped:
-        cdir = plan.cred_dir(r)
-        path = str(credentials_path(cdir, r.rank))
-        text = "<credentials of rank %d>" % r.rank if redact else creds[r.rank]
-        # a fresh 0600 file (rm first: '>' would keep an older file's mode), 0700 directory
-        lines.append(f"mkdir -p {q(cdir)} && chmod 700 {q(cdir)} && rm -f {q(path)} && "
-                     f"printf '%s' {q(text)} > {q(path)} || "
-                     f"{{ echo 'byzsgd-error: cannot write the credentials of rank {r.rank} in {cdir}'; exit 3; }}")
-    lines += [f"REPO={q(host.repo)}", f"PYSEL={q(host.python or '')}", PY_PICK.rstrip(), PY_PROBE.rstrip()]
-    env = (f"{RUN_ID_ENV}={q(plan.run_id)} OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1 "
-           f"PYTHONPATH=\"$REPO${{PYTHONPATH:+:$PYTHONPATH}}\"")
-    for r in ranks:
-        stem = q(r.dir + "/" + r.stem)
-        lines.append(f"rm -f {stem}.pid {stem}.pgid {stem}.rc")
-        lines.append(f"{env} setsid sh -c {q(WRAPPER)} byzsgd-rank {stem} \"$PY\" -m byzsgd.trainer "
-                     + " ".join(q(a) for a in r.argv) + f" < /dev/null >> {q(r.remote('.log'))} 2>&1 &")
-    # report the exact pids once every wrapper wrote them
-    lines.append("n=0")
-    wait_for = " ".join(f"{q(r.remote('.pid'))} {q(r.remote('.pgid'))}" for r in ranks)
-    lines.append(f"for f in {wait_for}; do while [ ! -s \"$f\" ] && [ $n -lt 200 ]; do "
-                 f"sleep 0.05; n=$((n+1)); done; done")
-    for r in ranks:
-        lines.append(f"echo \"byzsgd-rank {r.rank} $(cat {q(r.remote('.pid'))} 2>/dev/null || echo -) "
-                     f"$(cat {q(r.remote('.pgid'))} 2>/dev/null || echo -)\"")
-    return "\n".join(lines) + "\n"
-
-
-def _ours(run_id: str) -> str:
-    """Shell functions: ``ours PID`` -- is PID (still) a process of this run?  ``members`` --
-    every pid of this run on the host (one grep over /proc/*/environ, no per-process fork)."""
-    marker = q(RUN_ID_ENV + "=" + run_id)
-    return (f"ours() {{ grep -qzx {marker} /proc/$1/environ 2>/dev/null; }}\n"
-            f"members() {{ grep -lzx {marker} /proc/[0-9]*/environ 2>/dev/null | "
-            "sed -n 's|^/proc/\\([0-9]*\\)/environ$|\\1|p'; }")
-
-
-def status_script(run_id: str, ranks: list[dict]) -> str:
-    lines = ["set -u", _ours(run_id)]
-    for r in ranks:
-        stem = q(f"{r['remote_dir']}/{r['role']}{r['rank']}")
-        lines.append(f"pg=$(cat {stem}.pgid 2>/dev/null || echo {r.get('pgid') or 0}); alive=0; "
-                     f"[ \"$pg\" -gt 0 ] 2>/dev/null && ours \"$pg\" && alive=1; "
-                     f"rc=$(cat {stem}.rc 2>/dev/null || echo -); "
-                     f"echo \"byzsgd-status {r['rank']} $alive ${{rc:--}}\"")
-        if r.get("remote_metrics"):
-            lines.append(f"tail -n 1 {q(r['remote_metrics'])} 2>/dev/null | sed 's/^/byzsgd-metric {r['rank']} /'")
-    return "\n".join(lines) + "\n"
-
-
-def kill_script(run_id: str, ranks: list[dict], grace: float) -> str:
-    """SIGTERM each rank's process group, SIGKILL what is left after ``grace``; report."""
-    lines = ["set -u", _ours(run_id), "groups="]
-    for r in ranks:
-        stem = q(f"{r['remote_dir']}/{r['role']}{r['rank']}")
-        lines.append(f"for p in $(cat {stem}.pgid 2>/dev/null) {r.get('pgid') or ''} "
-                     f"$(cat {stem}.pid 2>/dev/null) {r.get('pid') or ''}; do "
-                     f"ours $p && {{ groups=\"$groups {r['rank']}:$p\"; break; }}; done")
-    lines.append("""\
-# SIGTERM to each rank's process group: the trainer stops cleanly (closes its connections)
-for g in $groups; do p=${g#*:}; kill -TERM -$p 2>/dev/null || kill -TERM $p 2>/dev/null; done
-# (a process that exited but is not reaped yet has no environ: members skips zombies)
-n=0
-while [ -n "$(members)" ] && [ $n -lt %d ]; do sleep 0.1; n=$((n+1)); done
-# SIGKILL whatever of this run is left on the host (the groups, and any stray process that
-# carries the run's id: a rank restarted by hand, a child that left its group)
-for g in $groups; do kill -KILL -${g#*:} 2>/dev/null; done
-for p in $(members); do kill -KILL $p 2>/dev/null; done
-n=0
-while [ -n "$(members)" ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done
-echo "byzsgd-killed $groups"
-echo "byzsgd-left" $(members)
-""" % max(1, int(grace * 10)))
-    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- start / monitor
