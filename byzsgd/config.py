@@ -176,10 +176,11 @@ class RunConfig:
     lipschitz_window: int = _f(20, "--sync --lipschitz_history window: the history is the last N "
                                "coefficients", group=PAPER, needs="sync")
     outliers_bound: str = _f(
-        "authors", "--sync: the outliers filter's bound. authors: lr ||g|| ((3T + 2)(n_w - f_w) / "
+        "update", "--sync: the outliers filter's bound. update (default): factor * lr * gap * "
+        "||u'||, u' the worker's previous SGD update; authors: lr ||g|| ((3T + 2)(n_w - f_w) / "
         "(4 f_w) + 2 ((t - 1) mod T)), g the gradient just computed at the pulled model, checked "
-        "only when f_w > 0 (the ByzSGD authors' byzWorker.py); update: factor * lr * gap * ||u'||, "
-        "u' the worker's previous SGD update (byzsgd's earlier form, tighter)",
+        "only when f_w > 0 (the ByzSGD authors' byzWorker.py, which never acted on it: with "
+        "T = 6 one equivocating PS took training to 9.8%%, against 94.9%% with update)",
         choices=("authors", "update"), group=PAPER, needs="sync")
     outliers_factor: float | None = _f(
         None, "--sync --outliers_bound update: a model passes if it lies within factor * lr * "

@@ -44,7 +44,7 @@ def deploy(tmp_path: Path, name: str, *flags: str) -> dict:
 @pytest.mark.timeout(3600)
 def test_default_holds_against_alie_and_optimal_alie(tmp_path):
     clean = deploy(tmp_path, "none")
-    assert clean["byzantine_share"] == 0
+    assert clean["byzantine_ranks"] == []
     for attack, args in (("optimal_alie", "{}"), ("alie", '{"z": 100}')):
         res = deploy(tmp_path, attack, "--byz_workers", "1", "--worker_attack", attack,
                      "--worker_attack_args", args)

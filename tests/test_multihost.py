@@ -558,7 +558,8 @@ def test_netns_run_trains_like_the_local_launcher(netns, tmp_path):
     # the same deployment on loopback through the launcher
     res = subprocess.run([PY, "-m", "byzsgd.launch", "--quiet", "--json", "--run_dir", str(tmp_path / "local"),
                           "--num_ps", "4", "--fps", "1", "--num_workers", "7", "--fw", "1", "--gar", "median",
-                          "--opt_args", '{"lr":"0.1"}', "--eval_samples", "2000", *flags],
+                          "--opt_args", '{"lr":"0.1"}', "--eval_samples", "2000",
+                          "--pre_agg", "none", "--worker_momentum", "0", *flags],  # the trainer's defaults
                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=clean_env())
     assert res.returncode == 0, res.stderr[-3000:]
     local = json.loads(res.stdout.strip().splitlines()[-1])

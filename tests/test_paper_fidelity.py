@@ -145,9 +145,10 @@ def _sync_worker(**kw):
 
 
 def test_sync_worker_filters_follow_the_configuration():
-    w = _sync_worker(gather_period="3")
+    w = _sync_worker(gather_period="3", outliers_bound="authors")
     f = w.filters
     assert (f.outliers_bound, f.T, f.n_w, f.f_w) == ("authors", 3, 7, 1)
+    assert _sync_worker().filters.outliers_bound == "update"  # the default (see the flag's help)
     assert isinstance(f.lipschitz, AuthorsLipschitzHistory)
     w2 = _sync_worker(outliers_bound="update", lipschitz_history="window")
     assert w2.filters.outliers_bound == "update" and not isinstance(w2.filters.lipschitz, AuthorsLipschitzHistory)
@@ -181,18 +182,10 @@ def test_sync_worker_pulls_every_ps_at_gather_steps():
 
 
 def test_sync_bootstrap_asks_every_ps():
-    class Node:
-        def __init__(self):
-            self.sent = []
-
-        def broadcast(self, ranks, kind, step, tensors, meta=None):
-            self.sent += [(r, kind, step) for r in ranks]
-
-        def send(self, rank, kind, step, tensors=(), meta=None):
-            self.sent.append((rank, kind, step))
+    from tests.test_roles_units import _RecordingNode
 
     w = _sync_worker(gather_period="2")
-    w.node = Node()
+    w.node = _RecordingNode()
     state = w.replica.state_vector().clone()
 
     async def median(t):

@@ -50,9 +50,11 @@ log = logging.getLogger("byzsgd.roles")
 def setup_logging(cfg: RunConfig) -> None:
     """Every line a node prints, on stderr, prefixed with time and node (``ps0``, ``worker4``):
     start-up, evaluations, stalls, the end — and, per step, what ``--bench`` / ``--log`` ask
-    for (:meth:`byzsgd.roles.ps_base.PSBase._record`)."""
+    for (:meth:`byzsgd.roles.ps_base.PSBase._record`).  A node process owns its logging:
+    handlers it inherited (a node forked from a launcher or a test runner that configured
+    its own) are replaced, so every line reaches the node's log."""
     logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr,
+        level=logging.INFO, stream=sys.stderr, force=True,
         format=f"%(asctime)s {cfg.role}{cfg.rank} %(levelname)s %(name)s: %(message)s")
 
 

@@ -211,14 +211,15 @@ class ProtocolAttack:
         body = " ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
         log.warning("protocol attack %s: %s", self.name, body)
 
-    async def _closing(self) -> None:
+    async def _closing(self, *args, **kwargs) -> None:
+        """The node's close (same arguments), after a last report."""
         for task in list(self._tasks):
             task.cancel()
         lie = getattr(self, "_lie", None)
         if lie is not None and lie.trap is not None:
             lie.trap.close()
         self.report()
-        await self._close()
+        await self._close(*args, **kwargs)
 
     def _on_step(self, step: int) -> None:
         """The role's own traffic reached ``step`` (called once per new step label)."""
