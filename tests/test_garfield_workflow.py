@@ -160,7 +160,11 @@ def test_latest_run_pointer(tmp_path, monkeypatch):
         assert cluster.latest_run() == tmp_path / name  # replaced, not appended
     assert [p.name for p in pointer.parent.iterdir()] == ["latest"]  # no temporary left
     monkeypatch.delenv(cluster.LATEST_ENV)
-    assert cluster.latest_pointer() == cluster.REPO / "runs" / "latest"
+    if (cluster.REPO / "scripts" / "run_exp.sh").is_file():  # byzsgd runs from its checkout
+        assert cluster.latest_pointer() == cluster.REPO / "runs" / "latest"
+    else:  # an installed byzsgd: the user's state directory, never site-packages
+        monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+        assert cluster.latest_pointer() == tmp_path / "xdg" / "byzsgd" / "latest"
     # the default config: exp.conf beside the servers file, only when it exists
     (tmp_path / "servers").write_text("h\n")
     assert cluster.default_config(tmp_path / "servers") is None
