@@ -26,22 +26,41 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-W = ["--byz_workers", "1", "--worker_attack"]
-W2 = ["--fw", "2", "--byz_workers", "2", "--worker_attack"]
-# alie z = 100 and ipm epsilon = 10: strong enough to bite (as scripts/bench_attacks.py)
-CELLS: dict[str, list[str]] = {
-    "none": [],
-    "optimal_alie": W + ["optimal_alie"],
-    "optimal_ipm": W + ["optimal_ipm"],
-    "alie": W + ["alie", "--worker_attack_args", '{"z": 100}'],
-    "ipm": W + ["ipm", "--worker_attack_args", '{"epsilon": 10}'],
-    "optimal_alie+collude": W + ["optimal_alie", "--worker_attack_args", '{"collude": true}'],
-    "alie+collude": W + ["alie", "--worker_attack_args", '{"z": 100, "collude": true}'],
-    "fw2:optimal_alie": W2 + ["optimal_alie"],
-    "fw2:optimal_ipm": W2 + ["optimal_ipm"],
-    "ps:equivocate": ["--byz_ps", "1", "--ps_attack", "equivocate"],
-    "ps:reverse": ["--byz_ps", "1", "--ps_attack", "reverse"],
-}
+#: attack arguments strong enough to bite (as scripts/bench_attacks.py): alie z = 100, ipm epsilon = 10
+ATTACK_ARGS: dict[str, dict] = {"alie": {"z": 100}, "ipm": {"epsilon": 10}}
+WORKER_ATTACKS = ("random", "gaussian", "reverse", "sign_flip", "drop", "alie", "ipm", "empire", "inf",
+                  "nan", "mimic", "label_flip", "optimal_alie", "optimal_ipm", "silent")
+PS_ATTACKS = ("random", "reverse", "drop", "nan", "equivocate", "stale", "silent", "delay", "crash")
+#: the default cell list: every worker attack at fw=1, the collude variants, the strongest at fw=2,
+#: every PS attack
+DEFAULT_CELLS = (["none"] + list(WORKER_ATTACKS) + ["optimal_alie+collude", "alie+collude"]
+                 + [f"fw2:{a}" for a in ("optimal_alie", "optimal_ipm", "alie", "ipm", "empire",
+                                         "optimal_alie+collude")]
+                 + [f"ps:{a}" for a in PS_ATTACKS])
+
+
+def cell_flags(cell: str) -> list[str]:
+    """Launcher flags of one cell: ``none``, ``ATTACK``, ``ATTACK+collude``, ``fw2:ATTACK[+collude]``
+    (two Byzantine workers of seven, ``--fw 2``) or ``ps:ATTACK`` (one Byzantine PS)."""
+    if cell == "none":
+        return []
+    if cell.startswith("ps:"):
+        attack = cell[3:]
+        if attack not in PS_ATTACKS:
+            raise SystemExit(f"unknown PS attack in cell {cell!r}; known: {', '.join(PS_ATTACKS)}")
+        return ["--byz_ps", "1", "--ps_attack", attack]
+    fw = 1
+    if cell.startswith("fw2:"):
+        fw, cell = 2, cell[4:]
+    attack, _, variant = cell.partition("+")
+    if attack not in WORKER_ATTACKS or variant not in ("", "collude"):
+        raise SystemExit(f"unknown worker cell {cell!r}; attacks: {', '.join(WORKER_ATTACKS)} "
+                         "(optionally +collude, fw2: prefix)")
+    args = dict(ATTACK_ARGS.get(attack, {}))
+    if variant:
+        args["collude"] = True
+    flags = (["--fw", "2"] if fw == 2 else []) + ["--byz_workers", str(fw), "--worker_attack", attack]
+    return flags + (["--worker_attack_args", json.dumps(args)] if args else [])
 
 
 def quorum_share(run_dir: Path, byzantine: set[int]) -> float | None:
@@ -58,7 +77,8 @@ def quorum_share(run_dir: Path, byzantine: set[int]) -> float | None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cells", default=",".join(CELLS), help="comma-separated cells: " + ", ".join(CELLS))
+    ap.add_argument("--cells", default=",".join(DEFAULT_CELLS),
+                    help="comma-separated cells (default: all): " + cell_flags.__doc__.split(":", 1)[1].strip())
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--config", default="", help="flags added to every cell (a candidate)")
@@ -67,7 +87,7 @@ def main() -> int:
     args = ap.parse_args()
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     for cell in args.cells.split(","):
-        flags = shlex.split(args.config) + CELLS[cell]
+        flags = shlex.split(args.config) + cell_flags(cell)
         with tempfile.TemporaryDirectory(prefix="byzsgd-defaults-") as tmp:
             run_dir = Path(tmp) / "run"
             cmd = [sys.executable, "-m", "byzsgd.launch", "--num_iter", str(args.steps), "--seed",

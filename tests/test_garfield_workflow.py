@@ -225,6 +225,7 @@ def test_run_exp_and_kill_without_arguments(tmp_path, monkeypatch):
         proc.communicate(timeout=60)  # run_exp.sh sees its ranks gone and ends
         summary = json.loads((Path(doc["run_dir"]) / "summary.json").read_text())
         assert 0 < summary["steps_done"]["0"] < 100000, summary
+        assert summary["outcome"] == "stopped", summary
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)

@@ -341,8 +341,9 @@ def summarize(doc: dict, outcome: str, codes: dict[int, int | None]) -> dict:
 
 def monitor(doc: dict, *, timeout: float, quiet: bool, interval: float = 2.0,
             worker_grace: float = 15.0) -> tuple[str, dict[int, int | None]]:
-    """Wait for every PS to finish (outcome 'ok'), a rank to fail ('failed:<rank>'), or the
-    timeout ('timeout').  Exit codes: {rank: rc or None while running / unknown}."""
+    """Wait for every PS to finish (outcome 'ok'), a rank to fail ('failed:<rank>'), every PS
+    to exit before the last step ('stopped': killed from outside), or the timeout ('timeout').
+    Exit codes: {rank: rc or None while running / unknown}."""
     started = doc["started"]
     roles = {r["rank"]: r["role"] for r in doc["ranks"]}
     codes: dict[int, int | None] = {r: None for r in roles}
@@ -358,6 +359,12 @@ def monitor(doc: dict, *, timeout: float, quiet: bool, interval: float = 2.0,
         if failed:
             return f"failed:{failed[0]}", codes
         if all(codes[r] == 0 for r in roles if roles[r] == "ps"):
+            reached = [s["metric"].get("step", -1) + 1 for r, s in st.items()
+                       if roles.get(r) == "ps" and isinstance(s.get("metric"), dict)]
+            if not reached or max(reached) < total:
+                # every PS exited cleanly but none trained to the end: stopped from outside
+                # (scripts/kill.sh, a signal), not a finished run
+                return "stopped", codes
             if ok_since is None:
                 ok_since = time.monotonic()
             if all(c == 0 for c in codes.values()) or time.monotonic() - ok_since > worker_grace:
