@@ -75,6 +75,22 @@ def quorum_share(run_dir: Path, byzantine: set[int]) -> float | None:
     return hits / total if total else None
 
 
+def table(lines: list[dict]) -> str:
+    """A markdown table of JSON lines written by this script (``--table FILE``): one row per cell,
+    its accuracy against the no-attack cell of the same length and seed."""
+    none = {(r["steps"], r["seed"], r["config"]): r.get("min_accuracy") for r in lines if r["cell"] == "none"}
+    out = ["| cell | steps | min accuracy (%) | vs none (points) | Byz. in quorum | outcome | wall (s) |",
+           "|---|---:|---:|---:|---:|---|---:|"]
+    for r in lines:
+        acc, base = r.get("min_accuracy"), none.get((r["steps"], r["seed"], r["config"]))
+        delta = f"{acc - base:+.2f}" if acc is not None and base is not None and r["cell"] != "none" else ""
+        share = r.get("byzantine_in_quorum")
+        out.append(f"| {r['cell']} | {r['steps']} | {acc if acc is not None else 'failed'} | {delta} | "
+                   f"{'' if share is None else f'{share:.2f}'} | {r.get('outcome', r.get('error', ''))} | "
+                   f"{r['wall_s']} |")
+    return "\n".join(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", default=",".join(DEFAULT_CELLS),
@@ -84,7 +100,11 @@ def main() -> int:
     ap.add_argument("--config", default="", help="flags added to every cell (a candidate)")
     ap.add_argument("--out", default=None, help="append JSON lines here too")
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--table", default=None, metavar="FILE", help="print the markdown table of FILE's lines and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table([json.loads(x) for x in Path(args.table).read_text().splitlines() if x.strip()]))
+        return 0
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     for cell in args.cells.split(","):
         flags = shlex.split(args.config) + cell_flags(cell)
