@@ -849,7 +849,9 @@ class Node:
         """``send`` to each rank (the same tensor memory is shared by every outbox: do not
         modify the tensors until all futures resolved)."""
         ranks = list(ranks)
-        if ranks and self.staging is not None and needs_staging(tensors):
+        # one device -> host copy for every recipient, unless something wraps our send (a
+        # protocol attack's interception): then every send must go through it
+        if ranks and self.staging is not None and "send" not in self.__dict__ and needs_staging(tensors):
             if self._loop is None:
                 raise RuntimeError("start() the node before sending")
             return self._send_staged(ranks, kind, step, tensors, meta)
