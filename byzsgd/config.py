@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from byzsgd.device import check_device, parse_device
 from byzsgd.errors import ConfigError
 from byzsgd.flags import (BYZSGD, GARFIELD, PAPER, add_flags, build_parser, default_of, flag,
                           flag_fields, parse_bool, parse_json_object, to_argv, values_from)
@@ -151,6 +152,10 @@ class RunConfig:
     attack: str | None = _f(None, "make this node Byzantine with this attack")
     attack_args: dict[str, Any] = _f({}, "attack parameters as JSON")
     threads: int = _f(1, "torch intra-op threads")
+    device: str = _f("auto", "where the node trains / aggregates: auto (CUDA when available, the "
+                     "rank's local index round-robin over the visible devices: $BYZSGD_LOCAL_INDEX "
+                     "from the launchers, else $SLURM_LOCALID, else $LOCAL_RANK, else 0; the CPU "
+                     "without CUDA), cpu, cuda (required, same mapping) or cuda:N (docs/gpu.md)")
     drop_nonfinite: bool = _f(True, "leave gradients/models holding NaN or Inf out of the "
                               "aggregation, the rule then tolerating that many fewer Byzantine "
                               "rows (false: hand them to the rule, to study the rule itself)")
@@ -243,6 +248,7 @@ class RunConfig:
         if isinstance(self.worker_momentum, bool) or not isinstance(self.worker_momentum, (int, float)) \
                 or not 0.0 <= self.worker_momentum < 1.0:
             raise ConfigError(f"--worker_momentum must be in [0, 1), got {self.worker_momentum!r}")
+        self.device = parse_device(self.device)
         if self.eval_samples < 0:
             raise ConfigError(f"--eval_samples must be >= 0, got {self.eval_samples}")
         if self.mode not in MODES:
@@ -389,6 +395,7 @@ class RunConfig:
         from byzsgd.roles import byzantine
 
         self.check_fields()
+        check_device(self.device)  # cuda without CUDA, cuda:N out of range: refused now
         self.check_mode_flags()
         self.check_resilience()
         check_worker_momentum(self.worker_momentum, self.opt_args)

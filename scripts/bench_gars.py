@@ -25,6 +25,9 @@ Usage::
 
     python scripts/bench_gars.py [--device cpu|cuda|all] [--quick] [--repeats R] [--json]
                                  [--rules median,krum,...] [--threads T] [--compile]
+                                 [--config N,F,D ...]
+
+``x_floor`` in the JSON is ``ms / floor_ms`` (what scripts/gpu_check.sh reports).
 """
 from __future__ import annotations
 
@@ -83,9 +86,20 @@ def usable_f(name: str, n: int, f: int) -> int:
     return f
 
 
-def bench_device(dev: torch.device, rules: list[str], repeats: int, quick: bool):
+def parse_config(text: str) -> tuple[str, int, int, int]:
+    """``n,f,d`` (d may be written 1.1e7) -> (key suffix, n, f, d)."""
+    try:
+        n, f, d = text.split(",")
+        n, f, d = int(n), int(f), int(float(d))
+    except ValueError:
+        raise SystemExit(f"--config expects n,f,d (e.g. 50,10,1.1e7), got {text!r}") from None
+    tag = f"@n{n}" + (f"_d{d / 1e6:g}M" if d >= 10**6 else f"_d{d}")
+    return tag.replace(".", "p"), n, f, d
+
+
+def bench_device(dev: torch.device, rules: list[str], repeats: int, quick: bool, configs=None):
     results, skipped, rows = {}, {}, []
-    for tag, n, f, d in CONFIGS[dev.type]:
+    for tag, n, f, d in configs or CONFIGS[dev.type]:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(n, d, generator=g).to(dev)
         bw = copy_bandwidth(x, repeats)
@@ -103,7 +117,7 @@ def bench_device(dev: torch.device, rules: list[str], repeats: int, quick: bool)
                 rows.append(f"   {key:<28} SKIPPED ({msg})")
                 continue
             results[key] = {"n": n, "f": fu, "d": d, "ms": round(t * 1e3, 3),
-                            "floor_ms": round(floor * 1e3, 3)}
+                            "floor_ms": round(floor * 1e3, 3), "x_floor": round(t / floor, 2)}
             note = "" if fu == f else f"  (f={fu}: its bound refuses f={f})"
             rows.append(f"   {key:<28} {t * 1e3:10.2f} ms  {t / floor:7.1f}x floor{note}")
             print(rows[-1], file=sys.stderr, flush=True)
@@ -125,6 +139,9 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true",
                     help="set BYZSGD_GAR_COMPILE=1: fused torch.compile CPU kernels for the "
                          "median family (first call per rule compiles, untimed warm-up)")
+    ap.add_argument("--config", action="append", default=[], metavar="N,F,D",
+                    help="time only this configuration (repeatable), e.g. 50,10,1.1e7 "
+                         "(key suffix @n50_d11M)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: the machine is shared, docs/design.md §9)")
     a = ap.parse_args(argv)
@@ -140,7 +157,8 @@ def main(argv=None) -> int:
             table.append("-- cuda: not available, skipped")
             continue
         dev = torch.device(dv)
-        res, rows = bench_device(dev, rules, repeats, a.quick)
+        res, rows = bench_device(dev, rules, repeats, a.quick,
+                                 [parse_config(c) for c in a.config] or None)
         name = torch.cuda.get_device_name(dev) if dv == "cuda" else "cpu"
         table.append(f"== {dv} ({name}), threads={torch.get_num_threads()}, repeats={repeats}")
         table += rows

@@ -132,7 +132,7 @@ def _every_flag_set() -> RunConfig:
                      outliers_factor=7.5, pull_timeout=0.5, log_diameter=False,
                      strict_resilience=True, pre_agg="clipping:tau=5,nnm",
                      model_pre_agg="clipping", worker_momentum=0.5, lipschitz_l=0.5,
-                     lipschitz_history="window", outliers_bound="authors")
+                     lipschitz_history="window", outliers_bound="authors", device="cuda:1")
 
 
 def test_every_flag_round_trips_through_argv():

@@ -17,6 +17,7 @@ from byzsgd.config import RunConfig
 from byzsgd.learning import optim as training
 from byzsgd.metrics import read_metrics
 from byzsgd.roles import filters as filters_mod
+from byzsgd.roles.replica import step_seed
 from byzsgd.roles.worker import Worker
 from tests import inprocess
 
@@ -35,15 +36,14 @@ def test_a_label_flipping_worker_computes_its_gradient_on_flipped_labels(monkeyp
         xf, yf = flipper.replica._batch(step)
         assert torch.equal(x, xf) and torch.equal(yf, 9 - y) and not torch.equal(yf, y)
         # the gradient it sends is the gradient of the flipped batch, and not the honest one
-        # (the same dropout masks for all three: the RNG seeded alike)
-        torch.manual_seed(step)
+        # (the same dropout masks for all three: gradient_at seeds the forward pass with
+        # step_seed(seed, worker, step), the expected gradient is computed under that seed)
         grad = flipper.replica.gradient_at(state, step)[0].clone()
         sent = flipper.behaviour.forge(grad.clone(), step)
         flipper.replica.flat.load(state)
-        torch.manual_seed(step)
+        torch.manual_seed(step_seed(2, flipper.cfg.worker_index, step))
         expected, _ = training.compute_gradient(flipper.replica.model, flipper.replica.loss_fn, x, 9 - y)
         assert torch.allclose(sent, expected, atol=1e-6)
-        torch.manual_seed(step)
         honest_grad = honest.replica.gradient_at(state, step)[0]
         assert not torch.allclose(sent, honest_grad, atol=1e-3)
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from byzsgd.device import LOCAL_INDEX_ENV
 from byzsgd.net.credentials import credentials_path
 
 if TYPE_CHECKING:
@@ -104,10 +105,10 @@ def start_script(plan: Plan, ranks: list[Rank], secret: str | None, probe: str, 
     lines += [f"REPO={q(host.repo)}", f"PYSEL={q(host.python or '')}", PY_PICK.rstrip(), PY_PROBE.rstrip()]
     env = (f"{RUN_ID_ENV}={q(plan.run_id)} OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1 "
            f"PYTHONPATH=\"$REPO${{PYTHONPATH:+:$PYTHONPATH}}\"")
-    for r in ranks:
+    for local, r in enumerate(ranks):  # local: the rank's index on this host (--device auto)
         stem = q(r.dir + "/" + r.stem)
         lines.append(f"rm -f {stem}.pid {stem}.pgid {stem}.rc")
-        lines.append(f"{env} setsid sh -c {q(WRAPPER)} byzsgd-rank {stem} \"$PY\" -m byzsgd.trainer "
+        lines.append(f"{env} {LOCAL_INDEX_ENV}={local} setsid sh -c {q(WRAPPER)} byzsgd-rank {stem} \"$PY\" -m byzsgd.trainer "
                      + " ".join(q(a) for a in r.argv) + f" < /dev/null >> {q(r.remote('.log'))} 2>&1 &")
     # report the exact pids once every wrapper wrote them
     lines.append("n=0")

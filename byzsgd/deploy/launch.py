@@ -15,6 +15,7 @@ import sys
 import time
 
 from byzsgd.deploy import rundir
+from byzsgd.device import mapping as device_mapping
 from byzsgd.deploy.local import (Deployment, NodeProcess, free_ports, monitor, pid_alive, plan,  # noqa: F401
                                  progress, read_faults, start, stop_all, stop_restarted, summarize)
 from byzsgd.deploy.options import LaunchConfig
@@ -33,6 +34,8 @@ def run(lc: LaunchConfig) -> int:
           f"(fw={dep.cfg.fw}), gar={dep.cfg.gar}{defence}, {mode}, {dep.cfg.dataset}/{dep.cfg.model}, "
           f"{dep.cfg.num_iter} steps; run dir {dep.run_dir}", file=sys.stderr)
     print(f"byzsgd: Byzantine nodes: {', '.join(byz) if byz else 'none'}", file=sys.stderr)
+    print(f"byzsgd: --device {dep.cfg.device}: {device_mapping(dep.cfg.device, range(dep.cfg.world_size))}",
+          file=sys.stderr)
     interrupted = False
 
     def _terminate(signum, frame):  # SIGTERM (kill, timeout): clean up like Ctrl-C

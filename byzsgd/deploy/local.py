@@ -25,6 +25,7 @@ from pathlib import Path
 
 from byzsgd.config import CREDENTIALS_ENV, SECRET_ENV, SECRET_FILE_ENV, RunConfig
 from byzsgd.deploy import rundir
+from byzsgd.device import LOCAL_INDEX_ENV, cuda_initialized
 from byzsgd.deploy.options import LaunchConfig
 from byzsgd.deploy.spawn import fork_node, preload_roles
 from byzsgd.metrics import gather_diameters, read_metrics
@@ -156,15 +157,22 @@ def start(dep: Deployment, spawn: str = "exec") -> None:
     env = node_env(dep.run_dir, insecure)
     dep.started = time.time()
     dep.write_description()  # ports are needed by every node before it starts
+    if spawn == "fork" and cuda_initialized():
+        # a child forked after CUDA was initialised here could not use CUDA: exec them
+        print("byzsgd: CUDA is initialised in the launcher: nodes are exec'd, not forked",
+              file=sys.stderr)
+        spawn = "exec"
     if spawn == "fork":
         preload_roles()
     for node in dep.nodes:
+        # every rank runs on this host: its local index (--device auto/cuda) is its rank
+        node_env_r = dict(env, **{LOCAL_INDEX_ENV: str(node.rank)})
         if spawn == "fork":
-            node.proc = fork_node(functools.partial(run_role, node.cfg, node.role), str(node.log_path), env,
-                                  name=f"byzsgd.roles.{node.role}")
+            node.proc = fork_node(functools.partial(run_role, node.cfg, node.role), str(node.log_path),
+                                  node_env_r, name=f"byzsgd.roles.{node.role}")
         else:
             with open(node.log_path, "ab") as log:
-                node.proc = subprocess.Popen(node.cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                node.proc = subprocess.Popen(node.cmd, stdout=log, stderr=subprocess.STDOUT, env=node_env_r,
                                              stdin=subprocess.DEVNULL, start_new_session=True)
         rundir.rank_file(dep.run_dir, node.role, node.rank, "pid").write_text(str(node.proc.pid))
     dep.write_description()

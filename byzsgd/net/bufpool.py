@@ -37,8 +37,12 @@ class BufferPool:
     uses it from its event loop.
     """
 
-    def __init__(self, max_cached_bytes: int = 1 << 30, *, max_request: int | None = None):
+    def __init__(self, max_cached_bytes: int = 1 << 30, *, max_request: int | None = None,
+                 allocate=bytearray):
+        """``allocate(size)``: a fresh writable buffer of ``size`` bytes (``bytearray``; a CUDA
+        node passes :meth:`byzsgd.net.staging.PinnedBytes.allocate`: pinned host memory)."""
         self.max_cached_bytes = int(max_cached_bytes)
+        self._allocate = allocate
         self.max_request = max_request
         self._free: dict[int, list[bytearray]] = {}
         self._cached = 0
@@ -58,10 +62,10 @@ class BufferPool:
                 self._cached -= size
                 return buf
         self.allocations += 1
-        return bytearray(size)
+        return self._allocate(size)
 
-    def release(self, buf: bytearray) -> None:
-        size = len(buf)
+    def release(self, buf) -> None:
+        size = buf.nbytes if isinstance(buf, memoryview) else len(buf)
         if bucket(size) != size:
             return  # not one of ours: let it go
         with self._lock:

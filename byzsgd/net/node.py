@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 
+import torch
+
 from . import errors
 from .bufpool import BufferPool
 from .frame import FrameLimits, Message, encode
@@ -50,6 +52,7 @@ from .peers import PeerDirectory, role_of
 from .protocol import Connection
 from .quorum import Mailbox
 from .rendezvous import Rendezvous
+from .staging import DeviceStaging, PinnedBytes, Staged, needs_staging
 
 __all__ = ["Node", "NodeStats"]
 
@@ -114,7 +117,8 @@ class Node:
                  advertise_host: str | None = None, listen_port: int = 0,
                  ssl_server: _ssl.SSLContext | None = None, ssl_client: _ssl.SSLContext | None = None,
                  connect_timeout: float = 5.0, handshake_timeout: float = 5.0, outbox_depth: int = 16,
-                 pool_bytes: int | None = None, bind_address: bool = True, max_preauth_per_address: int = 8):
+                 pool_bytes: int | None = None, bind_address: bool = True, max_preauth_per_address: int = 8,
+                 device=None):
         C = errors.ConfigError
         if type(rank) is not int or rank < 0:
             raise C(f"rank must be a non-negative int, got {rank!r}")
@@ -188,7 +192,16 @@ class Node:
         self.ssl_server, self.ssl_client = ssl_server, ssl_client
         self.connect_timeout, self.handshake_timeout = float(connect_timeout), float(handshake_timeout)
         self.outbox_depth = outbox_depth
-        self.pool = BufferPool(pool_bytes if pool_bytes is not None else max(4 * limits.max_frame_bytes, 64 << 20))
+        pool_bytes = pool_bytes if pool_bytes is not None else max(4 * limits.max_frame_bytes, 64 << 20)
+        # a node computing on CUDA sends device tensors through pinned staging buffers and
+        # receives into pinned buffers (.staging); on the CPU nothing changes
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if self.device.type == "cuda":
+            self.staging = DeviceStaging(self.device)
+            self.pool = BufferPool(pool_bytes, allocate=PinnedBytes.allocate)
+        else:
+            self.staging = None
+            self.pool = BufferPool(pool_bytes)
         self.stats = NodeStats()
         self._directory = directory
         self._kinds: dict[str, list | None] = {}
@@ -391,6 +404,8 @@ class Node:
             except (asyncio.TimeoutError, Exception):
                 pass
         self.pool.clear()
+        if self.staging is not None:
+            self.staging.close()
 
     def _undrained(self) -> list[int]:
         """The connected peers whose outbox still holds (or is writing) a message."""
@@ -768,21 +783,51 @@ class Node:
         loop = self._loop
         if loop is None:
             raise RuntimeError("start() the node before sending")
-        fut = loop.create_future()
+        if self.staging is not None and needs_staging(tensors):
+            return self._send_staged([rank], kind, step, tensors, meta)[0]
+        return self._send(rank, kind, step, tensors, meta)
+
+    def _send(self, rank: int, kind: str, step: int, tensors, meta, staged: Staged | None = None):
+        fut = self._loop.create_future()
         if self._closing:
             buffers = encode(kind, step, self.rank, tensors, meta, self.limits)
             fut.set_result(False)
             return fut
         if rank == self.rank:
-            return self._send_local(kind, step, tensors, meta, fut)
+            return self._send_local(kind, step, tensors, meta, fut, staged)
         ob = self._peers.get(rank)
         if ob is None:
             raise errors.UnknownPeer(f"rank {rank!r} is not a known peer of rank {self.rank}")
         buffers, nbytes, keep = encode(kind, step, self.rank, tensors, meta, self.limits)
-        ob.put(buffers, nbytes, fut, keep)
+        if staged is None or staged.ready is None or staged.ready.done():
+            ob.put(buffers, nbytes, fut, keep)
+        else:  # its place in the queue now, its bytes once the device -> host copy ended
+            item = ob.put(buffers, nbytes, fut, (keep, staged), ready=False)
+            loop = self._loop
+            staged.ready.add_done_callback(
+                lambda _f: loop.call_soon_threadsafe(ob.mark_ready, item) if not loop.is_closed() else None)
         return fut
 
-    def _send_local(self, kind, step, tensors, meta, fut):
+    def _send_staged(self, ranks: list[int], kind: str, step: int, tensors, meta) -> list:
+        """Send device tensors: one device -> host copy into pinned buffers shared by every
+        send to ``ranks``; the buffers go back to the pool once every send resolved."""
+        ranks = list(ranks)
+        staged = self.staging.stage(tensors)
+        staged.hold(len(ranks))
+        futs = []
+        try:
+            for r in ranks:
+                fut = self._send(r, kind, step, staged.tensors, meta, staged)
+                fut.add_done_callback(staged.drop)
+                futs.append(fut)
+        finally:
+            for _ in range(len(ranks) - len(futs)):  # a refused send: its share is dropped too
+                staged.drop()
+        return futs
+
+    def _send_local(self, kind, step, tensors, meta, fut, staged: Staged | None = None):
+        if staged is not None and staged.ready is not None:
+            staged.ready.result()  # rare path (a node sending to itself): wait for the copy
         encode(kind, step, self.rank, tensors, meta, self.limits)  # same checks as the wire
         if kind not in self._handlers:
             fut.set_result(False)
@@ -803,6 +848,13 @@ class Node:
     def broadcast(self, ranks: Iterable[int], kind: str, step: int, tensors=(), meta=None) -> list:
         """``send`` to each rank (the same tensor memory is shared by every outbox: do not
         modify the tensors until all futures resolved)."""
+        ranks = list(ranks)
+        # one device -> host copy for every recipient, unless something wraps our send (a
+        # protocol attack's interception): then every send must go through it
+        if ranks and self.staging is not None and "send" not in self.__dict__ and needs_staging(tensors):
+            if self._loop is None:
+                raise RuntimeError("start() the node before sending")
+            return self._send_staged(ranks, kind, step, tensors, meta)
         return [self.send(r, kind, step, tensors, meta) for r in ranks]
 
 

@@ -28,10 +28,11 @@ def _resolve(fut: asyncio.Future, value: bool) -> None:
 
 
 class _Item:
-    __slots__ = ("buffers", "nbytes", "future", "keep")
+    __slots__ = ("buffers", "nbytes", "future", "keep", "ready")
 
-    def __init__(self, buffers, nbytes, future, keep):
+    def __init__(self, buffers, nbytes, future, keep, ready=True):
         self.buffers, self.nbytes, self.future, self.keep = buffers, nbytes, future, keep
+        self.ready = ready  # False: its bytes are still being copied from a device
 
 
 class Outbox:
@@ -51,12 +52,22 @@ class Outbox:
         """A message is being written (not all of it taken by the kernel yet)."""
         return self._inflight is not None
 
-    def put(self, buffers, nbytes, future, keep) -> None:
+    def put(self, buffers, nbytes, future, keep, ready: bool = True):
+        """Queue a message; ``ready=False``: its bytes are not there yet (a device -> host
+        copy in flight, :mod:`.staging`): it keeps its place in the queue and is written
+        after :meth:`mark_ready`, the messages behind it waiting (per-peer order).  Returns
+        the queued item (the handle of :meth:`mark_ready`)."""
         while len(self._q) >= self.depth:
             old = self._q.popleft()
             self.stats.dropped += 1
             _resolve(old.future, False)
-        self._q.append(_Item(buffers, nbytes, future, keep))
+        item = _Item(buffers, nbytes, future, keep, ready)
+        self._q.append(item)
+        self._pump()
+        return item
+
+    def mark_ready(self, item) -> None:
+        item.ready = True
         self._pump()
 
     def attach(self, conn) -> None:
@@ -81,6 +92,11 @@ class Outbox:
         c = self._conn
         q = self._q
         while q and c is not None and self._inflight is None and not c.write_paused and not c.closed:
+            if not q[0].ready:
+                if q[0].future.done():  # dropped or cancelled while its copy ran
+                    q.popleft()
+                    continue
+                break  # its device -> host copy is still running: keep the order
             item = q.popleft()
             if item.future.done():  # cancelled by the caller
                 continue

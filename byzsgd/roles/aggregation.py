@@ -19,8 +19,12 @@ from typing import Callable
 
 import torch
 
-from byzsgd.errors import ResilienceError
+import logging
+
+from byzsgd.errors import ByzSGDError, ResilienceError
 from byzsgd.gars.pipeline import Pipeline, robust_aggregate
+
+log = logging.getLogger("byzsgd.aggregation")
 
 
 def aggregate_finite(rule: str, rows: torch.Tensor, f: int, *, drop_nonfinite: bool = True,
@@ -49,4 +53,25 @@ def aggregate_finite(rule: str, rows: torch.Tensor, f: int, *, drop_nonfinite: b
                 rows, f_used = rows[finite], f_left
     if prepare is not None:
         rows = prepare(kept, rows)
-    return robust_aggregate(rule, rows, f_used, pipe, step=step, seed=seed, **params), dropped
+    if rows.device.type != "cpu" and rule in _CPU_FALLBACK:
+        return _on_cpu(rule, rows, f_used, pipe, step, seed, params), dropped
+    try:
+        return robust_aggregate(rule, rows, f_used, pipe, step=step, seed=seed, **params), dropped
+    except (RuntimeError, NotImplementedError) as exc:
+        if rows.device.type == "cpu" or isinstance(exc, ByzSGDError):
+            raise
+        # a rule (or stage) that cannot run on this device: the CPU from now on, said once
+        _CPU_FALLBACK.add(rule)
+        log.warning("rule %s failed on %s (%s: %s); it aggregates on the CPU from now on (a "
+                    "device -> host -> device round trip per aggregation)", rule, rows.device,
+                    type(exc).__name__, str(exc)[:200])
+        return _on_cpu(rule, rows, f_used, pipe, step, seed, params), dropped
+
+
+#: rules that failed on a device in this process: they run on the CPU (see aggregate_finite)
+_CPU_FALLBACK: set[str] = set()
+
+
+def _on_cpu(rule, rows, f, pipe, step, seed, params) -> torch.Tensor:
+    out = robust_aggregate(rule, rows.cpu(), f, pipe, step=step, seed=seed, **params)
+    return out.to(rows.device)

@@ -29,7 +29,7 @@ class Role:
         self.cfg = cfg
         self.replica = replica
         self.limits = FrameLimits.for_model(replica.state_size)
-        self.node = make_node(cfg, self.limits)
+        self.node = make_node(cfg, self.limits, device=replica.device)
         # --attack NAME of byzsgd.roles.protocol_attacks: wraps the node's send (None otherwise)
         self.protocol_attack = protocol_attacks.attach(self)
         self.stop: asyncio.Event | None = None  # created inside the event loop

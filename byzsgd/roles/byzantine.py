@@ -243,16 +243,16 @@ class PSAttack:
         if name == "reverse":
             return -self.scale * state
         if name == "random":
-            return torch.randn(state.shape, generator=self._gen(step, rank), dtype=state.dtype) * self.scale
+            return torch.randn(state.shape, generator=self._gen(step, rank), dtype=state.dtype).to(state.device) * self.scale
         if name == "nan":
             return torch.full_like(state, float("nan"))
         if name == "drop":
-            mask = torch.rand(state.shape, generator=self._gen(step, 0)) < self.fraction
+            mask = (torch.rand(state.shape, generator=self._gen(step, 0)) < self.fraction).to(state.device)
             return state.masked_fill(mask, 0.0)
         if name == "equivocate":
             # every recipient gets its own model: honest plus recipient-seeded noise, and
             # recipients of odd rank the reversed model
-            noise = torch.randn(state.shape, generator=self._gen(step, rank), dtype=state.dtype)
+            noise = torch.randn(state.shape, generator=self._gen(step, rank), dtype=state.dtype).to(state.device)
             forged = state + self.scale * noise * (state.abs().mean() + 1e-3)
             return -forged if rank % 2 else forged
         if name == "stale":

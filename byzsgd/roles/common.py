@@ -87,12 +87,15 @@ def tls_contexts(cfg: RunConfig) -> tuple[ssl.SSLContext | None, ssl.SSLContext 
     return server, client
 
 
-def make_node(cfg: RunConfig, limits: FrameLimits) -> Node:
-    """The node's endpoint: from --peers when given, else a rendezvous through --master."""
+def make_node(cfg: RunConfig, limits: FrameLimits, *, device=None) -> Node:
+    """The node's endpoint: from --peers when given, else a rendezvous through --master.
+    ``device``: where the role computes (a CUDA node stages its sends through pinned
+    buffers, :mod:`byzsgd.net.staging`)."""
     identity = cfg.identity()  # refuses to start without a proof of this rank (ConfigError)
     ssl_server, ssl_client = tls_contexts(cfg)
     common = dict(limits=limits, listen_host=cfg.listen_host, advertise_host=cfg.advertise_host,
-                  ssl_server=ssl_server, ssl_client=ssl_client, bind_address=cfg.bind_address)
+                  ssl_server=ssl_server, ssl_client=ssl_client, bind_address=cfg.bind_address,
+                  device=device)
     if cfg.peers:
         directory = load_directory(cfg.peers)
         if directory.world_size != cfg.world_size or directory.num_ps != cfg.num_ps:

@@ -32,7 +32,8 @@ def pair(a: int, b: int) -> str:
 
 def distance(x: torch.Tensor, y: torch.Tensor, num_params: int) -> float:
     """Euclidean distance of two state vectors over the parameters."""
-    return float(torch.linalg.vector_norm((x[:num_params] - y[:num_params]).double()))
+    y = y[:num_params].to(x.device)  # a received (host) model against ours (maybe on a GPU)
+    return float(torch.linalg.vector_norm((x[:num_params] - y).double()))
 
 
 class DiameterProbe:

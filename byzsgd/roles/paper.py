@@ -74,7 +74,8 @@ class PaperWorker(WorkerBase):
         self.models = NewestModels(KIND_MODEL, cfg.ps_ranks, window=cfg.step_window,
                                    f=cfg.fps)
         self.accept(KIND_MODEL, self._on_model, shapes=[(self.replica.state_size,)])
-        self.M = torch.empty(cfg.q_ps, self.replica.state_size)  # the models the median takes
+        self.M = torch.empty(cfg.q_ps, self.replica.state_size,  # the models the median takes
+                             device=self.replica.device)
         self.step = 0  # the step the worker waits for
         self.last_sent: tuple[list[torch.Tensor], dict] | None = None
         self.replayed: dict[int, tuple[int, float, bool]] = {}  # PS -> (old step answered, when, again)

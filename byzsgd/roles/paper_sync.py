@@ -155,7 +155,7 @@ class PaperSyncWorker(PaperWorker):
                 self.catch_up = True
                 continue
             try:
-                state = msg.tensors[0].clone()
+                state = msg.tensors[0].to(self.replica.device, copy=True)
             finally:
                 msg.release()
             params = state[:grad_size]

@@ -28,6 +28,7 @@ import time
 import torch
 
 from byzsgd.config import RunConfig
+from byzsgd.device import describe as describe_device
 from byzsgd.errors import ByzSGDError, ConfigError
 from byzsgd.gars.pipeline import Pipeline
 from byzsgd.gars.worker_momentum import WorkerMomentum
@@ -81,9 +82,11 @@ class PSBase(Role):
         self.all_peers_done = asyncio.Event()
         self.accept(KIND_DONE, self._on_peer_done, shapes=[])
         # rows the quorums are stacked into: gradients, BatchNorm buffers, models
-        self.G = torch.empty(cfg.q_w, replica.grad_size)
-        self.B = torch.empty(cfg.q_w, replica.buffer_size) if replica.buffer_size else None
-        self.M = torch.empty(cfg.q_ps, replica.state_size)
+        # (on the replica's device: the rules run there, docs/gpu.md)
+        dev = replica.device
+        self.G = torch.empty(cfg.q_w, replica.grad_size, device=dev)
+        self.B = torch.empty(cfg.q_w, replica.buffer_size, device=dev) if replica.buffer_size else None
+        self.M = torch.empty(cfg.q_ps, replica.state_size, device=dev)
         self.nonfinite_dropped = 0  # NaN/Inf rows left out of aggregations
         self.model_quorum: list[int] = []  # the peers whose models the last gather used
         self.models_rejected = 0  # models the workers' filters refused (their gradients say)
@@ -93,7 +96,7 @@ class PSBase(Role):
         self.pre_agg = Pipeline.parse(cfg.pre_agg)
         self.model_pre_agg = Pipeline.parse(cfg.model_pre_agg)
         self.worker_momentum = WorkerMomentum(cfg.worker_momentum, replica.grad_size,
-                                              cfg.worker_ranks) if cfg.worker_momentum > 0 else None
+                                              cfg.worker_ranks, device=dev) if cfg.worker_momentum > 0 else None
         self.checkpoints = CheckpointPolicy(
             cfg.checkpoint_dir, cfg.checkpoint_every, cfg.rank,
             components={"worker_momentum": self.worker_momentum} if self.worker_momentum else None) \
@@ -399,10 +402,12 @@ class PSBase(Role):
     # -- life cycle (see Role.run) --------------------------------------------------------
     def _started(self) -> None:
         cfg = self.cfg
-        log.info("PS %d listening on port %d (%s mode, gar=%s, model rule=%s, q_w=%d, q_ps=%d)",
-                 cfg.rank, self.node.port, cfg.mode, cfg.gar, cfg.model_rule, cfg.q_w, cfg.q_ps)
+        log.info("PS %d listening on port %d (%s mode, gar=%s, model rule=%s, q_w=%d, q_ps=%d, "
+                 "device %s)", cfg.rank, self.node.port, cfg.mode, cfg.gar, cfg.model_rule, cfg.q_w,
+                 cfg.q_ps, describe_device(self.replica.device))
         self.metrics.write(event="start", rank=cfg.rank, role="ps", config=cfg.to_dict(),
                            parameters=self.replica.grad_size, state_size=self.replica.state_size,
+                           device=str(self.replica.device),
                            resumed_at=self.step)
 
     def _failed(self, exc: ByzSGDError) -> None:

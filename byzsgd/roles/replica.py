@@ -11,26 +11,43 @@ import torch
 
 from byzsgd.gars.worker_momentum import optimizer_args
 
-from byzsgd.learning import data, models
+from byzsgd.device import resolve as resolve_device
+from byzsgd.learning import data, device_data, models
 from byzsgd.learning import optim as training
 from byzsgd.config import RunConfig
 
 
+def step_seed(seed: int, worker: int, step: int) -> int:
+    """The torch seed of worker ``worker``'s forward pass of batch ``step`` (63 bits)."""
+    return (int(seed) * 1_000_003 + int(worker) * 7_919 + int(step) * 104_729 + 0x5EED) % (1 << 63)
+
+
 class Replica:
-    def __init__(self, cfg: RunConfig, *, with_test_set: bool = False, with_train_shard: bool = False):
+    """``device``: where the model, its optimizer, the batches and the gradients live
+    (default: ``cfg.device`` resolved for this rank, :func:`byzsgd.device.resolve`)."""
+
+    def __init__(self, cfg: RunConfig, *, with_test_set: bool = False, with_train_shard: bool = False,
+                 device: torch.device | str | None = None):
         self.cfg = cfg
+        self.device = torch.device(device) if device is not None else resolve_device(cfg.device)
         self.test_set = data.load_dataset(cfg.dataset, train=False, root=cfg.data_root) \
             if with_test_set else None
+        if self.test_set is not None:  # resident on the device when it fits (else as before)
+            self.test_set = device_data.dataset_on(self.test_set, self.device)
         self.shard = None
         info = self.test_set
         if with_train_shard:
             train = data.load_dataset(cfg.dataset, train=True, root=cfg.data_root)
-            self.shard = data.WorkerShard(train, cfg.worker_index, cfg.num_workers, cfg.batch,
-                                          split=cfg.split, seed=cfg.seed,
-                                          augment=train.name.startswith("cifar"))
+            self.shard = device_data.on_device(
+                data.WorkerShard(train, cfg.worker_index, cfg.num_workers, cfg.batch,
+                                 split=cfg.split, seed=cfg.seed, augment=train.name.startswith("cifar")),
+                self.device)
             info = train
         self.num_classes = info.num_classes
+        # initialised on the CPU (the same model for every device and seed), then moved
         self.model = models.build_model(cfg.model, dataset_info=info, seed=cfg.seed)
+        if self.device.type != "cpu":
+            self.model.to(self.device)
         self.flat = training.flat_state(self.model)
         self.loss_fn = training.build_loss(cfg.loss)
         # --worker_momentum moves the momentum to the workers' streams (never applied twice)
@@ -89,6 +106,10 @@ class Replica:
         if attempt:
             step += attempt * (self.shard.steps_per_epoch * 1009 + 1)
         x, y = self._batch(step)
+        # the forward pass's randomness (dropout) is a function of (seed, worker, batch) too:
+        # every PS asking for step t gets the same gradient whatever the order the requests
+        # came in, and a seeded run repeats (docs/gpu.md, determinism)
+        torch.manual_seed(step_seed(self.cfg.seed, self.cfg.worker_index, step))
         grad, loss = training.compute_gradient(self.model, self.loss_fn, x, y)
         buffers = self.flat.buffers if self.buffer_size else None
         return grad, buffers, loss
@@ -113,8 +134,9 @@ class Replica:
         if not hasattr(self, "_other_shards"):
             cfg = self.cfg
             self._other_shards = [
-                data.WorkerShard(self.shard.dataset, i, cfg.num_workers, cfg.batch, split=cfg.split,
-                                 seed=cfg.seed, augment=self.shard.augment)
+                device_data.on_device(
+                    data.WorkerShard(self.shard.dataset, i, cfg.num_workers, cfg.batch, split=cfg.split,
+                                     seed=cfg.seed, augment=self.shard.augment), self.device)
                 for i in range(cfg.num_workers) if i != cfg.worker_index]
         state = self.flat.flat.clone()
         out = []

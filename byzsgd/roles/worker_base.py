@@ -11,6 +11,7 @@ import logging
 import torch
 
 from byzsgd.config import RunConfig
+from byzsgd.device import describe as describe_device
 from byzsgd.errors import ByzSGDError, ConfigError
 from byzsgd.roles import byzantine
 from byzsgd.roles.base import Role
@@ -65,8 +66,9 @@ class WorkerBase(Role):
     # -- life cycle (see Role.run) --------------------------------------------------------
     def _started(self) -> None:
         cfg = self.cfg
-        log.info("worker %d listening on port %d (%s mode%s)", cfg.rank, self.node.port,
-                 cfg.mode, f", Byzantine: {cfg.attack}" if cfg.attack else "")
+        log.info("worker %d listening on port %d (%s mode%s, device %s)", cfg.rank, self.node.port,
+                 cfg.mode, f", Byzantine: {cfg.attack}" if cfg.attack else "",
+                 describe_device(self.replica.device))
 
     def _failed(self, exc: ByzSGDError) -> None:
         log.error("worker %d stopped: %s", self.cfg.rank, exc)
