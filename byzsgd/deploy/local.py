@@ -26,7 +26,7 @@ from pathlib import Path
 from byzsgd.config import CREDENTIALS_ENV, SECRET_ENV, SECRET_FILE_ENV, RunConfig
 from byzsgd.deploy import rundir
 from byzsgd.deploy.options import LaunchConfig
-from byzsgd.deploy.spawn import fork_node, preload_roles
+from byzsgd.deploy.spawn import fork_node, preload_roles, warm_dataset_cache
 from byzsgd.metrics import gather_diameters, read_metrics
 from byzsgd.net.credentials import provision
 from byzsgd.roles.entry import run_role
@@ -157,7 +157,8 @@ def start(dep: Deployment, spawn: str = "exec") -> None:
     dep.started = time.time()
     dep.write_description()  # ports are needed by every node before it starts
     if spawn == "fork":
-        preload_roles()
+        preload_roles()  # first: the child that warms the cache inherits the imports
+    warm_dataset_cache(dep.cfg.dataset, dep.cfg.data_root)
     for node in dep.nodes:
         if spawn == "fork":
             node.proc = fork_node(functools.partial(run_role, node.cfg, node.role), str(node.log_path), env,
