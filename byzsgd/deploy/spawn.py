@@ -58,6 +58,10 @@ def preload_roles() -> None:
 
     import byzsgd.roles.ps  # noqa: F401
     import byzsgd.roles.worker  # noqa: F401
+    # torch.optim's first optimizer imports torch._dynamo (sympy, triton: 2-9 s and ~100 MB
+    # per process): every PS builds one, so import it here, once, shared by every child
+    # (it starts no thread)
+    import torch._dynamo  # noqa: F401
 
     gc.collect()
     gc.freeze()
