@@ -20,6 +20,7 @@ convnet's gradients would dominate), the MNIST row the ``convnet`` on MNIST.
     python scripts/bench_scale.py --rows 4x7,4x30 --modes garfield,paper --steps 50
     python scripts/bench_scale.py --rows mnist --json
     python scripts/bench_scale.py --rows 4x7,4x30,7x50 --plot docs/scale.png
+    python scripts/bench_scale.py --from_json a.out b.out --plot docs/scale.png   # re-plot
 
 Prints a table and, with ``--json``, one JSON line (the last) with every row.
 
@@ -331,7 +332,21 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="last line: one JSON object")
     ap.add_argument("--plot", default=None, help="write the curve there (e.g. docs/scale.png)")
     ap.add_argument("--no_floor", action="store_true", help="skip the raw-socket floor")
+    ap.add_argument("--from_json", nargs="+", default=None, metavar="FILE",
+                    help="run nothing: table (and --plot) of the rows of earlier --json outputs "
+                         "(their last line each)")
     args = ap.parse_args(argv)
+    if args.from_json:
+        rows = []
+        for f in args.from_json:
+            rows += json.loads(Path(f).read_text().strip().splitlines()[-1])["rows"]
+        rows.sort(key=lambda r: (r["model"] != PROTOCOL_MODEL[1], r["nodes"], r["mode"]))
+        print(table(rows))
+        if args.plot and plot(rows, args.plot):
+            print(f"bench_scale: plot written to {args.plot}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"rows": rows, "cores": os.cpu_count()}))
+        return 0
     import tempfile
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_scale-"))
