@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
+if __name__ == "__main__" and str(REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO))
 
 #: the rows of the issue; ``mnist`` is 4 PS x 7 workers with the convnet on MNIST
