@@ -168,6 +168,10 @@ def start(dep: Deployment, spawn: str = "exec") -> None:
                 node.proc = subprocess.Popen(node.cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                              stdin=subprocess.DEVNULL, start_new_session=True)
         rundir.rank_file(dep.run_dir, node.role, node.rank, "pid").write_text(str(node.proc.pid))
+    if spawn == "fork":  # the children keep the frozen heap; this process collects as before
+        import gc
+
+        gc.unfreeze()
     dep.write_description()
 
 

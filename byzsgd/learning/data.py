@@ -232,7 +232,7 @@ def _cached_arrays(key: tuple, produce) -> tuple[np.ndarray, np.ndarray]:
     xs, ys = stem + ".x.npy", stem + ".y.npy"
 
     def _open():
-        return np.load(xs, mmap_mode="c"), np.load(ys)
+        return np.load(xs, mmap_mode="c", allow_pickle=False), np.load(ys, allow_pickle=False)
 
     try:
         return _open()
