@@ -95,6 +95,34 @@ def test_fashion_mnist_gz_layout_under_root(tmp_path):
     assert torch.equal(ds.labels, torch.from_numpy(arrays["train"][1].astype(np.int64)))
 
 
+def test_uint8_pixels_normalised_per_batch_and_cached(tmp_path, monkeypatch):
+    """Light nodes: the pixels stay uint8 (gzip'd idx files decoded once into the dataset cache
+    and memory-mapped from it), batches and evaluation slices are normalised when asked for,
+    bit for bit what the whole normalised split holds."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("BYZSGD_CACHE_DIR", str(cache))
+    _write_mnist_raw(tmp_path / "FashionMNIST" / "raw", n_train=60, gz=True, seed=4)
+    D._load_cached.cache_clear()
+    ds = D.load_dataset("fashion-mnist", train=True, root=str(tmp_path))
+    assert ds.raw is not None and ds.raw.dtype == torch.uint8 and ds._inputs is None
+    assert len(list((cache / "datasets").glob("*.x.npy"))) == 1
+    shard = D.WorkerShard(ds, 1, 3, 7, seed=2)
+    x, y = shard.batch(3)
+    assert ds._inputs is None  # a batch never builds the whole float32 split
+    idx = shard.batch_indices(3)
+    assert x.dtype == torch.float32 and torch.equal(x, ds.inputs.index_select(0, idx))
+    D._load_cached.cache_clear()
+    again = D.load_dataset("fashion-mnist", train=True, root=str(tmp_path))  # from the cache
+    assert torch.equal(again.raw, ds.raw) and torch.equal(again.labels, ds.labels)
+    assert torch.equal(again.rows(5, 17), ds.inputs[5:17])
+    assert torch.equal(D.WorkerShard(again, 1, 3, 7, seed=2).batch(3)[0], x)
+    monkeypatch.setenv("BYZSGD_CACHE_DIR", "none")  # no cache: the same values
+    D._load_cached.cache_clear()
+    plain = D.load_dataset("fashion-mnist", train=True, root=str(tmp_path))
+    assert torch.equal(plain.inputs, ds.inputs)
+    D._load_cached.cache_clear()
+
+
 # ------------------------------------------------------------------ CIFAR-10 format
 
 def _write_cifar(root, n_per_batch=8, seed=0):

@@ -27,7 +27,7 @@ from byzsgd.config import CREDENTIALS_ENV, SECRET_ENV, SECRET_FILE_ENV, RunConfi
 from byzsgd.deploy import rundir
 from byzsgd.device import LOCAL_INDEX_ENV, cuda_initialized
 from byzsgd.deploy.options import LaunchConfig
-from byzsgd.deploy.spawn import fork_node, preload_roles
+from byzsgd.deploy.spawn import fork_node, preload_roles, warm_dataset_cache
 from byzsgd.metrics import gather_diameters, read_metrics
 from byzsgd.net.credentials import provision
 from byzsgd.roles.entry import run_role
@@ -163,7 +163,8 @@ def start(dep: Deployment, spawn: str = "exec") -> None:
               file=sys.stderr)
         spawn = "exec"
     if spawn == "fork":
-        preload_roles()
+        preload_roles()  # first: the child that warms the cache inherits the imports
+    warm_dataset_cache(dep.cfg.dataset, dep.cfg.data_root)
     for node in dep.nodes:
         # every rank runs on this host: its local index (--device auto/cuda) is its rank
         node_env_r = dict(env, **{LOCAL_INDEX_ENV: str(node.rank)})
@@ -175,6 +176,10 @@ def start(dep: Deployment, spawn: str = "exec") -> None:
                 node.proc = subprocess.Popen(node.cmd, stdout=log, stderr=subprocess.STDOUT, env=node_env_r,
                                              stdin=subprocess.DEVNULL, start_new_session=True)
         rundir.rank_file(dep.run_dir, node.role, node.rank, "pid").write_text(str(node.proc.pid))
+    if spawn == "fork":  # the children keep the frozen heap; this process collects as before
+        import gc
+
+        gc.unfreeze()
     dep.write_description()
 
 

@@ -398,12 +398,16 @@ def rejoins(run_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- net stats
-def net_stats_line(rank: int, role: str, rejected: dict, failures: dict) -> str:
-    """The line a node prints at exit: ``byzsgd-net-stats {json}``."""
-    return NET_STATS_PREFIX + json.dumps({"rank": int(rank), "role": role,
-                                          "rejected": {str(k): int(v) for k, v in dict(rejected).items()},
-                                          "failures": {str(k): int(v) for k, v in dict(failures).items()}},
-                                         sort_keys=True)
+def net_stats_line(rank: int, role: str, rejected: dict, failures: dict, **counts) -> str:
+    """The line a node prints at exit: ``byzsgd-net-stats {json}``; ``counts`` (numbers) are
+    added as they are: what the node sent and received (``frames_sent``, ``bytes_sent``, ...),
+    its CPU seconds (``cpu_s``), its peak resident memory (``maxrss``), ...
+    (scripts/bench_scale.py reads them)."""
+    doc = {"rank": int(rank), "role": role,
+           "rejected": {str(k): int(v) for k, v in dict(rejected).items()},
+           "failures": {str(k): int(v) for k, v in dict(failures).items()}}
+    doc.update({str(k): v for k, v in counts.items() if isinstance(v, (int, float))})
+    return NET_STATS_PREFIX + json.dumps(doc, sort_keys=True)
 
 
 def _count_map(value: Any) -> dict[str, int] | None:

@@ -51,9 +51,52 @@ class ForkedProcess:
 
 
 def preload_roles() -> None:
-    """Import what every node needs, once, in the parent."""
+    """Import what every node needs, once, in the parent; then move every object the imports
+    made out of the garbage collector's reach (``gc.freeze``): a child's collections would
+    otherwise write into each of them and copy every page of the shared heap into the child."""
+    import gc
+
     import byzsgd.roles.ps  # noqa: F401
     import byzsgd.roles.worker  # noqa: F401
+    # torch.optim's first optimizer imports torch._dynamo (sympy, triton: 2-9 s and ~100 MB
+    # per process): every PS builds one, so import it here, once, shared by every child
+    # (it starts no thread)
+    import torch._dynamo  # noqa: F401
+
+    gc.collect()
+    gc.freeze()
+
+
+def warm_dataset_cache(dataset: str, data_root: str | None, timeout: float = 600.0) -> bool:
+    """Decode ``dataset`` (train and test) into the dataset cache once, in a short-lived forked
+    child, so that the nodes memory-map it instead of each decoding it (the parent imports no
+    decoder and starts no thread).  False when it could not (the nodes then read the source
+    themselves, as without a cache)."""
+    from byzsgd.learning.data import cache_dir
+
+    if not FORK_AVAILABLE or cache_dir() is None:
+        return False
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            from byzsgd.learning import data
+
+            for train in (True, False):
+                data.load_dataset(dataset, train=train, root=data_root)
+            code = 0
+        except BaseException:  # noqa: BLE001 - the nodes report a missing dataset themselves
+            code = 1
+        finally:
+            os._exit(code)
+    try:
+        return ForkedProcess(pid).wait(timeout) == 0
+    except subprocess.TimeoutExpired:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        return False
 
 
 def fork_node(target: Callable[[], int], log_path: str, env: dict[str, str], *,

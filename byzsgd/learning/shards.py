@@ -191,7 +191,7 @@ class WorkerShard:
 
     def _make_batch(self, step: int) -> tuple[Tensor, Tensor]:
         idx = self.batch_indices(step)
-        x = self.dataset.inputs.index_select(0, idx)
+        x = self.dataset.take(idx)  # only these rows are normalised
         y = self.dataset.labels.index_select(0, idx)
         if self.augment:
             x = augment_batch(x, _rng(self.seed, 4, self.worker_index, step),
@@ -231,11 +231,12 @@ def augment_batch(x: Tensor, generator: torch.Generator, *, padding: int = 4,
 
 def test_batches(dataset: Dataset, batch_size: int = 1000,
                  max_samples: Optional[int] = None) -> Iterator[tuple[Tensor, Tensor]]:
-    """Consecutive (inputs, labels) slices of the dataset (views, no copies)."""
+    """Consecutive (inputs, labels) slices of the dataset (views when the whole split is held
+    as float32; else each slice normalised from the uint8 pixels)."""
     n = len(dataset) if max_samples is None else min(len(dataset), int(max_samples))
     for a in range(0, n, batch_size):
         b = min(a + batch_size, n)
-        yield dataset.inputs[a:b], dataset.labels[a:b]
+        yield dataset.rows(a, b), dataset.labels[a:b]
 
 
 test_batches.__test__ = False  # not a pytest test
@@ -248,7 +249,7 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, max_samples: Optional[int
     Under ``torch.no_grad`` in eval mode (the previous mode restored).  The default loss is
     cross-entropy on the outputs, which is also right for models ending in ``log_softmax``
     (log_softmax is idempotent), so it equals NLL for those."""
-    if not isinstance(dataset.inputs, Tensor):  # decoded on the fly: bound the batch's memory
+    if dataset.decoded_on_the_fly:  # bound the batch's memory
         batch_size = min(batch_size, 100)
     was_training = model.training
     try:

@@ -65,8 +65,17 @@ class Role:
         refused (``stats.rejected``: reason -> count) and the local failures it contained
         (``stats.failures``); the run summary's ``rejections`` come from it."""
         try:
-            print(rundir.net_stats_line(self.cfg.rank, self.cfg.role, self.node.stats.rejected,
-                                        self.node.stats.failures), file=sys.stderr, flush=True)
+            import resource
+
+            stats = self.node.stats
+            use = resource.getrusage(resource.RUSAGE_SELF)
+            print(rundir.net_stats_line(self.cfg.rank, self.cfg.role, stats.rejected, stats.failures,
+                                        frames_sent=stats.frames_sent, bytes_sent=stats.bytes_sent,
+                                        frames_received=stats.frames_received,
+                                        bytes_received=stats.bytes_received,
+                                        cpu_s=round(use.ru_utime + use.ru_stime, 3),
+                                        maxrss=use.ru_maxrss << 10),
+                  file=sys.stderr, flush=True)
         except Exception:  # pragma: no cover - a closed stderr must not change the exit code
             pass
 

@@ -20,6 +20,8 @@ Every name of Garfield's ``select_model``, with the network Garfield builds for 
   ``torchvision.models.get_model(name, weights=None, num_classes=...)``.  Weights are never
   downloaded.
 
+Also ``linear`` (ours): logistic regression on the flattened input, for protocol benchmarks.
+
 Outputs are logits except ``convnet``'s.  The number of classes is the dataset's (Garfield
 always builds 10).  A shape a network cannot take is a ConfigError naming what it needs.
 Every model is built under ``torch.manual_seed(seed)`` inside a forked RNG (the caller's
@@ -41,10 +43,10 @@ from byzsgd.learning.models.googlenet import GoogLeNet
 from byzsgd.learning.models.mobile import EfficientNetB0, MobileNet, MobileNetV2, ShuffleNetG2
 from byzsgd.learning.models.regnet import RegNetX200
 from byzsgd.learning.models.resnets import PreActResNet18, ResNet18, ResNeXt29
-from byzsgd.learning.models.small import CNN, CifarNet, ConvNet
+from byzsgd.learning.models.small import CNN, CifarNet, ConvNet, Linear
 
 __all__ = ["build_model", "model_names", "model_help", "register_model", "MODELS", "LARGE_SIDE",
-           "ConvNet", "CifarNet", "CNN", "ResNet18", "PreActResNet18", "ResNeXt29", "DenseNet121",
+           "ConvNet", "CifarNet", "CNN", "Linear", "ResNet18", "PreActResNet18", "ResNeXt29", "DenseNet121",
            "DPN92", "GoogLeNet", "MobileNet", "MobileNetV2", "ShuffleNetG2", "EfficientNetB0",
            "RegNetX200"]
 
@@ -114,6 +116,7 @@ MODELS: dict[str, ModelFactory] = {
 }
 
 GARFIELD_MODELS = tuple(MODELS)  # every name of Garfield's select_model
+MODELS["linear"] = Linear  # ours: logistic regression (protocol benchmarks)
 
 
 def register_model(name: str, factory: ModelFactory) -> None:

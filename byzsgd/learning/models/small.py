@@ -1,4 +1,5 @@
-"""Garfield's three hand-made networks: ``convnet`` (MNIST), ``cifarnet`` and ``cnn`` (CIFAR)."""
+"""Garfield's three hand-made networks: ``convnet`` (MNIST), ``cifarnet`` and ``cnn`` (CIFAR);
+and ``linear`` (ours: multinomial logistic regression, for protocol benchmarks)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -8,6 +9,22 @@ import torch.nn.functional as F
 
 from byzsgd.errors import ConfigError
 from byzsgd.learning.models.common import image_shape, is_large, stem
+
+
+class Linear(nn.Module):
+    """Multinomial logistic regression: one linear layer on the flattened input, logits out
+    (7,850 parameters on MNIST-shaped inputs).  Small enough that a step measures the
+    protocol, not the model (scripts/bench_scale.py)."""
+
+    def __init__(self, input_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10):
+        super().__init__()
+        features = 1
+        for d in input_shape:
+            features *= int(d)
+        self.fc = nn.Linear(features, num_classes)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
 
 
 class ConvNet(nn.Module):
