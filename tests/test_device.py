@@ -217,6 +217,19 @@ def test_device_shard_gives_the_same_batches(augment):
     assert device_data.dataset_on(train, "cpu") is train
 
 
+def test_resident_copy_keeps_the_split():
+    """The copy a CUDA node makes of a split (built here on the CPU): the same rows, labels and
+    normalisation, whatever the split's class keeps in memory (uint8 pixels, lazy inputs)."""
+    train = data.load_dataset(IMG, train=True)
+    moved = device_data._moved(train, torch.device("cpu"))
+    assert type(moved) is type(train) and moved is not train
+    assert torch.equal(moved.inputs, train.inputs) and torch.equal(moved.labels, train.labels)
+    assert (moved.name, moved.num_classes, moved.mean, moved.std) == \
+        (train.name, train.num_classes, train.mean, train.std)
+    idx = torch.tensor([0, 5, 3])
+    assert torch.equal(moved.take(idx), train.take(idx))
+
+
 # -- roles: --device cpu is today's behaviour; seeded runs repeat ---------------------------
 def _worker_cfg(**kw):
     return RunConfig(insecure_shared_secret=True, rank=2, num_ps=2, num_workers=3,

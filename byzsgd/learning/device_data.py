@@ -15,7 +15,7 @@ stays in host memory and each batch is copied to the device (from pinned memory)
 """
 from __future__ import annotations
 
-import dataclasses
+import math
 from typing import Sequence
 
 import torch
@@ -48,19 +48,25 @@ def dataset_on(dataset, device: torch.device):
     """A copy of ``dataset`` with its inputs and labels on ``device`` (cached per process and
     device; the original when it is on the CPU, decoded lazily, or too big)."""
     device = torch.device(device)
-    if device.type == "cpu" or not isinstance(dataset.inputs, Tensor):
+    if device.type == "cpu" or getattr(dataset, "decoded_on_the_fly", False):
         return dataset
     key = (id(dataset), str(device))
     hit = _RESIDENT_CACHE.get(key)
     if hit is not None:
         return hit
-    nbytes = dataset.inputs.numel() * dataset.inputs.element_size() + dataset.labels.numel() * 8
+    # float32 inputs, int64 labels; sized before the float32 split is built on the host
+    nbytes = len(dataset.labels) * (4 * math.prod(dataset.input_shape) + 8)
     if not fits_on_device(nbytes, device):
         return dataset
-    moved = dataclasses.replace(dataset, inputs=dataset.inputs.to(device),
-                                labels=dataset.labels.to(device))
+    moved = _moved(dataset, device)
     _RESIDENT_CACHE[key] = moved
     return moved
+
+
+def _moved(dataset, device: torch.device):
+    """The same split with its normalised inputs and its labels on ``device``."""
+    return type(dataset)(dataset.name, dataset.inputs.to(device), dataset.labels.to(device),
+                         dataset.num_classes, dataset.train, dataset.source, dataset.mean, dataset.std)
 
 
 def augment_on_device(x: Tensor, generator: torch.Generator, *, padding: int = 4,
