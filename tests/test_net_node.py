@@ -508,3 +508,36 @@ def test_mixed_sizes_both_directions_integrity():
                 for s, ts, _ in got[r]:
                     assert len(ts) == len(plan[s]) and all(torch.equal(a, b) for a, b in zip(ts, plan[s]))
     run(main())
+
+
+def test_workers_never_connect_to_one_another():
+    """peer_roles: a worker exchanges messages with PSes only, so it dials only PSes and
+    refuses a worker that dials it (100 workers, 4,950 fewer connections)."""
+    async def main():
+        d = PeerDirectory.local(2, 3)
+        roles = {"ps": ("ps", "worker"), "worker": ("ps",)}
+        nodes = [Node(r, d.role(r), SECRET, directory=d, limits=LIM, listen_host="127.0.0.1",
+                      peer_roles=roles[d.role(r)]) for r in range(4)]
+        # rank 4: a worker that dials everyone (peer_roles None), as a Byzantine one might
+        nodes.append(Node(4, "worker", SECRET, directory=d, limits=LIM, listen_host="127.0.0.1"))
+        for n in nodes:
+            n.mailbox("m")
+            await n.start()
+        try:
+            for n in nodes[:2]:
+                others = set(d) - {n.rank}
+                assert await n.wait_connected(others, 10) == others
+            assert await nodes[2].wait_connected({0, 1}, 10) == {0, 1}
+            await asyncio.sleep(0.5)
+            assert nodes[2].connected == {0, 1} and nodes[3].connected == {0, 1}
+            assert 2 not in nodes[4].connected and 3 not in nodes[4].connected
+            assert nodes[2].stats.rejected["bad_rank"] + nodes[3].stats.rejected["bad_rank"] >= 2
+            # PS <-> worker traffic is unchanged
+            f = nodes[3].send(0, "m", 0, [torch.ones(2)])
+            assert await asyncio.wait_for(f, 10) is True
+        finally:
+            for n in nodes:
+                await n.close()
+        with pytest.raises(errors.ConfigError):
+            Node(2, "worker", SECRET, directory=d, limits=LIM, peer_roles=("server",))
+    run(main())

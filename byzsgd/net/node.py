@@ -118,7 +118,7 @@ class Node:
                  ssl_server: _ssl.SSLContext | None = None, ssl_client: _ssl.SSLContext | None = None,
                  connect_timeout: float = 5.0, handshake_timeout: float = 5.0, outbox_depth: int = 16,
                  pool_bytes: int | None = None, bind_address: bool = True, max_preauth_per_address: int = 8,
-                 device=None):
+                 device=None, peer_roles: Iterable[str] | None = None):
         C = errors.ConfigError
         if type(rank) is not int or rank < 0:
             raise C(f"rank must be a non-negative int, got {rank!r}")
@@ -192,6 +192,12 @@ class Node:
         self.ssl_server, self.ssl_client = ssl_server, ssl_client
         self.connect_timeout, self.handshake_timeout = float(connect_timeout), float(handshake_timeout)
         self.outbox_depth = outbox_depth
+        # the roles this node exchanges messages with (None: all): it dials only lower ranks of
+        # those roles and refuses dialers of the others -- two workers have nothing to say to
+        # each other, so 100 workers need not hold 4,950 authenticated connections among them
+        self.peer_roles = None if peer_roles is None else frozenset(peer_roles)
+        if self.peer_roles is not None and not self.peer_roles <= {"ps", "worker"}:
+            raise C(f"peer_roles must be a subset of {{'ps', 'worker'}}, got {sorted(self.peer_roles)}")
         pool_bytes = pool_bytes if pool_bytes is not None else max(4 * limits.max_frame_bytes, 64 << 20)
         # a node computing on CUDA sends device tensors through pinned staging buffers and
         # receives into pinned buffers (.staging); on the CPU nothing changes
@@ -350,8 +356,11 @@ class Node:
         for r in directory:
             if r != self.rank and r not in self._peers:
                 self._peers[r] = Outbox(r, self.outbox_depth, self.stats)
-            if r < self.rank and r not in self._dialers and not self._closing:
+            if r < self.rank and r not in self._dialers and not self._closing and self._talks_to(r):
                 self._dialers[r] = self._loop.create_task(self._dial_loop(r))
+
+    def _talks_to(self, rank: int) -> bool:
+        return self.peer_roles is None or role_of(rank, self.num_ps) in self.peer_roles
 
     def _address(self, rank: int) -> tuple[str, int]:
         if self._directory is not None and rank in self._directory:
@@ -631,6 +640,9 @@ class Node:
             raise errors.BadRank(f"rank {rank} claims role {role}, but is a {role_of(rank, self.num_ps)}")
         if rank <= self.rank:
             raise errors.BadRank(f"rank {rank} dialed rank {self.rank}: only higher ranks dial lower ones")
+        if not self._talks_to(rank):
+            raise errors.BadRank(f"rank {rank} ({role}) dialed rank {self.rank} ({self.role}), which exchanges "
+                                 f"messages only with {'/'.join(sorted(self.peer_roles))} nodes")
 
     def _attach(self, conn: Connection, rank: int, role: str) -> None:
         self._preauth_done(conn)

@@ -44,6 +44,10 @@ KIND_PS_ASK = "ps_ask"  # a PS asks a peer for its ps_model of step >= t (no ten
 SENDERS = {KIND_MODEL: "ps", KIND_GRAD: "worker", KIND_PS_MODEL: "ps", KIND_DONE: "ps",
            KIND_PULL: "worker", KIND_PS_AFTER: "ps", KIND_PS_ASK: "ps"}
 
+#: whom each role exchanges messages with (the SENDERS above, both ways): a worker talks to
+#: PSes only, so workers never connect to one another
+PEER_ROLES = {"ps": ("ps", "worker"), "worker": ("ps",)}
+
 log = logging.getLogger("byzsgd.roles")
 
 
@@ -95,7 +99,7 @@ def make_node(cfg: RunConfig, limits: FrameLimits, *, device=None) -> Node:
     ssl_server, ssl_client = tls_contexts(cfg)
     common = dict(limits=limits, listen_host=cfg.listen_host, advertise_host=cfg.advertise_host,
                   ssl_server=ssl_server, ssl_client=ssl_client, bind_address=cfg.bind_address,
-                  device=device)
+                  device=device, peer_roles=PEER_ROLES[cfg.role])
     if cfg.peers:
         directory = load_directory(cfg.peers)
         if directory.world_size != cfg.world_size or directory.num_ps != cfg.num_ps:
