@@ -79,12 +79,12 @@ def table(lines: list[dict]) -> str:
     """A markdown table of JSON lines written by this script (``--table FILE``): one row per cell,
     its accuracy against the no-attack cell of the same length and seed."""
     none = {(r["steps"], r["seed"], r["config"]): r.get("min_accuracy") for r in lines if r["cell"] == "none"}
-    out = ["| cell | steps | min accuracy (%) | vs none (points) | Byz. in quorum | outcome | wall (s) |",
+    out = ["| cell | steps | min accuracy (%) | vs none (points) | Byz. in quorum (ps: of the gathers) | outcome | wall (s) |",
            "|---|---:|---:|---:|---:|---|---:|"]
     for r in lines:
         acc, base = r.get("min_accuracy"), none.get((r["steps"], r["seed"], r["config"]))
         delta = f"{acc - base:+.2f}" if acc is not None and base is not None and r["cell"] != "none" else ""
-        share = r.get("byzantine_in_quorum")
+        share = r.get("byzantine_in_model_quorum", r.get("byzantine_in_quorum"))
         out.append(f"| {r['cell']} | {r['steps']} | {acc if acc is not None else 'failed'} | {delta} | "
                    f"{'' if share is None else f'{share:.2f}'} | {r.get('outcome', r.get('error', ''))} | "
                    f"{r['wall_s']} |")
@@ -122,6 +122,9 @@ def main() -> int:
                 byz = set(summary.get("byzantine_ranks", []))
                 row.update(min_accuracy=summary.get("min_accuracy"), outcome=summary.get("outcome"),
                            byzantine_ranks=sorted(byz), byzantine_in_quorum=quorum_share(run_dir, byz))
+                if cell.startswith("ps:"):  # a PS attack reaches the rule through the gathers
+                    models = summary.get("model_quorum_share") or {}
+                    row["byzantine_in_model_quorum"] = max((models.get(str(r), 0.0) for r in byz), default=None)
             except (OSError, ValueError) as exc:
                 row.update(error=str(exc), tail=(res.stdout + res.stderr)[-800:])
         line = json.dumps(row)
