@@ -1,7 +1,7 @@
 """Where a process joins the cluster: one ``Node`` per process, one connection per peer.
 
-A node listens on its own address, dials every peer of *lower* rank (the higher rank dials, so a
-pair never ends up with two connections), reconnects with exponential backoff for as long as it
+A node listens on its own address, dials every peer of *lower* rank whose role it exchanges
+messages with (``peer_roles``; the higher rank dials, so a pair never ends up with two connections), reconnects with exponential backoff for as long as it
 runs, authenticates every connection's *rank* (:mod:`.handshake`, :mod:`.credentials`), refuses a
 second live connection for a rank, and dispatches received frames to the handler registered for
 their kind.  Sending goes
