@@ -541,3 +541,20 @@ def test_workers_never_connect_to_one_another():
         with pytest.raises(errors.ConfigError):
             Node(2, "worker", SECRET, directory=d, limits=LIM, peer_roles=("server",))
     run(main())
+
+
+def test_free_ports_avoid_the_ephemeral_range():
+    """The launcher's ports come from below the range outgoing connections take theirs from
+    (a port the kernel picked there was once taken by a connect() before the node bound it)."""
+    from byzsgd.net.peers import ephemeral_port_range, free_ports
+    import socket
+    lo, _ = ephemeral_port_range()
+    ports = free_ports(40)
+    assert len(set(ports)) == 40
+    if lo - 10000 >= 8 * 40:
+        assert all(10000 <= p < lo for p in ports), ports
+    for p in ports:  # each is bindable now
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", p))
+        s.close()

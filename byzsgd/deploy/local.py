@@ -16,7 +16,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,25 +29,11 @@ from byzsgd.deploy.options import LaunchConfig
 from byzsgd.deploy.spawn import fork_node, preload_roles, warm_dataset_cache
 from byzsgd.metrics import gather_diameters, read_metrics
 from byzsgd.net.credentials import provision
+from byzsgd.net.peers import free_ports
 from byzsgd.roles.entry import run_role
 
 #: node fields that differ per rank: not part of the shared ``config`` of deployment.json
 NODE_OWN = ("rank", "peers", "metrics", "attack", "attack_args", "byzantine", "secret_file", "credentials")
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct ports free right now (all bound at once, then released)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @dataclass

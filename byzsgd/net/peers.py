@@ -8,27 +8,66 @@ host files (rank r listens on ``base_port + r`` unless the line says ``host:port
 """
 from __future__ import annotations
 
+import random
 import socket
 from typing import Iterator, Mapping
 
 from . import errors
 
-__all__ = ["PeerDirectory", "role_of", "free_ports"]
+__all__ = ["PeerDirectory", "role_of", "free_ports", "ephemeral_port_range"]
 
 
 def role_of(rank: int, num_ps: int) -> str:
     return "ps" if rank < num_ps else "worker"
 
 
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """``n`` distinct ports free right now (bind to port 0 and release; racy by nature)."""
-    socks, ports = [], []
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (Linux's default)."""
     try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            lo, hi = (int(x) for x in fh.read().split()[:2])
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct ports free right now, drawn at random *below* the ephemeral range.
+
+    Racy by nature (a port is checked, released, and bound later by a node), but a port drawn
+    by the kernel (bind to port 0) comes from the ephemeral range, where every outgoing
+    connection on the machine also takes its local port: under load one of them grabbed a
+    node's port between the check and the bind.  Below that range only another listener can
+    collide.  Falls back to the kernel's choice when that range is too small."""
+    lo, _ = ephemeral_port_range()
+    pool_lo, pool_hi = 10000, lo - 1
+    rng = random.SystemRandom()
+    socks: list[socket.socket] = []
+    ports: list[int] = []
+
+    def probe(port: int) -> bool:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            s.close()
+            return False
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+        return True
+
+    try:
+        if pool_hi - pool_lo >= 8 * n:
+            for _ in range(20 * n + 100):
+                if len(ports) >= n:
+                    break
+                port = rng.randint(pool_lo, pool_hi)
+                if port not in ports:
+                    probe(port)
+        while len(ports) < n:
+            if not probe(0):
+                raise OSError(f"no free port on {host}")
     finally:
         for s in socks:
             s.close()
