@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from byzsgd.learning.shards import WorkerShard, _rng
+from byzsgd.learning.shards import CachedBatches, WorkerShard, _rng
 
 __all__ = ["DeviceShard", "on_device", "dataset_on", "fits_on_device", "augment_on_device",
            "MAX_RESIDENT_FRACTION"]
@@ -91,7 +91,7 @@ def augment_on_device(x: Tensor, generator: torch.Generator, *, padding: int = 4
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-class DeviceShard:
+class DeviceShard(CachedBatches):
     """A :class:`WorkerShard`'s batches made on ``device`` (same indices, same draws).
 
     Exposes what the roles use of a shard: ``batch(step)``, ``steps_per_epoch``,
@@ -113,17 +113,6 @@ class DeviceShard:
 
     def __len__(self) -> int:
         return len(self.shard)
-
-    def batch(self, step: int) -> tuple[Tensor, Tensor]:
-        hit = self._batches.get(step)
-        if hit is not None:
-            return hit
-        out = self._make_batch(step)
-        if self._cache_size:
-            if len(self._batches) >= self._cache_size:
-                del self._batches[next(iter(self._batches))]
-            self._batches[int(step)] = out
-        return out
 
     def _make_batch(self, step: int) -> tuple[Tensor, Tensor]:
         shard, dev = self.shard, self.device

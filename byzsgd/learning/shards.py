@@ -116,7 +116,27 @@ def partition(labels: Tensor, num_workers: int, *, split: str = "iid", seed: int
                                   int(min_size), _Ref((labels,))))
 
 
-class WorkerShard:
+class CachedBatches:
+    """``batch(step)`` through a small cache of the last ``_cache_size`` batches made by
+    ``_make_batch`` (every PS asks a worker for the same step: one batch serves them all)."""
+
+    _cache_size: int
+    _batches: dict
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """(inputs [B,...] float32, labels [B] int64) of ``step``; O(batch)."""
+        hit = self._batches.get(step)
+        if hit is not None:
+            return hit
+        out = self._make_batch(step)
+        if self._cache_size:
+            if len(self._batches) >= self._cache_size:
+                del self._batches[next(iter(self._batches))]  # oldest inserted
+            self._batches[int(step)] = out
+        return out
+
+
+class WorkerShard(CachedBatches):
     """Worker ``worker_index``'s disjoint shard of ``dataset`` and its deterministic batches.
 
     ``batch(step)`` depends only on (dataset, worker_index, num_workers, batch_size, split, seed,
@@ -176,18 +196,6 @@ class WorkerShard:
         epoch, pos = divmod(step, self.steps_per_epoch)
         b = self.effective_batch_size
         return self._perm(epoch)[pos * b:(pos + 1) * b]
-
-    def batch(self, step: int) -> tuple[Tensor, Tensor]:
-        """(inputs [B,...] float32, labels [B] int64) of ``step``; O(batch)."""
-        hit = self._batches.get(step)
-        if hit is not None:
-            return hit
-        out = self._make_batch(step)
-        if self._cache_size:
-            if len(self._batches) >= self._cache_size:
-                del self._batches[next(iter(self._batches))]  # oldest inserted
-            self._batches[int(step)] = out
-        return out
 
     def _make_batch(self, step: int) -> tuple[Tensor, Tensor]:
         idx = self.batch_indices(step)

@@ -19,7 +19,7 @@ hands a CPU tensor's own memory to the wire, as before (:class:`CpuStaging` is t
 pass-through, same storage, no copy).
 
 Receiving: the receive pool of a CUDA node allocates pinned buffers too
-(:meth:`PinnedPool.bytes_allocator`), so the checks run on host bytes exactly as on the CPU
+(:meth:`PinnedBytes.allocate`), so the checks run on host bytes exactly as on the CPU
 (prefix, header, dtypes, shapes, sizes — before any copy to the device), and the role's
 host -> device copy reads pinned memory (DMA speed).
 """
@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .bufpool import bucket
+from .bufpool import BufferPool
 
 __all__ = ["PinnedPool", "CpuStaging", "DeviceStaging", "Staged", "needs_staging"]
 
@@ -41,44 +41,16 @@ def needs_staging(tensors: Sequence[torch.Tensor]) -> bool:
     return any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in tensors)
 
 
-class PinnedPool:
-    """Free lists of pinned ``uint8`` host tensors keyed by bucket size (as
-    :class:`~byzsgd.net.bufpool.BufferPool`'s buckets), bounded by ``max_cached_bytes``."""
+class PinnedPool(BufferPool):
+    """A :class:`~byzsgd.net.bufpool.BufferPool` of pinned ``uint8`` host tensors (the same
+    buckets, free lists and cap; only the allocation differs)."""
 
     def __init__(self, max_cached_bytes: int = 1 << 30, *, pin: bool = True):
-        self.max_cached_bytes = int(max_cached_bytes)
         self.pin = bool(pin)
-        self._free: dict[int, list[torch.Tensor]] = {}
-        self._cached = 0
-        self._lock = threading.Lock()
-        self.allocations = 0  # fresh allocations: flat once the pool is warm
+        super().__init__(max_cached_bytes, allocate=self._new)
 
-    def acquire(self, n: int) -> torch.Tensor:
-        size = bucket(int(n))
-        with self._lock:
-            lst = self._free.get(size)
-            if lst:
-                self._cached -= size
-                return lst.pop()
-        self.allocations += 1
+    def _new(self, size: int) -> torch.Tensor:
         return torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
-
-    def release(self, buf: torch.Tensor) -> None:
-        size = buf.numel()
-        with self._lock:
-            if bucket(size) != size or self._cached + size > self.max_cached_bytes:
-                return
-            self._free.setdefault(size, []).append(buf)
-            self._cached += size
-
-    @property
-    def cached_bytes(self) -> int:
-        return self._cached
-
-    def clear(self) -> None:
-        with self._lock:
-            self._free.clear()
-            self._cached = 0
 
 
 class PinnedBytes:
