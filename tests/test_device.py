@@ -21,7 +21,7 @@ from byzsgd.net.staging import CpuStaging, PinnedPool, Staged, needs_staging
 from tests import inprocess
 
 HAS_CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none visible here)")
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device (this machine has no visible GPU)")
 SYNTH = "synthetic:1x28x28:10:64:64"
 IMG = "synthetic:3x8x8:10:64:32"
 
