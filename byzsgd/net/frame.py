@@ -22,7 +22,7 @@ import math
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import msgpack
 import torch
@@ -31,7 +31,7 @@ from . import errors
 from .codec import ALIGN, DTYPE_TO_NAME, ITEMSIZE, MAX_NDIM, NAME_TO_DTYPE, align, from_buffer, tensor_view
 
 __all__ = ["FrameLimits", "Message", "Header", "TensorSpec", "PREFIX", "encode", "parse_prefix",
-           "decode_header", "DEFAULT_DTYPES", "MAX_META_ITEMS", "MAX_STEP", "MAX_SEND_STEP"]
+           "decode_header", "SMALL_FRAME", "DEFAULT_DTYPES", "MAX_META_ITEMS", "MAX_STEP", "MAX_SEND_STEP"]
 
 PREFIX = struct.Struct("<IQ")
 MAX_META_ITEMS = 64
@@ -44,6 +44,9 @@ MAX_KIND_LEN = 64
 MAX_STEP = 1 << 62
 MAX_SEND_STEP = 1 << 63
 _ZEROS = bytes(ALIGN)
+#: frames up to this size are sent as one joined ``bytes`` and received into a fresh buffer
+#: instead of a pooled one: for a few KB, a copy is cheaper than the bookkeeping it saves
+SMALL_FRAME = 16 << 10
 _TLS = threading.local()  # one reusable msgpack Packer per thread (Packer is not thread-safe)
 
 
@@ -140,16 +143,19 @@ class Message:
         return sum(t.numel() * t.element_size() for t in self.tensors)
 
 
-@dataclass(frozen=True)
-class TensorSpec:
+class TensorSpec(NamedTuple):
+    """Where one tensor of a validated header lies in the body (a tuple: cheap to build on the
+    receive path, which builds one per tensor per frame)."""
+
     dtype: torch.dtype
     shape: tuple
     nbytes: int
     offset: int
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
+    """A validated header (immutable)."""
+
     kind: str
     step: int
     sender: int
@@ -174,48 +180,57 @@ def _check_meta(meta) -> dict:
     return dict(meta)
 
 
-def _prepare(t) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"tensors must be torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cpu":
-        raise ValueError(f"tensors must be on the CPU to be sent, got {t.device}; call .cpu()")
-    if t.dtype not in DTYPE_TO_NAME:
-        raise errors.BadDtype(f"dtype {t.dtype} cannot be sent")
-    if not t.is_contiguous():
-        t = t.contiguous()  # a copy, only for non-contiguous input
-    return t
-
-
 def encode(kind: str, step: int, sender: int, tensors: Sequence[torch.Tensor] = (), meta=None,
            limits: FrameLimits | None = None) -> tuple[list, int, list]:
-    """Frame a message without copying tensor data.
+    """Frame a message without copying tensor data (small frames excepted, below).
 
     Returns ``(buffers, total_bytes, keep)``: ``buffers`` is for ``transport.writelines`` (the
     prefix+header bytes, then memoryviews over the tensors' storage and padding), ``keep`` the
-    tensors that must stay alive and unmodified until the write completes.  Raises ``TypeError``/
+    tensors that must stay alive and unmodified until the write completes.  A frame of at most
+    ``SMALL_FRAME`` bytes comes back as one ``bytes`` (a copy of a few KB costs less than a
+    scatter-gather write of several pieces) and an empty ``keep``.  Raises ``TypeError``/
     ``ValueError``/:class:`errors.ProtocolError` for a message this node's limits would refuse.
+
+    This runs once per message sent (twice per round trip), so the checks are written flat:
+    no helper call per tensor.
     """
-    if not isinstance(kind, str) or not kind or len(kind) > MAX_KIND_LEN:
-        raise ValueError(f"kind must be a non-empty str of at most {MAX_KIND_LEN} chars, got {kind!r}")
+    if type(kind) is not str or not kind or len(kind) > MAX_KIND_LEN:
+        if not (isinstance(kind, str) and kind and len(kind) <= MAX_KIND_LEN):
+            raise ValueError(f"kind must be a non-empty str of at most {MAX_KIND_LEN} chars, got {kind!r}")
     if type(step) is not int or not 0 <= step < MAX_SEND_STEP:
         raise errors.BadStep(f"step must be an int in [0, 2**63), got {step!r}"[:120])
-    meta = _check_meta(meta)
-    ts = [_prepare(t) for t in tensors]
+    meta = {} if meta is None else _check_meta(meta)
+    if type(tensors) is not list and type(tensors) is not tuple:
+        tensors = list(tensors)
     if limits is not None:
-        if len(ts) > limits.max_tensors:
-            raise errors.TooManyTensors(f"{len(ts)} tensors, limit {limits.max_tensors}")
-        for t in ts:
-            if t.dtype not in limits.allowed_dtypes:
-                raise errors.BadDtype(f"dtype {t.dtype} not allowed")
+        if len(tensors) > limits.max_tensors:
+            raise errors.TooManyTensors(f"{len(tensors)} tensors, limit {limits.max_tensors}")
+        allowed = limits.allowed_dtypes
+    else:
+        allowed = None
     specs = []
     views = []
+    keep = []
     off = 0
-    for t in ts:
-        nb = t.numel() * ITEMSIZE[t.dtype]
-        start = align(off)
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensors must be torch.Tensor, got {type(t).__name__}")
+        if not t.is_cpu:
+            raise ValueError(f"tensors must be on the CPU to be sent, got {t.device}; call .cpu()")
+        dt = t.dtype
+        name = DTYPE_TO_NAME.get(dt)
+        if name is None:
+            raise errors.BadDtype(f"dtype {dt} cannot be sent")
+        if allowed is not None and dt not in allowed:
+            raise errors.BadDtype(f"dtype {dt} not allowed")
+        if not t.is_contiguous():
+            t = t.contiguous()  # a copy, only for non-contiguous input
+        keep.append(t)
+        nb = t.numel() * ITEMSIZE[dt]
+        start = (off + ALIGN - 1) & ~(ALIGN - 1)
         if start > off:
             views.append(_ZEROS[: start - off])
-        specs.append([DTYPE_TO_NAME[t.dtype], list(t.shape), nb])
+        specs.append([name, list(t.shape), nb])
         if nb:
             views.append(tensor_view(t))
         off = start + nb
@@ -226,7 +241,10 @@ def encode(kind: str, step: int, sender: int, tensors: Sequence[torch.Tensor] = 
     if limits is not None and len(header) > limits.max_header_bytes:
         raise errors.HeaderTooLarge(f"header of {len(header)} bytes, limit {limits.max_header_bytes}")
     head = PREFIX.pack(len(header), body_len) + header
-    return [head, *views], len(head) + body_len, ts
+    total = len(head) + body_len
+    if total <= SMALL_FRAME:
+        return [b"".join([head, *views]) if views else head], total, []
+    return [head, *views], total, keep
 
 
 # ----------------------------------------------------------------------------------- decoding
@@ -297,6 +315,7 @@ def decode_header(data, body_len: int, limits: FrameLimits, *,
         raise errors.ShapeMismatch(f"kind {kind!r} expects {len(expected)} tensors, got {len(tspecs)}")
     specs = []
     off = 0
+    cap = limits.max_frame_bytes
     for i, ts in enumerate(tspecs):
         if type(ts) is not list or len(ts) != 3:
             raise errors.BadHeader("tensor spec must be [dtype, shape, nbytes]")
@@ -306,21 +325,25 @@ def decode_header(data, body_len: int, limits: FrameLimits, *,
         dtype = NAME_TO_DTYPE.get(dname)
         if dtype is None or dtype not in limits.allowed_dtypes:
             raise errors.BadDtype(f"dtype {dname[:16]!r} not allowed")
-        if type(shape) is not list or len(shape) > MAX_NDIM or not all(type(d) is int and d >= 0 for d in shape):
+        if type(shape) is not list or len(shape) > MAX_NDIM:
             raise errors.BadHeader("shape must be a list of at most 16 non-negative ints")
+        for d in shape:
+            if type(d) is not int or d < 0:
+                raise errors.BadHeader("shape must be a list of at most 16 non-negative ints")
         if type(nbytes) is not int or nbytes < 0:
             raise errors.BadHeader("nbytes must be a non-negative int")
-        n = 1
+        isz = ITEMSIZE[dtype]
+        n = isz
         for d in shape:  # early exit keeps the product small
             n *= d
-            if n * ITEMSIZE[dtype] > limits.max_frame_bytes:
+            if n > cap:
                 raise errors.ShapeMismatch("shape exceeds the frame limit")
-        if n * ITEMSIZE[dtype] != nbytes:
-            raise errors.ShapeMismatch(f"tensor {i}: prod(shape)*itemsize = {n * ITEMSIZE[dtype]} != nbytes {nbytes}")
+        if n != nbytes:
+            raise errors.ShapeMismatch(f"tensor {i}: prod(shape)*itemsize = {n} != nbytes {nbytes}")
         shape = tuple(shape)
         if expected is not None and tuple(expected[i]) != shape:
             raise errors.ShapeMismatch(f"tensor {i} of {kind!r}: shape {shape}, expected {tuple(expected[i])}")
-        start = align(off)
+        start = (off + ALIGN - 1) & ~(ALIGN - 1)
         specs.append(TensorSpec(dtype, shape, nbytes, start))
         off = start + nbytes
     if off != body_len:

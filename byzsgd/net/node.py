@@ -745,7 +745,7 @@ class Node:
     def _call(self, handler, msg) -> None:
         try:
             r = handler(msg)
-            if inspect.isawaitable(r):
+            if r is not None and inspect.isawaitable(r):
                 t = self._loop.create_task(self._guard(r, msg))
                 self._tasks.add(t)
                 t.add_done_callback(self._task_done)
@@ -771,7 +771,7 @@ class Node:
             handler, msg = q[0]
             try:
                 r = handler(msg)
-                if inspect.isawaitable(r):
+                if r is not None and inspect.isawaitable(r):
                     await r
             except asyncio.CancelledError:
                 raise
@@ -799,10 +799,13 @@ class Node:
             return self._send_staged([rank], kind, step, tensors, meta)[0]
         return self._send(rank, kind, step, tensors, meta)
 
-    def _send(self, rank: int, kind: str, step: int, tensors, meta, staged: Staged | None = None):
+    def _send(self, rank: int, kind: str, step: int, tensors, meta, staged: Staged | None = None,
+              framed: tuple | None = None):
+        """One send; ``framed``: the ``encode`` result shared by every recipient of a
+        broadcast (framed once, not once per recipient)."""
         fut = self._loop.create_future()
         if self._closing:
-            buffers = encode(kind, step, self.rank, tensors, meta, self.limits)
+            encode(kind, step, self.rank, tensors, meta, self.limits)  # same errors as when open
             fut.set_result(False)
             return fut
         if rank == self.rank:
@@ -810,7 +813,8 @@ class Node:
         ob = self._peers.get(rank)
         if ob is None:
             raise errors.UnknownPeer(f"rank {rank!r} is not a known peer of rank {self.rank}")
-        buffers, nbytes, keep = encode(kind, step, self.rank, tensors, meta, self.limits)
+        buffers, nbytes, keep = framed if framed is not None else encode(
+            kind, step, self.rank, tensors, meta, self.limits)
         if staged is None or staged.ready is None or staged.ready.done():
             ob.put(buffers, nbytes, fut, keep)
         else:  # its place in the queue now, its bytes once the device -> host copy ended
@@ -820,16 +824,24 @@ class Node:
                 lambda _f: loop.call_soon_threadsafe(ob.mark_ready, item) if not loop.is_closed() else None)
         return fut
 
+    def _check_ranks(self, ranks: list) -> None:
+        for r in ranks:
+            if r != self.rank and r not in self._peers:
+                raise errors.UnknownPeer(f"rank {r!r} is not a known peer of rank {self.rank}")
+
     def _send_staged(self, ranks: list[int], kind: str, step: int, tensors, meta) -> list:
         """Send device tensors: one device -> host copy into pinned buffers shared by every
-        send to ``ranks``; the buffers go back to the pool once every send resolved."""
+        send to ``ranks``, framed once; the buffers go back to the pool once every send
+        resolved."""
         ranks = list(ranks)
+        self._check_ranks(ranks)
         staged = self.staging.stage(tensors)
         staged.hold(len(ranks))
         futs = []
         try:
+            framed = encode(kind, step, self.rank, staged.tensors, meta, self.limits)
             for r in ranks:
-                fut = self._send(r, kind, step, staged.tensors, meta, staged)
+                fut = self._send(r, kind, step, staged.tensors, meta, staged, framed)
                 fut.add_done_callback(staged.drop)
                 futs.append(fut)
         finally:
@@ -858,16 +870,23 @@ class Node:
             self._call(entry[0], msg)
 
     def broadcast(self, ranks: Iterable[int], kind: str, step: int, tensors=(), meta=None) -> list:
-        """``send`` to each rank (the same tensor memory is shared by every outbox: do not
-        modify the tensors until all futures resolved)."""
+        """``send`` to each rank, framed once: every outbox shares the same header bytes and
+        the same tensor memory (a small frame: the same joined bytes), so fanning a model out
+        to n peers costs n kernel copies and no per-recipient serialisation.  Do not modify
+        the tensors until all futures resolved.  Raises before sending anything for a rank
+        that is not a known peer."""
         ranks = list(ranks)
-        # one device -> host copy for every recipient, unless something wraps our send (a
-        # protocol attack's interception): then every send must go through it
-        if ranks and self.staging is not None and "send" not in self.__dict__ and needs_staging(tensors):
-            if self._loop is None:
-                raise RuntimeError("start() the node before sending")
+        if not ranks:
+            return []
+        if "send" in self.__dict__:  # something wraps our send (a protocol attack's
+            return [self.send(r, kind, step, tensors, meta) for r in ranks]  # interception)
+        if self._loop is None:
+            raise RuntimeError("start() the node before sending")
+        if self.staging is not None and needs_staging(tensors):
             return self._send_staged(ranks, kind, step, tensors, meta)
-        return [self.send(r, kind, step, tensors, meta) for r in ranks]
+        self._check_ranks(ranks)
+        framed = encode(kind, step, self.rank, tensors, meta, self.limits)
+        return [self._send(r, kind, step, tensors, meta, None, framed) for r in ranks]
 
 
 class _TLSSlot:

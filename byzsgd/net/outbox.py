@@ -35,6 +35,10 @@ class _Item:
         self.ready = ready  # False: its bytes are still being copied from a device
 
 
+#: queued small frames are written together, up to this many bytes in one write
+BATCH_BYTES = 64 << 10
+
+
 class Outbox:
     def __init__(self, rank: int, depth: int, stats):
         self.rank = rank
@@ -42,7 +46,7 @@ class Outbox:
         self.stats = stats
         self._q: deque[_Item] = deque()
         self._conn = None
-        self._inflight: _Item | None = None
+        self._inflight: list[_Item] = []  # written, not all taken by the kernel yet
 
     def __len__(self) -> int:
         return len(self._q)
@@ -50,21 +54,48 @@ class Outbox:
     @property
     def busy(self) -> bool:
         """A message is being written (not all of it taken by the kernel yet)."""
-        return self._inflight is not None
+        return bool(self._inflight)
 
     def put(self, buffers, nbytes, future, keep, ready: bool = True):
         """Queue a message; ``ready=False``: its bytes are not there yet (a device -> host
         copy in flight, :mod:`.staging`): it keeps its place in the queue and is written
         after :meth:`mark_ready`, the messages behind it waiting (per-peer order).  Returns
-        the queued item (the handle of :meth:`mark_ready`)."""
-        while len(self._q) >= self.depth:
-            old = self._q.popleft()
+        the queued item (the handle of :meth:`mark_ready`), None if it was written at once."""
+        q = self._q
+        c = self._conn
+        if (not q and ready and not self._inflight and c is not None and not c.write_paused
+                and not c.closed and not c.tls):
+            return self._write_now(c, buffers, nbytes, future, keep)  # the common case
+        while len(q) >= self.depth:
+            old = q.popleft()
             self.stats.dropped += 1
             _resolve(old.future, False)
         item = _Item(buffers, nbytes, future, keep, ready)
-        self._q.append(item)
+        q.append(item)
         self._pump()
         return item
+
+    def _write_now(self, c, buffers, nbytes, future, keep):
+        """Nothing queued, the connection writable: write without queueing (the path of most
+        sends; what :meth:`_pump` does for one item)."""
+        tr = c.transport
+        try:
+            if len(buffers) == 1:
+                tr.write(buffers[0])
+            else:
+                tr.writelines(buffers)
+        except Exception:  # transport closing under us
+            future.set_result(False)
+            return None
+        stats = self.stats
+        stats.frames_sent += 1
+        stats.bytes_sent += nbytes
+        if c.write_paused or tr.get_write_buffer_size():
+            item = _Item(buffers, nbytes, future, keep)
+            self._inflight.append(item)
+            return item
+        future.set_result(True)
+        return None
 
     def mark_ready(self, item) -> None:
         item.ready = True
@@ -78,48 +109,69 @@ class Outbox:
     def detach(self, conn) -> None:
         if self._conn is conn:
             self._conn = None
-            if self._inflight is not None:
-                _resolve(self._inflight.future, False)
-                self._inflight = None
+            self._settle(False)
 
     def on_resume(self, conn) -> None:
-        if conn is self._conn and self._inflight is not None:
-            item, self._inflight = self._inflight, None
-            _resolve(item.future, True)
+        if conn is self._conn:
+            self._settle(True)
         self._pump()
+
+    def _settle(self, value: bool) -> None:
+        done, self._inflight = self._inflight, []
+        for item in done:
+            _resolve(item.future, value)
+
+    def _take_batch(self) -> list[_Item]:
+        """The next item, plus the small ready items right behind it (each one joined
+        ``bytes``, see :data:`~byzsgd.net.frame.SMALL_FRAME`), up to :data:`BATCH_BYTES`:
+        a peer with several small frames queued gets them in one write."""
+        q = self._q
+        batch = [q.popleft()]
+        if len(batch[0].buffers) != 1:
+            return batch
+        size = batch[0].nbytes
+        while q and q[0].ready and len(q[0].buffers) == 1 and size + q[0].nbytes <= BATCH_BYTES:
+            item = q.popleft()
+            if not item.future.done():  # else cancelled by the caller
+                batch.append(item)
+                size += item.nbytes
+        return batch
 
     def _pump(self) -> None:
         c = self._conn
         q = self._q
-        while q and c is not None and self._inflight is None and not c.write_paused and not c.closed:
+        while q and c is not None and not self._inflight and not c.write_paused and not c.closed:
             if not q[0].ready:
                 if q[0].future.done():  # dropped or cancelled while its copy ran
                     q.popleft()
                     continue
                 break  # its device -> host copy is still running: keep the order
-            item = q.popleft()
-            if item.future.done():  # cancelled by the caller
+            if q[0].future.done():  # cancelled by the caller
+                q.popleft()
                 continue
+            batch = self._take_batch()
             tr = c.transport
             try:
-                if c.tls:
-                    tr.write(b"".join(item.buffers))  # a copy: see Connection.connection_made
+                if len(batch) > 1:
+                    tr.write(b"".join([it.buffers[0] for it in batch]))
+                elif c.tls:
+                    tr.write(b"".join(batch[0].buffers))  # a copy: see Connection.connection_made
                 else:
-                    tr.writelines(item.buffers)
+                    tr.writelines(batch[0].buffers)
             except Exception:  # transport closing under us
-                _resolve(item.future, False)
+                for it in batch:
+                    _resolve(it.future, False)
                 continue
-            self.stats.frames_sent += 1
-            self.stats.bytes_sent += item.nbytes
+            self.stats.frames_sent += len(batch)
+            self.stats.bytes_sent += sum(it.nbytes for it in batch)
             if not c.tls and (c.write_paused or tr.get_write_buffer_size()):
-                self._inflight = item
+                self._inflight = batch
             else:
-                _resolve(item.future, True)
+                for it in batch:
+                    _resolve(it.future, True)
 
     def close(self) -> None:
-        if self._inflight is not None:
-            _resolve(self._inflight.future, False)
-            self._inflight = None
+        self._settle(False)
         while self._q:
             _resolve(self._q.popleft().future, False)
         self._conn = None

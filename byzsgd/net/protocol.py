@@ -28,7 +28,7 @@ import msgpack
 
 from . import errors
 from .bufpool import BufferPool
-from .frame import PREFIX, FrameLimits, Header, build_message, decode_header, parse_prefix
+from .frame import PREFIX, SMALL_FRAME, FrameLimits, Header, build_message, decode_header, parse_prefix
 
 __all__ = ["FrameReader", "Connection", "HS_MAX", "HS_PREFIX"]
 
@@ -126,28 +126,35 @@ class FrameReader:
         out = []
         lim = self.limits
         psize = PREFIX.size
+        stage, smv = self._stage, self._smv
         while True:
-            avail = self._end - self._start
+            start = self._start
+            avail = self._end - start
             if avail < psize:
                 break
-            hlen, blen = parse_prefix(self._smv[self._start:self._start + psize], lim)
+            hlen, blen = PREFIX.unpack_from(stage, start)
+            if hlen == 0 or hlen > lim.max_header_bytes or blen > lim.max_frame_bytes:
+                parse_prefix(smv[start:start + psize], lim)  # raises the precise error
             if avail < psize + hlen:
                 break  # the staging buffer always has room for prefix + max header
-            hs = self._start + psize
-            hdr = decode_header(self._smv[hs:hs + hlen], blen, lim, kinds=self.kinds, sender=self.sender)
-            self._start = hs + hlen
-            self._hdr = hdr
+            hs = start + psize
+            hdr = decode_header(smv[hs:hs + hlen], blen, lim, kinds=self.kinds, sender=self.sender)
+            start = self._start = hs + hlen
             if blen == 0:
-                self._body = None
                 out.append(build_message(hdr, None, None))
-                self._hdr = None
                 continue
+            k = min(blen, self._end - start)
+            if k == blen and blen <= SMALL_FRAME:
+                # a small body already here: a fresh copy, no pool round trip
+                self._start = start + blen
+                out.append(build_message(hdr, stage[start:start + blen], None))
+                continue
+            self._hdr = hdr
             body = self.pool.acquire(blen)
             self._body, self._bmv = body, memoryview(body)
-            k = min(blen, self._end - self._start)
             if k:
-                self._bmv[:k] = self._smv[self._start:self._start + k]
-                self._start += k
+                self._bmv[:k] = smv[start:start + k]
+                self._start = start + k
             self._filled = k
             if k == blen:
                 out.append(self._finish_body())
