@@ -68,3 +68,25 @@ def test_sim_config_parsing_and_tiny_run(capsys):
                      "--steps", "2", "--eval_samples", "50", "--no_baseline"]) == 0
     out = capsys.readouterr().out
     assert "median+nnm+wm0.9" in out and "optimal_alie@2" in out and "ranking" in out
+
+
+def test_bench_net_rtt_and_fanout_report_ratios_from_one_run():
+    """The RTT and fan-out rows of scripts/bench_net.py run end to end (real processes, real
+    loopback TCP) and report the ratios issue 16 asks for, in one JSON line."""
+    import json
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_net.py"), "--quick", "--only", "rtt,fanout",
+                          "--repeat", "1", "--fanout", "4", "--json"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["sizes"] == {} and out["rtt_us"]["byzsgd_over_raw_p50"] > 0
+    assert set(out["fanout"]) == {"31400", "1724320"}
+    for row in out["fanout"].values():
+        assert row["peers"] == 4 and row["byzsgd_s"] > 0 and row["raw_s"] > 0
+        assert row["byzsgd_cpu_over_memcpy"] > 0 and row["byzsgd_cpu_over_raw_cpu"] > 0
+    with pytest.raises(subprocess.CalledProcessError):
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_net.py"), "--only", "bogus"],
+                       check=True, capture_output=True, timeout=60)
