@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,11 @@ from byzsgd.device import check_device, parse_device
 from byzsgd.errors import ConfigError
 from byzsgd.flags import (BYZSGD, GARFIELD, PAPER, add_flags, build_parser, default_of, flag,
                           flag_fields, parse_bool, parse_json_object, to_argv, values_from)
-from byzsgd.learning.catalog import dataset_help, model_help  # torch-free: --help stays fast
+from byzsgd.learning.catalog import dataset_help, loss_model_mismatch, model_help  # torch-free: --help stays fast
 
 __all__ = ["RunConfig", "parse_bool", "parse_json_object", "parse_host_port", "node_parser",
            "config_from_args", "add_arguments", "SECRET_ENV", "SECRET_FILE_ENV", "CREDENTIALS_ENV",
-           "MODES"]
+           "MODES", "LossModelMismatch"]
 
 SECRET_ENV = "BYZSGD_SECRET"
 SECRET_FILE_ENV = "BYZSGD_SECRET_FILE"
@@ -68,6 +69,11 @@ def auto_gather_period(lr: float, l: float, num_iter: int) -> int:
     if not (lr > 0 and l > 0):
         raise ConfigError(f"--gather_period auto needs lr > 0 and --lipschitz_l > 0, got lr={lr}, l={l}")
     return max(1, min(int(num_iter), int(1.0 / (3.0 * l * lr))))
+
+
+class LossModelMismatch(UserWarning):
+    """``--loss`` does not fit the model's outputs (``nll`` on logits): the run would train
+    badly without any error (:func:`byzsgd.learning.catalog.loss_model_mismatch`)."""
 
 
 @dataclass
@@ -402,6 +408,9 @@ class RunConfig:
         gars.registry.check_params(self.gar, self.gar_args, what="--gar_args")
         if self.attack:
             byzantine.check_attack(self)
+        why = loss_model_mismatch(self.model, self.loss)
+        if why is not None:
+            warnings.warn(why, LossModelMismatch, stacklevel=2)
         return self
 
     def check_mode_flags(self) -> None:

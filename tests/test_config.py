@@ -223,3 +223,17 @@ def test_launcher_refuses_at_start_with_exit_code_2(tmp_path, flags, needle):
     assert proc.returncode == 2, proc.stderr
     assert "byzsgd.launch: error:" in proc.stderr and needle in proc.stderr
     assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_nll_on_a_logit_model_warns_and_a_fitting_loss_does_not():
+    import warnings
+
+    from byzsgd.config import LossModelMismatch
+
+    with pytest.warns(LossModelMismatch, match="cross-entropy"):
+        RunConfig(model="resnet18", dataset="synthetic:3x32x32:10", loss="nll").validate()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LossModelMismatch)
+        RunConfig(model="resnet18", dataset="synthetic:3x32x32:10", loss="cross-entropy").validate()
+        RunConfig(model="convnet", loss="nll").validate()
+        RunConfig(model="linear", loss="nll").validate()

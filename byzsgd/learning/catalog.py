@@ -12,6 +12,23 @@ from __future__ import annotations
 #: then take their ImageNet stem; :mod:`byzsgd.learning.models.common`)
 LARGE_SIDE = 96
 
+#: the built-in models whose outputs are log-probabilities (the right input of ``nll``); every
+#: other one outputs logits, which ``nll`` alone does not normalise
+LOG_PROB_MODELS = frozenset({"convnet", "linear"})
+
+
+def loss_model_mismatch(model: str, loss: str) -> str | None:
+    """Why ``loss`` does not fit ``model``'s outputs, or None.  ``nll`` on logits is unbounded
+    (it rewards the true class's logit without pushing the others down): such a run trains
+    badly without any error, so it is worth a warning."""
+    if loss.strip().lower().replace("_", "-") not in ("nll", "nllloss", "nll-loss"):
+        return None
+    name = model.strip().lower()
+    if name in LOG_PROB_MODELS:
+        return None
+    return (f"--loss nll expects log-probabilities, and --model {model} outputs logits: "
+            f"use --loss cross-entropy (Garfield's CIFAR runs do)")
+
 
 def model_help() -> str:
     """The ``--model`` help text: every built-in name and what it is."""
