@@ -219,3 +219,39 @@ def test_broadcast_to_an_unknown_rank_sends_nothing():
                 nodes[0].broadcast([1, 99, 2], "m", 1, [torch.zeros(2)])
             assert nodes[0].stats.frames_sent == before
     run(main())
+
+
+def test_a_small_staged_frame_is_read_after_its_device_copy_not_before():
+    """Device tensors go through staging buffers filled by an asynchronous copy: a small frame
+    must not be joined (copied) at encode time, when those buffers are not filled yet."""
+    import concurrent.futures
+    import threading
+
+    from byzsgd.net.staging import Staged
+
+    class LateStaging:  # stands in for DeviceStaging: the copy ends 50 ms after stage()
+        def stage(self, tensors):
+            host = [torch.zeros(t.shape) for t in tensors]
+            ready = concurrent.futures.Future()
+
+            def copy():
+                for h in host:
+                    h.fill_(7.0)
+                ready.set_result(None)
+            threading.Timer(0.05, copy).start()
+            return Staged(host, ready)
+
+        def close(self):
+            pass
+
+    async def main():
+        nodes = make_nodes(1, 2)
+        async with started(nodes) as boxes:
+            nodes[0].staging = LateStaging()
+            dev = torch.empty(8, device="meta")  # not host memory: goes through staging
+            futs = nodes[0].broadcast([1, 2], "m", 3, [dev])
+            assert await asyncio.wait_for(asyncio.gather(*futs), 10) == [True, True]
+            for r in (1, 2):
+                got = await boxes[r]["m"].collect(3, 1, senders={0}, timeout=10)
+                assert torch.equal(got[0].tensors[0], torch.full((8,), 7.0))
+    run(main())

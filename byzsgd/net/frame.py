@@ -181,14 +181,15 @@ def _check_meta(meta) -> dict:
 
 
 def encode(kind: str, step: int, sender: int, tensors: Sequence[torch.Tensor] = (), meta=None,
-           limits: FrameLimits | None = None) -> tuple[list, int, list]:
+           limits: FrameLimits | None = None, *, join_small: bool = True) -> tuple[list, int, list]:
     """Frame a message without copying tensor data (small frames excepted, below).
 
     Returns ``(buffers, total_bytes, keep)``: ``buffers`` is for ``transport.writelines`` (the
     prefix+header bytes, then memoryviews over the tensors' storage and padding), ``keep`` the
     tensors that must stay alive and unmodified until the write completes.  A frame of at most
     ``SMALL_FRAME`` bytes comes back as one ``bytes`` (a copy of a few KB costs less than a
-    scatter-gather write of several pieces) and an empty ``keep``.  Raises ``TypeError``/
+    scatter-gather write of several pieces) and an empty ``keep``, unless ``join_small`` is
+    False (tensors whose bytes are still being copied from a device: read at write time).  Raises ``TypeError``/
     ``ValueError``/:class:`errors.ProtocolError` for a message this node's limits would refuse.
 
     This runs once per message sent (twice per round trip), so the checks are written flat:
@@ -242,7 +243,7 @@ def encode(kind: str, step: int, sender: int, tensors: Sequence[torch.Tensor] = 
         raise errors.HeaderTooLarge(f"header of {len(header)} bytes, limit {limits.max_header_bytes}")
     head = PREFIX.pack(len(header), body_len) + header
     total = len(head) + body_len
-    if total <= SMALL_FRAME:
+    if total <= SMALL_FRAME and join_small:
         return [b"".join([head, *views]) if views else head], total, []
     return [head, *views], total, keep
 

@@ -839,7 +839,9 @@ class Node:
         staged.hold(len(ranks))
         futs = []
         try:
-            framed = encode(kind, step, self.rank, staged.tensors, meta, self.limits)
+            # a copy still running fills these buffers later: send them as views, never joined
+            framed = encode(kind, step, self.rank, staged.tensors, meta, self.limits,
+                            join_small=staged.ready is None or staged.ready.done())
             for r in ranks:
                 fut = self._send(r, kind, step, staged.tensors, meta, staged, framed)
                 fut.add_done_callback(staged.drop)
