@@ -6,7 +6,8 @@
 Someone without credentials (DESIGN.md §5: "outsiders can connect but get nothing parsed and
 cannot starve legitimate connections") keeps ``N`` TCP connections open to each endpoint
 (``host:port`` of each rank in ``RUN_DIR/deployment.json``, or only ``--ranks``) for ``S``
-seconds, then closes them all and exits by itself:
+seconds (or until SIGTERM / SIGINT: then within ``--drip`` seconds), then closes them all and
+exits by itself:
 
 * ``idle``: connect and never send a byte;
 * ``slow``: send a plausible handshake length prefix, then one byte every ``--drip`` seconds
@@ -26,6 +27,7 @@ import asyncio
 import ipaddress
 import json
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -149,10 +151,20 @@ class Flood:
             if not data:
                 return True
 
+    def stop(self) -> None:
+        """End the flood now: every socket closes at its next wake-up (within ``drip`` s), and
+        the summary is still printed (a test stops the flood when its run has ended)."""
+        self.deadline = min(self.deadline, asyncio.get_running_loop().time())
+
     async def run(self) -> dict:
         loop = asyncio.get_running_loop()
         start = loop.time()
         self.deadline = start + self.seconds
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self.stop)
+            except (NotImplementedError, RuntimeError):  # pragma: no cover - not on Linux
+                pass
         tasks = [loop.create_task(self._one(ep)) for ep in self.eps for _ in range(self.sockets)]
         await asyncio.wait(tasks, timeout=self.seconds + 15)
         for t in tasks:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -128,6 +129,8 @@ def test_outsider_flood_while_a_worker_is_killed_and_restarted_it_rejoins(tmp_pa
         subprocess.run([*fault, "at-step", "5", "50", "restart"], check=True, timeout=300, env=env)
         out, err = launcher.communicate(timeout=600)
         assert launcher.returncode == 0, err[-3000:]
+        flood_ran_to_the_end = flood.poll() is not None  # the flood must have covered the run
+        flood.send_signal(signal.SIGTERM)  # the run is over: stop the flood now, not after 90 s
         summary = json.loads(out.strip().splitlines()[-1])
         status = subprocess.run([*fault, "status"], capture_output=True, text=True, timeout=60, env=env).stdout
         fout, _ = flood.communicate(timeout=120)
@@ -136,6 +139,7 @@ def test_outsider_flood_while_a_worker_is_killed_and_restarted_it_rejoins(tmp_pa
             if p is not None and p.poll() is None:
                 p.kill()
                 p.wait()
+    assert not flood_ran_to_the_end, "the 90 s flood ended before the run did: it proves less"
     res = json.loads(fout.strip().splitlines()[-1])
     print("FIGURES", json.dumps(summary.get("rejoined")), json.dumps(res["endpoints"]))
     assert res["endpoints"][0]["opened"] >= 1000, res  # the outsider did open its 1,000 sockets
