@@ -119,64 +119,56 @@ class _Stats:
     dropped = frames_sent = bytes_sent = 0
 
 
-def test_queued_small_frames_go_out_in_one_write_in_order():
-    loop = asyncio.new_event_loop()
-    try:
+@pytest.fixture
+def loop():
+    lp = asyncio.new_event_loop()
+    yield lp
+    lp.close()
+
+
+def queued_while_paused(loop, items, ob=None, conn=None):
+    """Put ``items`` (lists of buffers) while the kernel is full, then resume: (outbox,
+    connection, futures)."""
+    if ob is None:
         ob, conn = Outbox(1, 64, _Stats()), _Conn()
         ob.attach(conn)
-        f0 = loop.create_future()
-        assert ob.put([b"first"], 5, f0, None) is None  # nothing queued: written at once
-        assert conn.transport.writes == [b"first"] and f0.result() is True
-        conn.write_paused = True  # the kernel is full: what follows waits
-        futs = [loop.create_future() for _ in range(5)]
-        for i, f in enumerate(futs):
-            ob.put([b"m%d" % i], 2, f, None)
-        assert len(conn.transport.writes) == 1 and not any(f.done() for f in futs)
-        conn.write_paused = False
-        ob.on_resume(conn)
-        assert conn.transport.writes[1:] == [b"m0m1m2m3m4"]  # one write, per-peer order kept
-        assert all(f.result() is True for f in futs) and ob.stats.frames_sent == 6
-    finally:
-        loop.close()
+    conn.write_paused = True
+    futs = [loop.create_future() for _ in items]
+    for bufs, f in zip(items, futs):
+        ob.put(bufs, sum(len(b) for b in bufs), f, None)
+    assert not any(f.done() for f in futs)
+    conn.write_paused = False
+    ob.on_resume(conn)
+    return ob, conn, futs
 
 
-def test_batches_stop_at_large_frames_and_at_the_byte_cap():
-    loop = asyncio.new_event_loop()
-    try:
-        ob, conn = Outbox(1, 64, _Stats()), _Conn()
-        conn.write_paused = True
-        ob.attach(conn)
-        half = b"x" * (BATCH_BYTES // 2)
-        items = [[b"a"], [half], [half], [b"head", memoryview(b"tensor")], [b"z"]]
-        futs = [loop.create_future() for _ in items]
-        for bufs, f in zip(items, futs):
-            ob.put(bufs, sum(len(b) for b in bufs), f, None)
-        conn.write_paused = False
-        ob.on_resume(conn)
-        w = conn.transport.writes
-        assert w == [b"a" + half, half, b"headtensor", b"z"]
-        assert all(f.result() is True for f in futs)
-    finally:
-        loop.close()
+def test_queued_small_frames_go_out_in_one_write_in_order(loop):
+    ob, conn = Outbox(1, 64, _Stats()), _Conn()
+    ob.attach(conn)
+    f0 = loop.create_future()
+    ob.put([b"first"], 5, f0, None)  # nothing queued: written at once
+    assert conn.transport.writes == [b"first"] and f0.result() is True
+    _, _, futs = queued_while_paused(loop, [[b"m%d" % i] for i in range(5)], ob, conn)
+    assert conn.transport.writes[1:] == [b"m0m1m2m3m4"]  # one write, per-peer order kept
+    assert all(f.result() is True for f in futs) and ob.stats.frames_sent == 6
 
 
-def test_a_batch_in_flight_resolves_together_and_fails_together():
-    loop = asyncio.new_event_loop()
-    try:
-        ob, conn = Outbox(1, 64, _Stats()), _Conn()
-        conn.write_paused = True
-        ob.attach(conn)
-        futs = [loop.create_future() for _ in range(3)]
-        for f in futs:
-            ob.put([b"s"], 1, f, None)
-        conn.write_paused = False
-        conn.transport.pending = 3  # the kernel did not take it all
-        ob.on_resume(conn)
-        assert ob.busy and not any(f.done() for f in futs)
-        ob.detach(conn)  # the connection died while it was being written
-        assert [f.result() for f in futs] == [False] * 3 and not ob.busy
-    finally:
-        loop.close()
+def test_batches_stop_at_large_frames_and_at_the_byte_cap(loop):
+    half = b"x" * (BATCH_BYTES // 2)
+    items = [[b"a"], [half], [half], [b"head", memoryview(b"tensor")], [b"z"]]
+    _, conn, futs = queued_while_paused(loop, items)
+    assert conn.transport.writes == [b"a" + half, half, b"headtensor", b"z"]
+    assert all(f.result() is True for f in futs)
+
+
+def test_a_batch_in_flight_resolves_together_and_fails_together(loop):
+    ob, conn = Outbox(1, 64, _Stats()), _Conn()
+    ob.attach(conn)
+    conn.transport.pending = 3  # the kernel will not take it all
+    _, _, futs = queued_while_paused(loop, [[b"s"]] * 3, ob, conn)
+    assert ob.busy and not any(f.done() for f in futs)
+    ob.detach(conn)  # the connection died while it was being written
+    assert [f.result() for f in futs] == [False] * 3 and not ob.busy
 
 
 # -- broadcast: framed once -----------------------------------------------------------------

@@ -195,9 +195,8 @@ def encode(kind: str, step: int, sender: int, tensors: Sequence[torch.Tensor] = 
     This runs once per message sent (twice per round trip), so the checks are written flat:
     no helper call per tensor.
     """
-    if type(kind) is not str or not kind or len(kind) > MAX_KIND_LEN:
-        if not (isinstance(kind, str) and kind and len(kind) <= MAX_KIND_LEN):
-            raise ValueError(f"kind must be a non-empty str of at most {MAX_KIND_LEN} chars, got {kind!r}")
+    if not isinstance(kind, str) or not kind or len(kind) > MAX_KIND_LEN:
+        raise ValueError(f"kind must be a non-empty str of at most {MAX_KIND_LEN} chars, got {kind!r}")
     if type(step) is not int or not 0 <= step < MAX_SEND_STEP:
         raise errors.BadStep(f"step must be an int in [0, 2**63), got {step!r}"[:120])
     meta = {} if meta is None else _check_meta(meta)
@@ -228,7 +227,7 @@ def encode(kind: str, step: int, sender: int, tensors: Sequence[torch.Tensor] = 
             t = t.contiguous()  # a copy, only for non-contiguous input
         keep.append(t)
         nb = t.numel() * ITEMSIZE[dt]
-        start = (off + ALIGN - 1) & ~(ALIGN - 1)
+        start = align(off)
         if start > off:
             views.append(_ZEROS[: start - off])
         specs.append([name, list(t.shape), nb])
@@ -249,9 +248,10 @@ def encode(kind: str, step: int, sender: int, tensors: Sequence[torch.Tensor] = 
 
 
 # ----------------------------------------------------------------------------------- decoding
-def parse_prefix(data, limits: FrameLimits) -> tuple[int, int]:
-    """(header_len, body_len) from the 12-byte prefix; refuses before anything is allocated."""
-    hlen, blen = PREFIX.unpack_from(data)
+def parse_prefix(data, limits: FrameLimits, offset: int = 0) -> tuple[int, int]:
+    """(header_len, body_len) from the 12-byte prefix at ``offset``; refuses before anything
+    is allocated."""
+    hlen, blen = PREFIX.unpack_from(data, offset)
     if hlen == 0 or hlen > limits.max_header_bytes:
         raise errors.HeaderTooLarge(f"header length {hlen} outside [1, {limits.max_header_bytes}]")
     if blen > limits.max_frame_bytes:
@@ -344,7 +344,7 @@ def decode_header(data, body_len: int, limits: FrameLimits, *,
         shape = tuple(shape)
         if expected is not None and tuple(expected[i]) != shape:
             raise errors.ShapeMismatch(f"tensor {i} of {kind!r}: shape {shape}, expected {tuple(expected[i])}")
-        start = (off + ALIGN - 1) & ~(ALIGN - 1)
+        start = align(off)
         specs.append(TensorSpec(dtype, shape, nbytes, start))
         off = start + nbytes
     if off != body_len:

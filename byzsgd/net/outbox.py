@@ -60,42 +60,20 @@ class Outbox:
         """Queue a message; ``ready=False``: its bytes are not there yet (a device -> host
         copy in flight, :mod:`.staging`): it keeps its place in the queue and is written
         after :meth:`mark_ready`, the messages behind it waiting (per-peer order).  Returns
-        the queued item (the handle of :meth:`mark_ready`), None if it was written at once."""
+        the queued item (the handle of :meth:`mark_ready`)."""
+        item = _Item(buffers, nbytes, future, keep, ready)
         q = self._q
         c = self._conn
-        if (not q and ready and not self._inflight and c is not None and not c.write_paused
-                and not c.closed and not c.tls):
-            return self._write_now(c, buffers, nbytes, future, keep)  # the common case
+        if not q and ready and self._writable(c):  # the common case: nothing waits, write now
+            self._write(c, [item])
+            return item
         while len(q) >= self.depth:
             old = q.popleft()
             self.stats.dropped += 1
             _resolve(old.future, False)
-        item = _Item(buffers, nbytes, future, keep, ready)
         q.append(item)
         self._pump()
         return item
-
-    def _write_now(self, c, buffers, nbytes, future, keep):
-        """Nothing queued, the connection writable: write without queueing (the path of most
-        sends; what :meth:`_pump` does for one item)."""
-        tr = c.transport
-        try:
-            if len(buffers) == 1:
-                tr.write(buffers[0])
-            else:
-                tr.writelines(buffers)
-        except Exception:  # transport closing under us
-            future.set_result(False)
-            return None
-        stats = self.stats
-        stats.frames_sent += 1
-        stats.bytes_sent += nbytes
-        if c.write_paused or tr.get_write_buffer_size():
-            item = _Item(buffers, nbytes, future, keep)
-            self._inflight.append(item)
-            return item
-        future.set_result(True)
-        return None
 
     def mark_ready(self, item) -> None:
         item.ready = True
@@ -137,10 +115,12 @@ class Outbox:
                 size += item.nbytes
         return batch
 
+    def _writable(self, c) -> bool:
+        return c is not None and not self._inflight and not c.write_paused and not c.closed
+
     def _pump(self) -> None:
-        c = self._conn
         q = self._q
-        while q and c is not None and not self._inflight and not c.write_paused and not c.closed:
+        while q and self._writable(self._conn):
             if not q[0].ready:
                 if q[0].future.done():  # dropped or cancelled while its copy ran
                     q.popleft()
@@ -149,26 +129,32 @@ class Outbox:
             if q[0].future.done():  # cancelled by the caller
                 q.popleft()
                 continue
-            batch = self._take_batch()
-            tr = c.transport
-            try:
-                if len(batch) > 1:
-                    tr.write(b"".join([it.buffers[0] for it in batch]))
-                elif c.tls:
-                    tr.write(b"".join(batch[0].buffers))  # a copy: see Connection.connection_made
-                else:
-                    tr.writelines(batch[0].buffers)
-            except Exception:  # transport closing under us
-                for it in batch:
-                    _resolve(it.future, False)
-                continue
-            self.stats.frames_sent += len(batch)
-            self.stats.bytes_sent += sum(it.nbytes for it in batch)
-            if not c.tls and (c.write_paused or tr.get_write_buffer_size()):
-                self._inflight = batch
+            self._write(self._conn, self._take_batch())
+
+    def _write(self, c, batch: list[_Item]) -> None:
+        """Write ``batch`` (one item, or small frames joined); its futures resolve True once
+        the kernel took every byte (now, or at :meth:`on_resume`), False if the write failed."""
+        tr = c.transport
+        try:
+            if len(batch) > 1:
+                tr.write(b"".join([it.buffers[0] for it in batch]))
+            elif c.tls:
+                tr.write(b"".join(batch[0].buffers))  # a copy: see Connection.connection_made
+            elif len(batch[0].buffers) == 1:
+                tr.write(batch[0].buffers[0])
             else:
-                for it in batch:
-                    _resolve(it.future, True)
+                tr.writelines(batch[0].buffers)
+        except Exception:  # transport closing under us
+            for it in batch:
+                _resolve(it.future, False)
+            return
+        self.stats.frames_sent += len(batch)
+        self.stats.bytes_sent += sum(it.nbytes for it in batch)
+        if not c.tls and (c.write_paused or tr.get_write_buffer_size()):
+            self._inflight = batch
+        else:
+            for it in batch:
+                _resolve(it.future, True)
 
     def close(self) -> None:
         self._settle(False)

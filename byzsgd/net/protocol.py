@@ -132,9 +132,7 @@ class FrameReader:
             avail = self._end - start
             if avail < psize:
                 break
-            hlen, blen = PREFIX.unpack_from(stage, start)
-            if hlen == 0 or hlen > lim.max_header_bytes or blen > lim.max_frame_bytes:
-                parse_prefix(smv[start:start + psize], lim)  # raises the precise error
+            hlen, blen = parse_prefix(stage, lim, start)
             if avail < psize + hlen:
                 break  # the staging buffer always has room for prefix + max header
             hs = start + psize
