@@ -26,7 +26,8 @@ from byzsgd.config import CREDENTIALS_ENV, SECRET_ENV, SECRET_FILE_ENV, RunConfi
 from byzsgd.deploy import rundir
 from byzsgd.device import LOCAL_INDEX_ENV, cuda_initialized
 from byzsgd.deploy.options import LaunchConfig
-from byzsgd.deploy.spawn import fork_node, preload_roles, warm_dataset_cache
+from byzsgd.deploy.spawn import (fork_node, preload_optimizer, preload_optimizer_needed, preload_roles,
+                                 warm_dataset_cache)
 from byzsgd.metrics import gather_diameters, read_metrics
 from byzsgd.net.credentials import provision
 from byzsgd.net.peers import free_ports
@@ -149,6 +150,8 @@ def start(dep: Deployment, spawn: str = "exec") -> None:
         spawn = "exec"
     if spawn == "fork":
         preload_roles()  # first: the child that warms the cache inherits the imports
+        if preload_optimizer_needed(dep.cfg.optimizer):
+            preload_optimizer()
     warm_dataset_cache(dep.cfg.dataset, dep.cfg.data_root)
     for node in dep.nodes:
         # every rank runs on this host: its local index (--device auto/cuda) is its rank

@@ -54,14 +54,30 @@ def preload_roles() -> None:
     """Import what every node needs, once, in the parent; then move every object the imports
     made out of the garbage collector's reach (``gc.freeze``): a child's collections would
     otherwise write into each of them and copy every page of the shared heap into the child."""
-    import gc
-
     import byzsgd.roles.ps  # noqa: F401
     import byzsgd.roles.worker  # noqa: F401
-    # torch.optim's first optimizer imports torch._dynamo (sympy, triton: 2-9 s and ~100 MB
-    # per process): every PS builds one, so import it here, once, shared by every child
-    # (it starts no thread)
-    import torch._dynamo  # noqa: F401
+
+    _freeze_heap()
+
+
+def preload_optimizer_needed(optimizer: str) -> bool:
+    """Whether the PSes' optimizer is a torch.optim one (every one but ``sgd``, which PSes run
+    as :class:`~byzsgd.learning.flat_sgd.FlatSGD`)."""
+    return str(optimizer).strip().lower() != "sgd"
+
+
+def preload_optimizer() -> None:
+    """Import torch._dynamo in the parent, for PSes whose optimizer is a torch.optim one: its
+    first ``step()`` imports it (sympy, triton: 2-9 s of CPU and ~80 MB of heap), once here
+    rather than once per PS.  Every forked node then maps those pages and its PSS counts a
+    share of them: ``sgd`` (the default) does without (:func:`preload_optimizer_needed`)."""
+    import torch._dynamo  # noqa: F401  (it starts no thread)
+
+    _freeze_heap()
+
+
+def _freeze_heap() -> None:
+    import gc
 
     gc.collect()
     gc.freeze()

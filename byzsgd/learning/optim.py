@@ -44,7 +44,7 @@ from torch import Tensor
 from byzsgd.errors import ConfigError, UnknownNameError
 
 __all__ = [
-    "build_loss", "loss_names", "build_optimizer", "optimizer_names", "parse_opt_args",
+    "build_loss", "loss_names", "build_optimizer", "build_flat_optimizer", "optimizer_names", "parse_opt_args",
     "FlatState", "flat_state", "state_vector", "load_state_vector", "grad_vector",
     "load_grad_vector", "num_parameters", "state_size", "compute_gradient",
 ]
@@ -190,6 +190,18 @@ def build_optimizer(name: str, params: Iterable, opt_args=None) -> torch.optim.O
         return _OPTIMIZERS[str(name).strip().lower()](params, **kwargs)
     except ValueError as exc:  # torch's own range checks ("Invalid learning rate: -1")
         raise ConfigError(f"optimizer {name!r} with {kwargs}: {exc}") from None
+
+
+def build_flat_optimizer(name: str, flat: "FlatState", opt_args=None):
+    """The optimizer a PS steps ``flat`` with: ``sgd`` is :class:`~byzsgd.learning.flat_sgd.FlatSGD`
+    (torch.optim.SGD's update on the flat vector, without importing torch._dynamo); the others
+    are :func:`build_optimizer`'s torch.optim ones over ``flat.model``."""
+    kwargs = parse_opt_args(name, opt_args)
+    if str(name).strip().lower() == "sgd":
+        from byzsgd.learning.flat_sgd import FlatSGD
+
+        return FlatSGD(flat, **kwargs)
+    return build_optimizer(name, flat.model, opt_args)
 
 
 # --------------------------------------------------------------------------------------------

@@ -51,8 +51,8 @@ class Replica:
         self.flat = training.flat_state(self.model)
         self.loss_fn = training.build_loss(cfg.loss)
         # --worker_momentum moves the momentum to the workers' streams (never applied twice)
-        self.optimizer = training.build_optimizer(cfg.optimizer, self.model.parameters(),
-                                                  optimizer_args(cfg.worker_momentum, cfg.opt_args)) \
+        self.optimizer = training.build_flat_optimizer(cfg.optimizer, self.flat,
+                                                       optimizer_args(cfg.worker_momentum, cfg.opt_args)) \
             if with_test_set else None
         self.flip_labels = False
 
