@@ -351,7 +351,14 @@ def test_real_two_cell_grid_then_report(tmp_path):
     from tests.vanilla import vanilla_accuracy
     vanilla = vanilla_accuracy(40, 4, batch=48, opt_args={"lr": "0.05", "momentum": "0.9"})
     assert recs["median"]["final_accuracy"] >= vanilla - 30, (recs["median"], vanilla)
-    assert recs["average"]["final_accuracy"] < 15, recs["average"]
+    # the attack reached the rule: the Byzantine rank (the last worker, 4) was in the PS's
+    # quorums (3 of 4 gradients; the PS serves the workers in a rotating order, so ~3/4)
+    quorums = [json.loads(line)["quorum"] for line in
+               (Path(recs["average"]["run_dir"]) / "metrics-ps0.jsonl").read_text().splitlines()
+               if "quorum" in line]
+    share = sum(4 in q for q in quorums) / len(quorums)
+    assert share >= 0.3, (share, quorums)
+    assert recs["average"]["final_accuracy"] < 15, (recs["average"], share)
     # the report on the real results
     from byzsgd.experiments.report import make_report
 

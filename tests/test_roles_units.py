@@ -298,3 +298,24 @@ def test_departure_waits_for_q_ps_then_lingers_while_work_comes():
         everyone.deliver(done(1))
         assert everyone.all_done and await asyncio.wait_for(everyone.idle(), 1) is False
     run(main())
+
+
+def test_ps_serves_the_workers_in_a_rotating_order():
+    """Every rank is served first once every n steps (a fixed order would keep the last ranks,
+    the launcher's Byzantine ones, out of the quorums on a busy machine)."""
+    from types import SimpleNamespace
+
+    from byzsgd.roles.ps_base import PSBase, serving_order
+
+    ranks = [3, 4, 5, 6]
+    orders = [serving_order(ranks, t) for t in range(8)]
+    assert all(sorted(o) == ranks for o in orders)
+    assert [o[0] for o in orders] == [3, 4, 5, 6, 3, 4, 5, 6]
+    assert serving_order([], 5) == []
+    sent = []
+    stub = SimpleNamespace(cfg=SimpleNamespace(worker_ranks=ranks),
+                           _send_model=lambda r, kind, t, snap: sent.append((list(r), t)))
+    resend = PSBase._request_gradients(stub, 6, "snapshot")
+    assert sent == [([5, 6, 3, 4], 6)]
+    resend([4])
+    assert sent[-1] == ([4], 6)

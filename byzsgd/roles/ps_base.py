@@ -53,6 +53,18 @@ def _fmt(loss: float | None) -> str:
     return "n/a" if loss is None else f"{loss:.4f}"
 
 
+
+def serving_order(ranks, step: int) -> list[int]:
+    """``ranks`` rotated by ``step``: the order a PS sends step ``step``'s model in.
+
+    The first recipients are woken first and, on a machine with fewer cores than workers,
+    compute first: in a fixed rank order the last ranks (where the launcher puts the Byzantine
+    ones) would miss most quorums, and an attack would look weaker than it is.  Rotating
+    gives every rank the head of the line once every ``len(ranks)`` steps."""
+    ranks = list(ranks)
+    k = step % len(ranks) if ranks else 0
+    return ranks[k:] + ranks[:k]
+
 class PSBase(Role):
     """One PS: a model replica, a node, and the step loop; a mode subclass says how it asks
     for gradients and when it gathers."""
@@ -120,8 +132,8 @@ class PSBase(Role):
     def _request_gradients(self, t: int, snapshot):
         """Ask the workers for step ``t``'s gradients on ``snapshot``; returns how to ask
         the silent ones again (``resend(ranks)``), or None.  Default: push the model to
-        every worker."""
-        self._send_model(self.cfg.worker_ranks, KIND_MODEL, t, snapshot)
+        every worker, in :func:`serving_order`."""
+        self._send_model(serving_order(self.cfg.worker_ranks, t), KIND_MODEL, t, snapshot)
         return lambda silent: self._send_model(silent, KIND_MODEL, t, snapshot)
 
     def _gathers_after(self, t: int) -> bool:
