@@ -607,8 +607,11 @@ def test_cut_host_does_not_stop_the_others_and_rejoins(netns, tmp_path):
 def test_a_partitioned_ps_jumps_to_its_peers_after_the_heal(netns, tmp_path):
     """h3 holds PS 3 (and worker 7): cut off, it cannot step while the other three PSes and
     six workers go on (q_ps = 3, q_w = 6); once the link is back, it takes its peers' newer
-    models and jumps to their step -- a ``jump`` event in its metrics -- instead of redoing
-    the steps it missed."""
+    models and jumps to their step -- ``jump`` events in its metrics -- instead of redoing
+    the steps it missed.  The first models to arrive after the heal can be ones the peers
+    queued during the cut (the kernel retransmits them first), so the catch-up may take more
+    than one jump: what counts is that it jumps to where the peers were and computes hardly
+    any of the steps in between itself."""
     steps = 250
     proc, run = start_run(netns, tmp_path, "--num_iter", str(steps), "--acc_freq", str(steps))
 
@@ -624,16 +627,21 @@ def test_a_partitioned_ps_jumps_to_its_peers_after_the_heal(netns, tmp_path):
         ahead = min(ps_steps(run, skip=(3,)))
         assert ahead - stuck_at >= 20, (ahead, stuck_at)  # PS 3 really fell behind
         netns.sh("heal", "3")
-        wait_for(lambda: len(jumps()) > before, 90, 0.2, what="PS 3 to jump")
+        wait_for(lambda: any(j["to_step"] >= ahead - 1 for j in jumps()[before:]), 90, 0.2,
+                 what="PS 3 to jump to its peers' step")
     except BaseException:
         netns.sh("heal", "3", check=False)
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)
         raise
-    jump = jumps()[before]
-    figure("ps3_jump_after_partition", f"from step {jump['step']} to {jump['to_step']} (stuck at {stuck_at}, "
-                                       f"peers at {ahead} when healed)")
-    assert jump["step"] <= stuck_at + 1 and jump["to_step"] >= ahead - 1, (jump, stuck_at, ahead)
+    after = jumps()[before:]
+    figure("ps3_jump_after_partition", f"jumps {[(j['step'], j['to_step']) for j in after]} (stuck at "
+                                       f"{stuck_at}, peers at {ahead} when healed)")
+    assert after[0]["step"] <= stuck_at + 1, (after, stuck_at, ahead)
+    # the steps PS 3 computed itself between where it was stuck and where its peers were
+    computed = {r["step"] for r in read_metrics(run / "metrics-ps3.jsonl")
+                if "step_time" in r and "event" not in r and stuck_at <= r["step"] < ahead - 1}
+    assert len(computed) <= 5 < ahead - stuck_at, (sorted(computed), after, stuck_at, ahead)
     summary = finish_run(proc, run)
     assert summary["steps_done"] == {str(r): steps for r in range(4)}, summary
     assert summary["returncodes"]["3"] == 0, summary
