@@ -358,7 +358,9 @@ def test_real_two_cell_grid_then_report(tmp_path):
                if "quorum" in line]
     share = sum(4 in q for q in quorums) / len(quorums)
     assert share >= 0.3, (share, quorums)
-    assert recs["average"]["final_accuracy"] < 15, (recs["average"], share)
+    # diverged: 9.8% in 4 of 4 runs beside two CPU hogs, 28% once in a full-suite run (a
+    # gradient-ascended model's guesses on 500 test samples); plain SGD is at 88.85% here
+    assert recs["average"]["final_accuracy"] < 35, (recs["average"], share)
     # the report on the real results
     from byzsgd.experiments.report import make_report
 
