@@ -301,8 +301,8 @@ def test_departure_waits_for_q_ps_then_lingers_while_work_comes():
 
 
 def test_ps_serves_the_workers_in_a_rotating_order():
-    """Every rank is served first once every n steps (a fixed order would keep the last ranks,
-    the launcher's Byzantine ones, out of the quorums on a busy machine)."""
+    """Every rank is served first once every n steps: no rank (the launcher's Byzantine ones
+    are the last) is always served first or last."""
     from types import SimpleNamespace
 
     from byzsgd.roles.ps_base import PSBase, serving_order
