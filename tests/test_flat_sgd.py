@@ -104,6 +104,23 @@ def test_state_dict_interchanges_with_torch_sgd(direction):
     assert torch.allclose(flat_state(src_model).params, flat_state(dst_model).params, rtol=1e-5, atol=1e-6)
 
 
+def test_load_state_dict_without_buffers():
+    """No momentum (or torch's None buffers): the state loads and the next step starts afresh."""
+    m = _model()
+    opt = FlatSGD(flat_state(m), lr=0.1, momentum=0.9)
+    _stepped(opt, m)
+    k = len(list(m.parameters()))
+    nones = {"state": {i: {"momentum_buffer": None} for i in range(k)},
+             "param_groups": [dict(opt.state_dict()["param_groups"][0], params=list(range(k)))]}
+    opt.load_state_dict(nones)
+    assert opt.momentum_buffer is None
+    plain = FlatSGD(flat_state(_model()), lr=0.1)
+    _stepped(plain, plain.flat.model)
+    assert plain.state_dict()["state"] == {}
+    opt.load_state_dict(plain.state_dict())
+    assert opt.momentum_buffer is None and opt.param_groups[0]["momentum"] == 0.0
+
+
 def test_load_state_dict_refuses_another_model():
     small = build_model("linear", input_shape=(1, 28, 28), num_classes=10)
     opt = FlatSGD(flat_state(small), lr=0.1, momentum=0.9)

@@ -101,6 +101,9 @@ class FlatSGD:
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
         state = state_dict.get("state") or {}
+        # torch writes {"momentum_buffer": None} per parameter where it kept no buffer
+        if all(isinstance(e, Mapping) and e.get("momentum_buffer") is None for e in state.values()):
+            state = {}
         buf = None
         if state:
             params = self.flat.params
