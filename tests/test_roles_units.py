@@ -274,32 +274,7 @@ def test_diameter_probe_without_after_measures_only_before():
     assert sent == [] and metrics.records == [] and probe.late_before == {}
 
 
-# ---------------------------------------------------------------------------- leaving
-def test_departure_waits_for_q_ps_then_lingers_while_work_comes():
-    from byzsgd.roles.departure import Departure
-
-    def done(sender):
-        return Message(kind="done", step=0, sender=sender, tensors=[], meta={})
-
-    async def main():
-        d = Departure(num_ps=3, q_ps=2, linger=0.3)
-        d.deliver(done(0))
-        leaving = asyncio.ensure_future(d.wait())
-        await asyncio.sleep(0.5)
-        assert not leaving.done()  # fewer than q_ps are done: never leave on silence
-        d.deliver(done(1))  # q_ps are done: linger from now on
-        await asyncio.sleep(0.15)
-        d.wake()  # a request came: linger anew
-        await asyncio.sleep(0.15)
-        assert not leaving.done()
-        await asyncio.wait_for(leaving, 2)
-        everyone = Departure(num_ps=2, q_ps=1, linger=60)
-        everyone.deliver(done(0))
-        everyone.deliver(done(1))
-        assert everyone.all_done and await asyncio.wait_for(everyone.idle(), 1) is False
-    run(main())
-
-
+# ---------------------------------------------------------------------------- serving order
 def test_ps_serves_the_workers_in_a_rotating_order():
     """Every rank is served first once every n steps: no rank (the launcher's Byzantine ones
     are the last) is always served first or last."""

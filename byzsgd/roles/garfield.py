@@ -14,11 +14,17 @@ a step above the last one answered to it (replays and copies are dropped) -- sav
 own re-send after --resend_after (its gradient was lost), answered once more; and the
 PSes with a pending request are served round-robin in rank order, so a PS that re-sends
 requests gets at most its turn, never another PS's.  A PS that restarted behind the steps it
-was answered rejoins through its peers' models (the jump), not through the workers.
+was answered rejoins through its peers' models (the jump), not through the workers.  A request
+for a step at or beyond --num_iter is refused: no correct PS asks for one.
+
+Leaving (:mod:`byzsgd.roles.departure`): each request and each answer is reported to the
+worker's ``departure``, which alone says whether it was work; the loop checks between two
+gradients whether the time is up, so a PS that keeps a request pending cannot hold it.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from byzsgd.config import RunConfig
@@ -26,6 +32,8 @@ from byzsgd.net import Message
 from byzsgd.roles.common import KIND_MODEL
 from byzsgd.roles.ps_base import PSBase
 from byzsgd.roles.worker_base import WorkerBase
+
+log = logging.getLogger("byzsgd.worker")
 
 
 class GarfieldPS(PSBase):
@@ -45,6 +53,10 @@ class GarfieldWorker(WorkerBase):
 
     def _on_request(self, msg: Message) -> None:
         sender = msg.sender
+        if msg.step >= self.cfg.num_iter:  # beyond the last step: no correct PS asks this
+            self.refused += 1
+            msg.release()
+            return
         old = self.pending.get(sender)
         last, when, again = self.answered.get(sender, (-1, 0.0, True))
         floor = last
@@ -62,7 +74,7 @@ class GarfieldWorker(WorkerBase):
             old.release()
             self.refused += 1
         self.pending[sender] = msg
-        self.departure.wake()
+        self.departure.arrived(sender, msg.step)
 
     def _next(self) -> int:
         """The PS whose pending request is served now: the first after the last served, in
@@ -73,8 +85,11 @@ class GarfieldWorker(WorkerBase):
 
     async def _steps(self) -> None:
         """Answer the pending requests round-robin over the PSes, until it is time to leave."""
+        departure = self.departure
         while True:
             while self.pending:
+                if departure.expired():  # requests keep coming, but the time is up
+                    break
                 sender = self.turn = self._next()
                 msg = self.pending.pop(sender)
                 if self.answered.get(sender, (-1,))[0] != msg.step:
@@ -83,8 +98,10 @@ class GarfieldWorker(WorkerBase):
                     self._answer_steps({sender: msg.step}, msg.step, msg.tensors[0])
                 finally:
                     msg.release()
+                departure.served(sender, msg.step)
                 await asyncio.sleep(0)  # let freshly arrived requests supersede older ones
-            if not await self.departure.idle():
+            if not await departure.idle():
+                log.info("worker %d leaves: %s", self.cfg.rank, departure.why)
                 return
 
     async def _shutdown(self) -> None:

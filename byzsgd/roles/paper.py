@@ -6,10 +6,14 @@ int(1 / (3 l lr))), then a gather phase: DMC, the coordinate-wise median of q_ps
 around each gather (:mod:`byzsgd.roles.diameter`).
 
 Worker: at step t takes the first q_ps PS models of step >= t, aggregates them with the
-coordinate-wise median, computes **one** gradient and sends it to every PS.
+coordinate-wise median, computes **one** gradient and sends it to every PS.  Every model that
+arrives and every gradient sent is reported to the worker's ``departure``
+(:mod:`byzsgd.roles.departure`), which says whether it was work and when to leave; each wait
+races the departure, and the loop checks it between two steps.
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -23,6 +27,8 @@ from byzsgd.roles.common import KIND_GRAD, KIND_MODEL, KIND_PS_AFTER, KIND_PS_MO
 from byzsgd.roles.diameter import DiameterProbe
 from byzsgd.roles.ps_base import PSBase
 from byzsgd.roles.worker_base import WorkerBase
+
+log = logging.getLogger("byzsgd.worker")
 
 
 class PaperPS(PSBase):
@@ -60,7 +66,7 @@ class PaperPS(PSBase):
 
 
 class _AllDone(Exception):
-    """Every PS said done while the worker was waiting."""
+    """Time to leave (the departure's rules) while the worker was waiting."""
 
 
 class PaperWorker(WorkerBase):
@@ -81,6 +87,7 @@ class PaperWorker(WorkerBase):
         self.replayed: dict[int, tuple[int, float, bool]] = {}  # PS -> (old step answered, when, again)
 
     def _on_model(self, msg: Message) -> None:
+        self.departure.arrived(msg.sender, msg.step)
         if msg.step < self.step and self.last_sent is not None:
             # A PS behind the worker: it gets the gradient the worker computed last (one
             # gradient per step, for every PS), tagged with the step it asked for -- once per
@@ -95,18 +102,20 @@ class PaperWorker(WorkerBase):
             else:
                 return
             self.node.send(msg.sender, KIND_GRAD, msg.step, *self.last_sent)
+            self.departure.served(msg.sender, msg.step)
             return
         self.models.deliver(msg)
-        self.departure.wake()
 
     def _send_gradient(self, steps, batch_step, grad, buffers, loss, **meta):
         sent = super()._send_gradient(steps, batch_step, grad, buffers, loss, **meta)
         if sent is not None:
             self.last_sent = sent
+            for ps, step in steps.items():
+                self.departure.served(ps, step)
         return sent
 
     async def _or_done(self, wait):
-        """Await ``wait`` unless every PS says done first (then raise :class:`_AllDone`)."""
+        """Await ``wait`` unless it is time to leave first (then raise :class:`_AllDone`)."""
         finished, result = await race(wait, self.departure.wait())
         if not finished:
             raise _AllDone
@@ -129,12 +138,13 @@ class PaperWorker(WorkerBase):
         return state, steps
 
     async def _steps(self) -> None:
-        """One ``_step`` after the other, until every PS is done."""
+        """One ``_step`` after the other, until it is time to leave."""
         try:
-            while True:
+            while not self.departure.leaving():
                 self.step = await self._step(self.step)
         except _AllDone:
-            return
+            pass
+        log.info("worker %d leaves: %s", self.cfg.rank, self.departure.why)
 
     async def _step(self, t: int) -> int:
         """Median of the first q_ps PS models of step >= t, one gradient to all; returns

@@ -39,6 +39,15 @@ rendezvous_lie PS 0   as the rendezvous master (``--master``, not ``--peers``): 
                       hands out the true one.  The dialers' handshakes fail (the trap cannot
                       prove a pair key it lacks; a real node refuses a hello for another rank):
                       never an impostor.
+linger         PS     after its last step (when its node would close), keeps its connections
+                      and sends every worker a gradient request (``model``, its last model)
+                      every ``every`` seconds (default 2) for ``for_s`` seconds (default 60;
+                      until a signal stops it first), labelled ``start`` (default: the step
+                      after its last), ``start + stride``, ... (``stride`` default 1: each one
+                      a new step a worker has not answered).  Its own ``done`` goes out only
+                      with ``"say_done": true`` (default false: it never says so, as a crashed
+                      PS would not).  What it tries: to keep every correct worker running after
+                      the correct PSes finished (docs/design.md §3, Liveness).
 ============== ====== ====================================================================
 
 How: :func:`attach` wraps the node's ``send`` (``broadcast`` goes through it) so the role's own
@@ -75,6 +84,7 @@ PROTOCOL_ATTACKS = {
     "far_future": ("ps",),
     "withhold_from": ("ps", "worker"),
     "rendezvous_lie": ("ps",),
+    "linger": ("ps",),
 }
 #: each attack's arguments and their defaults
 ARGS: dict[str, dict[str, Any]] = {
@@ -84,6 +94,7 @@ ARGS: dict[str, dict[str, Any]] = {
     "far_future": {"ahead": 1000},
     "withhold_from": {"ranks": None},
     "rendezvous_lie": {"ranks": None, "to": "self", "for_s": 10.0},
+    "linger": {"every": 2.0, "for_s": 60.0, "start": None, "stride": 1, "say_done": False},
 }
 COMMON_ARGS = {"report_every": 25}
 
@@ -167,6 +178,19 @@ def parse_args(cfg: RunConfig) -> dict[str, Any]:
             out["for_s"] = float(out["for_s"])
             if out["for_s"] < 0:
                 raise ValueError("for_s must be >= 0")
+        elif name == "linger":
+            out["every"], out["for_s"] = float(out["every"]), float(out["for_s"])
+            if not 0.01 <= out["every"] <= 3600 or not 0 <= out["for_s"] <= 86400:
+                raise ValueError("every must be in [0.01, 3600] s and for_s in [0, 86400] s")
+            if out["start"] is not None:
+                out["start"] = int(out["start"])
+                if not 0 <= out["start"] <= MAX_FRAME_STEP - (1 << 32):
+                    raise ValueError("start must be in [0, 2**62 - 2**32]")
+            out["stride"] = int(out["stride"])
+            if not 0 <= out["stride"] <= 1 << 20:
+                raise ValueError("stride must be in [0, 2**20]")
+            if type(out["say_done"]) is not bool:
+                raise ValueError("say_done must be true or false")
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"protocol attack {name!r}: bad arguments {cfg.attack_args}: {exc}") from None
     return out
@@ -200,6 +224,7 @@ class ProtocolAttack:
         self._last_report = -1
         self._tasks: set[asyncio.Task] = set()
         self._imp_round = -1
+        self._lingered = False
         if self.name == "rendezvous_lie":
             self._lie = RendezvousLie(self)
 
@@ -212,7 +237,11 @@ class ProtocolAttack:
         log.warning("protocol attack %s: %s", self.name, body)
 
     async def _closing(self, *args, **kwargs) -> None:
-        """The node's close (same arguments), after a last report."""
+        """The node's close (same arguments), after a last report (and, for ``linger``,
+        after lingering)."""
+        if self.name == "linger" and not self._lingered:
+            self._lingered = True
+            await self._linger()
         for task in list(self._tasks):
             task.cancel()
         lie = getattr(self, "_lie", None)
@@ -249,6 +278,11 @@ class ProtocolAttack:
         internal = kind.startswith("__")
         if name == "withhold_from" and rank in args["ranks"] and not internal:
             self.count("withheld")
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_result(False)
+            return fut
+        if name == "linger" and kind == "done" and not args["say_done"]:
+            self.count("done_withheld")
             fut = asyncio.get_running_loop().create_future()
             fut.set_result(False)
             return fut
@@ -318,6 +352,32 @@ class ProtocolAttack:
             return False
         conn.transport.write(data)
         return True
+
+    # -- lingering -----------------------------------------------------------------------
+    async def _linger(self) -> None:
+        """After the PS's last step: a gradient request to every worker every ``every``
+        seconds for ``for_s`` seconds, each (``stride`` > 0) for a step not asked before.
+        A signal (the role's ``stop``) ends it early: then the node closes as usual."""
+        role, args, cfg = self.role, self.args, self.cfg
+        step = args["start"] if args["start"] is not None else int(getattr(role, "step", 0))
+        state = role.replica.state_vector()
+        workers = list(cfg.worker_ranks)
+        stop = getattr(role, "stop", None) or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + args["for_s"]
+        log.warning("protocol attack linger: PS %d keeps asking %d workers for gradients from "
+                    "step %d, every %.3g s for %.3g s", cfg.rank, len(workers), step, args["every"],
+                    args["for_s"])
+        while not stop.is_set() and loop.time() < end:
+            for w in workers:
+                self._send(w, "model", step, [state])
+            self.count("linger_requests", len(workers))
+            self.count("linger_rounds")
+            step += args["stride"]
+            try:
+                await asyncio.wait_for(stop.wait(), max(0.0, min(args["every"], end - loop.time())))
+            except asyncio.TimeoutError:
+                pass
 
     # -- impersonation -------------------------------------------------------------------
     async def _impersonate(self) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from byzsgd.config import RunConfig
 from byzsgd.roles.common import exit_now
-from byzsgd.roles.departure import LINGER_S  # noqa: F401  (public name)
+from byzsgd.roles.departure import LEAVE_BY_S, LINGER_S  # noqa: F401  (public names)
 from byzsgd.roles.garfield import GarfieldWorker
 from byzsgd.roles.paper import PaperWorker
 from byzsgd.roles.paper_sync import SKIP_AFTER, PaperSyncWorker  # noqa: F401  (public name)
