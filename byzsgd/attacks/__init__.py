@@ -5,7 +5,11 @@ Public API::
     forge(name, honest, f, **params) -> Tensor[f, d]   # honest: Tensor[k, d]
 
 ``honest`` is what the Byzantine node knows: its own gradient(s) when acting alone, or the
-step's honest gradients when colluding (the omniscient adversary).
+step's honest gradients when colluding (the omniscient adversary).  Modules: simple,
+statistical (ALIE, IPM), optimal (factor searched against the defence), adaptive (Min-Max,
+Min-Sum), fang (Fang et al.'s trimmed-mean/median attack), defence (the simulated PS
+aggregation the searches maximise against), momentum_aware (the gradient that puts a forged
+row into the PS's per-worker momentum).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from byzsgd.attacks.registry import Attack, get, names
 from byzsgd.errors import ConfigError
 
 from byzsgd.attacks import simple, statistical, optimal  # noqa: F401,E402
+from byzsgd.attacks import defence, adaptive, fang, momentum_aware  # noqa: F401,E402
 
 __all__ = ["forge", "get", "names", "Attack"]
 

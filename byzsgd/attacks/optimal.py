@@ -1,10 +1,11 @@
 """Rule-aware attacks: tune ALIE's z or IPM's epsilon against the GAR in use.
 
 Both simulate the aggregation the target runs: ``gar`` (a registered aggregation rule name)
-applied with ``gar_f`` (default f) to the honest rows plus f copies of the candidate, and pick
-the factor that maximizes ``||GAR(inputs) - mu||`` (``mu`` = mean of the honest rows), i.e.
-that moves the aggregate furthest from the honest mean.  ``gar_params`` (a dict) is passed
-on to the rule.  ``n`` is the total number of inputs the GAR receives (default ``k + f``); if it
+applied with ``gar_f`` (default f) to the honest rows plus f copies of the candidate, after
+the PS's pre-aggregation ``pipeline`` (a ``--pre_agg`` spec such as ``"nnm"``; default None:
+the rule alone, as before; see :mod:`byzsgd.attacks.defence`), and pick the factor that
+maximizes ``||aggregate - mu||`` (``mu`` = mean of the honest rows), i.e. that moves the
+aggregate furthest from the honest mean.  ``gar_params`` (a dict) is passed on to the rule.  ``n`` is the total number of inputs the GAR receives (default ``k + f``); if it
 differs from k + f, the honest part of the simulation is the known honest rows repeated
 cyclically (or truncated) to n - f rows (the best stand-in for gradients the attacker has
 not seen).  The configuration is first checked against the GAR's resilience bound.
@@ -30,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from byzsgd.attacks.defence import simulator
 from byzsgd.attacks.registry import register
 from byzsgd.attacks.statistical import honest_stats
 from byzsgd.errors import ConfigError
@@ -79,63 +81,41 @@ def line_search(objective: Callable[[float], float], start: float = 0.125, level
     return best_t
 
 
-def _simulator(honest: torch.Tensor, f: int, gar: str | None, gar_f: int | None, n: int | None,
-               gar_params: dict | None, name: str):
-    if not isinstance(gar, str):
-        raise ConfigError(f"attack {name!r} needs gar=<aggregation rule name>, got {gar!r}")
-    from byzsgd import gars  # imported lazily: attacks stay importable on their own
-
-    k = honest.shape[0]
-    total = k + f if n is None else n
-    if isinstance(total, bool) or not isinstance(total, int) or total < f + 1:
-        raise ConfigError(f"attack {name!r}: n must be an int >= f + 1 = {f + 1}, got {n!r}")
-    rule_f = f if gar_f is None else gar_f
-    gars.check(gar, total, rule_f)  # refuse a configuration the target itself would refuse
-    reps = torch.arange(total - f, device=honest.device) % k
-    base = honest[reps]
-    mu = honest.mean(dim=0)
-    params = dict(gar_params or {})
-
-    def distance(candidate: torch.Tensor) -> float:
-        inputs = torch.cat([base, candidate.unsqueeze(0).expand(f, -1)], dim=0)
-        out = gars.aggregate(gar, inputs, rule_f, **params)
-        v = float((out.double() - mu.double()).norm())
-        return v if math.isfinite(v) else math.inf
-
-    return mu, distance
-
-
 def optimal_alie_factor(honest: torch.Tensor, f: int, gar: str | None = None, gar_f: int | None = None,
                         n: int | None = None, gar_params: dict | None = None, start: float = 0.125,
-                        levels: int = 14, golden_steps: int = 20) -> float:
+                        levels: int = 14, golden_steps: int = 20, pipeline=None) -> float:
     """The z that :func:`optimal_alie` uses (``mu + z * sigma``): for callers that reuse it."""
-    mu, distance = _simulator(honest, f, gar, gar_f, n, gar_params, "optimal_alie")
+    mu, distance = simulator(honest, f, gar=gar, gar_f=gar_f, n=n, gar_params=gar_params,
+                             pipeline=pipeline, name="optimal_alie")
     _, sigma = honest_stats(honest)
     return line_search(lambda t: distance(mu + t * sigma), start, levels, golden_steps)
 
 
 def optimal_ipm_factor(honest: torch.Tensor, f: int, gar: str | None = None, gar_f: int | None = None,
                        n: int | None = None, gar_params: dict | None = None, start: float = 0.125,
-                       levels: int = 14, golden_steps: int = 20) -> float:
+                       levels: int = 14, golden_steps: int = 20, pipeline=None) -> float:
     """The epsilon that :func:`optimal_ipm` uses (``-epsilon * mu``): for callers that reuse it."""
-    mu, distance = _simulator(honest, f, gar, gar_f, n, gar_params, "optimal_ipm")
+    mu, distance = simulator(honest, f, gar=gar, gar_f=gar_f, n=n, gar_params=gar_params,
+                             pipeline=pipeline, name="optimal_ipm")
     return line_search(lambda t: distance(-t * mu), start, levels, golden_steps)
 
 
 @register("optimal_alie", reference="ALIE (Baruch et al., NeurIPS 2019) with z tuned against the GAR (ByzFL Opt-ALIE)",
-          params=("gar", "gar_f", "n", "gar_params", "start", "levels", "golden_steps"), needs_rule=True)
+          params=("gar", "gar_f", "n", "gar_params", "pipeline", "start", "levels", "golden_steps"),
+          needs_rule=True)
 def optimal_alie(honest: torch.Tensor, f: int, gar: str | None = None, gar_f: int | None = None,
                  n: int | None = None, gar_params: dict | None = None, start: float = 0.125,
-                 levels: int = 14, golden_steps: int = 20) -> torch.Tensor:
-    z = optimal_alie_factor(honest, f, gar, gar_f, n, gar_params, start, levels, golden_steps)
+                 levels: int = 14, golden_steps: int = 20, pipeline=None) -> torch.Tensor:
+    z = optimal_alie_factor(honest, f, gar, gar_f, n, gar_params, start, levels, golden_steps, pipeline)
     mu, sigma = honest_stats(honest)
     return (mu + z * sigma).unsqueeze(0).repeat(f, 1)
 
 
 @register("optimal_ipm", reference="IPM (Xie et al., UAI 2019) with epsilon tuned against the GAR (ByzFL Opt-IPM)",
-          params=("gar", "gar_f", "n", "gar_params", "start", "levels", "golden_steps"), needs_rule=True)
+          params=("gar", "gar_f", "n", "gar_params", "pipeline", "start", "levels", "golden_steps"),
+          needs_rule=True)
 def optimal_ipm(honest: torch.Tensor, f: int, gar: str | None = None, gar_f: int | None = None,
                 n: int | None = None, gar_params: dict | None = None, start: float = 0.125,
-                levels: int = 14, golden_steps: int = 20) -> torch.Tensor:
-    eps = optimal_ipm_factor(honest, f, gar, gar_f, n, gar_params, start, levels, golden_steps)
+                levels: int = 14, golden_steps: int = 20, pipeline=None) -> torch.Tensor:
+    eps = optimal_ipm_factor(honest, f, gar, gar_f, n, gar_params, start, levels, golden_steps, pipeline)
     return (-eps * honest.mean(dim=0)).unsqueeze(0).repeat(f, 1)
