@@ -15,7 +15,10 @@ deployment never authenticate.
 
 Files: JSON ``{"format", "rank", "world_size", "deployment", "keys"}`` with hex keys (``null`` at
 the rank's own index), written 0600 and refused when readable by group or others.
-:func:`provision` writes one such file per rank into a directory (the launcher's side).
+:func:`provision` writes one such file per rank into a directory (the launcher's side);
+:func:`provision_in_child` does it in a short-lived child process, for a launcher that forks its
+nodes: a forked node shares the memory of the process it is forked from, freed memory included,
+so that process must never have held the operator secret nor any rank's keys.
 
 Legacy/dev mode: a node given plain ``bytes`` treats them as the operator secret and derives its
 own credentials (:meth:`RankCredentials.derive`).  Every node then holds the operator secret and
@@ -28,15 +31,17 @@ import hashlib
 import hmac
 import json
 import os
+import secrets
 import stat
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import errors
 
-__all__ = ["RankCredentials", "derive", "pair_key", "deployment_id", "provision", "credentials_path",
-           "FORMAT", "MAX_WORLD"]
+__all__ = ["RankCredentials", "derive", "pair_key", "deployment_id", "provision", "provision_in_child",
+           "credentials_path", "FORMAT", "MAX_WORLD"]
 
 FORMAT = "byzsgd-rank-credentials-v1"
 MAX_WORLD = 1 << 16          # bounds the file and the derivation loop
@@ -233,3 +238,51 @@ def provision(operator_secret: bytes, world_size: int, directory) -> list[Path]:
         raise errors.ConfigError(f"the credentials directory {d} is accessible by others (mode {mode:04o}); "
                                  f"use a fresh directory or chmod 700 it")
     return [derive(secret, r, world_size).save(credentials_path(d, r)) for r in range(world_size)]
+
+
+_MAX_CHILD_REPORT = 4096
+
+
+def provision_in_child(world_size: int, directory) -> list[Path]:
+    """:func:`provision` from a fresh operator secret, both drawn and used in a short-lived
+    forked child: the calling process never holds the secret nor any key, not even in memory it
+    has freed (Python cannot scrub ``bytes``), so the nodes it forks afterwards inherit none of
+    them.  The caller must not read the files either.  Returns the paths, by rank; a failure
+    comes back as :class:`errors.ConfigError` with the child's message.  Without ``os.fork``
+    (where nodes are never forked) it provisions in this process."""
+    _check_world(0, world_size)
+    paths = [credentials_path(directory, r) for r in range(world_size)]
+    if not hasattr(os, "fork"):
+        provision(secrets.token_bytes(32), world_size, directory)
+        return paths
+    rfd, wfd = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: report, then leave without returning into the caller's code
+        code = 1
+        try:
+            os.close(rfd)
+            try:
+                provision(secrets.token_bytes(32), world_size, directory)
+                code = 0
+            except errors.ConfigError as exc:
+                os.write(wfd, str(exc).encode("utf-8", "replace")[:_MAX_CHILD_REPORT])
+            except BaseException as exc:  # noqa: BLE001 - an OSError writing a file, a signal
+                os.write(wfd, f"cannot provision the credentials in {directory}: {type(exc).__name__}: "
+                              f"{exc}".encode("utf-8", "replace")[:_MAX_CHILD_REPORT])
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    try:
+        report = b""
+        while chunk := os.read(rfd, _MAX_CHILD_REPORT):  # EOF: the child has exited
+            report += chunk
+    finally:
+        os.close(rfd)
+        _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise errors.ConfigError(report.decode("utf-8", "replace") or
+                                 f"the process provisioning the credentials in {directory} died (exit {code})")
+    return paths
