@@ -2,6 +2,7 @@
 """An outsider's flood: idle or slow sockets to every endpoint of a run directory.
 
     python scripts/outsider_flood.py RUN_DIR [--sockets N] [--seconds S] [--ranks 0,1] [--mode idle|slow]
+                                     [--rate R] [--source 127.0.0.2]
 
 Someone without credentials (DESIGN.md §5: "outsiders can connect but get nothing parsed and
 cannot starve legitimate connections") keeps ``N`` TCP connections open to each endpoint
@@ -15,7 +16,9 @@ exits by itself:
 
 A socket the node closes (it evicts unauthenticated connections beyond its per-address and total
 limits, or times their handshake out) is opened again, at most ``--rate`` connections per second
-in all, so the pressure stays at ``N`` per endpoint for the whole time.  Bounded on purpose:
+in all, so the pressure stays at ``N`` per endpoint for the whole time.  ``--source`` binds every
+socket to one loopback address (e.g. ``127.0.0.2``): a one-address flood next to legitimate peers
+on ``127.0.0.1``, which a node must tell apart (its pre-auth limits are per address).  Bounded on purpose:
 loopback addresses only, at most 5,000 sockets per endpoint and 20,000 in all, at most 3,600 s.
 The last line printed is a JSON summary: per endpoint the sockets opened, closed by the node,
 the most open at once, and connect failures.
@@ -89,8 +92,10 @@ class Endpoint:
 
 
 class Flood:
-    def __init__(self, eps: list[Endpoint], sockets: int, seconds: float, mode: str, drip: float, rate: float):
+    def __init__(self, eps: list[Endpoint], sockets: int, seconds: float, mode: str, drip: float, rate: float,
+                 source: str | None = None):
         self.eps, self.sockets, self.seconds, self.mode, self.drip = eps, sockets, seconds, mode, drip
+        self.local_addr = (source, 0) if source else None
         self.interval = 1.0 / rate
         self.deadline = 0.0
         self._next_slot = 0.0
@@ -112,7 +117,8 @@ class Flood:
             if loop.time() >= self.deadline:
                 return
             try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(ep.host, ep.port), 5.0)
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(ep.host, ep.port, local_addr=self.local_addr), 5.0)
             except (OSError, asyncio.TimeoutError):
                 ep.connect_failures += 1
                 await asyncio.sleep(0.5)
@@ -171,6 +177,7 @@ class Flood:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         return dict(seconds=round(loop.time() - start, 2), mode=self.mode, sockets_per_endpoint=self.sockets,
+                    source=self.local_addr[0] if self.local_addr else None,
                     endpoints=[ep.summary() for ep in self.eps])
 
 
@@ -184,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=("idle", "slow"), default="idle")
     p.add_argument("--drip", type=float, default=2.0, help="slow mode: seconds between bytes")
     p.add_argument("--rate", type=float, default=2000.0, help="connection attempts per second, in all")
+    p.add_argument("--source", default="", help="bind every socket to this loopback address (e.g. 127.0.0.2)")
     args = p.parse_args(argv)
     try:
         ranks = [int(r) for r in args.ranks.split(",") if r.strip()] or None
@@ -193,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--seconds must be in (0, {MAX_SECONDS:g}]")
         if not args.drip > 0 or not args.rate > 0:
             raise ConfigError("--drip and --rate must be > 0")
+        if args.source and not loopback(args.source):
+            raise ConfigError(f"--source {args.source} is not a loopback address")
         eps = [Endpoint(*e) for e in endpoints(args.run_dir, ranks)]
         total = len(eps) * args.sockets
         if total > MAX_TOTAL:
@@ -206,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"outsider_flood: {args.sockets} {args.mode} sockets to each of {len(eps)} endpoints "
           f"for {args.seconds:g} s", file=sys.stderr, flush=True)
     t0 = time.time()
-    result = asyncio.run(Flood(eps, args.sockets, args.seconds, args.mode, args.drip, args.rate).run())
+    result = asyncio.run(Flood(eps, args.sockets, args.seconds, args.mode, args.drip, args.rate,
+                               args.source or None).run())
     result["started"] = t0
     print(json.dumps(result), flush=True)
     return 0

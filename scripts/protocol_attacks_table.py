@@ -37,6 +37,7 @@ CASES = {
                       "--worker_attack_args", '{"ranks": [0, 1]}'],
 }
 _CLOSING = re.compile(r"closing connection from .*?\(rank [^)]*\): (\w+):")
+_SUPPRESSED = re.compile(r"suppressed (\d+) similar lines \(closing connection: (\w+)\)")
 _STALL = "not reached after"
 
 
@@ -59,6 +60,8 @@ def outcome(run_dir: Path, summary: dict) -> dict:
             report = parse_report(text) or report
             continue
         rejected.update(m.group(1) for m in _CLOSING.finditer(text))
+        for m in _SUPPRESSED.finditer(text):  # the node's log is rate-limited (net/ratelog.py)
+            rejected[m.group(2)] += int(m.group(1))
         stalls += text.count(_STALL)
     worst, entered, possible = 0.0, 0, 0
     for r in doc["ranks"]:

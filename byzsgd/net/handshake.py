@@ -3,9 +3,16 @@
 The exchange (each message a length-prefixed msgpack map of at most ``HS_MAX`` bytes)::
 
     dialer -> listener : {v, dep, role, rank, want, nonce_d, to}          (nonces: 32 random bytes)
-    listener -> dialer : {v, dep, role, rank, nonce_l, mac_l}   or {err}
+    listener -> dialer : {v, dep, role, rank, nonce_l, mac_l}   or {err: CODE}
     dialer -> listener : {mac_d}
-    listener -> dialer : {ok: True}                              or {err}   (e.g. duplicate rank)
+    listener -> dialer : {ok: True}                              or {err: CODE}  (duplicate rank)
+
+A refusal (``{err}``) goes to a peer that has proven nothing yet, so it carries a stable reason
+code only (:data:`REFUSALS`: ``version``, ``bad_rank``, ``deployment``, ``address``,
+``duplicate_rank``): never the listener's deployment id, world size, ranks or addresses, which an
+outsider could otherwise collect by dialing with any hello.  The dialer raises the matching
+error class from the code; the details stay in the listener's own log.  The listener's reply
+hello repeats only what the dialer presented (its deployment id, and the rank it asked for).
 
 ``mac_x = HMAC-SHA256(K(dialer, listener), label_x || transcript)`` with the *pair key* only
 those two ranks hold (:mod:`.credentials`); the transcript packs the protocol version, the
@@ -44,7 +51,7 @@ import msgpack
 from . import errors
 
 __all__ = ["PROTOCOL_VERSION", "NONCE_BYTES", "mac", "verify", "transcript", "check_hello_fields", "Hello",
-           "resolve_secret", "SECRET_ENV", "norm_addr", "channel_binding"]
+           "resolve_secret", "SECRET_ENV", "norm_addr", "channel_binding", "REFUSALS", "refusal"]
 
 SECRET_ENV = "BYZSGD_SECRET"
 
@@ -125,22 +132,31 @@ class Hello:
     to: list | None = None
 
 
+# the refusals a listener sends, by code, and what each tells the dialer
+REFUSALS: dict[str, tuple[type[errors.HandshakeError], str]] = {
+    errors.VersionMismatch.reason: (errors.VersionMismatch, "another protocol version"),
+    errors.BadRank.reason: (errors.BadRank, "the rank/role this node claims or wants does not fit the listener"),
+    errors.DeploymentMismatch.reason: (errors.DeploymentMismatch,
+                                       "another deployment (operator secret or world size)"),
+    errors.AddressMismatch.reason: (errors.AddressMismatch, "the listener was reached through another address"),
+    errors.DuplicateRank.reason: (errors.DuplicateRank, "this rank already has a live connection there"),
+}
+
+
+def refusal(err: errors.HandshakeError) -> dict:
+    """The message refusing a handshake for ``err``: its reason code, nothing else."""
+    code = err.reason if err.reason in REFUSALS else errors.HandshakeError.reason
+    return {"err": code}
+
+
 def check_hello_fields(msg: dict, *, dialer: bool) -> Hello:
     """Type-check a hello (dialer's) or reply (listener's); raises the peer's refusal."""
     if "err" in msg:
-        err = msg["err"]
-        text = err[:200] if type(err) is str else "?"
-        if text.startswith("version"):
-            raise errors.VersionMismatch(f"peer refused: {text}")
-        if text.startswith("duplicate"):
-            raise errors.DuplicateRank(f"peer refused: {text}")
-        if text.startswith("rank"):
-            raise errors.BadRank(f"peer refused: {text}")
-        if text.startswith("deployment"):
-            raise errors.DeploymentMismatch(f"peer refused: {text}")
-        if text.startswith("address"):
-            raise errors.AddressMismatch(f"peer refused: {text}")
-        raise errors.HandshakeError(f"peer refused: {text}")
+        code = msg["err"]
+        cls, what = REFUSALS.get(code, (None, None)) if type(code) is str else (None, None)
+        if cls is None:
+            raise errors.HandshakeError("peer refused the handshake")
+        raise cls(f"peer refused the handshake: {code} ({what})")
     v = msg.get("v")
     if v != PROTOCOL_VERSION or type(v) is not int:
         raise errors.VersionMismatch(f"protocol version {v!r}, this node speaks {PROTOCOL_VERSION}")

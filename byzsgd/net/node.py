@@ -22,9 +22,18 @@ Outsiders: connections that have not authenticated yet (TLS handshakes included:
 accepts plain TCP and upgrades it with ``loop.start_tls`` inside the handshake timeout) are at
 most ``max_preauth_per_address`` per source IP and ``max_pending_handshakes`` in total.  A new
 connection is never refused for it: an old one makes room instead, from the address with the most
-(the one from this address when its own limit is hit), those that have not even sent a hello
-first, oldest first.  So a flood of idle sockets, even from a legitimate rank's own address, only
-evicts itself, and a rank that dials in and answers promptly is not starved.
+(the one from this address when its own limit is hit), oldest first, but never one whose hello
+for this deployment already arrived (parsed, or still in the kernel: :meth:`Connection.pending_hello`)
+while an idle one is left.  A connection whose hello passed the checks leaves that budget for a
+second one, ``max_proving_per_address`` (at least the world size: every rank may dial at once
+from one host) while it proves its rank.  So a flood of idle or garbage sockets, even from a
+legitimate rank's own address, only evicts itself, and a rank that dials in and answers promptly
+is not starved (issue 24: >= 99.9% of handshakes under ~2,000 connections/s from one address).
+A refusal sent before the dialer's proof passed is a bare reason code (:func:`.handshake.refusal`).
+
+Logging: what peers cause (refused or closed connections, reconnects) goes through a
+:class:`~.ratelog.RateLog` keyed by (peer or address, reason): a few lines per key and interval,
+then one "suppressed N similar lines" count, so nobody can make a node's log grow without bound.
 """
 from __future__ import annotations
 
@@ -46,11 +55,12 @@ from .bufpool import BufferPool
 from .frame import FrameLimits, Message, encode
 from .credentials import RankCredentials
 from .handshake import (PROTOCOL_VERSION, channel_binding, check_hello_fields, mac, new_nonce, norm_addr,
-                        transcript, verify)
+                        refusal, transcript, verify)
 from .outbox import Outbox
 from .peers import PeerDirectory, role_of
 from .protocol import Connection
 from .quorum import Mailbox
+from .ratelog import RateLog
 from .rendezvous import Rendezvous
 from .staging import DeviceStaging, PinnedBytes, Staged, needs_staging
 
@@ -73,9 +83,18 @@ class NodeStats:
     rejected: collections.Counter = field(default_factory=collections.Counter)
     # contained local failures by stable reason: "handler:<kind>:<Exc>", "dispatch:<Exc>"
     failures: collections.Counter = field(default_factory=collections.Counter)
-    # frames dropped (connection kept) because their sender may not send that kind:
-    # "sender:<kind>" (see Node.on(senders=...))
+    # what a member sent that was refused, the connection kept: by "<reason>:<kind>" in
+    # ``refused`` and by "<reason>:<kind>:<sender>" in ``refused_from`` (``refuse``)
     refused: collections.Counter = field(default_factory=collections.Counter)
+    refused_from: collections.Counter = field(default_factory=collections.Counter)
+
+    def refuse(self, reason: str, kind: str, sender: int) -> None:
+        """Count one refusal: reason ``"sender"`` (a kind the sender may not send, see
+        Node.on(senders=...)) or a role's (``"meta.<field>"``: a field it refused).  The keys
+        are bounded: registered kinds, authenticated ranks.  The run summary's ``rejections``
+        show ``refused_from`` (roles/base.py, deploy/rundir.py)."""
+        self.refused[f"{reason}:{kind}"] += 1
+        self.refused_from[f"{reason}:{kind}:{sender}"] += 1
 
 
 class Node:
@@ -92,7 +111,9 @@ class Node:
     ``ssl_server``/``ssl_client`` add TLS under the HMAC handshake (which binds the TLS channel).
     ``bind_address`` (plain TCP): refuse a dialer that reached this node through another address
     (a relay); turn off behind NAT/port mapping, and use TLS there.  ``max_preauth_per_address``
-    bounds unauthenticated connections per source IP (see the module docstring).  ``outbox_depth`` bounds the
+    bounds unauthenticated connections per source IP that have not sent a hello for this deployment
+    (see the module docstring; at ~2,000 connections/s from one address, 32 give a dialer sharing
+    that address 16 ms to get its hello out, which 8 (4 ms) did not always).  ``outbox_depth`` bounds the
     messages queued per peer (overflow drops the oldest).  ``pool_bytes`` bounds the receive
     buffers kept for reuse (default: 4 frames of the maximum size).
 
@@ -117,7 +138,7 @@ class Node:
                  advertise_host: str | None = None, listen_port: int = 0,
                  ssl_server: _ssl.SSLContext | None = None, ssl_client: _ssl.SSLContext | None = None,
                  connect_timeout: float = 5.0, handshake_timeout: float = 5.0, outbox_depth: int = 16,
-                 pool_bytes: int | None = None, bind_address: bool = True, max_preauth_per_address: int = 8,
+                 pool_bytes: int | None = None, bind_address: bool = True, max_preauth_per_address: int = 32,
                  device=None, peer_roles: Iterable[str] | None = None):
         C = errors.ConfigError
         if type(rank) is not int or rank < 0:
@@ -229,8 +250,12 @@ class Node:
         self._started = False
         self._closing = False
         self.max_pending_handshakes = 64 + 4 * world_size
+        # legitimate dialers from one host prove their rank at once: up to world_size - 1 of them
+        self.max_proving_per_address = max(max_preauth_per_address, world_size)
         self._preauth: dict[str, dict] = {}  # source IP -> {unauthenticated accepted Connection: None}
-        self._npreauth = 0
+        self._proving: dict[str, dict] = {}  # source IP -> {Connection whose hello passed: None}
+        self._npreauth = 0                   # both, in all
+        self._rlog = RateLog(log, f"rank {rank}: ")  # what peers cause is logged rate-limited
         self._logged_failures: set[str] = set()
         self._rdv: Rendezvous | None = Rendezvous(self) if directory is None else None
         if self._rdv is not None:
@@ -290,7 +315,7 @@ class Node:
         else:
             ok = sender in allowed
         if not ok:
-            self.stats.refused[f"sender:{kind}"] += 1
+            self.stats.refuse("sender", kind, sender)
         return ok
 
     def mailbox(self, kind: str, *, window: int = 8, shapes=None, senders=None,
@@ -415,6 +440,7 @@ class Node:
         self.pool.clear()
         if self.staging is not None:
             self.staging.close()
+        self._rlog.flush()
 
     def _undrained(self) -> list[int]:
         """The connected peers whose outbox still holds (or is writing) a message."""
@@ -466,7 +492,8 @@ class Node:
                     conn.abort(e)
                 else:  # the listener closed first: still count the refusal here
                     self.stats.rejected[e.reason] += 1
-                log.info("rank %d: handshake with rank %d failed: %s", self.rank, rank, e)
+                self._rlog.info(f"rank {rank}", f"handshake failed: {e.reason}",
+                                "rank %d: handshake with rank %d failed: %s", self.rank, rank, e)
             except (OSError, asyncio.TimeoutError, errors.NetError, _ssl.SSLError) as e:
                 if conn is not None:
                     conn.close()
@@ -474,12 +501,14 @@ class Node:
             except Exception as e:  # never let a dialer die
                 if conn is not None:
                     conn.close()
-                log.exception("rank %d: unexpected error dialing rank %d: %r", self.rank, rank, e)
+                self._rlog.log(logging.ERROR, f"rank {rank}", f"dial error: {type(e).__name__}",
+                               "rank %d: unexpected error dialing rank %d: %r", self.rank, rank, e, exc_info=e)
             else:
                 backoff = self.BACKOFF_MIN
                 await conn.wait_closed()
                 if not self._closing:
-                    log.info("rank %d: connection to rank %d lost; reconnecting", self.rank, rank)
+                    self._rlog.info(f"rank {rank}", "reconnecting",
+                                    "rank %d: connection to rank %d lost; reconnecting", self.rank, rank)
                 continue
             if self._closing:
                 break
@@ -527,18 +556,11 @@ class Node:
                         if h.to != here:
                             raise errors.AddressMismatch(
                                 f"the dialer reached {h.to[0][:64]}:{h.to[1]}, this socket is {here[0]}:{here[1]}")
-                except errors.VersionMismatch as e:
-                    conn.send_hs({"err": f"version: this node speaks {PROTOCOL_VERSION}"})
+                except (errors.VersionMismatch, errors.BadRank, errors.DeploymentMismatch,
+                        errors.AddressMismatch) as e:
+                    conn.send_hs(refusal(e))  # a code: the details (ids, ranks) stay in our log
                     raise e
-                except errors.BadRank as e:
-                    conn.send_hs({"err": f"rank: {e}"[:200]})
-                    raise e
-                except errors.DeploymentMismatch as e:
-                    conn.send_hs({"err": f"deployment: {e}"[:200]})
-                    raise e
-                except errors.AddressMismatch as e:
-                    conn.send_hs({"err": f"address: {e}"[:200]})
-                    raise e
+                self._promote(conn, h.rank)
                 key = cred.key(h.rank)
                 nonce_l = new_nonce()
                 tr = transcript(cred.deployment, h.role, h.rank, h.nonce, self.role, self.rank, nonce_l, h.to,
@@ -549,8 +571,9 @@ class Node:
                 verify(key, False, tr, reply.get("mac"))
                 old = self._conns.get(h.rank)
                 if old is not None and not old.closed:
-                    conn.send_hs({"err": f"duplicate: rank {h.rank} already has a live connection"})
-                    raise errors.DuplicateRank(f"rank {h.rank} already has a live connection")
+                    err = errors.DuplicateRank(f"rank {h.rank} already has a live connection")
+                    conn.send_hs(refusal(err))
+                    raise err
                 conn.send_hs({"ok": True})
                 self._attach(conn, h.rank, h.role)
         except (TimeoutError, asyncio.TimeoutError):
@@ -563,7 +586,8 @@ class Node:
             conn.close()
             raise
         except Exception as e:
-            log.exception("rank %d: unexpected handshake error: %r", self.rank, e)
+            self._rlog.log(logging.ERROR, conn.source, f"handshake error: {type(e).__name__}",
+                           "rank %d: unexpected handshake error: %r", self.rank, e, exc_info=e)
             conn.abort(errors.HandshakeError(repr(e)))
         finally:
             if conn.rank is None:
@@ -574,28 +598,68 @@ class Node:
         """Count an accepted connection (or a TLS handshake in progress: a :class:`_TLSSlot`)
         as unauthenticated, evicting others to stay in bounds."""
         src = conn.source = conn.source or norm_addr(conn.peername)[0]
-        group = self._preauth.setdefault(src, {})
-        if len(group) >= self.max_preauth_per_address:
+        group = self._preauth.get(src)
+        if group is not None and len(group) >= self.max_preauth_per_address:
             self._evict(group, "its address")
         if self._npreauth >= self.max_pending_handshakes:
-            self._evict(max(self._preauth.values(), key=len), "in total")
-        group[conn] = None
+            if self._preauth:  # the address holding the most slots pays
+                self._evict(max(self._preauth.values(), key=len), "in total")
+            else:
+                self._drop(next(iter(max(self._proving.values(), key=len))), "in total")
+        self._preauth.setdefault(src, {})[conn] = None  # (the eviction may have removed the group)
         self._npreauth += 1
 
     def _evict(self, group: dict, where: str) -> None:
-        victim = next((c for c in group if not c.progressed), None) or next(iter(group), None)
+        """Make room in one address's group: its oldest idle connection; one whose hello is
+        here (read or still in the kernel: this loop has not got to it) only when none is idle,
+        since a dialer sends its hello at once and a flood cannot fake one for this deployment."""
+        victim = None
+        for c in group:
+            if not c.progressed and not self._hello_waiting(c):
+                victim = c
+                break
         if victim is None:
-            return
+            victim = next((c for c in group if not c.progressed), None) or next(iter(group), None)
+        if victim is not None:
+            self._drop(victim, where)
+
+    def _hello_waiting(self, conn) -> bool:
+        if not isinstance(conn, Connection):
+            return False  # a TLS handshake in progress: its bytes are encrypted
+        h = conn.pending_hello()
+        return h is not None and h.get("v") == PROTOCOL_VERSION and h.get("dep") == self.credentials.deployment
+
+    def _drop(self, victim, where: str) -> None:
         self._preauth_done(victim)
         victim.abort(errors.PreauthEvicted(f"too many connections before authentication from {where}"))
 
-    def _preauth_done(self, conn: Connection) -> None:
+    def _promote(self, conn: Connection, rank: int) -> None:
+        """``conn``'s hello passed every check: move it from its address's idle budget to the
+        proving one (bounded by ``max_proving_per_address``; a full one drops its oldest
+        connection claiming the same rank, else its oldest)."""
         group = self._preauth.get(conn.source)
-        if group is not None and conn in group:
-            del group[conn]
-            self._npreauth -= 1
-            if not group:
-                del self._preauth[conn.source]
+        if group is None or conn not in group:
+            return
+        del group[conn]
+        if not group:
+            del self._preauth[conn.source]
+        conn.claim = rank
+        proving = self._proving.setdefault(conn.source, {})
+        if len(proving) >= self.max_proving_per_address:
+            victim = next((c for c in proving if c.claim == rank), None) or next(iter(proving))
+            self._drop(victim, "its address (proving)")
+            proving = self._proving.setdefault(conn.source, {})
+        proving[conn] = None
+
+    def _preauth_done(self, conn) -> None:
+        for groups in (self._preauth, self._proving):
+            group = groups.get(conn.source)
+            if group is not None and conn in group:
+                del group[conn]
+                self._npreauth -= 1
+                if not group:
+                    del groups[conn.source]
+                return
 
     def _pending_handshakes(self) -> int:
         return self._npreauth
@@ -608,7 +672,8 @@ class Node:
             except asyncio.CancelledError:
                 raise
             except OSError as e:  # EMFILE and friends: back off instead of spinning
-                log.warning("rank %d: accept failed: %r", self.rank, e)
+                self._rlog.warning("accept", f"accept failed: {type(e).__name__}",
+                                   "rank %d: accept failed: %r", self.rank, e)
                 await asyncio.sleep(0.1)
                 continue
             slot = _TLSSlot(self, addr)
@@ -626,7 +691,8 @@ class Node:
         except Exception as e:
             err = errors.TLSHandshakeError(f"TLS handshake failed: {type(e).__name__}: {e}"[:200])
             self.stats.rejected[err.reason] += 1
-            log.warning("rank %d: closing connection from %s: %s: %s", self.rank, slot.peername, err.reason, err)
+            self._rlog.warning(slot.source, f"closing connection: {err.reason}",
+                               "rank %d: closing connection from %s: %s: %s", self.rank, slot.peername, err.reason, err)
         finally:
             self._preauth_done(slot)
             self._tls_slots.discard(slot)
@@ -661,7 +727,8 @@ class Node:
         if conn.closed:
             return
         ob.attach(conn)
-        log.info("rank %d: connected to rank %d (%s) at %s", self.rank, rank, role, conn.peername)
+        self._rlog.info(f"rank {rank}", "connected", "rank %d: connected to rank %d (%s) at %s",
+                        self.rank, rank, role, conn.peername)
         for f in self._conn_waiters:
             if not f.done():
                 f.set_result(None)
@@ -904,8 +971,9 @@ class _TLSSlot:
     def abort(self, err) -> None:
         if self.task is not None and not self.task.done():
             self.node.stats.rejected[err.reason] += 1
-            log.warning("rank %d: closing TLS handshake from %s: %s: %s", self.node.rank, self.peername,
-                        err.reason, err)
+            self.node._rlog.warning(self.source, f"closing connection: {err.reason}",
+                                    "rank %d: closing TLS handshake from %s: %s: %s",
+                                    self.node.rank, self.peername, err.reason, err)
             self.task.cancel()
 
 

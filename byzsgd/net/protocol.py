@@ -95,6 +95,10 @@ class FrameReader:
         """Room left in the staging buffer (after compaction) while not inside a body."""
         return len(self._stage) - (self._end - self._start)
 
+    def unread(self) -> bytes:
+        """Handshake mode: the bytes received and not yet taken by :meth:`pop_handshake`."""
+        return bytes(self._smv[self._start:self._end]) if self.handshake else b""
+
     def pop_handshake(self) -> bytes | None:
         avail = self._end - self._start
         if avail < HS_PREFIX.size:
@@ -197,6 +201,23 @@ def hs_unpack(data: bytes) -> dict:
     return obj
 
 
+def _peek(transport, n: int) -> bytes:
+    """Up to ``n`` bytes waiting in the kernel for ``transport``'s socket, left there."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or n <= 0:
+        return b""
+    try:
+        s = socket.socket(fileno=sock.fileno())
+    except (OSError, ValueError):
+        return b""
+    try:
+        return s.recv(n, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        return b""
+    finally:
+        s.detach()  # the transport owns the descriptor
+
+
 def _keepalive(sock) -> None:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -239,6 +260,7 @@ class Connection(asyncio.BufferedProtocol):
         self._dispatch_paused = False
         self.source: str | None = None  # source IP, for the per-address limit (accepted side)
         self.progressed = False          # a complete hello arrived (eviction spares these first)
+        self.claim: int | None = None    # the rank its hello claimed, once that hello passed
         self._lost_called = False
 
     # ------------------------------------------------------------------ asyncio callbacks
@@ -325,6 +347,7 @@ class Connection(asyncio.BufferedProtocol):
                 return
             if data is not None:
                 self._hs_waiter = None
+                self.progressed = True
                 w.set_result(data)
 
     async def recv_hs(self) -> dict:
@@ -334,7 +357,29 @@ class Connection(asyncio.BufferedProtocol):
         if data is None:
             self._hs_waiter = self.node._loop.create_future()
             data = await self._hs_waiter
+        self.progressed = True
         return hs_unpack(data)
+
+    def pending_hello(self) -> dict | None:
+        """The first handshake message if it arrived complete but the handshake has not taken
+        it yet (from the reader's buffer, else peeked from the kernel without consuming it);
+        None otherwise, and for TLS bytes still in the kernel (encrypted).  Lets admission
+        tell a dialer this loop has not read yet from an idle socket."""
+        if self.closed or self.transport is None or not self.reader.handshake or self.progressed:
+            return None
+        data = self.reader.unread()
+        need = HS_PREFIX.size + HS_MAX
+        if len(data) < need and not self.tls:
+            data += _peek(self.transport, need - len(data))
+        if len(data) < HS_PREFIX.size:
+            return None
+        (ln,) = HS_PREFIX.unpack_from(data)
+        if not 0 < ln <= HS_MAX or len(data) < HS_PREFIX.size + ln:
+            return None
+        try:
+            return hs_unpack(data[HS_PREFIX.size:HS_PREFIX.size + ln])
+        except errors.HandshakeError:
+            return None
 
     def send_hs(self, obj) -> None:
         if not self.closed:
@@ -364,8 +409,11 @@ class Connection(asyncio.BufferedProtocol):
             reason = getattr(err, "reason", type(err).__name__)
             self.close_reason = reason
             self.node.stats.rejected[reason] += 1
-            log.warning("rank %s: closing connection from %s (rank %s): %s: %s", self.node.rank,
-                        self.peername, self.rank, reason, err)
+            rank = self.rank if self.rank is not None else self.expect_rank  # (dialing side: the one we want)
+            who = f"rank {rank}" if rank is not None else self.source or str(self.peername)
+            self.node._rlog.warning(who, f"closing connection: {reason}",
+                                    "rank %s: closing connection from %s (rank %s): %s: %s",
+                                    self.node.rank, self.peername, self.rank, reason, err)
         if self.transport is not None:
             self.transport.abort()
 

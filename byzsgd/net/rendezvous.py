@@ -8,11 +8,28 @@ then.  A node that restarts later registers again: the master updates the entry 
 directory to everyone, so peers re-dial the new address.  Only the master's directory is
 believed (sender 0 of an authenticated connection); its encoding is a msgpack ``bin`` inside the
 frame's meta map, decoded with strict limits.
+
+After the start, one registration must not cost the master ``world_size - 1`` frames each time
+(a member re-registering 2,000 times between two addresses made it send 10,000, issue 24):
+
+* registrations within ``COALESCE_S`` share one send: one directory broadcast for every address
+  change among them, one reply for the ranks that re-registered their known address (a
+  reconnect; only they need the directory);
+* a rank's address changes are rate-limited (``CHANGE_BURST`` at once, then one per
+  ``CHANGE_EVERY_S``): a change beyond that is kept (the newest address wins) and broadcast when
+  the rank has a token again, or earlier with another rank's change; the registrant itself is
+  answered within ``COALESCE_S`` anyway.
+
+So a legitimate restart (a rank that has not changed its address in the last few seconds)
+reaches everyone within ``COALESCE_S``, and a flapping rank costs at most
+``(world_size - 1) / CHANGE_EVERY_S`` frames per second, plus one reply to itself per
+``COALESCE_S``.  The first start (before the directory is complete) is not delayed.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 
 import msgpack
 
@@ -27,6 +44,9 @@ log = logging.getLogger("byzsgd.net")
 REG = "__rdv_reg"
 DIR = "__rdv_dir"
 _WILDCARDS = ("", "0.0.0.0", "::")
+COALESCE_S = 0.05      # registrations this close together share one directory send
+CHANGE_BURST = 3       # address changes a rank may have broadcast at once...
+CHANGE_EVERY_S = 1.0   # ...then one per this many seconds
 
 
 class Rendezvous:
@@ -34,6 +54,11 @@ class Rendezvous:
         self.node = node
         self.addrs: dict[int, tuple[str, int]] = {}
         self.done: asyncio.Future | None = None
+        self._changed: set[int] = set()   # ranks whose new address everyone must learn
+        self._reply: set[int] = set()     # ranks that must get the directory themselves
+        self._tokens: dict[int, tuple[float, float]] = {}  # rank -> (tokens, when): address changes
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
 
     def register_kinds(self) -> None:
         self.node._register(REG, self._on_reg, None, internal=True)
@@ -59,6 +84,9 @@ class Rendezvous:
     def close(self) -> None:
         if self.done is not None and not self.done.done():
             self.done.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     # ------------------------------------------------------------------ events
     def on_connect(self, conn) -> None:
@@ -79,20 +107,68 @@ class Rendezvous:
             return
         host, port = msg.meta.get("host"), msg.meta.get("port")
         if type(host) is not str or not host or len(host) > 255 or type(port) is not int or not 1 <= port <= 65535:
-            log.warning("rank 0: bad registration from rank %d: %r", msg.sender, msg.meta)
+            node._rlog.warning(f"rank {msg.sender}", "bad_registration",
+                               "rank 0: bad registration from rank %d: %r", msg.sender, dict(list(msg.meta.items())[:4]))
             node.stats.rejected["bad_registration"] += 1
             return
-        changed = self.addrs.get(msg.sender) != (host, port)
-        self.addrs[msg.sender] = (host, port)
-        log.info("rank 0: rank %d registered %s:%d (%d/%d)", msg.sender, host, port, len(self.addrs), node.world_size)
+        r = msg.sender
+        changed = self.addrs.get(r) != (host, port)
+        self.addrs[r] = (host, port)
+        node._rlog.info(f"rank {r}", "registered", "rank 0: rank %d registered %s:%d (%d/%d)",
+                        r, host, port, len(self.addrs), node.world_size)
         if self.done is not None and self.done.done():
-            if changed:  # a restart on a new address: everyone must learn it
-                node._set_directory(node._directory.with_address(msg.sender, (host, port)))
-                self._broadcast()
-            else:  # a reconnect: only the registrant needs the directory (no amplification)
-                self._broadcast([msg.sender])
+            if changed:  # a restart on a new address: everyone must learn it, the master first
+                node._set_directory(node._directory.with_address(r, (host, port)))
+                self._changed.add(r)
+            self._reply.add(r)  # (a reconnect: only the registrant needs the directory)
+            self._schedule()
         else:
             self._maybe_complete()
+
+    # ------------------------------------------------------------------ coalescing, rate limit
+    def _has_token(self, r: int, now: float, take: bool = False) -> bool:
+        tokens, when = self._tokens.get(r, (CHANGE_BURST, now))
+        tokens = min(CHANGE_BURST, tokens + (now - when) / CHANGE_EVERY_S)
+        ok = tokens >= 1 - 1e-9  # (float drift must not hold back a change that is due)
+        self._tokens[r] = (tokens - 1 if ok and take else tokens, now)
+        return ok
+
+    def _due(self, now: float) -> float:
+        """When the next send is due: within COALESCE_S for a reply or a change with a token,
+        else when the first held-back change gets its token."""
+        if self._reply or any(self._has_token(r, now) for r in self._changed):
+            return now + COALESCE_S
+        if self._changed:
+            return now + min((1 - self._tokens[r][0]) * CHANGE_EVERY_S for r in self._changed)
+        return math.inf
+
+    def _schedule(self) -> None:
+        loop = self.node._loop
+        at = self._due(loop.time())
+        if at < self._timer_at:  # an earlier send wins over one armed later
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = at
+            self._timer = loop.call_at(at, self._flush)
+
+    def _flush(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        node = self.node
+        if node._closing:
+            return
+        now = node._loop.time()
+        due = [r for r in self._changed if self._has_token(r, now)]
+        if due:  # one broadcast carries every change so far, held-back ones included
+            for r in due:
+                self._has_token(r, now, take=True)
+            self._changed.clear()
+            self._reply.clear()
+            self._broadcast()
+        elif self._reply:
+            ranks, self._reply = sorted(self._reply), set()
+            self._broadcast(ranks)
+        if self._changed:
+            self._schedule()
 
     def _maybe_complete(self) -> None:
         node = self.node
@@ -134,7 +210,8 @@ class Rendezvous:
             d = PeerDirectory(addrs, node.num_ps)
         except Exception as e:
             node.stats.rejected["bad_directory"] += 1
-            log.error("rank %d: bad directory from the master: %s", node.rank, e)
+            node._rlog.log(logging.ERROR, "rank 0", "bad_directory",
+                           "rank %d: bad directory from the master: %s", node.rank, e)
             return
         node._set_directory(d)
         if self.done is not None and not self.done.done():
