@@ -121,6 +121,20 @@ class RunConfig:
                                 "optimizer momentum beta) and aggregates instead of the raw "
                                 "gradients; 0: off; --opt_args momentum must then be 0 or this "
                                 "beta (moved to the workers, never applied twice)")
+    wm_rows: str = _f("quorum", "PS, with --worker_momentum: which momentum rows enter the rule. "
+                      "quorum: the quorum's senders only (fw of q_w may be Byzantine); recent: "
+                      "every worker's row updated within --wm_staleness steps, the quorum's "
+                      "fresh (fw of n_w: the adversary that orders messages can no longer shrink "
+                      "the honest share; docs/worst_case.md)", choices=("quorum", "recent"))
+    wm_staleness: int = _f(20, "PS, --wm_rows recent: steps a worker's momentum row may lag and "
+                           "still enter the rule")
+    check_gradients: int = _f(0, "PS, --mode garfield: recompute this many gradients of each quorum, "
+                              "drawn at random, and ban a worker whose gradient is not the one its "
+                              "seeded batch gives (a batch is a public function of the deployment); "
+                              "0: off (docs/worst_case.md)")
+    check_tolerance: float = _f(1e-3, "--check_gradients: the relative L2 distance above which a "
+                                "gradient is a forgery (float rounding on other hardware stays far "
+                                "below)")
     gather_period: str = _f("auto", "paper mode: steps T between gathers (DMC; in --sync the "
                             "workers pull every PS at t mod T == 0), or 'auto': the ByzSGD "
                             "authors' T = int(1 / (3 l lr)) (l: --lipschitz_l), at least 1 and at "
@@ -157,6 +171,14 @@ class RunConfig:
     startup_timeout: float = _f(120.0, "seconds to wait for the rendezvous / first connections")
     attack: str | None = _f(None, "make this node Byzantine with this attack")
     attack_args: dict[str, Any] = _f({}, "attack parameters as JSON")
+    scheduled_byzantine: str | None = _f(
+        None, "TEST HARNESS, not a protocol setting: emulates the asynchronous network's adversary, "
+        "which orders the messages.  Comma-separated Byzantine worker ranks (each running --attack): "
+        "every PS delivers their gradients at once, holds the correct workers' gradients of a step "
+        "until each listed rank's gradient of that step arrived (at most --resend_after) and leaks "
+        "the held ones to the listed ranks, which forge from them: the listed workers are in every "
+        "gradient quorum and know its honest gradients (byzsgd.roles.adversary_schedule).  Set on "
+        "every node by python -m byzsgd.launch --schedule adversarial; garfield mode only")
     threads: int = _f(1, "torch intra-op threads")
     device: str = _f("auto", "where the node trains / aggregates: auto (CUDA when available, the "
                      "rank's local index round-robin over the visible devices: $BYZSGD_LOCAL_INDEX "
@@ -254,6 +276,24 @@ class RunConfig:
         if isinstance(self.worker_momentum, bool) or not isinstance(self.worker_momentum, (int, float)) \
                 or not 0.0 <= self.worker_momentum < 1.0:
             raise ConfigError(f"--worker_momentum must be in [0, 1), got {self.worker_momentum!r}")
+        if isinstance(self.check_gradients, bool) or not isinstance(self.check_gradients, int) \
+                or self.check_gradients < 0:
+            raise ConfigError(f"--check_gradients must be an int >= 0, got {self.check_gradients!r}")
+        if self.check_gradients:
+            if self.mode != "garfield":
+                raise ConfigError("--check_gradients needs --mode garfield: in paper mode a worker's "
+                                  "gradient is computed on the median of the models it gathered, "
+                                  "which the PS cannot know")
+            if self.check_gradients > self.num_workers - self.fw:
+                raise ConfigError(f"--check_gradients {self.check_gradients}: at most q_w = "
+                                  f"{self.num_workers - self.fw} rows per quorum")
+        if not (isinstance(self.check_tolerance, (int, float)) and self.check_tolerance > 0):
+            raise ConfigError(f"--check_tolerance must be > 0, got {self.check_tolerance!r}")
+        if self.wm_rows not in ("quorum", "recent"):
+            raise ConfigError(f"--wm_rows must be quorum or recent, got {self.wm_rows!r}")
+        if isinstance(self.wm_staleness, bool) or not isinstance(self.wm_staleness, int) \
+                or self.wm_staleness < 0:
+            raise ConfigError(f"--wm_staleness must be an int >= 0, got {self.wm_staleness!r}")
         self.device = parse_device(self.device)
         if self.eval_samples < 0:
             raise ConfigError(f"--eval_samples must be >= 0, got {self.eval_samples}")
@@ -281,6 +321,14 @@ class RunConfig:
         if self.credentials and self.insecure_shared_secret:
             raise ConfigError("--credentials and --insecure_shared_secret true exclude each other: "
                               "per-rank credentials prove the rank, a shared secret does not")
+        if self.scheduled_byzantine is not None:
+            ranks = self.scheduled_ranks  # parsed and checked: worker ranks, distinct, <= q_w
+            if self.mode != "garfield":
+                raise ConfigError("--scheduled_byzantine (the adversarial schedule test harness) is "
+                                  "implemented for --mode garfield only")
+            if self.rank in ranks and not self.attack:
+                raise ConfigError(f"--scheduled_byzantine lists rank {self.rank}, which runs no "
+                                  "--attack: the schedule is for Byzantine workers")
 
 
     # -- derived quantities -------------------------------------------------------------
@@ -317,6 +365,26 @@ class RunConfig:
     @property
     def worker_ranks(self) -> list[int]:
         return list(range(self.num_ps, self.world_size))
+
+    @property
+    def scheduled_ranks(self) -> list[int]:
+        """``--scheduled_byzantine`` as sorted ranks ([] when unset).  ConfigError unless they
+        are distinct worker ranks, at most q_w of them (a quorum holds them all)."""
+        if self.scheduled_byzantine is None:
+            return []
+        try:
+            ranks = [int(x) for x in str(self.scheduled_byzantine).split(",")]
+        except ValueError:
+            raise ConfigError(f"--scheduled_byzantine must be comma-separated worker ranks, got "
+                              f"{self.scheduled_byzantine!r}") from None
+        bad = [r for r in ranks if not self.num_ps <= r < self.world_size]
+        if bad or len(set(ranks)) != len(ranks) or not ranks:
+            raise ConfigError(f"--scheduled_byzantine {self.scheduled_byzantine!r}: expected distinct "
+                              f"worker ranks ({self.num_ps}..{self.world_size - 1})")
+        if len(ranks) > self.q_w:
+            raise ConfigError(f"--scheduled_byzantine lists {len(ranks)} ranks, more than the "
+                              f"gradient quorum q_w = {self.q_w}")
+        return sorted(ranks)
 
     @property
     def model_rule(self) -> str:

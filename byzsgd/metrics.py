@@ -35,10 +35,12 @@ class MetricsWriter:
             self._fh = open(self.path, "a", buffering=1, encoding="utf-8")
 
     def write(self, **record: Any) -> None:
+        """Append ``record``; a value JSON has no form for (bytes, a tensor) is written as its
+        ``str``: a record never ends the run that writes it."""
         if self._fh is None:
             return
         record.setdefault("time", time.time())
-        self._fh.write(json.dumps(_clean(record), separators=(",", ":")) + "\n")
+        self._fh.write(json.dumps(_clean(record), separators=(",", ":"), default=str) + "\n")
 
     def close(self) -> None:
         if self._fh is not None:

@@ -132,7 +132,8 @@ def _every_flag_set() -> RunConfig:
                      outliers_factor=7.5, pull_timeout=0.5, log_diameter=False,
                      strict_resilience=True, pre_agg="clipping:tau=5,nnm",
                      model_pre_agg="clipping", worker_momentum=0.5, lipschitz_l=0.5,
-                     lipschitz_history="window", outliers_bound="authors", device="cuda:1")
+                     lipschitz_history="window", outliers_bound="authors", device="cuda:1",
+                     wm_rows="recent", wm_staleness=5, check_tolerance=0.01)
 
 
 def test_every_flag_round_trips_through_argv():
@@ -141,8 +142,12 @@ def test_every_flag_round_trips_through_argv():
     cfg = _every_flag_set()
     unset = [f.name for f, _ in flag_fields(RunConfig) if getattr(cfg, f.name) == default_of(f)]
     # the test covers every flag (--sync needs the default optimizer; median takes no gar_args;
-    # --credentials excludes --insecure_shared_secret: round-tripped below)
-    assert unset == ["optimizer", "gar_args", "credentials"], unset
+    # --credentials excludes --insecure_shared_secret: round-tripped below; --check_gradients
+    # and --scheduled_byzantine are garfield-mode only: round-tripped below)
+    assert unset == ["optimizer", "gar_args", "check_gradients", "credentials", "scheduled_byzantine"], unset
+    garfield = dataclasses.replace(cfg, mode="garfield", sync=False, gather_period="auto",
+                                   lipschitz_quantile=None, check_gradients=2)
+    assert RunConfig.from_argv(garfield.to_argv()) == garfield
     with_creds = RunConfig.from_argv(dataclasses.replace(cfg, insecure_shared_secret=False,
                                                          credentials="/c/rank2.cred").to_argv())
     assert with_creds.credentials == "/c/rank2.cred" and not with_creds.insecure_shared_secret
@@ -189,7 +194,8 @@ def test_bad_attack_refused_by_validate(kwargs, needle):
 def test_every_worker_role_arg_accepted():
     from byzsgd.roles.byzantine import WORKER_ROLE_ARGS
 
-    args = dict(estimate="fresh", estimate_batches=3, collude=True, search_every=2)
+    args = dict(estimate="fresh", estimate_batches=3, collude=True, search_every=2, meta={},
+                momentum_aware=False)
     assert set(args) == set(WORKER_ROLE_ARGS)
     RunConfig(rank=1, num_workers=2, attack="optimal_alie", attack_args=args).validate()
 

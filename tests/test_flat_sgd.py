@@ -128,6 +128,12 @@ def test_load_state_dict_refuses_another_model():
     other = FlatSGD(flat_state(_model()), lr=0.1, momentum=0.9)
     with pytest.raises(ValueError, match="parameters"):
         other.load_state_dict(opt.state_dict())
+    for key, value in (("lr", "0.1"), ("momentum", None), ("nesterov", "yes")):
+        wrong = opt.state_dict()
+        wrong["param_groups"][0][key] = value
+        with pytest.raises(ValueError, match=key):
+            other.load_state_dict(dict(wrong, param_groups=[dict(wrong["param_groups"][0],
+                                                                   params=list(range(8)))]))
     bad = opt.state_dict()
     bad["state"][0]["momentum_buffer"] = torch.zeros(3)
     with pytest.raises(ValueError, match="shape"):

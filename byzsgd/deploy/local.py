@@ -4,7 +4,9 @@ Every PS and worker is a separate process on loopback; ports are picked free; an
 secret is generated in memory (never written) and each rank's credentials (its pairwise keys,
 byzsgd.net.credentials) are provisioned from it into ``run_dir/credentials/rank<r>.cred``
 (0600, directory 0700), rank r getting ``--credentials`` of its own file only (Byzantine ranks
-included); and the run directory (:mod:`byzsgd.deploy.rundir`) holds each node's log and metrics plus
+included).  Both happen in a short-lived child of the launcher, which never holds the secret
+nor any key: a forked node, which shares the launcher's memory, finds only what it loads itself,
+its own rank's keys.  And the run directory (:mod:`byzsgd.deploy.rundir`) holds each node's log and metrics plus
 ``deployment.json``.  A forked node gets its :class:`~byzsgd.config.RunConfig` in memory;
 an exec'd one (and a restart by scripts/fault.py) its argv.  Progress (step, loss,
 accuracy) is read from the PSes' metrics files; nodes never poll.
@@ -14,7 +16,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -26,10 +27,9 @@ from byzsgd.config import CREDENTIALS_ENV, SECRET_ENV, SECRET_FILE_ENV, RunConfi
 from byzsgd.deploy import rundir
 from byzsgd.device import LOCAL_INDEX_ENV, cuda_initialized
 from byzsgd.deploy.options import LaunchConfig
-from byzsgd.deploy.spawn import (fork_node, preload_optimizer, preload_optimizer_needed, preload_roles,
-                                 warm_dataset_cache)
+from byzsgd.deploy.spawn import fork_node, preload_optimizer, preload_roles, warm_dataset_cache
 from byzsgd.metrics import gather_diameters, read_metrics
-from byzsgd.net.credentials import provision
+from byzsgd.net.credentials import provision_in_child
 from byzsgd.net.peers import free_ports
 from byzsgd.roles.entry import run_role
 
@@ -114,11 +114,12 @@ def plan(lc: LaunchConfig) -> Deployment:
 
 def provision_credentials(dep: Deployment) -> list[Path]:
     """One credentials file per rank in ``run_dir/credentials`` (0600 each, directory 0700),
-    derived from an operator secret that lives only in this function's memory."""
+    derived from an operator secret that lives only in a short-lived child's memory: the nodes
+    forked from this process later must not find any other rank's key in what they inherit."""
     cred_dir = rundir.credentials_dir(dep.run_dir)
     for stale in cred_dir.glob("rank*.cred") if cred_dir.is_dir() else ():
         stale.unlink()  # a reused run directory: no file of an earlier world stays behind
-    return provision(secrets.token_bytes(32), dep.cfg.world_size, cred_dir)
+    return provision_in_child(dep.cfg.world_size, cred_dir)
 
 
 def node_env(run_dir: Path, insecure: bool) -> dict[str, str]:
@@ -150,7 +151,9 @@ def start(dep: Deployment, spawn: str = "exec") -> None:
         spawn = "exec"
     if spawn == "fork":
         preload_roles()  # first: the child that warms the cache inherits the imports
-        if preload_optimizer_needed(dep.cfg.optimizer):
+        from byzsgd.learning.optim import steps_flat  # torch: imported by preload_roles anyway
+
+        if not steps_flat(dep.cfg.optimizer):
             preload_optimizer()
     warm_dataset_cache(dep.cfg.dataset, dep.cfg.data_root)
     for node in dep.nodes:

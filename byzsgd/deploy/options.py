@@ -24,7 +24,8 @@ from byzsgd.flags import DEPLOYMENT, build_parser, coerce, flag, to_argv, values
 #: default) fall to one optimal_alie worker.  The trainer keeps Garfield's defaults.
 LAUNCH_DEFAULTS = dict(num_ps=4, num_workers=7, fw=1, fps=1, num_iter=1000, acc_freq=100, batch=48,
                        opt_args={"lr": "0.05", "momentum": "0.9"}, pre_agg="nnm",
-                       worker_momentum=0.9, rank=0, eval_samples=2000, log=False)
+                       worker_momentum=0.9, wm_rows="recent", check_gradients=1, rank=0,
+                       eval_samples=2000, log=False)
 DESCRIPTION = ("Start a whole ByzSGD deployment on this machine (loopback): every PS and worker a "
                "process. Default: MNIST convnet, 4 PS (fps=1), 7 workers (fw=1), median after "
                "--pre_agg nnm of per-worker momentums (--worker_momentum 0.9), batch 48, SGD lr "
@@ -56,6 +57,13 @@ class LaunchConfig:
     byz_ps: int = _d(0, "how many parameter servers are Byzantine")
     ps_attack: str | None = _d(None, "attack of the Byzantine parameter servers")
     ps_attack_args: dict[str, Any] = _d({}, "JSON parameters of the PS attack")
+    schedule: str = _d("none", "adversarial: TEST HARNESS emulating the asynchronous network's "
+                       "adversary: every PS delivers the Byzantine workers' gradients first, holds "
+                       "the correct ones until those are in (at most --resend_after) and leaks them "
+                       "to the Byzantine workers, which forge from them: the Byzantine workers are in "
+                       "every gradient quorum and know its honest gradients (sets "
+                       "--scheduled_byzantine on every node; needs --byz_workers, garfield mode); "
+                       "none: the network's own order", choices=("none", "adversarial"))
     timeout: float = _d(0.0, "kill the deployment after N s (0: never)")
     json: bool = _d(False, "print a JSON summary as the last line", switch=True)
     quiet: bool = _d(False, "no progress bar", switch=True)
@@ -110,6 +118,18 @@ class LaunchConfig:
             raise ConfigError("--byz_ps needs --ps_attack")
         if self.timeout < 0:
             raise ConfigError(f"--timeout must be >= 0, got {self.timeout}")
+        if cfg.scheduled_byzantine is not None:
+            raise ConfigError("--scheduled_byzantine is the nodes' side of the test harness: give the "
+                              "launcher --schedule adversarial (it lists the Byzantine workers itself)")
+        if self.schedule == "adversarial":
+            from byzsgd.roles import protocol_attacks
+
+            if not self.byz_workers:
+                raise ConfigError("--schedule adversarial orders the Byzantine workers' gradients "
+                                  "first: it needs --byz_workers >= 1")
+            if protocol_attacks.is_protocol_attack(self.worker_attack):
+                raise ConfigError(f"--schedule adversarial needs a value attack; --worker_attack "
+                                  f"{self.worker_attack} is a protocol attack")
         self.node_config(0).validate()
         # each Byzantine role's attack, on that role's configuration (what the node checks)
         if self.worker_attack:
@@ -119,6 +139,11 @@ class LaunchConfig:
         return self
 
     # -- the ranks ----------------------------------------------------------------------------
+    def byzantine_worker_ranks(self) -> list[int]:
+        """The Byzantine workers: the last ``byz_workers`` ranks."""
+        cfg = self.run
+        return list(range(cfg.world_size - self.byz_workers, cfg.world_size))
+
     def byzantine_ranks(self) -> set[int]:
         """The last ranks of each role are the Byzantine ones."""
         cfg = self.run
@@ -136,6 +161,8 @@ class LaunchConfig:
                                        attack_args=dict((self.ps_attack_args if is_ps else
                                                          self.worker_attack_args) if attack else {}),
                                        byzantine=bool(attack))
+        if self.schedule == "adversarial" and self.byz_workers:  # every node: the PSes order, the
+            changes["scheduled_byzantine"] = ",".join(map(str, self.byzantine_worker_ranks()))  # workers forge
         if run_dir is not None:
             from byzsgd.deploy import rundir
             from byzsgd.net.credentials import credentials_path

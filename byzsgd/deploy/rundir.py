@@ -398,13 +398,17 @@ def rejoins(run_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- net stats
-def net_stats_line(rank: int, role: str, rejected: dict, failures: dict, **counts) -> str:
-    """The line a node prints at exit: ``byzsgd-net-stats {json}``; ``counts`` (numbers) are
-    added as they are: what the node sent and received (``frames_sent``, ``bytes_sent``, ...),
-    its CPU seconds (``cpu_s``), its peak resident memory (``maxrss``), ...
-    (scripts/bench_scale.py reads them)."""
+def net_stats_line(rank: int, role: str, rejected: dict, failures: dict, *, refused: dict | None = None,
+                   **counts) -> str:
+    """The line a node prints at exit: ``byzsgd-net-stats {json}``: connections refused
+    (``rejected``: reason -> count), what members sent that was refused, the connection kept
+    (``refused``: "<reason>:<kind>:<sender>" -> count), contained failures; ``counts``
+    (numbers) are added as they are: what the node sent and received (``frames_sent``,
+    ``bytes_sent``, ...), its CPU seconds (``cpu_s``), its peak resident memory (``maxrss``),
+    ... (scripts/bench_scale.py reads them)."""
     doc = {"rank": int(rank), "role": role,
            "rejected": {str(k): int(v) for k, v in dict(rejected).items()},
+           "refused": {str(k): int(v) for k, v in dict(refused or {}).items()},
            "failures": {str(k): int(v) for k, v in dict(failures).items()}}
     doc.update({str(k): v for k, v in counts.items() if isinstance(v, (int, float))})
     return NET_STATS_PREFIX + json.dumps(doc, sort_keys=True)
@@ -435,10 +439,23 @@ def read_net_stats(log: str | os.PathLike) -> dict | None:
     return doc if isinstance(doc, dict) else None
 
 
+def _refusals(doc: dict) -> dict[str, int] | None:
+    """A net-stats line's or done record's refusals in one map: connections by reason, and
+    what members sent by "<reason>:<kind>:<sender>" (disjoint keys); None if it has none."""
+    counts = _count_map(doc.get("rejected"))
+    if counts is None:
+        return None
+    return {**counts, **(_count_map(doc.get("refused")) or {})}
+
+
 def rejections(run_dir: str | os.PathLike) -> dict[str, dict[str, int]]:
-    """Per rank that reported, what its transport refused: ``{rank: {reason: count}}`` (an
-    empty map: nothing refused).  From the line each node prints at exit into its log, else
-    (a PS) from its metrics' done record; a rank that reported neither is absent."""
+    """Per rank that reported, what it refused: ``{rank: {reason: count}}`` (an empty map:
+    nothing refused): connections the transport closed (``"auth"``, ``"bad_rank"``, ...) and
+    what a member sent that was refused, the connection kept, as
+    ``"<reason>:<kind>:<sender>"`` (``"sender:grad:0"``: PS 0 sent a gradient;
+    ``"meta.loss:grad:9"``: worker 9's loss was not a finite number).  From the line each node
+    prints at exit into its log, else (a PS) from its metrics' done record; a rank that
+    reported neither is absent."""
     run_dir = Path(run_dir)
     try:
         ranks = read_deployment(run_dir)["ranks"]
@@ -454,14 +471,14 @@ def rejections(run_dir: str | os.PathLike) -> dict[str, dict[str, int]]:
         if not log.exists():
             log = rank_file(run_dir, role, rank, "log")  # run directory moved since
         stats = read_net_stats(log)
-        counts = _count_map(stats.get("rejected")) if stats else None
+        counts = _refusals(stats) if stats else None
         if counts is None and role == "ps":
             metrics = Path(r.get("metrics") or rank_file(run_dir, role, rank, "metrics"))
             if not metrics.exists():
                 metrics = rank_file(run_dir, role, rank, "metrics")
             for rec in read_metrics(metrics):
                 if rec.get("event") == "done" and "rejected" in rec:
-                    counts = _count_map(rec["rejected"])
+                    counts = _refusals(rec)
         if counts is not None:
             out[str(rank)] = counts
     return out

@@ -60,17 +60,11 @@ def preload_roles() -> None:
     _freeze_heap()
 
 
-def preload_optimizer_needed(optimizer: str) -> bool:
-    """Whether the PSes' optimizer is a torch.optim one (every one but ``sgd``, which PSes run
-    as :class:`~byzsgd.learning.flat_sgd.FlatSGD`)."""
-    return str(optimizer).strip().lower() != "sgd"
-
-
 def preload_optimizer() -> None:
     """Import torch._dynamo in the parent, for PSes whose optimizer is a torch.optim one: its
     first ``step()`` imports it (sympy, triton: 2-9 s of CPU and ~80 MB of heap), once here
     rather than once per PS.  Every forked node then maps those pages and its PSS counts a
-    share of them: ``sgd`` (the default) does without (:func:`preload_optimizer_needed`)."""
+    share of them: ``sgd`` (the default) does without (:func:`byzsgd.learning.optim.steps_flat`)."""
     import torch._dynamo  # noqa: F401  (it starts no thread)
 
     _freeze_heap()

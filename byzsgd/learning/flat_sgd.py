@@ -120,9 +120,16 @@ class FlatSGD:
 
 
 def _check(group: Mapping[str, Any]) -> None:
-    """torch.optim.SGD's own checks, as :class:`ConfigError`."""
+    """torch.optim.SGD's own checks, as :class:`ConfigError` (also for a checkpoint's values that
+    are not numbers, which torch would only trip over at the first step)."""
+    for key in ("lr", "momentum", "dampening", "weight_decay"):
+        if isinstance(group[key], bool) or not isinstance(group[key], (int, float)):
+            raise ConfigError(f"optimizer 'sgd': {key} must be a number, got {group[key]!r:.40}")
+    for key in ("nesterov", "maximize"):
+        if not isinstance(group[key], bool):
+            raise ConfigError(f"optimizer 'sgd': {key} must be a boolean, got {group[key]!r:.40}")
     lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
-    if not isinstance(lr, (int, float)) or lr < 0:
+    if lr < 0:
         raise ConfigError(f"optimizer 'sgd': invalid learning rate: {lr}")
     if momentum < 0:
         raise ConfigError(f"optimizer 'sgd': invalid momentum value: {momentum}")

@@ -44,7 +44,8 @@ from torch import Tensor
 from byzsgd.errors import ConfigError, UnknownNameError
 
 __all__ = [
-    "build_loss", "loss_names", "build_optimizer", "build_flat_optimizer", "optimizer_names", "parse_opt_args",
+    "build_loss", "loss_names", "build_optimizer", "build_flat_optimizer", "steps_flat", "optimizer_names",
+    "parse_opt_args",
     "FlatState", "flat_state", "state_vector", "load_state_vector", "grad_vector",
     "load_grad_vector", "num_parameters", "state_size", "compute_gradient",
 ]
@@ -192,12 +193,18 @@ def build_optimizer(name: str, params: Iterable, opt_args=None) -> torch.optim.O
         raise ConfigError(f"optimizer {name!r} with {kwargs}: {exc}") from None
 
 
+def steps_flat(name: str) -> bool:
+    """Whether a PS steps optimizer ``name`` as :class:`~byzsgd.learning.flat_sgd.FlatSGD`
+    (``sgd``) rather than with torch.optim (whose first step imports torch._dynamo)."""
+    return str(name).strip().lower() == "sgd"
+
+
 def build_flat_optimizer(name: str, flat: "FlatState", opt_args=None):
     """The optimizer a PS steps ``flat`` with: ``sgd`` is :class:`~byzsgd.learning.flat_sgd.FlatSGD`
     (torch.optim.SGD's update on the flat vector, without importing torch._dynamo); the others
     are :func:`build_optimizer`'s torch.optim ones over ``flat.model``."""
     kwargs = parse_opt_args(name, opt_args)
-    if str(name).strip().lower() == "sgd":
+    if steps_flat(name):
         from byzsgd.learning.flat_sgd import FlatSGD
 
         return FlatSGD(flat, **kwargs)

@@ -1,17 +1,26 @@
 """Byzantine behaviours of the roles: what a lying worker or parameter server sends.
 
 Worker attacks are those of :mod:`byzsgd.attacks` (pure tensor functions) plus
-``label_flip`` (a data attack: the honest computation on flipped labels) and ``silent``
-(never answers: a crashed or partitioned worker).  A Byzantine worker acting alone
-estimates what it needs (mean, standard deviation) from ``estimate_batches`` (default 4)
-gradients of its own: by default (``estimate: "history"``) the current one and those of its
-previous steps, which cost nothing more; ``estimate: "fresh"`` computes extra batches on the
-current model instead.  With ``"collude": true`` it is the omniscient adversary of the
-literature and uses the honest gradients of the step of every worker.  Whatever an attack
-computes beyond the honest gradient is paid once per step (see :class:`WorkerAttack`): a
-Byzantine worker slower than the honest ones would miss the PSes' quorums (the first
-n_w - fw gradients) and harm nobody.  Besides the attack's own parameters, ``attack_args``
-takes ``estimate``, ``estimate_batches``, ``collude`` and ``search_every`` (optimal_*).
+``label_flip`` (a data attack: the honest computation on flipped labels), ``silent``
+(never answers: a crashed or partitioned worker) and ``honest`` (the honest gradient: with
+``meta``, a worker that lies only in its metadata).  Any worker attack takes
+``"meta": {field: value}``: fields its gradients' metadata carry instead of the honest ones
+(``{"loss": 1e308}``, NaN, a string: what the PS must contain, docs/design.md §3).  A
+Byzantine worker acting alone estimates what it needs (mean, standard deviation) from
+``estimate_batches`` (default 4) gradients of its own: by default (``estimate: "history"``)
+the current one and those of its previous steps, which cost nothing more; ``estimate:
+"fresh"`` computes extra batches on the current model instead.  With ``"collude": true`` it
+is the omniscient adversary of the literature and uses the honest gradients of the step of
+every worker.  Whatever an attack computes beyond the honest gradient is paid once per step
+(see :class:`WorkerAttack`): a Byzantine worker slower than the honest ones would miss the
+PSes' quorums (the first n_w - fw gradients) and harm nobody.  Besides the attack's own parameters, ``attack_args``
+takes ``estimate``, ``estimate_batches``, ``collude``, ``search_every`` (optimal_*), ``meta`` and
+``momentum_aware`` (with ``collude`` and ``--worker_momentum``: the attack runs on the honest
+momentum rows and the gradient sent puts the forged row into the PS's momentum, see
+:class:`byzsgd.attacks.momentum_aware.MomentumAwareWorker`).  A worker listed in the test
+harness's ``--scheduled_byzantine`` forges instead from the honest gradients the PSes leak to it
+(:mod:`byzsgd.roles.scheduled_attacker`).  Rule-aware attacks get the
+deployed ``--gar``, fw, ``--gar_args`` and, when they take one, the ``--pre_agg`` pipeline.
 A forging Byzantine PS sends its forged model to its peers as soon as a step starts
 (``eager``, see :class:`PSAttack`), not after its own gradient quorum.
 
@@ -35,6 +44,7 @@ from typing import Any
 import torch
 
 from byzsgd import attacks
+from byzsgd.attacks.momentum_aware import MomentumAwareWorker
 from byzsgd.attacks.optimal import optimal_alie_factor, optimal_ipm_factor
 from byzsgd.attacks.statistical import alie_strength
 from byzsgd.config import RunConfig
@@ -44,15 +54,16 @@ from byzsgd.roles.common import KIND_MODEL, KIND_PS_MODEL
 
 log = logging.getLogger("byzsgd.byzantine")
 
-WORKER_ATTACKS_EXTRA = ("label_flip", "silent")
+WORKER_ATTACKS_EXTRA = ("label_flip", "silent", "honest")
 #: attack_args a Byzantine worker takes besides its attack's own parameters
-WORKER_ROLE_ARGS = ("estimate", "estimate_batches", "collude", "search_every")
+WORKER_ROLE_ARGS = ("estimate", "estimate_batches", "collude", "search_every", "meta", "momentum_aware")
 PS_ATTACKS = ("random", "reverse", "drop", "nan", "equivocate", "stale", "silent", "delay", "crash")
 #: PS attacks that forge models (the others withhold, delay or stop them)
 _FORGING_PS = ("random", "reverse", "drop", "nan", "equivocate", "stale")
 
 #: attacks that need an estimate of the honest distribution, not only one gradient
-_NEEDS_ESTIMATE = ("alie", "ipm", "empire", "optimal_alie", "optimal_ipm", "mimic")
+_NEEDS_ESTIMATE = ("alie", "ipm", "empire", "optimal_alie", "optimal_ipm", "mimic", "minmax", "minsum",
+                   "fang")
 
 
 def worker_attack_names() -> list[str]:
@@ -95,6 +106,11 @@ class WorkerAttack:
         # a seeded, public function of the deployment), which is exactly what a side
         # channel carrying the honest gradients would tell it.
         self.collude = bool(params.pop("collude", False))
+        # the adversarial schedule's worker (test harness): the PSes leak the step's honest
+        # gradients to it (byzsgd.roles.scheduled_attacker), no need to compute them
+        self.scheduled = cfg.rank in cfg.scheduled_ranks
+        self.momentum_aware = momentum_aware = bool(params.pop("momentum_aware", False))
+        self.meta = _forged_meta(params.pop("meta", {}))
         if self.estimate_batches < 1:
             raise ConfigError("attack argument estimate_batches must be >= 1")
         if self.estimate not in ("history", "fresh"):
@@ -103,15 +119,22 @@ class WorkerAttack:
             raise ConfigError("attack argument search_every must be >= 1")
         self.label_flip = name == "label_flip"
         self.silent = name == "silent"
-        if not (self.label_flip or self.silent):
+        self.honest = name == "honest"
+        if not (self.label_flip or self.silent or self.honest):
             spec = attacks.get(name)  # raises UnknownNameError listing the known attacks
             if spec.needs_rule:
                 params.setdefault("gar", cfg.gar)
                 params.setdefault("gar_f", cfg.fw)
+                if cfg.gar_args:
+                    params.setdefault("gar_params", dict(cfg.gar_args))
+            if "pipeline" in spec.params:  # search against the deployed pipeline, not the rule alone
+                params.setdefault("pipeline", cfg.pre_agg)
             if "n" in spec.params:
-                params.setdefault("n", cfg.num_workers)
-            if "seed" in spec.params:
-                params.setdefault("seed", cfg.seed * 1000 + cfg.rank)
+                # the rows the rule sees: the quorum's, or every worker's (--wm_rows recent)
+                params.setdefault("n", cfg.num_workers if cfg.worker_momentum and cfg.wm_rows == "recent"
+                                  else cfg.q_w)
+            if "seed" in spec.params:  # scheduled (coordinated) workers forge the same rows
+                params.setdefault("seed", cfg.seed * 1000 + (0 if self.scheduled else cfg.rank))
             unknown = set(params) - set(spec.params)
             if unknown:
                 raise ConfigError(f"worker attack {name!r}: unknown arguments {sorted(unknown)}; known: "
@@ -120,6 +143,15 @@ class WorkerAttack:
             alie_strength(params["z"])  # a bad z fails at start, not at the first forged gradient
         self.params = params
         self.f = max(1, cfg.fw)
+        # the attack aims at the PS's per-worker momentum rows (byzsgd.attacks.momentum_aware)
+        self._momentum = None
+        if momentum_aware:
+            if not (cfg.worker_momentum > 0 and (self.collude or self.scheduled)) or self.label_flip \
+                    or self.silent or self.honest:
+                raise ConfigError("attack argument momentum_aware needs --worker_momentum > 0, "
+                                  "collude: true or the adversarial schedule (it tracks the honest "
+                                  "momentums from the honest gradients) and a forging attack")
+            self._momentum = MomentumAwareWorker(cfg.worker_momentum, name, self.f)
         self._history: collections.OrderedDict[int, torch.Tensor] = collections.OrderedDict()
         self._offsets_step: int | None = None
         self._offsets: list[torch.Tensor] = []
@@ -162,23 +194,52 @@ class WorkerAttack:
     def forge(self, honest: torch.Tensor, step: int) -> torch.Tensor | None:
         if self.silent:
             return None
-        if self.label_flip:
-            return honest  # the replica already computed it on flipped labels
+        if self.label_flip or self.honest:
+            return honest  # label_flip: the replica already computed it on flipped labels
         # ``honest`` is the replica's reusable gradient buffer: extra gradients overwrite it
         honest = honest.clone()
         known = self.known_rows(honest, step)
+        if self._momentum is not None:  # the attack runs on the honest momentum rows
+            return self._momentum.gradient(step, known, self.step_params(step))
+        return self.forge_rows(known, step)[0].contiguous()
+
+    def step_params(self, step: int) -> dict:
+        """The attack's parameters at ``step`` (a seeded attack draws anew each step)."""
         params = dict(self.params)
         if "seed" in params:
             params["seed"] = int(params["seed"]) + step
+        return params
+
+    def forge_rows(self, known: torch.Tensor, step: int) -> torch.Tensor:
+        """The f rows [f, d] the attack forges at ``step`` from the known rows [k, d]
+        (:meth:`known_rows`, or what the adversarial schedule leaked)."""
+        params = self.step_params(step)
         if self.name in ("optimal_alie", "optimal_ipm"):
             if self._factor_step is None or step - self._factor_step >= self.search_every or step < self._factor_step:
                 search = optimal_alie_factor if self.name == "optimal_alie" else optimal_ipm_factor
                 self._factor = search(known, self.f, **params)
                 self._factor_step = step
             if self.name == "optimal_alie":
-                return attacks.forge("alie", known, self.f, z=self._factor)[0].contiguous()
-            return attacks.forge("ipm", known, self.f, epsilon=self._factor)[0].contiguous()
-        return attacks.forge(self.name, known, self.f, **params)[0].contiguous()
+                return attacks.forge("alie", known, self.f, z=self._factor)
+            return attacks.forge("ipm", known, self.f, epsilon=self._factor)
+        return attacks.forge(self.name, known, self.f, **params)
+
+
+def _forged_meta(meta: Any) -> dict:
+    """The ``meta`` attack argument: a map of str to what a frame's meta may carry (None,
+    bool, a 64-bit int, float, str), so that the attack fails at start, not at its first
+    send."""
+    if not isinstance(meta, dict):
+        raise ConfigError(f"attack argument meta must be a JSON object, got {meta!r}")
+    if len(meta) > 32:  # a frame's meta holds at most 64 (MAX_META_ITEMS), the loss included
+        raise ConfigError(f"attack argument meta: {len(meta)} fields, at most 32")
+    for key, value in meta.items():
+        ok = value is None or type(value) in (bool, float, str) or (
+            type(value) is int and -(1 << 63) <= value < (1 << 64))
+        if not isinstance(key, str) or not ok:
+            raise ConfigError(f"attack argument meta: {key!r}: {value!r} is not a frame's meta "
+                              "value (null, bool, 64-bit int, float or string)")
+    return dict(meta)
 
 
 def worker_behaviour(cfg: RunConfig, replica: Any) -> WorkerAttack | None:

@@ -11,6 +11,10 @@ Message kinds exchanged by the roles (the only kinds a node accepts):
 * ``ps_after`` PS -> PS (paper mode): the PS's model after a gather, to measure the diameter.
 * ``ps_ask``   PS -> PS: send me (again) your ``ps_model`` of step >= t (no tensors): the
                re-ask of a gather that waits for a model that was lost.
+* ``leak``     PS -> worker, only under the TEST HARNESS ``--scheduled_byzantine`` (the
+               network adversary, :mod:`byzsgd.roles.adversary_schedule`): a correct worker's
+               gradient of step t that the PS holds back, copied to the listed Byzantine
+               workers; ``meta = {"worker": its sender's rank}``.  Only those workers register it.
 
 Each kind is accepted only from the role that may send it (``SENDERS``, enforced by the node
 before any handler runs; refusals are counted in ``node.stats.refused["sender:<kind>"]``).
@@ -39,10 +43,11 @@ KIND_DONE = "done"
 KIND_PULL = "pull"  # paper --sync: a worker asks one PS for its model of a step (no tensors)
 KIND_PS_AFTER = "ps_after"  # paper mode: a PS's model after a gather (for the diameter)
 KIND_PS_ASK = "ps_ask"  # a PS asks a peer for its ps_model of step >= t (no tensors)
+KIND_LEAK = "leak"  # test harness (--scheduled_byzantine): a held correct gradient, to the Byzantine workers
 
 #: who may send each kind: the one place the roles' handlers take it from (Role.accept)
 SENDERS = {KIND_MODEL: "ps", KIND_GRAD: "worker", KIND_PS_MODEL: "ps", KIND_DONE: "ps",
-           KIND_PULL: "worker", KIND_PS_AFTER: "ps", KIND_PS_ASK: "ps"}
+           KIND_PULL: "worker", KIND_PS_AFTER: "ps", KIND_PS_ASK: "ps", KIND_LEAK: "ps"}
 
 #: whom each role exchanges messages with (the SENDERS above, both ways): a worker talks to
 #: PSes only, so workers never connect to one another

@@ -29,6 +29,7 @@ import time
 
 from byzsgd.config import RunConfig
 from byzsgd.net import Message
+from byzsgd.roles import scheduled_attacker
 from byzsgd.roles.common import KIND_MODEL
 from byzsgd.roles.ps_base import PSBase
 from byzsgd.roles.worker_base import WorkerBase
@@ -50,6 +51,8 @@ class GarfieldWorker(WorkerBase):
         self.turn = -1  # the PS served last: the next turn goes to the next rank after it
         self.refused = 0  # requests dropped: copies, replays, superseded
         self.accept(KIND_MODEL, self._on_request, shapes=[(self.replica.state_size,)])
+        # test harness --scheduled_byzantine: this Byzantine worker forges from the PSes' leaks
+        self.scheduled = scheduled_attacker.attach(self)
 
     def _on_request(self, msg: Message) -> None:
         sender = msg.sender
@@ -95,7 +98,10 @@ class GarfieldWorker(WorkerBase):
                 if self.answered.get(sender, (-1,))[0] != msg.step:
                     self.answered[sender] = (msg.step, time.monotonic(), False)
                 try:
-                    self._answer_steps({sender: msg.step}, msg.step, msg.tensors[0])
+                    if self.scheduled is not None:  # waits (bounded) for the PS's leaks
+                        await self.scheduled.answer(sender, msg.step, msg.tensors[0])
+                    else:
+                        self._answer_steps({sender: msg.step}, msg.step, msg.tensors[0])
                 finally:
                     msg.release()
                 departure.served(sender, msg.step)

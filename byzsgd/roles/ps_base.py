@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import statistics
 import time
 
@@ -31,7 +30,6 @@ from byzsgd.config import RunConfig
 from byzsgd.device import describe as describe_device
 from byzsgd.errors import ByzSGDError, ConfigError
 from byzsgd.gars.pipeline import Pipeline
-from byzsgd.gars.worker_momentum import WorkerMomentum
 from byzsgd.learning.checkpoint import CheckpointPolicy, common_checkpoint_step
 from byzsgd.metrics import MetricsWriter
 from byzsgd.net import Message, NewestModels, race, until_quorum
@@ -39,6 +37,9 @@ from byzsgd.roles import byzantine
 from byzsgd.roles.aggregation import aggregate_finite
 from byzsgd.roles.base import DRAIN_S, Role
 from byzsgd.roles.common import KIND_DONE, KIND_GRAD, KIND_MODEL, KIND_PS_ASK, KIND_PS_MODEL, SENDERS
+from byzsgd.roles.gradient_aggregation import GradientAggregation
+from byzsgd.roles.gradient_check import GradientCheck
+from byzsgd.roles.member_input import grad_meta, median_finite
 from byzsgd.roles.replica import Replica
 
 log = logging.getLogger("byzsgd.ps")
@@ -53,7 +54,6 @@ def _fmt(loss: float | None) -> str:
     return "n/a" if loss is None else f"{loss:.4f}"
 
 
-
 def serving_order(ranks, step: int) -> list[int]:
     """``ranks`` rotated by ``step``: the order a PS sends step ``step``'s model in.
 
@@ -63,6 +63,7 @@ def serving_order(ranks, step: int) -> list[int]:
     ranks = list(ranks)
     k = step % len(ranks) if ranks else 0
     return ranks[k:] + ranks[:k]
+
 
 class PSBase(Role):
     """One PS: a model replica, a node, and the step loop; a mode subclass says how it asks
@@ -78,8 +79,9 @@ class PSBase(Role):
         if replica.buffer_size:
             grad_shapes.append((replica.buffer_size,))
         window = cfg.step_window
-        self.grad_box = self.node.mailbox(KIND_GRAD, window=window, shapes=grad_shapes,
-                                          role=SENDERS[KIND_GRAD])
+        from byzsgd.roles.adversary_schedule import gradient_intake  # test harness (--scheduled_byzantine)
+        self.grad_box = gradient_intake(self.node, cfg, KIND_GRAD, window=window, shapes=grad_shapes,
+                                        role=SENDERS[KIND_GRAD], excluded=lambda: self.gradients.banned)
         self.peers = [r for r in cfg.ps_ranks if r != cfg.rank]
         # a peer's model beyond our step + window counts only when more than fps peers are
         # that far ahead (docs/design.md §3): one liar neither keeps a seat nor makes us skip
@@ -102,15 +104,21 @@ class PSBase(Role):
         self.model_quorum: list[int] = []  # the peers whose models the last gather used
         self.models_rejected = 0  # models the workers' filters refused (their gradients say)
         self.step = 0
-        # --pre_agg / --model_pre_agg, and the per-worker momentum (--worker_momentum): the PS
-        # computes each worker's momentum from what it received, so no worker can opt out
-        self.pre_agg = Pipeline.parse(cfg.pre_agg)
+        # the gradient side of the step (roles/gradient_aggregation.py): non-finite rows, the
+        # per-worker momentum stage (--worker_momentum: the PS computes each worker's momentum
+        # from what it received, so no worker can opt out), the rows that enter (--wm_rows),
+        # --pre_agg, --gar; and the spot checks that ban a forging worker (--check_gradients)
+        self.gradients = GradientAggregation(
+            cfg.gar, cfg.fw, cfg.gar_args, dim=replica.grad_size, worker_ranks=cfg.worker_ranks,
+            pipeline=cfg.pre_agg, beta=cfg.worker_momentum, rows=cfg.wm_rows,
+            staleness=cfg.wm_staleness, drop_nonfinite=cfg.drop_nonfinite, seed=cfg.seed, device=dev)
+        self.worker_momentum = self.gradients.momentum
+        self.check = GradientCheck(cfg, cfg.check_gradients, cfg.check_tolerance) \
+            if cfg.check_gradients else None
         self.model_pre_agg = Pipeline.parse(cfg.model_pre_agg)
-        self.worker_momentum = WorkerMomentum(cfg.worker_momentum, replica.grad_size,
-                                              cfg.worker_ranks, device=dev) if cfg.worker_momentum > 0 else None
         self.checkpoints = CheckpointPolicy(
             cfg.checkpoint_dir, cfg.checkpoint_every, cfg.rank,
-            components={"worker_momentum": self.worker_momentum} if self.worker_momentum else None) \
+            components={"worker_momentum": self.gradients} if self.worker_momentum else None) \
             if cfg.checkpoint_dir else None
         if self.checkpoints is not None and cfg.resume:
             # PSes sharing a directory resume at the newest step all of them have
@@ -131,8 +139,9 @@ class PSBase(Role):
     def _request_gradients(self, t: int, snapshot):
         """Ask the workers for step ``t``'s gradients on ``snapshot``; returns how to ask
         the silent ones again (``resend(ranks)``), or None.  Default: push the model to
-        every worker, in :func:`serving_order`."""
-        self._send_model(serving_order(self.cfg.worker_ranks, t), KIND_MODEL, t, snapshot)
+        every worker not banned (--check_gradients), in :func:`serving_order`."""
+        workers = [w for w in self.cfg.worker_ranks if w not in self.gradients.banned]
+        self._send_model(serving_order(workers, t), KIND_MODEL, t, snapshot)
         return lambda silent: self._send_model(silent, KIND_MODEL, t, snapshot)
 
     def _gathers_after(self, t: int) -> bool:
@@ -215,10 +224,12 @@ class PSBase(Role):
         """Steps 1-3: request, the first q_w gradients, aggregate and step.  Returns the
         workers' losses, or None when enough peers got ahead first (join them)."""
         cfg, replica = self.cfg, self.replica
-        workers = cfg.worker_ranks
+        # a worker caught forging is asked no more and its gradients are not taken
+        workers = [w for w in cfg.worker_ranks if w not in self.gradients.banned]
         q_peers = cfg.q_ps - 1
         self.grad_box.advance(t)  # after a jump the window must start at t
-        resend = self._request_gradients(t, replica.state_vector())
+        snapshot = replica.state_vector()
+        resend = self._request_gradients(t, snapshot)
         grads = await until_quorum(
             lambda: self.grad_box.collect(t, cfg.q_w, senders=workers, timeout=cfg.resend_after),
             workers, resend=resend,
@@ -231,14 +242,15 @@ class PSBase(Role):
             self._stack(grads, 0, self.G)
             if self.B is not None:
                 self._stack(grads, 1, self.B)
-            for msg in grads.values():
-                meta = msg.meta if isinstance(msg.meta, dict) else {}
-                loss = meta.get("loss")
-                if isinstance(loss, (int, float)) and math.isfinite(loss):
-                    losses.append(float(loss))
-                rejected = meta.get("rejected")
-                if type(rejected) is int and 0 <= rejected <= cfg.num_ps:  # a liar cannot inflate it
-                    record["models_rejected"] = record.get("models_rejected", 0) + rejected
+            for sender, msg in grads.items():
+                with self.member(msg):  # docs/design.md §3: what we do with each field
+                    meta = grad_meta(msg.meta, cfg.num_ps)
+                    for name in meta.refused:
+                        self.node.stats.refuse(f"meta.{name}", KIND_GRAD, sender)
+                    if meta.loss is not None:
+                        losses.append(meta.loss)  # reduced by its median (_record)
+                    if meta.rejected:  # at most n_ps per worker and step
+                        record["models_rejected"] = record.get("models_rejected", 0) + meta.rejected
         finally:
             for msg in grads.values():
                 msg.release()
@@ -247,10 +259,18 @@ class PSBase(Role):
         senders = sorted(grads)
         record["quorum"] = senders
         record["late"] = [w for w in workers if w not in grads]
-        g, dropped = self._aggregate(cfg.gar, self.G, cfg.fw, cfg.gar_args, pipeline=self.pre_agg,
-                                     prepare=self._momentum_of(senders))
+        if self.check is not None:
+            caught = self.check.check(t, snapshot, senders, self.G)
+            for rank in caught:
+                self.gradients.ban(rank)
+                self.node.stats.refuse("forged", KIND_GRAD, rank)
+                self.metrics.write(event="banned", step=t, worker=rank)
+            if caught:
+                record["banned"] = caught
+        g, dropped = self.gradients(t, senders, self.G)
+        self.nonfinite_dropped += len(dropped)
         if dropped:
-            record["nonfinite"] = [senders[i] for i in dropped]
+            record["nonfinite"] = dropped
         buffers = self._aggregate(cfg.gar, self.B, cfg.fw, cfg.gar_args)[0] if self.B is not None else None
         replica.apply_gradient(g, buffers)
         return losses
@@ -288,34 +308,15 @@ class PSBase(Role):
         return max(t, reached) + 1
 
     def _aggregate(self, rule: str, rows: torch.Tensor, f: int, params: dict, *,
-                   pipeline: Pipeline | None = None, prepare=None) -> tuple[torch.Tensor, list[int]]:
-        """(aggregate, indices of the rows left out for NaN/Inf): NaN/Inf rows dropped, then
-        ``prepare`` (worker momentum), ``pipeline``'s stages in order, the rule."""
+                   pipeline: Pipeline | None = None) -> tuple[torch.Tensor, list[int]]:
+        """(aggregate, indices of the rows left out for NaN/Inf) of models or BatchNorm buffers:
+        NaN/Inf rows dropped, then ``pipeline``'s stages in order, the rule (the gradients go
+        through :attr:`gradients`)."""
         out, dropped = aggregate_finite(rule, rows, f, drop_nonfinite=self.cfg.drop_nonfinite,
                                         pipeline=pipeline, step=self.step, seed=self.cfg.seed,
-                                        prepare=prepare, **params)
+                                        **params)
         self.nonfinite_dropped += len(dropped)
         return out, dropped
-
-    def _momentum_of(self, senders: list[int]):
-        """The ``prepare`` step of the gradient aggregation: each finite row (of worker
-        ``senders[i]``) replaced by that worker's momentum buffer (PyTorch's convention,
-        :meth:`WorkerMomentum.heavy_ball_rows`); a non-finite row the rule is handed anyway
-        (--drop_nonfinite false, or too few finite rows) stays as it is and never enters a
-        momentum.  None without --worker_momentum."""
-        wm = self.worker_momentum
-        if wm is None:
-            return None
-
-        def prepare(kept: list[int], rows: torch.Tensor) -> torch.Tensor:
-            finite = torch.isfinite(rows).all(dim=1).tolist()
-            use = [j for j, ok in enumerate(finite) if ok]
-            if not use:
-                return rows
-            out = rows.clone()
-            out[use] = wm.heavy_ball_rows({senders[kept[j]]: rows[j] for j in use})
-            return out
-        return prepare
 
     def _aggregate_models(self, M: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -363,13 +364,13 @@ class PSBase(Role):
         cfg, replica = self.cfg, self.replica
         self.step_times.append(step_time)
         last = t_next >= cfg.num_iter
-        record.update(step=t, step_time=step_time,
-                      loss=statistics.fmean(losses) if losses else None,
+        record.update(step=t, step_time=step_time, loss=median_finite(losses),
                       bytes_sent=self.node.stats.bytes_sent,
                       bytes_received=self.node.stats.bytes_received)
         # Garfield's --bench / --log lines (each independently, every step, at the PS):
-        # the step's wall time; the loss of the step (mean of the losses the aggregated
-        # gradients report) and the loss accumulated so far (mean over the steps)
+        # the step's wall time; the loss of the step (the median of the finite losses the
+        # aggregated gradients report: fw liars cannot move it out of the correct ones' range,
+        # a mean they could overflow) and the loss accumulated so far (mean over the steps)
         if cfg.bench:
             log.info("step %d takes %.6f s", t, step_time)
         if cfg.log:
@@ -405,6 +406,7 @@ class PSBase(Role):
                            bytes_sent=self.node.stats.bytes_sent,
                            bytes_received=self.node.stats.bytes_received,
                            rejected=dict(self.node.stats.rejected),
+                           refused=dict(self.node.stats.refused_from),
                            failures=dict(self.node.stats.failures))
         log.info("PS %d done: %d steps, final accuracy %.2f%%, median %.4f s/step", cfg.rank,
                  cfg.num_iter, self.accuracy if self.accuracy is not None else float("nan"),

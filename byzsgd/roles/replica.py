@@ -102,17 +102,27 @@ class Replica:
         ``attempt`` > 0 takes another batch (a retry must be an independent sample).
 
         The returned tensors are reused buffers: copy them before the next call."""
-        self.flat.load(state)
         if attempt:
             step += attempt * (self.shard.steps_per_epoch * 1009 + 1)
-        x, y = self._batch(step)
-        # the forward pass's randomness (dropout) is a function of (seed, worker, batch) too:
-        # every PS asking for step t gets the same gradient whatever the order the requests
-        # came in, and a seeded run repeats (docs/gpu.md, determinism)
-        torch.manual_seed(step_seed(self.cfg.seed, self.cfg.worker_index, step))
-        grad, loss = training.compute_gradient(self.model, self.loss_fn, x, y)
+        grad, loss = self._gradient(self._batch(step), self.cfg.worker_index, state, step)
         buffers = self.flat.buffers if self.buffer_size else None
         return grad, buffers, loss
+
+    def _gradient(self, batch, worker_index: int, state: torch.Tensor, step: int):
+        """What a correct worker's gradient is a function of: the model ``state``, the batch,
+        and the forward pass's randomness (dropout), seeded by (seed, worker, step) too: every
+        PS asking for step t gets the same gradient whatever the order the requests came in, a
+        seeded run repeats (docs/gpu.md, determinism), and a PS can check it
+        (:mod:`byzsgd.roles.gradient_check`)."""
+        self.flat.load(state)
+        x, y = batch
+        torch.manual_seed(step_seed(self.cfg.seed, worker_index, step))
+        return training.compute_gradient(self.model, self.loss_fn, x, y)
+
+    def gradient_of(self, shard, worker_index: int, state: torch.Tensor, step: int) -> torch.Tensor:
+        """The gradient correct worker ``worker_index`` (its ``shard``) sends for ``step`` on
+        ``state`` (a copy): what a PS's gradient check recomputes."""
+        return self._gradient(shard.batch(step), worker_index, state, step)[0].clone()
 
     def extra_gradients(self, step: int, count: int) -> list[torch.Tensor]:
         """Gradients of ``count`` other batches on the currently loaded model (copies).

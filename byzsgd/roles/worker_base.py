@@ -29,7 +29,7 @@ class WorkerBase(Role):
                               f"--num_ps={cfg.num_ps}); workers have ranks {cfg.num_ps}.."
                               f"{cfg.world_size - 1}")
         super().__init__(cfg, Replica(cfg, with_train_shard=True))
-        self.departure = Departure(cfg.num_ps, cfg.q_ps)
+        self.departure = Departure(cfg.num_ps, cfg.q_ps, num_iter=cfg.num_iter)
         self.accept(KIND_DONE, self.departure.deliver, shapes=[])
         self.behaviour = byzantine.worker_behaviour(cfg, self.replica) if cfg.attack else None
         self.served = 0  # gradients sent
@@ -46,7 +46,8 @@ class WorkerBase(Role):
     def _send_gradient(self, steps: dict[int, int], batch_step: int, grad: torch.Tensor,
                        buffers: torch.Tensor | None, loss: float, **meta):
         """Send a computed gradient (forged first by a Byzantine worker) to each PS in
-        ``steps``, tagged with that PS's step; ``meta`` joins the loss in the message.
+        ``steps``, tagged with that PS's step; ``meta`` joins the loss in the message (a
+        Byzantine worker's ``meta`` attack argument overrides both).
         Returns what was sent, ``(tensors, meta)``, or None."""
         if self.behaviour is not None:
             if self.behaviour.silent:
@@ -58,6 +59,8 @@ class WorkerBase(Role):
         if buffers is not None:
             tensors.append(buffers.clone())
         meta = {"loss": float(loss), **meta}
+        if self.behaviour is not None and self.behaviour.meta:  # a liar's fields replace ours
+            meta.update(self.behaviour.meta)
         for rank, step in steps.items():
             self.node.send(rank, KIND_GRAD, step, tensors, meta)
         self.served += 1
