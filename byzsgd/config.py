@@ -131,7 +131,8 @@ class RunConfig:
     check_gradients: int = _f(0, "PS, --mode garfield: recompute this many gradients of each quorum, "
                               "drawn at random, and ban a worker whose gradient is not the one its "
                               "seeded batch gives (a batch is a public function of the deployment); "
-                              "0: off (docs/worst_case.md)")
+                              "0: off (docs/worst_case.md). python -m byzsgd.launch: 1 in garfield "
+                              "mode, 0 in paper mode unless given (None below)")
     check_tolerance: float = _f(1e-3, "--check_gradients: the relative L2 distance above which a "
                                 "gradient is a forgery (float rounding on other hardware stays far "
                                 "below)")

@@ -112,6 +112,18 @@ def byz_shares(run_dir: Path, summary: dict) -> tuple[float | None, float | None
     return round(pooled, 4), round(min(h / n for h, n in counts), 4), total
 
 
+def quorum_share(run_dir: Path, byzantine: set[int]) -> float | None:
+    """Share of the PSes' step records whose quorum held a Byzantine worker."""
+    hits = total = 0
+    for path in sorted(run_dir.glob("metrics-ps*.jsonl")):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if "quorum" in rec:
+                total += 1
+                hits += bool(byzantine & set(rec["quorum"]))
+    return hits / total if total else None
+
+
 def table(lines: list[dict]) -> str:
     """A markdown table of JSON lines written by this script (``--table FILE``): one row per run,
     its accuracy against the no-attack run of the same length, seed, configuration and fw (fw = 1's

@@ -32,6 +32,12 @@ DESCRIPTION = ("Start a whole ByzSGD deployment on this machine (loopback): ever
                "0.05 (momentum 0.9, taken per worker), 1,000 steps.")
 
 
+def _check_default(mode: str) -> int:
+    """The main job's --check_gradients: 1 where a PS can recompute a worker's gradient
+    (garfield mode), 0 in paper mode (a worker's model is the median of those it gathered)."""
+    return LAUNCH_DEFAULTS["check_gradients"] if mode == "garfield" else 0
+
+
 def _spawn_default() -> str:
     from byzsgd.deploy.spawn import FORK_AVAILABLE
 
@@ -76,11 +82,15 @@ class LaunchConfig:
     @staticmethod
     def parser(prog: str = "python -m byzsgd.launch", *, raising: bool = False) -> argparse.ArgumentParser:
         """The launcher's parser: every node flag (main-job defaults), then the deployment's."""
-        return build_parser(prog, DESCRIPTION, [RunConfig, LaunchConfig], defaults=LAUNCH_DEFAULTS,
-                            raising=raising)
+        # --check_gradients: the main job's 1 in garfield mode, where a PS can recompute a
+        # gradient; paper mode has no such check (resolved in from_args, MODE_DEFAULTS)
+        return build_parser(prog, DESCRIPTION, [RunConfig, LaunchConfig],
+                            defaults={**LAUNCH_DEFAULTS, "check_gradients": None}, raising=raising)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "LaunchConfig":
+        if getattr(args, "check_gradients", 0) is None:
+            args.check_gradients = _check_default(args.mode)
         return cls(run=config_from_args(args), **values_from(cls, args))
 
     @classmethod
@@ -97,6 +107,8 @@ class LaunchConfig:
         for name, value in values.items():
             target = RunConfig if name in run_names else cls
             (run_values if target is RunConfig else own)[name] = coerce(target, name, value)
+        if "check_gradients" not in values:
+            run_values["check_gradients"] = _check_default(run_values.get("mode", "garfield"))
         return cls(run=RunConfig(**{k: v for k, v in run_values.items() if v is not None}),
                    **{k: v for k, v in own.items() if v is not None})
 

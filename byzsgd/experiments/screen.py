@@ -164,6 +164,7 @@ def _describe(cfg: RunConfig) -> str:
         parts.append(f"pre_agg={cfg.pre_agg}")
     if cfg.worker_momentum:
         parts.append(f"wm={cfg.worker_momentum}:{cfg.wm_rows}")
+    parts.append(f"lr={cfg.opt_args.get('lr', '?')}")
     if cfg.check_gradients:
         parts.append(f"check={cfg.check_gradients}")
     return " ".join(parts)

@@ -78,5 +78,6 @@ class WorkerBase(Role):
 
     def _finished(self) -> None:
         stats = self.node.stats
-        log.info("worker %d done: %d gradients sent; rejected %s, failures %s", self.cfg.rank,
-                 self.served, dict(stats.rejected) or "none", dict(stats.failures) or "none")
+        log.info("worker %d done: %d gradients sent; rejected %s, refused %s, failures %s",
+                 self.cfg.rank, self.served, dict(stats.rejected) or "none",
+                 dict(stats.refused_from) or "none", dict(stats.failures) or "none")
