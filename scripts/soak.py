@@ -10,7 +10,10 @@ What runs at once (issue 24: "no member input crashes, pins or hides from a corr
 * ``python -m byzsgd.launch`` with its defaults (4 PS + 7 workers, MNIST) and a ``--num_iter``
   it will not reach; at the deadline it gets SIGTERM (its own ``--timeout`` is the backstop), so
   every PS stops where it is and the launcher writes ``summary.json``;
-* ``scripts/outsider_flood.py`` on the PSes' ports (connections without credentials, loopback);
+* ``scripts/outsider_flood.py`` on the PSes' ports (connections without credentials, loopback,
+  from the members' own address unless ``--flood_source``): ``--flood_sockets`` 64 per PS, twice
+  a node's pre-authentication budget per address, so it evicts and the flood reconnects at its
+  ``--flood_rate`` (500/s) all the time;
 * the churner (``soak.py churn``, its own process): it holds one worker rank's credentials file
   (``RUN_DIR/credentials/rank<R>.cred``, what the launcher provisioned) and, through the
   library's hand-driven dialer (``byzsgd.net.testing.RawPeer``), connects to each PS in turn,
@@ -19,8 +22,9 @@ What runs at once (issue 24: "no member input crashes, pins or hides from a corr
   recorded as faulty): the churner *is* rank R, a Byzantine member (fw = 1 allows one) whose
   reconnects the PSes accept.  ``shared``: node R keeps running and every reconnect of the
   churner is proven, then refused as a duplicate;
-* every ``--fault_every`` s one more correct worker (round robin, never R) is killed and
-  restarted (``fault.py``'s kill / restart, the library the CLI wraps).  With the takeover, the
+* every ``--fault_every`` s of wall time since the launch (none in the last ``--fault_margin``
+  s) one more correct worker (round robin, never R) is killed and restarted at once
+  (``fault.py``'s kill / restart, the library the CLI wraps).  With the takeover, the
   other six workers are exactly q_w: the job waits for each restarted worker, so a restart that
   never rejoins shows as a stall.
 
@@ -30,8 +34,9 @@ sampled.  The report (``--json``: one JSON object on the last line): per node mi
 log file's size, the final accuracy of each correct PS, the steps done, the flood's and churn's
 counts, the nodes' refusals, each restart and whether the worker rejoined (a correct PS
 aggregated its gradient after the restart).  Then, unless ``--no_control``, the main job again
-for the same number of steps with no attack and no fault, and the accuracy difference at the
-last step both evaluated.
+for the same number of steps with no attack and no fault (its RSS sampled the same way), and
+the accuracy difference at the last step both evaluated (the soak's PSes are stopped between
+two evaluations).
 
 Everything the soak starts runs in its own process group and is stopped at the deadline, on
 Ctrl-C or SIGTERM (SIGTERM, then SIGKILL); nodes restarted by ``fault.py`` are stopped by the
@@ -66,8 +71,10 @@ from byzsgd.metrics import read_metrics  # noqa: E402
 SOAK_NUM_ITER = 10_000_000
 #: seconds a helper or the launcher gets between SIGTERM and SIGKILL
 GRACE_S = {"churn": 20.0, "flood": 30.0, "launcher": 90.0}
-#: node RSS rows are named like the run directory's files: ps0, worker4, ...
+#: the helpers whose RSS is sampled too (nodes are named like their files: ps0, worker4, ...)
 HELPERS = ("launcher", "flood", "churn")
+#: scripts/outsider_flood.py refuses a longer --seconds
+FLOOD_MAX_S = 3600.0
 
 
 class SoakError(Exception):
@@ -75,22 +82,22 @@ class SoakError(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C or SIGTERM on the soak itself."""
+    """Ctrl-C or SIGTERM on the soak itself, raised where the soak checks for it."""
 
 
-def _interrupt(signum, frame):
-    raise Interrupted(signal.Signals(signum).name)
+#: the signal asked to stop the soak (None: none yet).  The handler only records it and the
+#: supervising loops raise Interrupted at their next check (<= 0.5 s): a signal never lands
+#: between starting a helper and recording it, so nothing started can be left behind.
+_stop_signal: list[str] = []
 
 
-@contextlib.contextmanager
-def shielded():
-    """Clean-up that a second Ctrl-C must not cut short: SIGINT/SIGTERM ignored meanwhile."""
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+def _on_signal(signum, frame) -> None:
+    _stop_signal.append(signal.Signals(signum).name)
+
+
+def check_stop() -> None:
+    if _stop_signal:
+        raise Interrupted(_stop_signal[0])
 
 
 # ----------------------------------------------------------------------------- processes
@@ -190,7 +197,7 @@ class RssTable:
 
     def add(self, name: str, pid: int, t: float) -> None:
         kib = vm_rss_kib(pid)
-        if kib is not None:
+        if kib:  # 0: a process between fork and exec, or exiting
             self.samples.setdefault(name, []).append((t, pid, kib))
 
     def summary(self) -> dict[str, dict]:
@@ -200,14 +207,18 @@ class RssTable:
 def rss_summary(samples: dict[str, list]) -> dict[str, dict]:
     """Per name: min, max, first and last RSS in MiB over the samples (t, pid, KiB), how many
     samples and how many pids (a restarted node has several)."""
+    def stats(rows):
+        kib = [r[2] for r in rows]
+        return dict(min_mib=round(min(kib) / 1024, 1), max_mib=round(max(kib) / 1024, 1),
+                    first_mib=round(kib[0] / 1024, 1), last_mib=round(kib[-1] / 1024, 1), samples=len(rows))
     out = {}
     for name, rows in samples.items():
         if not rows:
             continue
-        kib = [r[2] for r in rows]
-        out[name] = dict(min_mib=round(min(kib) / 1024, 1), max_mib=round(max(kib) / 1024, 1),
-                         first_mib=round(kib[0] / 1024, 1), last_mib=round(kib[-1] / 1024, 1),
-                         samples=len(rows), pids=len({r[1] for r in rows}))
+        pids = list(dict.fromkeys(r[1] for r in rows))  # in the order they ran
+        out[name] = dict(stats(rows), pids=len(pids))
+        if len(pids) > 1:  # a restarted node: each process's own figures too
+            out[name]["per_pid"] = [dict(stats([r for r in rows if r[1] == pid]), pid=pid) for pid in pids]
     return out
 
 
@@ -216,10 +227,10 @@ async def churn(run_dir: Path, rank: int, *, rate: float, seconds: float, hold: 
     """Connect to each PS in turn as ``rank`` (its own credentials file), prove the rank, stay
     ``hold`` s reading what the PS sends, close; ``rate`` attempts a second until ``seconds``
     passed or SIGTERM/SIGINT.  Returns the counts."""
+    doc = rundir.read_deployment(run_dir)  # before the imports (torch): a wrong RUN_DIR fails fast
     from byzsgd.net.credentials import RankCredentials, credentials_path
     from byzsgd.net.testing import RawPeer
 
-    doc = rundir.read_deployment(run_dir)
     info = fault.rank_info(doc, rank)
     world = len(doc["ranks"])
     num_ps = sum(1 for r in doc["ranks"] if r["role"] == "ps")
@@ -464,7 +475,9 @@ class Soak:
         ps = ",".join(str(r["rank"]) for r in doc["ranks"] if r["role"] == "ps")
         flood = [sys.executable, str(SCRIPTS / "outsider_flood.py"), str(self.run_dir), "--ranks", ps,
                  "--sockets", str(a.flood_sockets), "--rate", str(a.flood_rate), "--mode", a.flood_mode,
-                 "--seconds", str(round(left + 30, 1))]
+                 "--seconds", str(round(min(left + 30, FLOOD_MAX_S), 1))]
+        if left + 30 > FLOOD_MAX_S:
+            self.notes.append(f"the flood stops after {FLOOD_MAX_S:.0f} s (scripts/outsider_flood.py's bound)")
         if a.flood_source:
             flood += ["--source", a.flood_source]
         self.children["flood"] = Child("flood", flood, self.run_dir / "soak-flood.log", env)
@@ -510,6 +523,7 @@ class Soak:
         """Wait (the soak is a supervisor: it watches files and processes) until ``t``, or
         until the launcher exits."""
         while time.time() < t:
+            check_stop()
             launcher = self.children.get("launcher")
             if launcher is not None and not launcher.running():
                 return
@@ -520,10 +534,11 @@ class Soak:
         self.start_launcher()
         self.deadline = self.t0 + a.minutes * 60
         launcher = self.children["launcher"]
-        next_sample = time.time()
+        next_sample = time.time() + a.sample_every  # (a process just spawned has no RSS yet)
         faults_done = 0
         next_fault = self.t0 + a.fault_every
         while time.time() < self.deadline:
+            check_stop()
             if not launcher.running():
                 self.notes.append(f"the launcher exited before the deadline (exit {launcher.proc.returncode})")
                 self.say(self.notes[-1])
@@ -531,6 +546,7 @@ class Soak:
             if self.train_started is None and self.training():
                 self.train_started = time.time()
                 self.say("training started; flood, churn and faults begin")
+                self.sample()  # every node once before anything is killed
                 self.start_attacks()
             now = time.time()
             if now >= next_sample:
@@ -592,17 +608,20 @@ class Soak:
             else:
                 finals[str(rank)] = dict(accuracy=None, step=None)
         rss = self.rss.summary()
+        logs = log_sizes(self.run_dir)
+        wall = time.time() - self.t0 if self.t0 else None
+        logs["nodes_bytes_per_min"] = round(logs["nodes_total"] * 60 / wall) if wall else None
         churn = self.children["churn"].last_json() if "churn" in self.children else None
         if churn is not None:
             churn["mode"] = self.args.churn_mode
         return dict(
             run_dir=str(self.run_dir), minutes=self.args.minutes,
-            wall_s=round(time.time() - self.t0, 1) if self.t0 else None,
+            wall_s=round(wall, 1) if wall else None,
             outcome=summary.get("outcome"), exit_codes=codes, notes=self.notes,
             steps=min(steps.values()) if steps else 0, steps_per_ps={str(k): v for k, v in steps.items()},
             rss={k: v for k, v in rss.items() if k not in HELPERS},
             helpers_rss={k: v for k, v in rss.items() if k in HELPERS},
-            logs=log_sizes(self.run_dir), accuracy=finals,
+            logs=logs, accuracy=finals,
             flood=flood_counts(self.children["flood"].last_json() if "flood" in self.children else None),
             churn=churn, refusals=refusal_totals(summary.get("rejections") or {}),
             restarts=rejoins(records, [dict(r, at_s=round(r["killed_at"] - self.t0, 1) if r.get("killed_at")
@@ -619,20 +638,29 @@ def run_control(args: argparse.Namespace, steps: int, soak_evals: dict, say) -> 
            "--timeout", str(int(args.control_timeout)), "--quiet", *args.launcher_args]
     say(f"control: {steps} steps, no attack, no fault ({ctl_dir})")
     child = Child("control", cmd, ctl_dir / "soak-launcher.log", child_env())
+    rss = RssTable()  # the same sampling: what the nodes hold without attack, to compare
+    end = time.time() + args.control_timeout + 120  # the launcher's own --timeout ends it first
+    next_sample = time.time() + args.sample_every
     try:
-        child.wait(args.control_timeout + 120)  # the launcher's own --timeout ends it first
+        while child.running() and time.time() < end:
+            check_stop()
+            child.wait(min(0.5, max(0.0, end - time.time())))
+            if time.time() >= next_sample:
+                next_sample = time.time() + args.sample_every
+                for name, pid in node_pids(ctl_dir).items():
+                    rss.add(name, pid, next_sample)
     finally:
-        with shielded():
-            if child.running():
-                child.stop(GRACE_S["launcher"])
-            for name, pid in node_pids(ctl_dir).items():
-                with contextlib.suppress(fault.FaultError, ProcessLookupError):
-                    fault._signal_group(pid, signal.SIGKILL)
+        if child.running():
+            child.stop(GRACE_S["launcher"])
+        for name, pid in node_pids(ctl_dir).items():
+            with contextlib.suppress(fault.FaultError, ProcessLookupError):
+                fault._signal_group(pid, signal.SIGKILL)
     summary = rundir.read_summary(ctl_dir)
     evals = evaluations(ps_records(ctl_dir))
     cmp = compare_accuracy(soak_evals, evals)
     return dict(run_dir=str(ctl_dir), steps=steps, outcome=summary.get("outcome"), exit_code=child.proc.returncode,
-                final_accuracy=summary.get("final_accuracy"), **{f"at_step_{k}": v for k, v in cmp.items()})
+                final_accuracy=summary.get("final_accuracy"), rss=rss.summary(), logs=log_sizes(ctl_dir),
+                **{f"at_step_{k}": v for k, v in cmp.items()})
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -657,11 +685,17 @@ def format_report(rep: dict) -> str:
     for name, r in sorted(rep.get("rss", {}).items(), key=lambda kv: _node_key(kv[0])):
         L.append(f"  {name:<9} {_mib(r['min_mib']):>7} / {_mib(r['max_mib']):>7}   "
                  f"({_mib(r['first_mib'])} -> {_mib(r['last_mib'])}, {r['samples']}, {r['pids']})")
+        for k, p in enumerate(r.get("per_pid") or []):
+            L.append(f"    {'started' if k == 0 else f'restart {k}':<9} {_mib(p['min_mib']):>5} / "
+                     f"{_mib(p['max_mib']):>7}   ({_mib(p['first_mib'])} -> {_mib(p['last_mib'])}, "
+                     f"{p['samples']}, pid {p['pid']})")
     for name, r in sorted(rep.get("helpers_rss", {}).items()):
         L.append(f"  {name:<9} {_mib(r['min_mib']):>7} / {_mib(r['max_mib']):>7}   (helper)")
     logs = rep.get("logs") or {}
-    L.append(f"logs: {logs.get('total', 0):,} bytes in all, {logs.get('nodes_total', 0):,} the nodes'; "
-             f"metrics {logs.get('metrics_total', 0):,} bytes")
+    rate = logs.get("nodes_bytes_per_min")
+    L.append(f"logs: {logs.get('total', 0):,} bytes in all, {logs.get('nodes_total', 0):,} the nodes'"
+             + (f" ({rate:,} bytes/min)" if rate is not None else "")
+             + f"; metrics {logs.get('metrics_total', 0):,} bytes")
     for name, size in sorted((logs.get("files") or {}).items(), key=lambda kv: _node_key(kv[0])):
         L.append(f"  {name:<22} {size:>12,}")
     L.append("final accuracy of each correct PS (its last evaluation)")
@@ -709,6 +743,12 @@ def format_report(rep: dict) -> str:
                  f"{ctl.get('outcome')}, final accuracy "
                  + ", ".join(f"PS {k} {_acc(v)}" for k, v in sorted((ctl.get('final_accuracy') or {}).items(),
                                                                   key=_rank_key)))
+        if ctl.get("rss"):
+            L.append("  its RSS (MiB), min / max: " + ", ".join(
+                f"{name} {_mib(r['min_mib'])} / {_mib(r['max_mib'])}"
+                for name, r in sorted(ctl["rss"].items(), key=lambda kv: _node_key(kv[0]))))
+        if ctl.get("logs"):
+            L.append(f"  its logs: {ctl['logs'].get('nodes_total', 0):,} bytes (the nodes')")
         if ctl.get("at_step_step") is not None:
             L.append(f"accuracy at step {ctl['at_step_step']} (least over the correct PSes): soak "
                      f"{_acc(ctl['at_step_soak'])}, control {_acc(ctl['at_step_control'])}, difference "
@@ -761,7 +801,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="takeover: its node is killed and the churner is that rank; shared: both run")
     p.add_argument("--churn_rate", type=float, default=4.0, help="reconnects per second (default 4)")
     p.add_argument("--churn_hold", type=float, default=0.1, help="seconds each reconnect stays (default 0.1)")
-    p.add_argument("launcher_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return p
 
 
@@ -772,9 +811,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if "--" in argv:
         i = argv.index("--")
         argv, launcher = argv[:i], argv[i + 1:]
-    args = build_parser().parse_args(argv)
-    if args.launcher_args:
-        raise ConfigError(f"unknown arguments {args.launcher_args} (launcher flags go after --)")
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        raise ConfigError(f"unknown arguments {unknown} (launcher flags go after --)")
     args.launcher_args = launcher
     for flag in ("--run_dir", "--num_iter", "--timeout"):
         if any(a == flag or a.startswith(flag + "=") for a in launcher):
@@ -816,10 +855,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"soak.py: error: {args.run_dir} holds a run already; give a new --run_dir", file=sys.stderr)
         return 2
 
-    old = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     soak = Soak(args)
     interrupted = False
-    codes: dict = {}
     try:
         try:
             soak.run_soak()
@@ -830,10 +868,8 @@ def main(argv: list[str] | None = None) -> int:
             soak.notes.append(f"error: {exc}")
             print(f"soak.py: error: {exc}", file=sys.stderr)
         finally:
-            with shielded():
-                codes = soak.stop_all()
-        with shielded():
-            rep = soak.report(codes)
+            codes = soak.stop_all()
+        rep = soak.report(codes)
         if not args.no_control and not interrupted and rep["steps"] > 0:
             try:
                 rep["control"] = run_control(args, rep["steps"], rep["_evals"], soak.say)

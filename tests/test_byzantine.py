@@ -90,7 +90,8 @@ BYZ_WORKER, BYZ_PS = 10, 3  # the launcher makes the last ranks Byzantine
 
 BASE = ["--num_ps", "4", "--fps", "1", "--num_workers", "7", "--fw", "1", "--batch", "32",
         "--opt_args", '{"lr":"0.05","momentum":"0.9"}', "--seed", "0",
-        "--pre_agg", "none", "--worker_momentum", "0"]  # the rules alone, not the main job's defence
+        "--pre_agg", "none", "--worker_momentum", "0",
+        "--check_gradients", "0"]  # the rules alone, not the main job's defence
 
 # attack -> extra launcher flags; the same for the average and for the robust rule
 BITING = {

@@ -333,6 +333,7 @@ def test_real_two_cell_grid_then_report(tmp_path):
         num_iter = 40
         acc_freq = 20
         eval_samples = 500
+        check_gradients = 0
         """)
     res = tmp_path / "results.jsonl"
     proc = subprocess.run([sys.executable, "-m", "byzsgd.experiment", str(cfg), "--results", str(res),

@@ -99,8 +99,11 @@ def test_counts_from_the_helpers_and_the_summary():
     assert soak.flood_counts(None) is None
     assert soak.refusal_totals({"0": {"preauth_evicted": 7, "sender:grad:0": 2, "sender:model:1": 1},
                                 "4": {}}) == {"0": {"preauth_evicted": 7, "sender": 3}, "4": {}}
-    assert soak.rss_summary({"ps0": [(0, 11, 2048), (1, 11, 4096), (2, 12, 3072)]}) == {
-        "ps0": dict(min_mib=2.0, max_mib=4.0, first_mib=2.0, last_mib=3.0, samples=3, pids=2)}
+    assert soak.rss_summary({"ps0": [(0, 11, 2048), (1, 11, 4096), (2, 12, 3072)], "ps1": [(0, 13, 1024)]}) == {
+        "ps0": dict(min_mib=2.0, max_mib=4.0, first_mib=2.0, last_mib=3.0, samples=3, pids=2, per_pid=[
+            dict(min_mib=2.0, max_mib=4.0, first_mib=2.0, last_mib=4.0, samples=2, pid=11),
+            dict(min_mib=3.0, max_mib=3.0, first_mib=3.0, last_mib=3.0, samples=1, pid=12)]),
+        "ps1": dict(min_mib=1.0, max_mib=1.0, first_mib=1.0, last_mib=1.0, samples=1, pids=1)}
 
 
 def test_log_sizes(tmp_path):
@@ -116,11 +119,15 @@ def test_log_sizes(tmp_path):
 CANNED = dict(
     run_dir="/runs/soak-x", minutes=3, wall_s=185.2, outcome="interrupted", exit_codes={"launcher": 130},
     notes=[], steps=812, steps_per_ps={"0": 812, "1": 815, "2": 813, "3": 812},
-    rss={"worker10": dict(min_mib=300.0, max_mib=310.5, first_mib=300.0, last_mib=310.5, samples=2, pids=1),
+    rss={"worker10": dict(min_mib=300.0, max_mib=810.5, first_mib=300.0, last_mib=810.5, samples=3, pids=2,
+                          per_pid=[dict(min_mib=300.0, max_mib=300.0, first_mib=300.0, last_mib=300.0, samples=1,
+                                        pid=77),
+                                   dict(min_mib=800.0, max_mib=810.5, first_mib=800.0, last_mib=810.5, samples=2,
+                                        pid=99)]),
          "ps0": dict(min_mib=500.25, max_mib=512.0, first_mib=500.25, last_mib=511.0, samples=18, pids=1)},
     helpers_rss={"flood": dict(min_mib=20.0, max_mib=22.0, first_mib=20.0, last_mib=22.0, samples=17, pids=1)},
     logs=dict(files={"ps0.log": 20000, "soak-flood.log": 300}, nodes_total=20000, total=20300,
-              metrics={"metrics-ps0.jsonl": 170000}, metrics_total=170000),
+              metrics={"metrics-ps0.jsonl": 170000}, metrics_total=170000, nodes_bytes_per_min=6480),
     accuracy={"0": dict(accuracy=97.1, step=800), "1": dict(accuracy=None, step=None)},
     flood=soak.flood_counts({"seconds": 180.0, "mode": "idle", "sockets_per_endpoint": 64, "endpoints": [
         {"rank": 0, "opened": 20000, "closed_by_node": 19900, "connect_failures": 3, "max_open": 64}]}),
@@ -134,7 +141,10 @@ CANNED = dict(
               dict(rank=6, at_s=170.0, error="rank 6 has no live process of this run")],
     leftover=[],
     control=dict(run_dir="/runs/soak-x-control", steps=812, outcome="ok", exit_code=0,
-                 final_accuracy={"0": 97.5, "1": 97.4}, at_step_step=800, at_step_soak=97.1,
+                 final_accuracy={"0": 97.5, "1": 97.4}, rss={"ps0": dict(min_mib=480.0, max_mib=495.5, first_mib=480.0,
+                                                                         last_mib=495.5, samples=9, pids=1)},
+                 logs=dict(files={}, nodes_total=9000, total=9000, metrics={}, metrics_total=0),
+                 at_step_step=800, at_step_soak=97.1,
                  at_step_control=97.3, at_step_difference=-0.2))
 
 
@@ -146,7 +156,8 @@ def test_report_formatting_on_a_canned_run():
     ps0 = next(i for i, line in enumerate(lines) if line.strip().startswith("ps0"))
     w10 = next(i for i, line in enumerate(lines) if line.strip().startswith("worker10"))
     assert ps0 < w10 and "500.2 /   512.0" in lines[ps0]  # PSes first, MiB with one decimal
-    assert "logs: 20,300 bytes in all, 20,000 the nodes'" in text
+    assert "restart 1" in lines[w10 + 2] and "800.0 /   810.5" in lines[w10 + 2] and "pid 99" in lines[w10 + 2]
+    assert "logs: 20,300 bytes in all, 20,000 the nodes' (6,480 bytes/min)" in text
     assert "PS 0: 97.10% at step 800" in text and "PS 1: n/a at step None" in text
     assert "flood: 20,003 connections tried, 20,000 opened, 19,900 closed by the nodes" in text
     assert "690 reconnects accepted; refused: duplicate_rank 4" in text and "errors: TimeoutError 5" in text
@@ -155,6 +166,7 @@ def test_report_formatting_on_a_canned_run():
     assert "worker 4: restarted, rejoined at step 500 (6.5 s after), served 300 steps" in text
     assert "worker 5: restarted, NOT rejoined" in text and "worker 6: FAILED: rank 6" in text
     assert "processes left after the stop: none" in text
+    assert "its RSS (MiB), min / max: ps0 480.0 / 495.5" in text and "its logs: 9,000 bytes" in text
     assert "accuracy at step 800 (least over the correct PSes): soak 97.10%, control 97.30%, " \
            "difference -0.20 points" in text
     # the JSON form is the same dict, serialisable as it is
@@ -170,3 +182,13 @@ def test_report_formatting_when_nothing_ran():
     text = soak.format_report(rep)
     assert "note: interrupted (SIGINT)" in text and "flood: no counts" in text and "churn: no counts" in text
     assert "restarts: 0 done, 0 rejoined" in text and "ps0 (pid 1) (killed)" in text
+
+
+def test_runs_as_a_script_and_its_churner_checks_its_flags(tmp_path):
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "soak.py"), "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "--no_control" in out.stdout and "soak.py churn" in out.stdout
+    assert soak.main(["churn", str(tmp_path), "--rank", "10", "--rate", "0"]) == 2
+    assert soak.main(["churn", str(tmp_path), "--rank", "10"]) == 2  # no deployment.json there

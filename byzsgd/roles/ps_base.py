@@ -34,6 +34,7 @@ from byzsgd.learning.checkpoint import CheckpointPolicy, common_checkpoint_step
 from byzsgd.metrics import MetricsWriter
 from byzsgd.net import Message, NewestModels, race, until_quorum
 from byzsgd.roles import byzantine
+from byzsgd.roles.adversary_schedule import gradient_intake  # the mailbox, or the test harness's schedule
 from byzsgd.roles.aggregation import aggregate_finite
 from byzsgd.roles.base import DRAIN_S, Role
 from byzsgd.roles.common import KIND_DONE, KIND_GRAD, KIND_MODEL, KIND_PS_ASK, KIND_PS_MODEL, SENDERS
@@ -79,7 +80,6 @@ class PSBase(Role):
         if replica.buffer_size:
             grad_shapes.append((replica.buffer_size,))
         window = cfg.step_window
-        from byzsgd.roles.adversary_schedule import gradient_intake  # test harness (--scheduled_byzantine)
         self.grad_box = gradient_intake(self.node, cfg, KIND_GRAD, window=window, shapes=grad_shapes,
                                         role=SENDERS[KIND_GRAD], excluded=lambda: self.gradients.banned)
         self.peers = [r for r in cfg.ps_ranks if r != cfg.rank]
