@@ -121,7 +121,7 @@ class Screen:
             q_honest = cell.honest_in_quorum
         losses: list[float] = []
         banned_at: dict[int, int] = {}
-        quorums_with_byz = 0
+        quorums_with_byz = eligible = 0
         for t in range(cfg.num_iter):
             state = ps.state_vector()
             order = torch.randperm(len(honest_ranks), generator=gen).tolist()
@@ -145,13 +145,17 @@ class Screen:
                     banned_at.setdefault(r, t)
             g, _ = agg(t, senders, rows)
             ps.apply_gradient(g)
-            quorums_with_byz += bool(set(byz) & set(senders))
+            if active:  # a step with a Byzantine worker not yet banned: were they all in?
+                eligible += 1
+                quorums_with_byz += set(active) <= set(senders)
         accuracy, test_loss = ps.evaluate(full=not self.eval_samples)
         return {"attack": cell.label, "fw": cfg.fw, "seed": cfg.seed, "steps": cfg.num_iter,
                 "config": _describe(cfg), "accuracy": round(accuracy, 2),
                 "test_loss": round(test_loss, 4) if math.isfinite(test_loss) else None,
-                # the share of the steps whose quorum held a Byzantine row (1 until banned)
-                "byz_share": round(quorums_with_byz / cfg.num_iter, 3),
+                # as the scheduled deployments': among the steps with a Byzantine worker not
+                # yet banned (byz_steps), the share whose quorum held every such worker
+                "byz_share": round(quorums_with_byz / eligible, 3) if eligible else 0.0,
+                "byz_steps": eligible,
                 "banned_at": {str(r): s for r, s in sorted(banned_at.items())},
                 "false_bans": sorted(r for r in agg.banned if r not in byz),
                 "train_loss_last": round(statistics.fmean(losses[-50:]), 4) if losses else None,
