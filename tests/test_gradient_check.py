@@ -38,6 +38,15 @@ def test_a_forged_row_is_caught_and_only_its_sender_is_banned():
     assert sorted(check.check(1, torch.zeros(1), senders, rows)) == [1, 2]
 
 
+def test_a_diverged_model_bans_nobody():
+    """When the model itself gives a non-finite gradient, a correct worker's non-finite row is
+    no forgery: nobody is banned."""
+    check = GradientCheck(_cfg(), 2, 1e-3, recompute=lambda r, s, t: torch.full((2,), float("nan")),
+                          rng=random.Random(0))
+    assert check.check(0, torch.zeros(1), [1, 2], torch.full((2, 2), float("nan"))) == []
+    assert check.banned == {}
+
+
 def test_k_rows_drawn_at_random_each_step():
     calls = []
     check = GradientCheck(_cfg(), 2, 1e-3, recompute=lambda r, s, t: calls.append(r) or torch.ones(2),

@@ -94,7 +94,7 @@ def test_every_refusal_reaches_the_node_the_done_record_and_the_summary(tmp_path
                 c.members[7].send(0, "ps_ask", 0)
                 c.members[6].send(0, "ps_model", 0, [torch.zeros(ps.replica.state_size)])
                 c.members[6].send(0, "grad", 0, [torch.zeros(ps.replica.grad_size)], {"loss": "x"})
-            for r in (1, 2, 3, 4, 5, 7):
+            for r in (7, 1, 2, 3, 4, 5):  # the NaN liar first: in every quorum
                 c.members[r].send(0, "grad", step, [torch.zeros(ps.replica.grad_size)],
                                   {"loss": float("nan") if r == 7 else 1.0})
         code = await asyncio.wait_for(c.task, 60)

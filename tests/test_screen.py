@@ -11,6 +11,19 @@ from byzsgd.experiments import screen
 from byzsgd.roles.gradient_aggregation import GradientAggregation
 
 
+def _record_quorums(monkeypatch) -> list[list[int]]:
+    """The senders of every quorum the screen's PS aggregates (the real GradientAggregation)."""
+    seen: list[list[int]] = []
+    real = GradientAggregation.__call__
+
+    def spy(self, step, senders, rows):
+        seen.append(list(senders))
+        return real(self, step, senders, rows)
+
+    monkeypatch.setattr(GradientAggregation, "__call__", spy)
+    return seen
+
+
 def test_menu_covers_every_registered_attack_and_the_momentum_aware_variants():
     from byzsgd import attacks
 
@@ -35,14 +48,7 @@ def test_parse_cell():
 def test_a_tiny_screen_runs_the_ps_aggregation_with_the_byzantine_rows_in_every_quorum(monkeypatch):
     """Every step goes through GradientAggregation with both Byzantine ranks among the senders
     (the worst-case arrival order), and the momentum-aware attacker's rows reach it."""
-    seen = []
-    real = GradientAggregation.__call__
-
-    def spy(self, step, senders, rows):
-        seen.append(list(senders))
-        return real(self, step, senders, rows)
-
-    monkeypatch.setattr(GradientAggregation, "__call__", spy)
+    seen = _record_quorums(monkeypatch)
     s = screen.Screen(eval_samples=50)
     row = s.run(screen.Cell(attack="minmax", fw=2, steps=3, momentum_aware=True,
                             overrides={"check_gradients": 0}))
@@ -66,14 +72,7 @@ def test_with_the_gradient_check_forgers_are_banned_and_correct_workers_never(mo
     """--check_gradients 2 (of q_w = 5): both forging workers are caught within a few steps,
     no correct worker is (its gradient is recomputed bit for bit), and once banned the
     quorums hold correct workers only."""
-    seen = []
-    real = GradientAggregation.__call__
-
-    def spy(self, step, senders, rows):
-        seen.append(list(senders))
-        return real(self, step, senders, rows)
-
-    monkeypatch.setattr(GradientAggregation, "__call__", spy)
+    seen = _record_quorums(monkeypatch)
     row = screen.Screen(eval_samples=50).run(
         screen.Cell(attack="alie", fw=2, steps=12, overrides={"check_gradients": 2}))
     assert set(row["banned_at"]) == {"9", "10"} and row["false_bans"] == []

@@ -17,6 +17,7 @@ import pytest
 from byzsgd.net import Message
 from byzsgd.roles.base import DRAIN_S
 from byzsgd.roles.departure import LEAVE_BY_S, LINGER_S, Departure
+from tests.test_request_discipline import RecordingNode
 
 
 def done(sender: int, step: int = 10) -> Message:
@@ -198,16 +199,6 @@ def test_idle_leaves_on_the_real_clock_while_a_byzantine_ps_keeps_asking():
 SYNTH = "synthetic:1x8x8:4:64:16"
 
 
-class RecordingNode:
-    def __init__(self):
-        self.sent = []
-
-    def broadcast(self, ranks, kind, step, tensors=(), meta=None):
-        for r in ranks:
-            self.send(r, kind, step, tensors, meta)
-
-    def send(self, rank, kind, step, tensors=(), meta=None):
-        self.sent.append((rank, kind, step))
 
 
 def worker(clock: Clock, **kw):

@@ -59,6 +59,7 @@ class GradientAggregation:
         self.pipeline = Pipeline.parse(pipeline)
         self.drop_nonfinite, self.seed = drop_nonfinite, seed
         self.worker_ranks = list(worker_ranks)
+        self._slot = {r: i for i, r in enumerate(self.worker_ranks)}  # rank -> momentum row
         self.momentum = WorkerMomentum(beta, dim, self.worker_ranks, device=device) if beta > 0 else None
         self.rows_mode = rows
         self.staleness = staleness
@@ -122,7 +123,7 @@ class GradientAggregation:
                  and step - self.updated_at[r] <= self.staleness]
         if not ranks:  # every row non-finite (the model diverged): the rule gets them all
             return self._rule_on(step, rows), []
-        idx = torch.tensor([self.worker_ranks.index(r) for r in ranks], device=self.momentum.momenta.device)
+        idx = torch.tensor([self._slot[r] for r in ranks], device=self.momentum.momenta.device)
         stacked = self.momentum.momenta.index_select(0, idx).div_(1.0 - self.momentum.beta)
         return self._rule_on(step, stacked), dropped
 
