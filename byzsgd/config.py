@@ -3,36 +3,39 @@
 The flags are those of Garfield's ByzSGD ``trainer.py`` (``--master --rank --dataset --batch
 --num_ps --num_workers --fw --fps --model --loss --optimizer --opt_args --num_iter --gar
 --acc_freq --bench --log``) plus ours; each is declared once, in the metadata of its
-:class:`RunConfig` field (see :mod:`byzsgd.flags`).  Cheap checks run at construction;
+:class:`RunConfig` field (see :mod:`byzsgd.flags`), with who sets it (the operator, or the
+launcher once per rank).  Cheap checks run at construction (:mod:`byzsgd.config_checks`);
 :meth:`RunConfig.validate` checks everything else (resilience bounds, the rule's and the
 attack's arguments, mode-specific flags) so that a bad deployment is refused at start —
-never at step 1000.
+never at step 1000 — and returns a :class:`ValidatedConfig`, which nobody checks again.
+Secrets and credentials are read by :mod:`byzsgd.identity`.
 """
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
+import json
 import warnings
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from byzsgd.device import check_device, parse_device
+from byzsgd.config_checks import MODES, check_resilience, check_values, paper_conditions
+from byzsgd.device import check_device
 from byzsgd.errors import ConfigError
-from byzsgd.flags import (BYZSGD, GARFIELD, PAPER, add_flags, build_parser, default_of, flag,
-                          flag_fields, parse_bool, parse_json_object, to_argv, values_from)
+from byzsgd.flags import (GARFIELD, PAPER, PER_RANK, add_flags, build_parser, default_of,
+                          flag, flag_fields, flag_values, parse_bool, parse_json_object, read_values,
+                          to_argv, values_from)
+from byzsgd.identity import (CREDENTIALS_ENV, SECRET_ENV, SECRET_FILE_ENV, credentials_file,
+                             load_identity, shared_secret)
 from byzsgd.learning.catalog import dataset_help, loss_model_mismatch, model_help  # torch-free: --help stays fast
 
-__all__ = ["RunConfig", "parse_bool", "parse_json_object", "parse_host_port", "node_parser",
+__all__ = ["RunConfig", "ValidatedConfig", "parse_bool", "parse_json_object", "parse_host_port", "node_parser",
            "config_from_args", "add_arguments", "SECRET_ENV", "SECRET_FILE_ENV", "CREDENTIALS_ENV",
            "MODES", "LossModelMismatch"]
 
-SECRET_ENV = "BYZSGD_SECRET"
-SECRET_FILE_ENV = "BYZSGD_SECRET_FILE"
-CREDENTIALS_ENV = "BYZSGD_CREDENTIALS"
 DEFAULT_MASTER_PORT = 29500
-INSECURE_DEFAULT_SECRET = b"byzsgd-public-default-secret"
-MODES = ("garfield", "paper")
+#: the version of :meth:`RunConfig.to_json`'s document (a node refuses another)
+CONFIG_FORMAT = 1
 
 
 def parse_host_port(text: str, default_port: int = DEFAULT_MASTER_PORT) -> tuple[str, int]:
@@ -83,8 +86,10 @@ class RunConfig:
 
     # -- Garfield's trainer.py flags (order: their --help)
     master: str = _f("127.0.0.1", "master (rank 0) address, host or host:port (port default "
-                     "29500); used for the rendezvous when --peers is not given", group=GARFIELD)
-    rank: int = _f(0, "this node's rank; ranks below --num_ps are parameter servers", group=GARFIELD)
+                     "29500); used for the rendezvous when --peers is not given", group=GARFIELD,
+                     scope=PER_RANK)
+    rank: int = _f(0, "this node's rank; ranks below --num_ps are parameter servers", group=GARFIELD,
+                   scope=PER_RANK)
     dataset: str = _f("mnist", dataset_help(), group=GARFIELD)
     batch: int = _f(32, "per-worker mini-batch size", group=GARFIELD)
     num_ps: int = _f(1, "number of parameter servers", group=GARFIELD)
@@ -142,25 +147,26 @@ class RunConfig:
                             "most --num_iter", needs="paper")
     lipschitz_l: float = _f(1.0, "paper mode, --gather_period auto: the loss's Lipschitz constant l "
                             "(the authors' default 1)", needs="paper")
-    peers: str | None = _f(None, "JSON peer directory (the deployment.json the launcher writes)")
+    peers: str | None = _f(None, "JSON peer directory (the deployment.json the launcher writes)",
+                           scope=PER_RANK)
     data_root: str | None = _f(None, "extra dataset directory (torchvision layout)")
     split: str = _f("iid", "iid or dirichlet:<alpha>")
     seed: int = _f(0, "seed of the model, the shards and the attacks")
     eval_samples: int = _f(0, "test samples used by periodic evaluations (0: all); the last is "
                            "always full")
-    metrics: str | None = _f(None, "JSON-lines metrics file (PS)")
-    listen_host: str = _f("0.0.0.0", "address to listen on")
-    advertise_host: str | None = _f(None, "address other nodes use to reach this one")
-    port: int | None = _f(None, "port to listen on (default: directory's)")
+    metrics: str | None = _f(None, "JSON-lines metrics file (PS)", scope=PER_RANK)
+    listen_host: str = _f("0.0.0.0", "address to listen on", scope=PER_RANK)
+    advertise_host: str | None = _f(None, "address other nodes use to reach this one", scope=PER_RANK)
+    port: int | None = _f(None, "port to listen on (default: directory's)", scope=PER_RANK)
     credentials: str | None = _f(None, f"this rank's credentials file (0600; else ${CREDENTIALS_ENV}): "
                                  f"its pairwise keys, written by the launchers; a node refuses to start "
-                                 f"without it unless --insecure_shared_secret true")
+                                 f"without it unless --insecure_shared_secret true", scope=PER_RANK)
     insecure_shared_secret: bool = _f(False, "INSECURE: authenticate with one shared secret "
                                       f"(--secret_file, ${SECRET_FILE_ENV} or ${SECRET_ENV}) instead "
                                       "of --credentials; it proves membership, not rank: any holder "
                                       "can pose as any rank")
     secret_file: str | None = _f(None, f"--insecure_shared_secret: file holding the shared secret "
-                                 f"(else ${SECRET_FILE_ENV} or ${SECRET_ENV})")
+                                 f"(else ${SECRET_FILE_ENV} or ${SECRET_ENV})", scope=PER_RANK)
     bind_address: bool = _f(True, "plain TCP: refuse a dialer that reached this node through another "
                             "address than its own view of it (false behind NAT / port forwarding, "
                             "where TLS must then bind the channel)")
@@ -170,8 +176,11 @@ class RunConfig:
     step_timeout: float = _f(60.0, "seconds a quorum may take before the node reports a stall")
     resend_after: float = _f(2.0, "seconds after which an unanswered request is sent again")
     startup_timeout: float = _f(120.0, "seconds to wait for the rendezvous / first connections")
-    attack: str | None = _f(None, "make this node Byzantine with this attack")
-    attack_args: dict[str, Any] = _f({}, "attack parameters as JSON")
+    attack: str | None = _f(None, "make this node Byzantine with this attack of the attack catalog "
+                            "(value, PS or protocol; python -m byzsgd.attacks lists each one with "
+                            "its roles, needs, arguments and defaults)", scope=PER_RANK)
+    attack_args: dict[str, Any] = _f({}, "the attack's arguments as JSON (their names, defaults and "
+                                     "checks: python -m byzsgd.attacks)", scope=PER_RANK)
     scheduled_byzantine: str | None = _f(
         None, "TEST HARNESS, not a protocol setting: emulates the asynchronous network's adversary, "
         "which orders the messages.  Comma-separated Byzantine worker ranks (each running --attack): "
@@ -237,100 +246,7 @@ class RunConfig:
 
     def check_fields(self) -> None:
         """The checks that need nothing but the values (run at construction)."""
-        ints = ("rank", "num_ps", "num_workers", "fw", "fps", "batch", "num_iter", "acc_freq",
-                "seed", "threads", "eval_samples", "checkpoint_every",
-                "lipschitz_warmup", "lipschitz_window")
-        for name in ints:
-            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
-                raise ConfigError(f"--{name} must be an integer, got {getattr(self, name)!r}")
-        if self.num_ps < 1:
-            raise ConfigError(f"--num_ps must be >= 1, got {self.num_ps}")
-        if self.num_workers < 1:
-            raise ConfigError(f"--num_workers must be >= 1, got {self.num_workers}")
-        if not 0 <= self.rank < self.world_size:
-            raise ConfigError(f"--rank {self.rank} out of range for {self.num_ps} PS + "
-                              f"{self.num_workers} workers (0..{self.world_size - 1})")
-        if not 0 <= self.fw < self.num_workers:
-            raise ConfigError(f"--fw must be in [0, num_workers), got fw={self.fw} with "
-                              f"num_workers={self.num_workers}")
-        if not 0 <= self.fps < self.num_ps:
-            raise ConfigError(f"--fps must be in [0, num_ps), got fps={self.fps} with "
-                              f"num_ps={self.num_ps}")
-        self.gather_period = str(self.gather_period).strip().lower()
-        if self.gather_period != "auto":
-            try:
-                if int(self.gather_period) < 1:
-                    raise ValueError
-            except ValueError:
-                raise ConfigError(f"--gather_period must be an integer >= 1 or 'auto', got "
-                                  f"{self.gather_period!r}") from None
-            self.gather_period = str(int(self.gather_period))
-        if not self.lipschitz_l > 0:
-            raise ConfigError(f"--lipschitz_l must be > 0, got {self.lipschitz_l}")
-        for name in ("batch", "num_iter", "acc_freq", "threads"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.checkpoint_every < 0:
-            raise ConfigError(f"--checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        if self.resume and not self.checkpoint_dir:
-            raise ConfigError("--resume needs --checkpoint_dir")
-        if isinstance(self.worker_momentum, bool) or not isinstance(self.worker_momentum, (int, float)) \
-                or not 0.0 <= self.worker_momentum < 1.0:
-            raise ConfigError(f"--worker_momentum must be in [0, 1), got {self.worker_momentum!r}")
-        if isinstance(self.check_gradients, bool) or not isinstance(self.check_gradients, int) \
-                or self.check_gradients < 0:
-            raise ConfigError(f"--check_gradients must be an int >= 0, got {self.check_gradients!r}")
-        if self.check_gradients:
-            if self.mode != "garfield":
-                raise ConfigError("--check_gradients needs --mode garfield: in paper mode a worker's "
-                                  "gradient is computed on the median of the models it gathered, "
-                                  "which the PS cannot know")
-            if self.check_gradients > self.num_workers - self.fw:
-                raise ConfigError(f"--check_gradients {self.check_gradients}: at most q_w = "
-                                  f"{self.num_workers - self.fw} rows per quorum")
-        if not (isinstance(self.check_tolerance, (int, float)) and self.check_tolerance > 0):
-            raise ConfigError(f"--check_tolerance must be > 0, got {self.check_tolerance!r}")
-        if self.wm_rows not in ("quorum", "recent"):
-            raise ConfigError(f"--wm_rows must be quorum or recent, got {self.wm_rows!r}")
-        if isinstance(self.wm_staleness, bool) or not isinstance(self.wm_staleness, int) \
-                or self.wm_staleness < 0:
-            raise ConfigError(f"--wm_staleness must be an int >= 0, got {self.wm_staleness!r}")
-        self.device = parse_device(self.device)
-        if self.eval_samples < 0:
-            raise ConfigError(f"--eval_samples must be >= 0, got {self.eval_samples}")
-        if self.mode not in MODES:
-            raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.gar is None:
-            self.gar = "mda" if self.mode == "paper" else "median"
-        if self.sync and self.mode != "paper":
-            raise ConfigError("--sync is a variant of --mode paper (add --mode paper)")
-        if self.sync and self.optimizer.lower() != "sgd":
-            raise ConfigError(f"--sync: the outliers filter models the SGD step (lr, momentum); "
-                              f"--optimizer {self.optimizer} is not supported with it")
-        if self.lipschitz_quantile is not None and not 0.0 < self.lipschitz_quantile <= 1.0:
-            raise ConfigError(f"--lipschitz_quantile must be in (0, 1], got {self.lipschitz_quantile}")
-        if not 1 <= self.lipschitz_warmup <= self.lipschitz_window:
-            raise ConfigError(f"need 1 <= --lipschitz_warmup <= --lipschitz_window, got "
-                              f"{self.lipschitz_warmup} and {self.lipschitz_window}")
-        if self.outliers_factor is not None and not self.outliers_factor > 0:
-            raise ConfigError(f"--outliers_factor must be > 0, got {self.outliers_factor}")
-        for name in ("step_timeout", "resend_after", "startup_timeout", "pull_timeout"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"--{name} must be > 0, got {getattr(self, name)}")
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise ConfigError("--tls_cert and --tls_key go together")
-        if self.credentials and self.insecure_shared_secret:
-            raise ConfigError("--credentials and --insecure_shared_secret true exclude each other: "
-                              "per-rank credentials prove the rank, a shared secret does not")
-        if self.scheduled_byzantine is not None:
-            ranks = self.scheduled_ranks  # parsed and checked: worker ranks, distinct, <= q_w
-            if self.mode != "garfield":
-                raise ConfigError("--scheduled_byzantine (the adversarial schedule test harness) is "
-                                  "implemented for --mode garfield only")
-            if self.rank in ranks and not self.attack:
-                raise ConfigError(f"--scheduled_byzantine lists rank {self.rank}, which runs no "
-                                  "--attack: the schedule is for Byzantine workers")
-
+        check_values(self)
 
     # -- derived quantities -------------------------------------------------------------
     @property
@@ -427,47 +343,25 @@ class RunConfig:
         return 3.0 * self.gather_every + 2.0
 
     def paper_conditions(self) -> dict[str, bool]:
-        """The resilience conditions of ByzSGD (paper mode), each with whether it holds.
-
-        ``n_ps > 3 fps`` and ``n_w > 3 fw`` are what the algorithm's parts need: the median
-        of q_ps = n_ps - fps models (workers' pull, DMC) has a correct majority only if
-        q_ps > 2 fps, and MDA over q_w = n_w - fw gradients needs q_w > 2 fw.  The journal
-        version's theorem states ``n_ps > 3 fps + 1`` (its proof of DMC's contraction uses
-        the extra server); 4 PS with fps = 1 meets the first and not the second."""
-        return {"n_ps > 3 fps": self.num_ps > 3 * self.fps,
-                "n_w > 3 fw": self.num_workers > 3 * self.fw,
-                "n_ps > 3 fps + 1 (journal theorem)": self.num_ps > 3 * self.fps + 1 or self.fps == 0}
+        """ByzSGD's resilience conditions, each with whether it holds (:mod:`byzsgd.config_checks`)."""
+        return paper_conditions(self)
 
     def check_resilience(self) -> None:
-        """Refuse, at start, a GAR (after its --pre_agg / --model_pre_agg pipeline: every stage
-        and the rule, each at what the stages before it output) that cannot tolerate fw of q_w
-        gradients / fps of q_ps models, and in paper mode a deployment outside the paper's
-        resilience conditions."""
-        from byzsgd import gars  # late: config must not drag the GARs into --help
+        """Refuse a rule pipeline or a paper-mode deployment outside its resilience bounds."""
+        check_resilience(self)
 
-        if self.mode == "paper":
-            conds = self.paper_conditions()
-            required = ["n_ps > 3 fps", "n_w > 3 fw"]
-            if self.strict_resilience:
-                required.append("n_ps > 3 fps + 1 (journal theorem)")
-            broken = [c for c in required if not conds[c]]
-            if broken:
-                raise ConfigError(
-                    f"paper mode needs {' and '.join(broken)} (El-Mhamdi et al., ByzSGD), got "
-                    f"n_ps={self.num_ps} fps={self.fps}, n_w={self.num_workers} fw={self.fw}")
-        from byzsgd.gars.pipeline import Pipeline
+    def validate(self) -> "ValidatedConfig":
+        """This configuration checked in full (:meth:`check_all`), as the
+        :class:`ValidatedConfig` that roles take without checking it again; free on one."""
+        return ValidatedConfig.of(self)
 
-        Pipeline.parse(self.pre_agg).check(self.gar, self.q_w, self.fw)
-        if self.num_ps > 1:
-            Pipeline.parse(self.model_pre_agg).check(self.model_rule, self.q_ps, self.fps)
-
-    def validate(self) -> "RunConfig":
+    def check_all(self) -> None:
         """Everything a node would refuse, refused now (before step 0): the fields, the
         mode-specific flags, the resilience bounds, ``gar_args`` against the rule's
-        parameters, and the attack with its arguments.  Returns ``self``."""
+        parameters, and the attack with its arguments.  Run by :class:`ValidatedConfig`."""
         from byzsgd import gars  # late: config must not drag torch into --help
+        from byzsgd.attacks import catalog  # the attack catalog: names, roles, arguments
         from byzsgd.gars.worker_momentum import check_worker_momentum
-        from byzsgd.roles import byzantine
 
         self.check_fields()
         check_device(self.device)  # cuda without CUDA, cuda:N out of range: refused now
@@ -475,12 +369,10 @@ class RunConfig:
         self.check_resilience()
         check_worker_momentum(self.worker_momentum, self.opt_args)
         gars.registry.check_params(self.gar, self.gar_args, what="--gar_args")
-        if self.attack:
-            byzantine.check_attack(self)
+        catalog.check(self)
         why = loss_model_mismatch(self.model, self.loss)
         if why is not None:
             warnings.warn(why, LossModelMismatch, stacklevel=2)
-        return self
 
     def check_mode_flags(self) -> None:
         """A flag of one mode set (to a non-default value) in another is refused: it would be
@@ -505,62 +397,87 @@ class RunConfig:
         return config_from_args(node_parser(prog, raising=True).parse_args(list(argv)))
 
     def secret(self) -> bytes:
-        """The shared secret of ``--insecure_shared_secret``: --secret_file,
-        $BYZSGD_SECRET_FILE or $BYZSGD_SECRET, else the public default (logged loudly)."""
-        path = self.secret_file or os.environ.get(SECRET_FILE_ENV)
-        if path:
-            try:
-                data = Path(path).read_bytes().strip()
-            except OSError as exc:
-                raise ConfigError(f"cannot read the secret file {path}: {exc}") from None
-            if not data:
-                raise ConfigError(f"the secret file {path} is empty")
-            return data
-        env = os.environ.get(SECRET_ENV)
-        if env:
-            return env.encode()
-        import logging
-        logging.getLogger("byzsgd.config").warning(
-            "no shared secret given ($%s, $%s or --secret_file): using the PUBLIC default "
-            "secret, so anybody who can reach the ports can join, as any rank", SECRET_ENV,
-            SECRET_FILE_ENV)
-        return INSECURE_DEFAULT_SECRET
+        """The shared secret of ``--insecure_shared_secret`` (:func:`byzsgd.identity.shared_secret`)."""
+        return shared_secret(self.secret_file)
 
     def credentials_path(self) -> str | None:
         """--credentials, else $BYZSGD_CREDENTIALS (None: neither)."""
-        return self.credentials or os.environ.get(CREDENTIALS_ENV) or None
+        return credentials_file(self.credentials)
 
     def identity(self):
-        """What proves this node's rank to its peers (see byzsgd.net.credentials): its
-        :class:`~byzsgd.net.RankCredentials`, loaded from --credentials / $BYZSGD_CREDENTIALS and
-        checked against --rank and the world size; or, with --insecure_shared_secret true only,
-        the shared secret (bytes), logged loudly.  ConfigError when there is neither: a node
-        never starts without a proof of its rank by accident."""
-        import logging
+        """What proves this node's rank: its credentials, or the insecure shared secret."""
+        return load_identity(rank=self.rank, world_size=self.world_size, credentials=self.credentials,
+                             insecure_shared_secret=self.insecure_shared_secret, secret_file=self.secret_file)
 
-        from byzsgd.net.credentials import RankCredentials
+    def to_json(self) -> str:
+        """Every flag's value as JSON, None included (what a multi-host launcher ships to a
+        node; no default of the node's own version involved): :meth:`from_json` reads it back."""
+        return json.dumps({"byzsgd_config": CONFIG_FORMAT, "fields": flag_values(self)}, sort_keys=True)
 
-        path = self.credentials_path()
-        if self.insecure_shared_secret:
-            if self.credentials is None and path:
-                raise ConfigError(f"${CREDENTIALS_ENV} is set and --insecure_shared_secret true: "
-                                  f"choose one (unset ${CREDENTIALS_ENV})")
-            secret = self.secret()
-            logging.getLogger("byzsgd.config").warning(
-                "INSECURE: --insecure_shared_secret true: rank %d authenticates with a shared "
-                "secret; ranks are NOT proven (any holder of the secret can pose as any rank, "
-                "including this one)", self.rank)
-            return secret
-        if not path:
-            raise ConfigError(
-                f"no credentials: pass --credentials FILE (or set ${CREDENTIALS_ENV}) with this "
-                f"rank's file; the launchers (python -m byzsgd.launch, scripts/run_exp.sh, "
-                f"scripts/slurm_byzsgd.sbatch) provision one per rank.  To run with one shared "
-                f"secret that proves membership but not rank, pass --insecure_shared_secret true")
-        return RankCredentials.load(path, rank=self.rank, world_size=self.world_size)
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "config") -> "RunConfig":
+        """A configuration of :meth:`to_json` (cheap checks done; ConfigError on a bad one)."""
+        try:
+            doc = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: not valid JSON ({exc})") from None
+        if not isinstance(doc, dict) or doc.get("byzsgd_config") != CONFIG_FORMAT:
+            raise ConfigError(f"{source}: not a byzsgd configuration of format {CONFIG_FORMAT}")
+        try:
+            return cls(**read_values(cls, doc.get("fields")))
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+_UNSET = object()
+#: the fields :meth:`RunConfig.check_all` never reads (a file's path, not what it holds)
+FILE_FIELDS = frozenset({"peers", "metrics", "credentials"})
+
+
+class ValidatedConfig(RunConfig):
+    """A :class:`RunConfig` checked in full at construction (:meth:`RunConfig.check_all`), then
+    immutable: a launcher validates a forked node's configuration once and the role does not
+    check it again.  A change is a new object (``dataclasses.replace``), checked again."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_all()
+        object.__setattr__(self, "_sealed", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if getattr(self, "_sealed", False) and getattr(self, name, _UNSET) != value:
+            raise dataclasses.FrozenInstanceError(
+                f"a ValidatedConfig cannot change ({name}): dataclasses.replace makes a checked copy")
+        super().__setattr__(name, value)
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> "ValidatedConfig":
+        """``cfg`` checked in full (itself when it already is a ValidatedConfig)."""
+        if isinstance(cfg, cls):
+            return cfg
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(RunConfig)})
+
+    def validate(self) -> "ValidatedConfig":
+        return self
+
+    def check_resilience(self) -> None:
+        """Checked at construction, free after (roles that also take a plain RunConfig call it)."""
+        if not getattr(self, "_sealed", False):
+            super().check_resilience()
+
+    def with_files(self, **files: str | None) -> "ValidatedConfig":
+        """A copy naming other files (:data:`FILE_FIELDS`: where a launcher put this rank's peers
+        file, metrics, credentials), not checked in full again: the full checks read no path."""
+        if not set(files) <= FILE_FIELDS:
+            raise ValueError(f"with_files changes only {sorted(FILE_FIELDS)}, got {sorted(files)}")
+        copy = RunConfig(**{**{f.name: getattr(self, f.name) for f in dataclasses.fields(RunConfig)},
+                            **files})  # the cheap checks, as at every construction
+        new = object.__new__(ValidatedConfig)
+        new.__dict__.update(copy.__dict__, _sealed=True)
+        return new
 
 
 def node_parser(prog: str, description: str = "", *, defaults: dict[str, Any] | None = None,

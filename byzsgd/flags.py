@@ -23,21 +23,31 @@ PAPER = "paper mode (--mode paper)"
 DEPLOYMENT = "deployment"
 
 
+#: who sets a flag (:attr:`Flag.scope`).  SHARED: the operator, one value for every node.
+#: PER_RANK: the deployment, one value per rank (a launcher refuses it in the shared flags and
+#: fills it for each rank).  LAUNCHER: the launcher's own; it never reaches a node.
+SHARED, PER_RANK, LAUNCHER = "shared", "per_rank", "launcher"
+SCOPES = (SHARED, PER_RANK, LAUNCHER)
+
+
 @dataclass(frozen=True)
 class Flag:
-    """How one field appears on the command line."""
+    """How one field appears on the command line, and who sets it."""
 
     help: str
     group: str = BYZSGD
     choices: tuple[str, ...] | None = None
     needs: str | None = None  # "paper" / "sync": a non-default value needs that mode
     switch: bool = False  # a bool given as a bare ``--name`` (store_true), e.g. --json
+    scope: str = SHARED
 
 
 def flag(help: str, *, group: str = BYZSGD, choices: Iterable[str] | None = None,
-         needs: str | None = None, switch: bool = False) -> dict[str, Flag]:
+         needs: str | None = None, switch: bool = False, scope: str = SHARED) -> dict[str, Flag]:
     """Field metadata declaring a flag (``field(default=..., metadata=flag(...))``)."""
-    return {"flag": Flag(help, group, tuple(choices) if choices else None, needs, switch)}
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    return {"flag": Flag(help, group, tuple(choices) if choices else None, needs, switch, scope)}
 
 
 def parse_bool(text: str | bool) -> bool:
@@ -80,6 +90,12 @@ def flag_fields(cls) -> list[tuple[dataclasses.Field, Flag]]:
     return [(f, f.metadata["flag"]) for f in dataclasses.fields(cls) if "flag" in f.metadata]
 
 
+def scoped(cls, scope: str) -> tuple[str, ...]:
+    """The names of ``cls``'s flags of ``scope`` (:data:`PER_RANK`, ...), in field order: what
+    the launchers fill per rank or keep to themselves, read from the declarations."""
+    return tuple(f.name for f, fl in flag_fields(cls) if fl.scope == scope)
+
+
 def default_of(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
@@ -107,11 +123,14 @@ def build_parser(prog: str, description: str, classes: Iterable[type], *,
 
 
 def add_flags(parser: argparse.ArgumentParser, classes: Iterable[type], *,
-              defaults: dict[str, Any] | None = None) -> None:
+              defaults: dict[str, Any] | None = None, scope: str | None = None) -> None:
+    """Add the flag fields of ``classes`` (only those of ``scope`` when given) to ``parser``."""
     defaults = defaults or {}
     groups: dict[str, Any] = {}
     for cls in classes:
         for f, fl in flag_fields(cls):
+            if scope is not None and fl.scope != scope:
+                continue
             if fl.group not in groups:
                 groups[fl.group] = parser.add_argument_group(fl.group)
             if fl.switch:
@@ -154,6 +173,20 @@ def to_argv(obj: Any, *, skip: Iterable[str] = (), only: Iterable[str] | None = 
         else:
             argv += [f"--{f.name}", format_value(value)]
     return argv
+
+
+def flag_values(obj: Any) -> dict[str, Any]:
+    """Every flag field of ``obj`` by name, None included: a configuration as data (JSON), so
+    that the reader needs no default of its own to rebuild the same object."""
+    return {f.name: getattr(obj, f.name) for f, _ in flag_fields(type(obj))}
+
+
+def read_values(cls, values: dict[str, Any]) -> dict[str, Any]:
+    """:func:`flag_values` read back: each value checked (and text parsed) as its flag's
+    (:func:`coerce`), an unknown name refused."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"expected a mapping of {cls.__name__} fields, got {type(values).__name__}")
+    return {name: coerce(cls, name, value) for name, value in values.items()}
 
 
 def coerce(cls, name: str, value: Any) -> Any:

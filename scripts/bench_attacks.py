@@ -133,7 +133,8 @@ def cell(args, col: Column, row: str, fw: int, seed: int, workdir: Path,
         print(f"bench_attacks: {row} x {col}: refused: {exc}", file=sys.stderr)
         return None, "refused"
     outcome = str(summary.get("outcome"))
-    if outcome == "interrupted":  # Ctrl-C or SIGTERM while the deployment ran: stop the grid
+    if outcome == "killed" and (summary.get("outcome_detail") or {}).get("by") == "signal":
+        # Ctrl-C or SIGTERM while the deployment ran: stop the grid
         raise KeyboardInterrupt
     if outcome != "ok":  # a correct PS that did not finish has no final accuracy: no number
         print(f"bench_attacks: {row} x {col}: {outcome}; final accuracies "

@@ -183,8 +183,7 @@ def measure_floor(msg_bytes: int) -> dict:
 
 # ----------------------------------------------------------------------------- one row
 def _stats_lines(run_dir: Path) -> dict[int, dict]:
-    from byzsgd.deploy import rundir
-
+    from byzsgd import rundir
     out = {}
     for rank, (role, _) in deployment_pids(run_dir).items():
         st = rundir.read_net_stats(rundir.rank_file(run_dir, role, rank, "log"))
@@ -197,7 +196,8 @@ def run_row(n_ps: int, n_w: int, mode: str, *, dataset: str, model: str, steps: 
             workdir: Path, spawn: str | None = None, timeout: float = 600,
             extra: list[str] = ()) -> dict:
     """Run one deployment and measure it (see the module docstring)."""
-    from byzsgd.deploy import rundir
+    from byzsgd import rundir
+    from byzsgd.deploy import summary as runsum
 
     run_dir = workdir / f"{mode}-{n_ps}x{n_w}-{model}"
     cmd = [sys.executable, "-m", "byzsgd.launch", "--run_dir", str(run_dir), "--quiet",
@@ -218,7 +218,7 @@ def run_row(n_ps: int, n_w: int, mode: str, *, dataset: str, model: str, steps: 
     sampler.stop()
     wall = time.time() - t0
     summary = rundir.read_summary(run_dir)
-    series = rundir.ps_series(run_dir)
+    series = runsum.ps_series(run_dir)
     firsts = [s["first_time"] for s in series.values() if s.get("first_time")]
     stats = _stats_lines(run_dir)
     pids = deployment_pids(run_dir)

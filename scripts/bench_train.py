@@ -64,7 +64,7 @@ def run_deployment(name: str, steps: int, workdir: Path, extra: list[str]) -> di
 
 def lowest_correct_curve(run_dir: Path) -> list[tuple[int, float]]:
     """(steps done, lowest accuracy among the correct PSes) at each evaluation."""
-    from byzsgd.deploy.rundir import ps_series
+    from byzsgd.deploy.summary import ps_series
 
     by_step: dict[int, list[float]] = {}
     for series in ps_series(run_dir).values():

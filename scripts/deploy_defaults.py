@@ -95,7 +95,7 @@ def byz_shares(run_dir: Path, summary: dict) -> tuple[float | None, float | None
     gradient phases whose quorum held every eligible Byzantine worker (see the module
     docstring); Nones without one."""
     sys.path.insert(0, str(ROOT))
-    from byzsgd.deploy.rundir import ps_series
+    from byzsgd.deploy.summary import ps_series
     from byzsgd.metrics import read_metrics
     from byzsgd.roles.adversary_schedule import byzantine_in_quorums
 

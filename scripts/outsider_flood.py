@@ -4,7 +4,7 @@
     python scripts/outsider_flood.py RUN_DIR [--sockets N] [--seconds S] [--ranks 0,1] [--mode idle|slow]
                                      [--rate R] [--source 127.0.0.2]
 
-Someone without credentials (DESIGN.md §5: "outsiders can connect but get nothing parsed and
+Someone without credentials (docs/design.md §5: "outsiders can connect but get nothing parsed and
 cannot starve legitimate connections") keeps ``N`` TCP connections open to each endpoint
 (``host:port`` of each rank in ``RUN_DIR/deployment.json``, or only ``--ranks``) for ``S``
 seconds (or until SIGTERM / SIGINT: then within ``--drip`` seconds), then closes them all and
@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from byzsgd.deploy import rundir  # noqa: E402  (light: no torch import)
+from byzsgd import rundir  # noqa: E402  (light: no torch import)
 from byzsgd.errors import ConfigError  # noqa: E402
 
 MAX_PER_ENDPOINT = 5000

@@ -43,7 +43,7 @@ _STALL = "not reached after"
 
 def outcome(run_dir: Path, summary: dict) -> dict:
     """What a run shows: see the module docstring."""
-    from byzsgd.deploy import rundir
+    from byzsgd import rundir
     from byzsgd.metrics import read_metrics
     from byzsgd.roles.protocol_attacks import parse_report
 

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Start a ByzSGD experiment over several hosts: one `python -m byzsgd.trainer` per rank.
+# Start a ByzSGD experiment over several hosts: one node per rank, started from its configuration
+# (the trainer flags below, checked here, with the rank's own fields filled in), which is shipped
+# to its host as JSON (<dir>/<role><rank>.config.json; python -m byzsgd.deploy.shipped).
 #
 # Garfield's way: in a directory holding `servers`, `workers` and `exp.conf` (trainer flags,
 # see scripts/exp.conf.example), run `path/to/scripts/run_exp.sh` with no argument; then
@@ -14,10 +16,12 @@
 # (see scripts/servers.example); the first server is the master (rank 0); ranks are the
 # servers in file order, then the workers.  Defaults: ./servers, ./workers.  Trainer flags come
 # from --config (default: exp.conf beside the servers file, when there is one; see
-# scripts/exp.conf.example) and after `--`; the deployment sets --rank --master --port
-# --advertise_host --credentials --metrics itself.  Rank r listens on base_port + r.
+# scripts/exp.conf.example) and after `--`; the deployment sets the per-rank fields itself
+# (--rank --master --port --listen_host --advertise_host --credentials --metrics ...: refused
+# there).  Rank r listens on base_port + r.
 #
-# Runner: $BYZSGD_RUNNER (or --runner), default "ssh -o BatchMode=yes"; the per-host script
+# Runner: $BYZSGD_RUNNER (or --runner), default "ssh -o BatchMode=yes", or "local" when every
+# host is this machine (127.0.0.1, localhost, its names or addresses); the per-host script
 # goes to `RUNNER HOST sh -s` on stdin ("{host}" in RUNNER is replaced instead of appending).
 #   BYZSGD_RUNNER="ip netns exec"   hosts are network namespaces (scripts/netns_cluster.sh)
 #   BYZSGD_RUNNER=local             everything on this machine
@@ -39,4 +43,9 @@
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$here/scripts/pick_python.sh"
+# Checks before anything starts (byzsgd.deploy.preflight: trainer flags, optimizer arguments,
+# ports and data of the ranks on this machine): one line and exit 2.  It prints "local" when
+# no runner is given and every host is this machine (127.0.0.1, localhost, its own names).
+runner=$("$py" -m byzsgd.deploy.preflight run_exp "$@") || exit $?
+if [ -n "$runner" ]; then export BYZSGD_RUNNER="$runner"; fi
 exec "$py" -m byzsgd.deploy.cluster run "$@"

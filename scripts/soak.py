@@ -61,9 +61,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(SCRIPTS))
-import fault  # noqa: E402  (scripts/fault.py: the fault-injection library)
+from byzsgd.deploy import faults as fault  # noqa: E402  (the fault-injection library)
 from outsider_flood import loopback  # noqa: E402
-from byzsgd.deploy import rundir  # noqa: E402  (light: no torch import)
+from byzsgd import rundir  # noqa: E402  (light: no torch import)
 from byzsgd.errors import ConfigError  # noqa: E402
 from byzsgd.metrics import read_metrics  # noqa: E402
 

@@ -1,5 +1,5 @@
 """A real deployment inside the test's process: the role classes the processes run
-(byzsgd.roles.ps.ParameterServer / byzsgd.roles.worker.Worker), each with its own Node on
+(byzsgd.roles.nodes.ParameterServer / byzsgd.roles.nodes.Worker), each with its own Node on
 loopback, all in one event loop -- so a test can patch the process (pickle, a filter) and
 look at the role objects afterwards.  Small on purpose: a few PS and workers, a few steps.
 """
@@ -12,8 +12,8 @@ from pathlib import Path
 
 from byzsgd.config import RunConfig
 from byzsgd.net.credentials import credentials_path, provision
-from byzsgd.roles.ps import ParameterServer
-from byzsgd.roles.worker import Worker
+from byzsgd.roles.nodes import ParameterServer
+from byzsgd.roles.nodes import Worker
 
 SECRET = "in-process-test-secret"
 

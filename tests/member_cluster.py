@@ -50,8 +50,8 @@ class Cluster:
                       credentials=str(credentials_path(creds, role_rank)), startup_timeout=30,
                       metrics=str(self.tmp / f"metrics-ps{role_rank}.jsonl"), **config)
         self.cfg = RunConfig(**values).validate()
-        from byzsgd.roles.ps import ParameterServer
-        from byzsgd.roles.worker import Worker
+        from byzsgd.roles.nodes import ParameterServer
+        from byzsgd.roles.nodes import Worker
 
         self.role = ParameterServer(self.cfg) if self.cfg.is_ps else Worker(self.cfg)
         limits = FrameLimits.for_model(self.role.replica.state_size)

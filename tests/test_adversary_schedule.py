@@ -23,7 +23,7 @@ from byzsgd.gars.worker_momentum import WorkerMomentum
 from byzsgd.net import FrameLimits, Mailbox, Message, Node, PeerDirectory, run
 from byzsgd.roles.adversary_schedule import AdversarySchedule, gradient_intake
 from byzsgd.roles.byzantine import WorkerAttack
-from byzsgd.roles.common import KIND_GRAD, KIND_LEAK, SENDERS
+from byzsgd.roles.messages import KIND_GRAD, KIND_LEAK, SENDERS
 from byzsgd.roles.scheduled_attacker import ScheduledAttacker
 
 pytestmark = pytest.mark.timeout(120, method="thread")

@@ -66,6 +66,7 @@ attack was designed against it -- see scripts/bench_attacks.py for every rule.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -77,7 +78,6 @@ import torch
 from byzsgd.attacks.statistical import honest_stats
 from byzsgd.config import RunConfig
 from byzsgd.errors import ConfigError
-from byzsgd.roles import byzantine
 from byzsgd.roles.byzantine import WorkerAttack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -222,8 +222,9 @@ def test_optimal_attacks_search_every_few_steps(monkeypatch):
         calls.append(params["gar"])
         return 2.0
 
-    monkeypatch.setattr(byzantine, "optimal_alie_factor", factor)
     attack, replica = worker_attack("optimal_alie", search_every=5, estimate_batches=2)
+    # the catalog entry's search: (factor search, attack forged with it, its argument)
+    monkeypatch.setattr(attack, "spec", dataclasses.replace(attack.spec, search=(factor, "alie", "z")))
     for step in range(12):
         for ps in range(4):
             out = request(attack, replica, float(step), step)

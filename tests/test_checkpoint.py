@@ -15,7 +15,7 @@ from torch import nn
 from byzsgd.learning.checkpoint import (Checkpoint, CheckpointPolicy, checkpoint_name, common_checkpoint_step,
                                latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint)
 from byzsgd.errors import ConfigError
-from byzsgd.learning.optim import FlatState
+from byzsgd.learning.flat_state import FlatState
 
 ROOT = Path(__file__).resolve().parent.parent
 

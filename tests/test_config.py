@@ -9,8 +9,8 @@ import pytest
 from byzsgd.config import (RunConfig, add_arguments, config_from_args, parse_bool, parse_host_port,
                            parse_json_object)
 from byzsgd.errors import ConfigError, ResilienceError
-from byzsgd.deploy.garfield import build_parser as trainer_parser
-from byzsgd.deploy.garfield import environment_rank_and_master
+from byzsgd.deploy.trainer_cli import build_parser as trainer_parser
+from byzsgd.deploy.trainer_cli import environment_rank_and_master
 
 GARFIELD_ARGV = ["--master", "localhost", "--rank", "0", "--dataset", "mnist", "--batch", "32",
                  "--num_ps", "4", "--num_workers", "7", "--fw", "1", "--fps", "1", "--model", "convnet",
@@ -243,3 +243,61 @@ def test_nll_on_a_logit_model_warns_and_a_fitting_loss_does_not():
         RunConfig(model="resnet18", dataset="synthetic:3x32x32:10", loss="cross-entropy").validate()
         RunConfig(model="convnet", loss="nll").validate()
         RunConfig(model="linear", loss="nll").validate()
+
+
+def test_validated_config_is_checked_once_and_immutable(monkeypatch):
+    from byzsgd.config import ValidatedConfig
+
+    calls = []
+    real = RunConfig.check_all
+    monkeypatch.setattr(RunConfig, "check_all", lambda self: (calls.append(self.rank), real(self))[1])
+    raw = RunConfig(num_workers=4, fw=1, gar="krum")  # cheap checks only: built
+    with pytest.raises(ResilienceError):
+        raw.validate()
+    cfg = RunConfig(num_workers=4, fw=1).validate()
+    assert isinstance(cfg, ValidatedConfig) and calls == [0, 0]
+    assert cfg.validate() is cfg and ValidatedConfig.of(cfg) is cfg and calls == [0, 0]
+    cfg.check_resilience()  # what a role calls: free on a validated one
+    assert calls == [0, 0]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.num_iter = 5
+    with pytest.raises(ResilienceError):  # a change is a new object, checked again
+        dataclasses.replace(cfg, gar="krum")
+    assert dataclasses.replace(cfg, rank=1).rank == 1 and calls[-1] == 1
+
+
+def test_every_flag_round_trips_through_json():
+    cfg = _every_flag_set()
+    assert RunConfig.from_json(cfg.to_json()) == cfg
+    other = RunConfig(optimizer="adam", num_workers=3, gar="geometric_median", gar_args={"eps": 1e-5})
+    assert RunConfig.from_json(other.to_json()) == other
+    with pytest.raises(ConfigError, match="no flag field 'bogus'"):
+        RunConfig.from_json('{"byzsgd_config": 1, "fields": {"bogus": 1}}')
+    with pytest.raises(ConfigError, match="format 1"):
+        RunConfig.from_json('{"fields": {}}')
+    with pytest.raises(ConfigError, match="batch: expected a int"):
+        RunConfig.from_json('{"byzsgd_config": 1, "fields": {"batch": [3]}}')
+
+
+def test_launcher_validates_every_rank_once(monkeypatch, tmp_path):
+    """Each rank's configuration is checked on its own rank, once (the pre-start check and the
+    layout share it): a Byzantine worker's argument that names its own rank is refused before
+    the start (checking the last worker only, as the launcher did, let rank 9 fail at start)."""
+    from byzsgd.config import ValidatedConfig
+    from byzsgd.deploy.options import LaunchConfig
+
+    lc = LaunchConfig.from_argv(["--byz_workers", "2", "--worker_attack", "withhold_from",
+                                 "--worker_attack_args", '{"ranks": [9]}'])
+    lc.node_config(10).validate()  # the last worker alone is fine
+    with pytest.raises(ConfigError, match="ranks"):
+        lc.validate()
+    calls = []
+    real = RunConfig.check_all
+    monkeypatch.setattr(RunConfig, "check_all", lambda self: (calls.append(self.rank), real(self))[1])
+    lc = LaunchConfig.from_argv(["--byz_workers", "1", "--worker_attack", "alie"]).validate()
+    nodes = lc.node_configs(tmp_path)
+    assert calls == list(range(11)) and all(isinstance(n, ValidatedConfig) for n in nodes)
+    assert nodes == [lc.node_config(r, run_dir=tmp_path).validate() for r in range(11)]
+    assert [n.attack for n in nodes] == [None] * 10 + ["alie"] and nodes[3].peers.startswith(str(tmp_path))
+    with pytest.raises(ValueError):
+        nodes[0].with_files(rank=3)

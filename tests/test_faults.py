@@ -1,6 +1,6 @@
-"""Fault injection (scripts/fault.py) and the launcher's faults.json.
+"""Fault injection (byzsgd.deploy.faults, ``byzsgd-fault``) and the launcher's faults.json.
 
-Fast tests drive fault.py against stand-in processes; the slow ones run real deployments
+Fast tests drive the command against stand-in processes; the slow ones run real deployments
 (4 PS fps=1 + 5 workers fw=1, median, MNIST) and kill, pause and restart nodes mid-run.
 The slow tests print a ``FIGURES`` line with what they measured (pytest -s to see it).
 
@@ -22,13 +22,14 @@ from pathlib import Path
 
 import pytest
 
-from byzsgd.deploy import launch
+from byzsgd.deploy import local
 from byzsgd.metrics import read_metrics
 
+from byzsgd.deploy import faults as fault
+from byzsgd.deploy import rank_procs
+
 ROOT = Path(__file__).resolve().parent.parent
-FAULT = [sys.executable, str(ROOT / "scripts" / "fault.py")]
-sys.path.insert(0, str(ROOT / "scripts"))
-import fault  # noqa: E402
+FAULT = [sys.executable, "-m", "byzsgd.deploy.faults"]
 
 SMALL = ["--num_ps", "4", "--fps", "1", "--num_workers", "5", "--fw", "1", "--gar", "median",
          "--opt_args", '{"lr":"0.1"}', "--resend_after", "5"]
@@ -82,15 +83,15 @@ def test_pause_resume_kill_restart_a_stand_in_node(tmp_path):
     try:
         r = _fault(run_dir, "pause", "5")
         assert r.returncode == 0, r.stderr
-        _wait(lambda: fault._proc_state(proc.pid) == "T")
+        _wait(lambda: fault.proc_state(proc.pid) == "T")
         assert fault.read_faults(run_dir)["paused"] == [5]
         r = _fault(run_dir, "resume", "5")
         assert r.returncode == 0, r.stderr
-        _wait(lambda: fault._proc_state(proc.pid) in ("S", "R"))
+        _wait(lambda: fault.proc_state(proc.pid) in ("S", "R"))
         assert fault.read_faults(run_dir)["paused"] == []
         r = _fault(run_dir, "pause", "5", "--seconds", "0.5")
         assert r.returncode == 0 and "resumed" in r.stdout
-        assert fault._proc_state(proc.pid) in ("S", "R")
+        assert fault.proc_state(proc.pid) in ("S", "R")
         # kill: recorded as faulty *before* the signal, the whole group dies
         r = _fault(run_dir, "kill", "5")
         assert r.returncode == 0, r.stderr
@@ -100,19 +101,19 @@ def test_pause_resume_kill_restart_a_stand_in_node(tmp_path):
             ["pause", "resume", "pause", "resume", "kill"]
         assert _fault(run_dir, "kill", "5").returncode == 1  # nothing left to kill
         # restart: same argv, secret file in the env (no inline secret), log appended
-        r = _fault(run_dir, "restart", "5")
-        assert r.returncode == 0, r.stderr
+        r = _fault(run_dir, "restart", "5", "--rejoin_timeout", "0")  # a stand-in serves no step
+        assert r.returncode == 0 and "not awaited" in r.stdout, r.stderr
         new_pid = int((run_dir / "worker5.pid").read_text())
         assert new_pid != proc.pid and fault.alive(new_pid)
         assert json.loads((run_dir / "deployment.json").read_text())["ranks"][1]["pid"] == new_pid
         assert fault.read_faults(run_dir)["restarted"] == {"5": new_pid}
-        assert fault._cmdline(new_pid)[-4:] == ["--rank", "5", "--peers", str(run_dir / "deployment.json")]
+        assert rank_procs.cmdline(new_pid)[-4:] == ["--rank", "5", "--peers", str(run_dir / "deployment.json")]
         _wait(lambda: (run_dir / f"env.out.{new_pid}").exists())
         time.sleep(0.2)
         assert (run_dir / f"env.out.{new_pid}").read_text() == f"{run_dir / 'secret'} -"
         log = (run_dir / "worker5.log").read_text()
         assert log.count("node up") == 2 and "restarting rank 5" in log
-        assert _fault(run_dir, "restart", "5").returncode == 1  # still running
+        assert _fault(run_dir, "restart", "5", "--rejoin_timeout", "0").returncode == 1  # still running
         assert os.getsid(new_pid) == new_pid  # its own session, like the launcher's nodes
         r = _fault(run_dir, "kill", "5")
         assert r.returncode == 0 and not fault.alive(new_pid)
@@ -132,13 +133,158 @@ def test_a_recycled_pid_is_never_signalled(tmp_path):
         for action in ("kill", "pause"):
             r = _fault(run_dir, action, "5")
             assert r.returncode == 1 and "no live process" in r.stderr
-        assert other.poll() is None and fault._proc_state(other.pid) != "T"
+        assert other.poll() is None and fault.proc_state(other.pid) != "T"
         assert fault.read_faults(run_dir)["faulty"] == []
         assert _fault(run_dir, "kill", "9").returncode == 1  # no such rank
     finally:
         for p in (proc, other):
             os.killpg(p.pid, signal.SIGKILL)
             p.wait(10)
+
+
+def _forked_run(tmp_path: Path, rank: int = 5) -> tuple[Path, subprocess.Popen]:
+    """A run directory as ``byzsgd-launch --run_dir D`` leaves it: rank ``rank`` is a process
+    forked by the launcher (this test), whose command line is the console script's (no
+    ``--rank``, no ``byzsgd.launch``), in its own session, and its pid file."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
+                             str(Path(sys.executable).parent / "byzsgd-launch"), "--run_dir", str(run_dir)],
+                            start_new_session=True)
+    (run_dir / f"worker{rank}.pid").write_text(str(proc.pid))
+    doc = dict(num_ps=1, num_workers=1, host="127.0.0.1", run_dir=str(run_dir), launcher_pid=os.getpid(),
+               started=time.time(),
+               ranks=[dict(rank=0, role="ps", host="127.0.0.1", port=1, pid=None, byzantine=False,
+                           log=str(run_dir / "ps0.log"), metrics=str(run_dir / "metrics-ps0.jsonl"),
+                           cmd=["true"]),
+                      dict(rank=rank, role="worker", host="127.0.0.1", port=2, pid=proc.pid,
+                           byzantine=False, log=str(run_dir / f"worker{rank}.log"), metrics=None,
+                           cmd=[sys.executable, "-c", "pass", "--rank", str(rank), "--peers",
+                                str(run_dir / "deployment.json")])])
+    (run_dir / "deployment.json").write_text(json.dumps(doc))
+    (run_dir / "secret").write_text("s3cret")
+    return run_dir, proc
+
+
+def test_a_node_of_the_console_script_is_found_by_its_pid_file(tmp_path):
+    """Issue 27: ``byzsgd-launch --run_dir D`` then ``status`` showed every node ``pid - dead``
+    and ``kill`` failed with "no live process": a node was recognised only by ``byzsgd.launch``
+    in its command line.  Now by the run's records: its pid file, written after it started,
+    and its parent, the run's launcher."""
+    run_dir, proc = _forked_run(tmp_path)
+    try:
+        line = next(ln for ln in fault.status(run_dir) if ln.startswith("worker5"))
+        assert f"pid {proc.pid} alive" in line, line
+        # restart refuses while the rank runs (it started a second rank 5 beside it before)
+        r = _fault(run_dir, "restart", "5", "--rejoin_timeout", "0")
+        assert r.returncode == 1 and "still running" in r.stderr, (r.stdout, r.stderr)
+        assert _int(run_dir / "worker5.pid") == proc.pid
+        r = _fault(run_dir, "kill", "5")
+        assert r.returncode == 0, r.stderr
+        assert proc.wait(10) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def test_a_trainer_of_run_exp_is_found_and_only_it_is_killed(tmp_path):
+    """A ``run_exp.sh`` rank: a trainer (``--rank R --master ...``) under its wrapper shell,
+    which leads the process group and records the exit code: the trainer is found by its pid
+    file and the run id in its environment, and only it is killed (the wrapper writes 137)."""
+    from byzsgd.deploy.host_scripts import RUN_ID_ENV, WRAPPER
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    run_id = f"test-{os.getpid()}-{time.time_ns()}"
+    stem = run_dir / "worker1"
+    wrapper = subprocess.Popen(
+        ["setsid", "sh", "-c", WRAPPER, "byzsgd-rank", str(stem), sys.executable, "-c",
+         "import time; time.sleep(120)", "--rank", "1", "--master", "127.0.0.1:1"],
+        env={**os.environ, RUN_ID_ENV: run_id}, stdin=subprocess.DEVNULL)
+    try:
+        _wait(lambda: (run_dir / "worker1.pid").exists() and (run_dir / "worker1.pid").read_text().strip())
+        (run_dir / "deployment.json").write_text(json.dumps(dict(
+            num_ps=1, num_workers=1, run_id=run_id, runner="local", run_dir=str(run_dir), started=time.time(),
+            ranks=[dict(rank=0, role="ps", host="here", port=1, byzantine=False),
+                   dict(rank=1, role="worker", host="here", port=2, byzantine=False)])))
+        trainer = _int(run_dir / "worker1.pid")
+        assert "alive" in fault.status(run_dir)[1], fault.status(run_dir)
+        assert fault.kill(run_dir, 1) == trainer
+        _wait(lambda: (run_dir / "worker1.rc").exists() and (run_dir / "worker1.rc").read_text().strip())
+        assert (run_dir / "worker1.rc").read_text().strip() == "137"
+        wrapper.wait(10)
+    finally:
+        if wrapper.poll() is None:
+            os.killpg(wrapper.pid, signal.SIGKILL)
+            wrapper.wait(10)
+
+
+def _int(path: Path) -> int:
+    return int(path.read_text().strip())
+
+
+def test_restart_runs_the_runs_interpreter_and_package(tmp_path):
+    """A restart imports the run's ``byzsgd`` (run.json's package) under the run's interpreter,
+    not the one a checkout in the current directory would shadow it with."""
+    run_dir, proc = _fake_run(tmp_path)
+    pkg = tmp_path / "installed" / "byzsgd"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    used = tmp_path / "interpreter-used"
+    interp = tmp_path / "python"
+    interp.write_text(f"#!/bin/sh\necho yes > {used}\nexec {sys.executable} \"$@\"\n")
+    interp.chmod(0o755)
+    (run_dir / "run.json").write_text(json.dumps(dict(python=str(interp), package=str(pkg))))
+    out = tmp_path / "imported"
+    doc = json.loads((run_dir / "deployment.json").read_text())
+    doc["ranks"][1]["cmd"] = [sys.executable, "-c", f"import byzsgd, time; open({str(out)!r}, 'w')."
+                              f"write(byzsgd.__file__); time.sleep(60)", "--rank", "5", "--peers",
+                              str(run_dir / "deployment.json")]
+    (run_dir / "deployment.json").write_text(json.dumps(doc))
+    try:
+        assert _fault(run_dir, "kill", "5").returncode == 0
+        r = subprocess.run([*FAULT, str(run_dir), "restart", "5", "--rejoin_timeout", "0"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        _wait(lambda: out.exists() and out.read_text())
+        assert out.read_text() == str(pkg / "__init__.py")
+        assert used.read_text().strip() == "yes"
+    finally:
+        for pid in [proc.pid, _int(run_dir / "worker5.pid")]:
+            if fault.alive(pid) and os.getsid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def test_a_restart_that_dies_is_reported_and_never_counted_as_a_rejoin(tmp_path):
+    """The issue's restart crashed (address in use) yet printed "restarted rank 5", exit 0,
+    and the summary then reported a rejoin from the records of the rank number.  Now the
+    restart exits 1 with the reason, and no rejoin is reported for it."""
+    from byzsgd.deploy import summary as runsum
+
+    run_dir, proc = _fake_run(tmp_path)
+    doc = json.loads((run_dir / "deployment.json").read_text())
+    doc["ranks"][1]["cmd"] = [sys.executable, "-c", "import sys; print('OSError: [Errno 98] address "
+                              "already in use'); sys.exit(1)", "--rank", "5", "--peers",
+                              str(run_dir / "deployment.json")]
+    (run_dir / "deployment.json").write_text(json.dumps(doc))
+    try:
+        assert _fault(run_dir, "kill", "5").returncode == 0
+        r = _fault(run_dir, "restart", "5", "--rejoin_timeout", "60")
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        assert "exited 1 before it served a step" in r.stderr and "Errno 98" in r.stderr, r.stderr
+        assert "restarted rank" not in r.stdout
+        # a correct PS still aggregates "rank 5" afterwards (another process with its number)
+        with open(run_dir / "metrics-ps0.jsonl", "a") as fh:
+            fh.write(json.dumps(dict(step=61, time=time.time() + 1, step_time=0.1, quorum=[5])) + "\n")
+        rejoined = runsum.rejoins(run_dir)["5"]
+        assert rejoined["rejoined_step"] is None and rejoined["steps_served"] == 0, rejoined
+        assert "Errno 98" in rejoined["failed"]
+        assert "failed" in next(ln for ln in fault.status(run_dir) if ln.startswith("worker5"))
+        assert fault.read_faults(run_dir)["restarted"] == {}  # the launcher waits for nothing
+    finally:
+        proc.wait(10) if proc.poll() is not None else (os.killpg(proc.pid, signal.SIGKILL), proc.wait(10))
 
 
 def test_netem_prints_a_recipe(tmp_path):
@@ -158,12 +304,12 @@ def test_netem_prints_a_recipe(tmp_path):
 
 
 def test_launcher_reads_faults(tmp_path):
-    assert launch.read_faults(tmp_path) == (set(), {})
+    assert local.read_faults(tmp_path) == (set(), {})
     (tmp_path / "faults.json").write_text(json.dumps({"faulty": [3, 8], "restarted": {"3": 12345}}))
-    assert launch.read_faults(tmp_path) == ({3, 8}, {3: 12345})
+    assert local.read_faults(tmp_path) == ({3, 8}, {3: 12345})
     (tmp_path / "faults.json").write_text("{not json")
-    assert launch.read_faults(tmp_path) == (set(), {})
-    assert launch.pid_alive(os.getpid()) and not launch.pid_alive(2 ** 22 + 1)
+    assert local.read_faults(tmp_path) == (set(), {})
+    assert local.pid_alive(os.getpid()) and not local.pid_alive(2 ** 22 + 1)
 
 
 # -- real deployments -----------------------------------------------------------------
@@ -317,3 +463,13 @@ def test_a_restarted_ps_rejoins(tmp_path):
           f"(first {stepped[0]}), {second[0]['time'] - restart['time']:.1f} s from restart to its start "
           f"record, final accuracy {accs}, checkpoint step {step} (final: {step == n}): "
           f"||m3-m0||/||m0|| = {rel:.3g}, ||m1-m0||/||m0|| = {rel_peers:.3g}, wall {summary['wall_time']:.1f} s")
+
+
+def test_byzsgd_fault_is_a_console_script_of_the_library():
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["byzsgd-fault"] == "byzsgd.deploy.faults:main"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "fault.py"), "--help"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("usage: byzsgd-fault"), r.stdout

@@ -13,7 +13,8 @@ import torch
 from byzsgd.errors import ConfigError
 from byzsgd.learning.flat_sgd import DEFAULTS, FlatSGD
 from byzsgd.learning.models import build_model
-from byzsgd.learning.optim import build_flat_optimizer, flat_state, load_grad_vector, num_parameters
+from byzsgd.learning.flat_state import flat_state, load_grad_vector, num_parameters
+from byzsgd.learning.optim import build_flat_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""A forked node holds only its own rank's keys (DESIGN.md §5: a member proves its rank and
+"""A forked node holds only its own rank's keys (docs/design.md §5: a member proves its rank and
 no other).  Forked nodes share the launcher's memory at the fork: if the launcher had ever
 held the operator secret or another rank's pair keys (even in freed memory), a Byzantine
 member could read them in its own address space, without opening any file.
@@ -119,7 +119,8 @@ def test_provisioning_child_reports_its_failure(tmp_path):
 
 @pytest.mark.slow
 def test_forked_node_holds_only_its_own_keys(tmp_path, monkeypatch):
-    from byzsgd.deploy import rundir
+    from byzsgd import rundir
+    from byzsgd.deploy import summary as runsum
     from byzsgd.deploy.local import plan, start, stop_all
     from byzsgd.deploy.options import LaunchConfig
 
@@ -145,7 +146,7 @@ def test_forked_node_holds_only_its_own_keys(tmp_path, monkeypatch):
     try:
         start(dep, "fork")
         deadline = time.monotonic() + 90  # every PS past a step: every node has handshaken
-        while min(rundir.ps_steps(dep.run_dir).values() or [-1]) < 2:
+        while min(runsum.ps_steps(dep.run_dir).values() or [-1]) < 2:
             dead = [n.rank for n in dep.nodes if n.proc.poll() is not None]
             assert not dead, f"nodes {dead} exited; see {dep.run_dir}"
             assert time.monotonic() < deadline, "the deployment made no step in 90 s"

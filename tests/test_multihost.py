@@ -26,6 +26,10 @@ from pathlib import Path
 import pytest
 
 from byzsgd.deploy import cluster
+from byzsgd.deploy.host_scripts import RUN_ID_ENV, WRAPPER, start_script
+from byzsgd.deploy.multihost import rank_credentials
+from byzsgd.deploy.plan import make_plan, parse_hosts
+from byzsgd.deploy.remote import runner_argv
 from byzsgd.errors import ConfigError
 from byzsgd.metrics import read_metrics
 
@@ -93,7 +97,7 @@ def ps_steps(run_dir: Path, num_ps: int = 4, skip=()) -> list[int]:
 
 def run_ids_alive(run_id: str) -> list[int]:
     """Every process on this machine whose environment carries the run's id."""
-    marker = f"{cluster.RUN_ID_ENV}={run_id}".encode()
+    marker = f"{RUN_ID_ENV}={run_id}".encode()
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -112,7 +116,7 @@ def running_in_run(pid: int, run_id: str) -> bool:
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except (OSError, IndexError):
         return False
-    return state != "Z" and f"{cluster.RUN_ID_ENV}={run_id}".encode() in environ
+    return state != "Z" and f"{RUN_ID_ENV}={run_id}".encode() in environ
 
 
 # ============================================================================ fast unit tests
@@ -131,46 +135,46 @@ def plan_args(tmp_path: Path, servers: str, workers: str, conf: str = CONF, extr
 
 
 def test_hosts_file_format():
-    hosts = cluster.parse_hosts("# comment\nnode1\n\nalice@node2 addr=10.0.0.2 python=/opt/py "
+    hosts = parse_hosts("# comment\nnode1\n\nalice@node2 addr=10.0.0.2 python=/opt/py "
                                 "repo='/opt/by zsgd' dir=/scratch  # trailing\n")
     assert [h.name for h in hosts] == ["node1", "alice@node2"]
     assert hosts[0].addr == "node1" and hosts[1].addr == "10.0.0.2"
     assert hosts[1].python == "/opt/py" and hosts[1].repo == "/opt/by zsgd" and hosts[1].dir == "/scratch"
     with pytest.raises(ConfigError, match="unknown setting"):
-        cluster.parse_hosts("node1 port=3")
+        parse_hosts("node1 port=3")
     with pytest.raises(ConfigError, match="starts with the host"):
-        cluster.parse_hosts("addr=1.2.3.4")
+        parse_hosts("addr=1.2.3.4")
 
 
 def test_runner_command_lines():
-    assert cluster.runner_argv("ssh -o BatchMode=yes", "n1") == ["ssh", "-o", "BatchMode=yes", "n1", "sh", "-s"]
-    assert cluster.runner_argv("ip netns exec", "byz3") == ["ip", "netns", "exec", "byz3", "sh", "-s"]
-    assert cluster.runner_argv("docker exec -i {host}", "c1") == ["docker", "exec", "-i", "c1", "sh", "-s"]
-    assert cluster.runner_argv("local", "whatever") == ["sh", "-s"]
+    assert runner_argv("ssh -o BatchMode=yes", "n1") == ["ssh", "-o", "BatchMode=yes", "n1", "sh", "-s"]
+    assert runner_argv("ip netns exec", "byz3") == ["ip", "netns", "exec", "byz3", "sh", "-s"]
+    assert runner_argv("docker exec -i {host}", "c1") == ["docker", "exec", "-i", "c1", "sh", "-s"]
+    assert runner_argv("local", "whatever") == ["sh", "-s"]
 
 
 def test_plan_ranks_ports_and_flags(tmp_path):
     args = plan_args(tmp_path, "h0 addr=10.1.0.1\nh1 addr=10.1.0.2\n",
                      "h0 addr=10.1.0.1\nh1 addr=10.1.0.2 python=/p/python dir=/remote\nh2\n",
                      extra=["--num_iter", "7", "--fw", "0", "--fps", "0"], flags=["--base_port", "31000"])
-    plan = cluster.make_plan(args)
+    plan = make_plan(args)
     assert (plan.num_ps, plan.num_workers) == (2, 3)
     assert [r.role for r in plan.ranks] == ["ps", "ps", "worker", "worker", "worker"]
     assert [r.port for r in plan.ranks] == [31000, 31001, 31002, 31003, 31004]
     assert plan.master == "10.1.0.1:31000"
-    w3 = plan.ranks[3]
-    flags = cluster.split_flags(w3.argv)
-    assert flags["rank"] == "3" and flags["master"] == "10.1.0.1:31000" and flags["port"] == "31003"
-    assert flags["advertise_host"] == "10.1.0.2" and flags["credentials"] == "/remote/credentials/rank3.cred"
-    assert "secret_file" not in flags and flags["insecure_shared_secret"] == "false"
-    assert flags["num_iter"] == "7" and "metrics" not in flags and w3.host.python == "/p/python"
-    assert cluster.split_flags(plan.ranks[1].argv)["metrics"] == str(tmp_path / "run" / "metrics-ps1.jsonl")
+    w3 = plan.ranks[3].config
+    assert w3.rank == 3 and w3.master == "10.1.0.1:31000" and w3.port == 31003
+    assert w3.advertise_host == "10.1.0.2" and w3.credentials == "/remote/credentials/rank3.cred"
+    assert w3.secret_file is None and not w3.insecure_shared_secret
+    assert w3.num_iter == 7 and w3.metrics is None and plan.ranks[3].host.python == "/p/python"
+    assert plan.ranks[1].config.metrics == str(tmp_path / "run" / "metrics-ps1.jsonl")
     assert plan.ranks[4].host.addr == "h2"
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--rank", "3"], "--rank is set per rank"),
     (["--master", "x:1"], "--master is set per rank"),
+    (["--attack", "alie"], "--attack is set per rank"),
     (["--credentials", "/x/rank0.cred"], "--credentials is set per rank"),
     (["--credentials", "/x/rank0.cred", "--insecure_shared_secret", "true"], "--credentials is set per rank"),
     (["--num_ps", "5"], "the servers file lists 4"),
@@ -179,21 +183,21 @@ def test_plan_ranks_ports_and_flags(tmp_path):
 ])
 def test_plan_refuses_bad_flags(tmp_path, extra, message):
     args = plan_args(tmp_path, "a\nb\nc\nd\n", "a\nb\nc\nd\ne\n", extra=extra)
-    cluster.make_plan(plan_args(tmp_path / "ok", "a\nb\nc\nd\n", "a\nb\nc\nd\ne\n"))  # fine as is
+    make_plan(plan_args(tmp_path / "ok", "a\nb\nc\nd\n", "a\nb\nc\nd\ne\n"))  # fine as is
     with pytest.raises(Exception, match=re.escape(message)):
-        cluster.make_plan(args)
+        make_plan(args)
 
 
 def test_each_host_gets_only_its_ranks_credentials_on_stdin(tmp_path):
     args = plan_args(tmp_path, "h0\n", "h1\nh1\n", extra=["--fw", "0", "--fps", "0"])
-    plan = cluster.make_plan(args)
+    plan = make_plan(args)
     assert not plan.insecure
-    creds = cluster.rank_credentials(3)
+    creds = rank_credentials(3)
     keys = {r: [k for k in json.loads(t)["keys"] if k] for r, t in creds.items()}
     assert all(json.loads(t)["rank"] == r for r, t in creds.items())
     for host, ranks in plan.hosts().items():
         mine = {r.rank for r in ranks}
-        script = cluster.start_script(plan, ranks, None, "probe", creds={r: creds[r] for r in mine})
+        script = start_script(plan, ranks, None, "probe", creds={r: creds[r] for r in mine})
         for r, text in creds.items():
             lines = [line for line in script.splitlines() if text in line]
             if r in mine:  # through printf (a shell builtin) into <dir>/credentials/rank<r>.cred
@@ -202,11 +206,11 @@ def test_each_host_gets_only_its_ranks_credentials_on_stdin(tmp_path):
             else:  # no other rank's file, nor any pair key without one of this host's ranks
                 assert not lines
                 assert not [k for k in keys[r] if k in script and not any(k in keys[m] for m in mine)]
-        assert "/secret" not in script and "secret_file" not in script
+        assert "/secret" not in script and all(r.config.secret_file is None for r in ranks)
         for r in ranks:
-            assert creds[r.rank] not in " ".join(r.argv)
-            assert cluster.split_flags(r.argv)["credentials"] == f"{r.dir}/credentials/rank{r.rank}.cred"
-        redacted = cluster.start_script(plan, ranks, None, "probe", redact=True)
+            assert creds[r.rank] not in r.config.to_json()
+            assert r.config.credentials == f"{r.dir}/credentials/rank{r.rank}.cred"
+        redacted = start_script(plan, ranks, None, "probe", redact=True)
         assert not any(k in redacted for ks in keys.values() for k in ks)
         assert all(f"<credentials of rank {r}>" in redacted for r in mine)
 
@@ -215,22 +219,87 @@ def test_secret_file_only_with_the_insecure_mode(tmp_path):
     args = plan_args(tmp_path, "h0\n", "h1\n", extra=["--fw", "0", "--fps", "0"],
                      flags=["--secret_file", str(tmp_path / "s")])
     with pytest.raises(ConfigError, match="--insecure_shared_secret"):
-        cluster.make_plan(args)
+        make_plan(args)
 
 
 def test_secret_travels_on_stdin_only_in_the_insecure_mode(tmp_path):
     args = plan_args(tmp_path, "h0\n", "h1\nh1\n",
                      extra=["--fw", "0", "--fps", "0", "--insecure_shared_secret", "true"])
-    plan = cluster.make_plan(args)
-    assert plan.insecure and all("credentials" not in cluster.split_flags(r.argv) for r in plan.ranks)
+    plan = make_plan(args)
+    assert plan.insecure and all(r.config.credentials is None for r in plan.ranks)
     secret = "f00dfeed" * 8
     for host, ranks in plan.hosts().items():
-        script = cluster.start_script(plan, ranks, secret, "probe")
+        script = start_script(plan, ranks, secret, "probe")
         lines = [line for line in script.splitlines() if secret in line]
         assert len(lines) == 1 and lines[0].startswith("printf '%s\\n' ")  # a shell builtin
-        assert secret not in " ".join(cluster.runner_argv(plan.runner, host))
+        assert secret not in " ".join(runner_argv(plan.runner, host))
         for r in ranks:
-            assert secret not in " ".join(r.argv)
+            assert secret not in r.config.to_json()
+
+
+def test_every_flag_round_trips_through_the_multihost_plan(tmp_path):
+    """A configuration built from flags, shipped by the multi-host plan (the host script's own
+    line writes each rank's JSON) and loaded as the node loads it, equals the original in every
+    shared field, and holds the plan's value in every per-rank one."""
+    from dataclasses import replace
+
+    from byzsgd.config import RunConfig
+    from byzsgd.deploy import shipped
+    from byzsgd.deploy.plan import NODE_COMMAND, OWNED_FLAGS, TLS_FLAGS
+    from byzsgd.flags import default_of, flag_fields, to_argv
+    from tests.test_config import _every_flag_set
+
+    # every flag away from its default, and valid on this machine (5 PS: strict resilience)
+    original = RunConfig.from_argv(replace(_every_flag_set(), num_ps=5, device="cpu",
+                                           worker_momentum=0.9).to_argv())
+    per_rank = set(OWNED_FLAGS) | set(TLS_FLAGS)
+    shared = [f.name for f, _ in flag_fields(RunConfig) if f.name not in per_rank]
+    assert [n for n in shared if getattr(original, n) == default_of(
+        next(f for f, _ in flag_fields(RunConfig) if f.name == n))] == ["optimizer", "gar_args",
+        "check_gradients", "scheduled_byzantine"]  # as in test_every_flag_round_trips_through_argv
+    for k in TLS_FLAGS:
+        (tmp_path / f"{k}.pem").write_text(f"-- {k} --\n")
+    args = plan_args(tmp_path, "".join(f"h{i}\n" for i in range(original.num_ps)),
+                     "".join(f"h{i}\n" for i in range(original.num_workers)), conf="",
+                     extra=to_argv(original, skip=per_rank),
+                     flags=[a for k in TLS_FLAGS for a in (f"--{k}", str(tmp_path / f"{k}.pem"))])
+    plan = make_plan(args)
+    for host, ranks in plan.hosts().items():
+        script = start_script(plan, ranks, "s3cret", "probe").splitlines()
+        for r in ranks:
+            write = [line for line in script if line.startswith("printf") and r.remote_config in line]
+            assert len(write) == 1 and any(" ".join(NODE_COMMAND) + " " + r.remote_config in line
+                                           for line in script)
+            subprocess.run(["sh", "-c", write[0]], check=True)  # what the host runs
+            loaded = shipped.load(r.remote_config)
+            assert loaded == r.config
+            assert {n: getattr(loaded, n) for n in shared} == {n: getattr(original, n) for n in shared}
+            assert (loaded.rank, loaded.master, loaded.port) == (r.rank, plan.master, r.port)
+            assert (loaded.advertise_host, loaded.listen_host) == (host, "0.0.0.0")
+            assert loaded.metrics == r.remote_metrics and loaded.secret_file == f"{r.dir}/secret"
+            assert (loaded.credentials, loaded.peers, loaded.attack, loaded.attack_args) == (None, None, None, {})
+            assert all(getattr(loaded, k) == f"{r.dir}/{k.replace('_', '-')}.pem" for k in TLS_FLAGS)
+    bad = tmp_path / "bad.json"
+    bad.write_text(plan.ranks[0].config.to_json().replace('"num_iter": 11', '"num_iter": "many"'))
+    with pytest.raises(ConfigError, match="num_iter"):
+        shipped.load(str(bad))
+
+
+def test_per_rank_flags_come_from_the_declarations():
+    """The per-rank and launcher-only lists are read from the flags' declarations."""
+    from byzsgd.config import RunConfig
+    from byzsgd.deploy import local, plan
+    from byzsgd.deploy.options import LaunchConfig
+    from byzsgd.experiments import spec
+    from byzsgd.flags import LAUNCHER, PER_RANK, flag_fields
+
+    scope = {f.name: fl.scope for cls in (RunConfig, LaunchConfig) for f, fl in flag_fields(cls)}
+    assert set(plan.OWNED_FLAGS) == {n for n, s in scope.items() if s == PER_RANK} >= {
+        "rank", "master", "port", "listen_host", "advertise_host", "secret_file", "metrics", "peers",
+        "credentials", "attack", "attack_args"}
+    assert set(local.NODE_OWN) == set(plan.OWNED_FLAGS) | {"byzantine"}
+    assert set(spec.LAUNCHER_ONLY) == {f.name for f, _ in flag_fields(LaunchConfig)}
+    assert all(scope[n] == LAUNCHER for n in spec.LAUNCHER_ONLY)
 
 
 def test_kill_stops_exactly_the_runs_processes(tmp_path):
@@ -239,7 +308,7 @@ def test_kill_stops_exactly_the_runs_processes(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     run_id = f"test-{os.getpid()}-{time.time_ns()}"
-    wrapper = cluster.WRAPPER
+    wrapper = WRAPPER
     procs = []
     for rank in range(2):
         stem = run / f"worker{rank}"
@@ -247,7 +316,7 @@ def test_kill_stops_exactly_the_runs_processes(tmp_path):
         procs.append(subprocess.Popen(
             ["setsid", "sh", "-c", wrapper, "byzsgd-rank", str(stem), PY, "-c",
              "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)"],
-            env=clean_env(**{cluster.RUN_ID_ENV: run_id}), stdin=subprocess.DEVNULL))
+            env=clean_env(**{RUN_ID_ENV: run_id}), stdin=subprocess.DEVNULL))
     bystander = subprocess.Popen([PY, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
                                   "signal.SIG_IGN); time.sleep(300)"], env=clean_env())
     try:
@@ -419,6 +488,17 @@ def test_slurm_batch_script_refuses_a_world_size_mismatch(tmp_path):
                          timeout=60, env=slurm_env(tmp_path, 5, BYZSGD_CONF=str(conf)))
     assert res.returncode == 2 and "SLURM_NTASKS=5" in res.stderr, res.stderr
     assert not (tmp_path / "run" / "secret").exists() and not (tmp_path / "run" / "credentials").exists()
+
+
+def test_slurm_batch_script_checks_the_flags_once_before_srun(tmp_path):
+    """The configuration is checked and written on the batch host; a bad one never reaches srun
+    (before, every task took this per-rank flag, meant for one host, and failed to bind)."""
+    message = "--listen_host is set per rank"
+    (tmp_path / "exp.conf").write_text("--num_ps 1 --num_workers 2 --listen_host 10.0.0.9\n")
+    res = subprocess.run(["bash", str(SCRIPTS / "slurm_byzsgd.sbatch")], capture_output=True, text=True,
+                         timeout=60, env=slurm_env(tmp_path, 3, BYZSGD_CONF=str(tmp_path / "exp.conf")))
+    assert res.returncode == 2 and message in res.stderr and "bad trainer flags" in res.stderr, res.stderr
+    assert not (tmp_path / "run" / "config.json").exists() and not list((tmp_path / "run").glob("*.log"))
 
 
 @pytest.mark.timeout(40)
@@ -704,7 +784,8 @@ def test_tls_run_and_kill_leaves_nothing(netns, tmp_path):
             assert not any(k in cmdline for k in keys)
         for r in doc["ranks"]:
             assert r["pid"] in alive and r["pgid"] in alive
-            assert "--tls_cert" in r["cmd"]
+            shipped = json.loads(Path(r["config"]).read_text())["fields"]  # what the rank runs with
+            assert r["cmd"][-1] == r["config"] and shipped["tls_cert"] == f"{r['remote_dir']}/tls-cert.pem"
     finally:
         t0 = time.monotonic()
         res = subprocess.run(["bash", str(SCRIPTS / "kill.sh"), str(run)], capture_output=True, text=True,

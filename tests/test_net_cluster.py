@@ -132,7 +132,7 @@ def test_tls_round_trip(tmp_path):
             for n in nodes:
                 await n.start()
             assert await nodes[1].wait_connected({0}, 10) == {0}
-            conn = nodes[0]._conns[1]
+            conn = nodes[0].connection(1)
             assert conn.transport.get_extra_info("ssl_object") is not None
             x = torch.randn(500_000)
             assert await asyncio.wait_for(nodes[1].send(0, "m", 0, [x]), 10)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from byzsgd.net import FrameLimits, errors, run
-from byzsgd.net import node as node_mod
+from byzsgd.net import sending as sending_mod
 from byzsgd.net.bufpool import BufferPool
 from byzsgd.net.frame import SMALL_FRAME, encode
 from byzsgd.net.outbox import BATCH_BYTES, Outbox
@@ -174,7 +174,7 @@ def test_a_batch_in_flight_resolves_together_and_fails_together(loop):
 # -- broadcast: framed once -----------------------------------------------------------------
 def test_broadcast_frames_once_for_every_recipient(monkeypatch):
     calls = []
-    real = node_mod.encode
+    real = sending_mod.encode
 
     def counting(*a, **k):
         calls.append(a[0])
@@ -184,7 +184,7 @@ def test_broadcast_frames_once_for_every_recipient(monkeypatch):
         nodes = make_nodes(1, 4)
         async with started(nodes) as boxes:
             x = torch.randn(50_000)  # a large frame: sent from x's own memory to every peer
-            monkeypatch.setattr(node_mod, "encode", counting)
+            monkeypatch.setattr(sending_mod, "encode", counting)
             futs = nodes[0].broadcast([1, 2, 3, 4], "m", 7, [x], {"v": 1})
             assert await asyncio.gather(*futs) == [True] * 4
             assert calls == ["m"]  # one framing, four recipients

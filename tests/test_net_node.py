@@ -467,7 +467,7 @@ def test_unauthenticated_connections_are_bounded():
             extra = await RawPeer.connect("127.0.0.1", nodes[0].port)
             assert await raws[0].closed_by_peer(5)  # the oldest idle one made room
             assert nodes[0].stats.rejected["preauth_evicted"] >= 1
-            assert nodes[0]._pending_handshakes() <= 3
+            assert nodes[0].pending_handshakes <= 3
             for r in raws:
                 await r.close()
             await extra.close()

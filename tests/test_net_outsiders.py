@@ -52,7 +52,7 @@ def test_flood_of_idle_sockets_does_not_keep_a_rank_out():
             try:
                 assert await n1.wait_connected({0}, 5) == {0}
                 assert loop.time() - t0 < 5
-                assert n0._pending_handshakes() <= n0.max_preauth_per_address
+                assert n0.pending_handshakes <= n0.max_preauth_per_address
                 assert n0.stats.rejected["preauth_evicted"] >= 900
                 assert await n1.send(0, "m", 0, [torch.ones(3)])
                 assert set(await mb.collect(0, 1, timeout=5)) == {1}
@@ -91,7 +91,7 @@ def test_tls_handshakes_count_before_authentication(tmp_path):
                 s.setblocking(False)
                 socks.append(s)
             await asyncio.sleep(0.3)
-            assert n0._pending_handshakes() == n0.max_preauth_per_address
+            assert n0.pending_handshakes == n0.max_preauth_per_address
             assert n0.stats.rejected["preauth_evicted"] >= 12
             n1 = Node(1, "worker", derive(OPERATOR, 1, 2), directory=d, limits=LIM, listen_host="127.0.0.1",
                       ssl_server=server, ssl_client=client)
@@ -99,13 +99,13 @@ def test_tls_handshakes_count_before_authentication(tmp_path):
             await n1.start()
             try:
                 assert await n1.wait_connected({0}, 5) == {0}
-                assert n0._conns[1].tls
+                assert n0.connection(1).tls
                 assert await n1.send(0, "m", 0, [torch.ones(3)])
                 assert set(await mb.collect(0, 1, timeout=5)) == {1}
                 for s in socks:
                     s.close()
                 await asyncio.sleep(0.3)
-                assert n0._pending_handshakes() == 0
+                assert n0.pending_handshakes == 0
             finally:
                 await n1.close()
         finally:
@@ -161,7 +161,7 @@ def test_one_address_flood_evicts_only_itself(tmp_path, flood_from):
                         reply = {"exc": type(e).__name__}
                     if reply.get("ok") is True:
                         results["ok"] += 1
-                        conn = n0._conns.get(rank)
+                        conn = n0.connection(rank)
                         if conn is not None:  # the node saw it close: the rank may dial again
                             await asyncio.wait_for(conn.wait_closed(), 5)
                     else:
@@ -221,7 +221,8 @@ def test_admission_spares_a_dialer_whose_hello_is_not_read_yet():
                     p.write(hs_pack({"mac": hs.mac(c1.key(0), False, tr)}))
                     assert await p.recv_hs() == {"ok": True}
                     await p.close()
-                    await asyncio.wait_for(n0._conns[1].wait_closed(), 5)
+                    if (conn := n0.connection(1)) is not None:
+                        await asyncio.wait_for(conn.wait_closed(), 5)
                 finally:
                     await p.close()
                     for s in idle:

@@ -114,7 +114,8 @@ def test_refused_connections_and_member_reconnects_do_not_grow_the_log(caplog):
                 p = await RawPeer.connect("127.0.0.1", n0.port)
                 assert (await p.handshake(member, 1, 0, 1)) == {"ok": True}
                 await p.close()
-                await asyncio.wait_for(n0._conns[1].wait_closed(), 5)
+                if (conn := n0.connection(1)) is not None:
+                    await asyncio.wait_for(conn.wait_closed(), 5)
             assert n0.stats.rejected["deployment"] == 300 and n0.stats.connects == 100
             n0._rlog.clock = lambda: 1e9  # the interval is over: the counts come out
             p = await RawPeer.connect("127.0.0.1", n0.port)

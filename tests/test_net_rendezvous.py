@@ -47,12 +47,11 @@ def test_re_registration_flood_sends_a_bounded_number_of_directories():
             await asyncio.wait_for(asyncio.gather(*(n.start(timeout=20) for n in nodes)), 30)
             master, member = nodes[0], nodes[5]
             sent = collections.Counter()
-            honest_send = master.send
 
-            def counting_send(rank, kind, step, tensors=(), meta=None):
+            def counting(rank, kind, step, tensors=(), meta=None):
                 sent[kind] += 1
-                return honest_send(rank, kind, step, tensors, meta)
-            master.send = counting_send
+                return proceed(rank, kind, step, tensors, meta)
+            proceed = master.add_send_filter(counting)
             real = ("127.0.0.1", member.port)
             other = ("127.0.0.1", free_ports(1)[0])
             loop = asyncio.get_running_loop()
@@ -105,14 +104,14 @@ class _Timer:
 
 class _FakeMaster:
     """What Rendezvous uses of a Node, on a fake clock (no loop, no sockets)."""
-    rank, world_size, num_ps, _closing = 0, 4, 1, False
+    rank, world_size, num_ps, closing = 0, 4, 1, False
 
     def __init__(self):
         self.t = 0.0
         self.timers: list[_Timer] = []
-        self._loop = self
-        self._directory = PeerDirectory({r: ("h", 1000 + r) for r in range(4)}, 1)
-        self._rlog = RateLog(logging.getLogger("byzsgd.test.rdv"))
+        self.loop = self
+        self.directory = PeerDirectory({r: ("h", 1000 + r) for r in range(4)}, 1)
+        self.rlog = RateLog(logging.getLogger("byzsgd.test.rdv"))
         self.stats = SimpleNamespace(rejected=collections.Counter())
         self.sends: list[tuple[float, int]] = []
 
@@ -134,8 +133,8 @@ class _FakeMaster:
             h.fn()
         self.t = to
 
-    def _set_directory(self, d):
-        self._directory = d
+    def set_directory(self, d):
+        self.directory = d
 
     def send(self, r, kind, step, tensors=(), meta=None):
         self.sends.append((self.t, r))
@@ -150,8 +149,9 @@ def test_restarts_are_broadcast_within_the_window_and_a_flapping_rank_is_held_ba
     within COALESCE_S share one broadcast, sent COALESCE_S after the first; a rank flapping 40
     times in 0.4 s gets a burst, then one broadcast per CHANGE_EVERY_S, and the newest address."""
     m = _FakeMaster()
-    r = rdv.Rendezvous(m)
-    r.addrs = dict(m._directory.items())
+    r = rdv.Rendezvous(m, set_directory=m.set_directory, rlog=m.rlog)
+    r.directory = m.directory
+    r.addrs = dict(m.directory.items())
     r.done = SimpleNamespace(done=lambda: True)
     r._on_reg(_reg(2, 1002))
     m.advance(1.0)
@@ -163,7 +163,7 @@ def test_restarts_are_broadcast_within_the_window_and_a_flapping_rank_is_held_ba
     r._on_reg(_reg(2, 2002))
     m.advance(11.0)
     assert m.sends == [(10.0 + rdv.COALESCE_S, k) for k in (1, 2, 3)]
-    assert m._directory[3] == ("h", 2003) and m._directory[2] == ("h", 2002)
+    assert m.directory[3] == ("h", 2003) and m.directory[2] == ("h", 2002)
     m.sends.clear()
     for i in range(40):
         m.advance(20.0 + i * 0.01)
@@ -173,5 +173,5 @@ def test_restarts_are_broadcast_within_the_window_and_a_flapping_rank_is_held_ba
     assert len(broadcasts) <= rdv.CHANGE_BURST + 1, broadcasts
     assert broadcasts[-1] - 20.0 <= 0.4 + rdv.CHANGE_EVERY_S + rdv.COALESCE_S  # the last change got out
     assert len([t for t, k in m.sends if k == 3]) <= 0.4 / rdv.COALESCE_S + 2  # answered, coalesced
-    assert m._directory[3] == ("h", 3001)
+    assert m.directory[3] == ("h", 3001)
     assert not [h for h in m.timers if not h.cancelled]

@@ -137,7 +137,7 @@ def test_explicit_gather_period_stays_an_integer():
 
 # ---------------------------------------------------------------------------- the sync worker
 def _sync_worker(**kw):
-    from byzsgd.roles.worker import Worker
+    from byzsgd.roles.nodes import Worker
 
     cfg = RunConfig(rank=4, mode="paper", sync=True, num_ps=4, fps=1, num_workers=7, fw=1,
                     dataset=SYNTH, insecure_shared_secret=True, **kw)

@@ -18,7 +18,8 @@ from types import SimpleNamespace
 import pytest
 
 from byzsgd.config import RunConfig
-from byzsgd.deploy import rundir
+from byzsgd import rundir
+from byzsgd.deploy import summary as runsum
 from byzsgd.errors import ConfigError
 from byzsgd.net import FrameLimits, Node
 from byzsgd.net.credentials import RankCredentials
@@ -130,8 +131,8 @@ def test_a_lying_rendezvous_master_yields_failed_handshakes_never_an_impostor(to
             assert await nodes[2].wait_connected([0, 1], 15) == {0, 1}
             assert attack.counts["truth_sent"] == 1
             for n in nodes:
-                for r, conn in n._conns.items():
-                    assert conn.rank == r
+                for r in n.connected:
+                    assert n.connection(r).rank == r
         finally:
             for n in nodes:
                 await n.close()
@@ -188,12 +189,11 @@ def test_summary_and_fault_status_say_when_a_restarted_rank_served_again(tmp_pat
         dict(time=t0 + 3.5, action="kill", rank=5, pid=1, step=3),
         dict(time=t0 + 4.5, action="restart", rank=5, pid=None, step=4),
         dict(time=t0 + 4.6, action="restarted", rank=5, pid=4242, step=4)]))
-    r = rundir.rejoins(run)["5"]
+    r = runsum.rejoins(run)["5"]
     assert r["restart_step"] == 4 and r["rejoined_step"] == 6 and r["steps_served"] == 4
     assert r["aggregations"] == 4 and abs(r["rejoined_after_s"] - 1.4) < 1e-6
-    summary = rundir.run_summary(run, "ok", started=t0, returncodes={})
+    summary = runsum.run_summary(run, "ok", started=t0, returncodes={})
     assert summary["rejoined"]["5"]["rejoined_step"] == 6
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import fault
+    from byzsgd.deploy import faults as fault
     assert fault._rejoin_text(r) == " restarted at step 4, rejoined at step 6 (1.4 s after), served 4 steps"
     assert "not aggregated since" in fault._rejoin_text(dict(r, rejoined_step=None))

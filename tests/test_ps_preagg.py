@@ -106,7 +106,7 @@ class _Box:
 
 
 def _ps(**kw):
-    from byzsgd.roles.ps import ParameterServer
+    from byzsgd.roles.nodes import ParameterServer
 
     base = dict(rank=0, num_ps=1, fps=0, num_workers=7, fw=2, dataset=SYNTH, opt_args=NO_MOMENTUM)
     base.update(kw)

@@ -12,8 +12,10 @@ pytest.importorskip("matplotlib")
 import numpy as np  # noqa: E402
 
 from byzsgd.errors import ConfigError  # noqa: E402
-from byzsgd.experiments.grid import append_result, canonical_key  # noqa: E402
+from byzsgd.experiments.results import append_result  # noqa: E402
+from byzsgd.experiments.spec import canonical_key  # noqa: E402
 from byzsgd.experiments.report import make_report  # noqa: E402
+from byzsgd.experiments.results import read_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ["average", "median", "krum"]
@@ -97,10 +99,12 @@ def test_report_writes_valid_plots_and_table(tmp_path):
     lines = [l for l in md.splitlines() if l.startswith("| ")]
     assert lines[0] == "| rule | worst case | worst attack | none | alie | reverse |"
     rows = {l.split(" | ")[0][2:]: l for l in lines[1:]}
-    assert rows["average"] == "| average | 9.80 | reverse | 96.00 | 70.00 | 9.80 |"
-    assert rows["median"] == "| median | 80.00 | alie | 95.00 | 80.00 | 93.00 |"
-    # a failed cell is the worst case and shows as 'fail'
-    assert rows["krum"] == "| krum | 0.00 | alie | 94.00 | fail | 92.00 |"
+    assert rows["average"] == "| average | 9.80 (n=1) | reverse | 96.00 (n=1) | 70.00 (n=1) | 9.80 (n=1) |"
+    assert rows["median"] == "| median | 80.00 (n=1) | alie | 95.00 (n=1) | 80.00 (n=1) | 93.00 (n=1) |"
+    # a failed cell is the worst case and shows as 'fail'; what is missing is said under the table
+    assert rows["krum"] == "| krum | 0.00 | alie | 94.00 (n=1) | fail (n=0/1) | 92.00 (n=1) |"
+    assert "Missing (1 of 9 runs did not finish):" in md
+    assert "- krum / alie: outcome failed:2; no summary.json in " in md
 
 
 def test_heatmap_colours_follow_accuracy(tmp_path):
@@ -132,8 +136,8 @@ def test_seeds_are_averaged_and_facets_split(tmp_path):
     written = {p.name for p in make_report(res, tmp_path / "out")}
     assert {"heatmap-fw=1.png", "heatmap-fw=2.png", "worst_case-fw=1.png"} <= written
     md = (tmp_path / "out" / "worst_case.md").read_text()
-    assert "| median | 84.00 | alie | 84.00 |" in md  # mean of 89 and 79 (fw=1)
-    assert "| mda | 83.00 | alie | 83.00 |" in md    # fw=2
+    assert "| median | 84.00 ±5.00 (n=2) | alie | 84.00 ±5.00 (n=2) |" in md  # 89 and 79 (fw=1)
+    assert "| mda | 83.00 ±5.00 (n=2) | alie | 83.00 ±5.00 (n=2) |" in md    # fw=2
 
 
 def test_last_record_of_a_key_wins(tmp_path):
@@ -146,7 +150,7 @@ def test_last_record_of_a_key_wins(tmp_path):
                             final_accuracy=77.0))
     make_report(res, tmp_path / "r")
     md = (tmp_path / "r" / "worst_case.md").read_text()
-    assert "| krum | 77.00 | alie | 94.00 | 77.00 | 92.00 |" in md
+    assert "| krum | 77.00 (n=1) | alie | 94.00 (n=1) | 77.00 (n=1) | 92.00 (n=1) |" in md
 
 
 def test_cli_and_errors(tmp_path):
@@ -173,3 +177,99 @@ def test_an_attacks_strength_is_in_its_label():
     assert attack_label({"worker_attack": "reverse", "worker_attack_args": {}}, set()) == "reverse"
     assert attack_label({"worker_attack": "none", "ps_attack": "delay", "ps_attack_args": {"delay": 2}},
                         set()) == 'ps:delay{"delay":2}'
+
+
+# ============================================================================ issue 27, item 7
+def seeded_results(tmp_path: Path, finals: dict) -> Path:
+    """median/reverse and median/alie over seeds 1 and 2 (None: that seed failed, exit 3)."""
+    res = tmp_path / "results.jsonl"
+    for i, ((attack, seed), final) in enumerate(finals.items()):
+        cell = {"gar": "median", "worker_attack": attack, "seed": seed, "num_iter": 40, "num_ps": 4,
+                "fps": 1, "num_workers": 7, "fw": 1, "byz_workers": 1, "byz_ps": 0, "mode": "garfield"}
+        run_dir = tmp_path / "runs" / str(i)
+        rec = dict(key=canonical_key(cell), index=i, cell=cell, run_dir=str(run_dir), experiment="seeds",
+                   axes={"gar": "median", "worker_attack": attack, "seed": seed})
+        if final is None:
+            run_dir.mkdir(parents=True)
+            (run_dir / "summary.json").write_text(json.dumps({"outcome": "failed:5", "failed": {
+                "rank": 5, "exit": 3, "last_error": "RuntimeError: boom"}}))
+            rec.update(outcome="failed:5", returncode=3, final_accuracy=None)
+        else:
+            fabricate_run(run_dir, final)
+            rec.update(outcome="ok", final_accuracy=final)
+        append_result(res, rec)
+    return res
+
+
+def test_cells_show_seed_count_and_spread_and_what_is_missing(tmp_path):
+    """The issue's median/reverse seeds 78.96 and 87.27 were shown as one 83.1: now with their
+    spread and count; a seed that failed is counted apart and named with its cause."""
+    res = seeded_results(tmp_path, {("reverse", 1): 78.96, ("reverse", 2): 87.27,
+                                    ("alie", 1): 90.0, ("alie", 2): None})
+    make_report(res, tmp_path / "r")
+    md = (tmp_path / "r" / "worst_case.md").read_text()
+    assert "| median | 83.11 ±4.16 (n=2) | reverse | 83.11 ±4.16 (n=2) | 90.00 (n=1/2) |" in md, md
+    assert ("- median / alie / seed 2: outcome failed:5; exit 3; failed: "
+            '{"exit":3,"last_error":"RuntimeError: boom","rank":5}') in md, md
+    proc = subprocess.run([sys.executable, "-m", "byzsgd.report", str(res), "--out", str(tmp_path / "o")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 run(s) did not finish" in proc.stderr and "median / alie / seed 2" in proc.stderr
+
+
+def test_titles_say_what_was_run():
+    from byzsgd.experiments.report import run_context
+
+    recs = [{"cell": {"gar": g, "num_iter": 300, "num_ps": 4, "fps": 1, "num_workers": 7, "fw": fw,
+                      "byz_workers": 1, "byz_ps": 0, "mode": "garfield"}}
+            for g, fw in (("median", 1), ("mda", 2))]
+    assert run_context(recs) == ("steps 300, n_ps 4, fps 1, n_w 7, fw 1|2, f 1 worker + 0 PS, "
+                                 "mode garfield, rule median|mda")
+    assert run_context(recs[:1], rule=False).endswith("mode garfield")
+
+
+def test_titles_and_per_seed_curves_in_the_figures(tmp_path):
+    """The figures themselves: every title carries the settings; the two seeds of one attack
+    share a colour but not a line style."""
+    from byzsgd.experiments import report
+
+    res = seeded_results(tmp_path, {("reverse", 1): 78.96, ("reverse", 2): 87.27})
+    plt = report._matplotlib()
+    figs = []
+
+    class Keep:  # plt, but the figures stay open for the test
+        def __getattr__(self, name):
+            return getattr(plt, name)
+
+        def subplots(self, *a, **kw):
+            fig, ax = plt.subplots(*a, **kw)
+            figs.append(fig)
+            return fig, ax
+
+        def close(self, fig):
+            pass
+
+    records = read_results(res)
+    table = report.Table(records)
+    report.plot_curves(Keep(), records, tmp_path, "seeds")
+    report.plot_heatmap(Keep(), table, tmp_path / "h.png", "seeds; " + report.run_context(records))
+    report.plot_worst_case(Keep(), table, tmp_path / "w.png", "seeds; " + report.run_context(records))
+    try:
+        for fig in figs:
+            title = " ".join((fig._suptitle.get_text() if fig._suptitle else "").split() +
+                             [" ".join(ax.get_title().split()) for ax in fig.axes])
+            for word in ("steps 40", "n_ps 4", "fps 1", "n_w 7", "fw 1", "f 1 worker", "mode garfield",
+                         "median"):
+                assert word in title, (word, title)
+        lines = figs[0].axes[0].get_lines()
+        assert len(lines) == 2
+        assert lines[0].get_color() == lines[1].get_color()
+        assert (lines[0].get_linestyle(), lines[0].get_marker()) != (lines[1].get_linestyle(),
+                                                                      lines[1].get_marker())
+        heat = " ".join(t.get_text() for t in figs[2].axes[0].texts)
+        assert "83.1 ±4.2\nn=2" in heat, heat
+        bars = " ".join(t.get_text() for t in figs[3].axes[0].texts)
+        assert "83.1 ±4.2 n=2" in bars, bars
+    finally:
+        for fig in figs:
+            plt.close(fig)

@@ -75,9 +75,9 @@ def test_each_kind_only_from_its_role_on_real_nodes():
 
 
 def test_roles_register_every_kind_with_its_senders():
-    from byzsgd.roles.common import SENDERS
-    from byzsgd.roles.ps import ParameterServer
-    from byzsgd.roles.worker import Worker
+    from byzsgd.roles.messages import SENDERS
+    from byzsgd.roles.nodes import ParameterServer
+    from byzsgd.roles.nodes import Worker
 
     for extra in (dict(), dict(mode="paper"), dict(mode="paper", sync=True)):
         for role in (ParameterServer(cfg(rank=0, **extra)), Worker(cfg(rank=5, **extra))):
@@ -87,7 +87,7 @@ def test_roles_register_every_kind_with_its_senders():
 
 def test_done_counts_only_from_ps_ranks_once_each():
     from byzsgd.roles.departure import Departure
-    from byzsgd.roles.ps import ParameterServer
+    from byzsgd.roles.nodes import ParameterServer
 
     async def main():
         d = Departure(num_ps=2, q_ps=1, linger=60)
@@ -106,7 +106,7 @@ def test_done_counts_only_from_ps_ranks_once_each():
 
 # ---------------------------------------------------------------------------- worker requests
 def _garfield_worker():
-    from byzsgd.roles.worker import Worker
+    from byzsgd.roles.nodes import Worker
 
     w = Worker(cfg(rank=5))
     w.node = RecordingNode()
@@ -170,7 +170,7 @@ def test_a_flooding_ps_gets_at_most_its_fair_share():
 
 
 def test_paper_worker_replays_its_gradient_to_a_ps_behind_once_per_step():
-    from byzsgd.roles.worker import Worker
+    from byzsgd.roles.nodes import Worker
 
     w = Worker(cfg(rank=5, mode="paper"))
     w.node = RecordingNode()
@@ -201,7 +201,7 @@ def test_a_far_future_model_takes_no_seat_unless_more_than_f_peers_are_there():
 
 
 def _ps(**kw):
-    from byzsgd.roles.ps import ParameterServer
+    from byzsgd.roles.nodes import ParameterServer
 
     ps = ParameterServer(cfg(rank=0, **kw))
     ps.node = RecordingNode()
@@ -284,7 +284,7 @@ def test_gather_re_asks_silent_peers_and_peers_answer_asks_bounded():
 
 # ---------------------------------------------------------------------------- paper --sync
 def test_one_ps_cannot_drive_the_sync_workers_clock():
-    from byzsgd.roles.worker import Worker
+    from byzsgd.roles.nodes import Worker
 
     async def main():
         w = Worker(cfg(rank=5, mode="paper", sync=True, pull_timeout=0.05))

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from byzsgd.config import RunConfig
-from byzsgd.learning import optim as training
+from byzsgd.learning.flat_state import compute_gradient
 from byzsgd.metrics import read_metrics
 from byzsgd.roles import filters as filters_mod
 from byzsgd.roles.replica import step_seed
-from byzsgd.roles.worker import Worker
+from byzsgd.roles.nodes import Worker
 from tests import inprocess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +42,7 @@ def test_a_label_flipping_worker_computes_its_gradient_on_flipped_labels(monkeyp
         sent = flipper.behaviour.forge(grad.clone(), step)
         flipper.replica.flat.load(state)
         torch.manual_seed(step_seed(2, flipper.cfg.worker_index, step))
-        expected, _ = training.compute_gradient(flipper.replica.model, flipper.replica.loss_fn, x, 9 - y)
+        expected, _ = compute_gradient(flipper.replica.model, flipper.replica.loss_fn, x, 9 - y)
         assert torch.allclose(sent, expected, atol=1e-6)
         honest_grad = honest.replica.gradient_at(state, step)[0]
         assert not torch.allclose(sent, honest_grad, atol=1e-3)

@@ -143,7 +143,8 @@ class _RecordingNode:
 
 
 def test_ps_serves_pulls_once_it_reaches_the_step_and_bounds_them():
-    from byzsgd.roles.ps import PULLS_PER_STEP, ParameterServer
+    from byzsgd.roles.nodes import ParameterServer
+    from byzsgd.roles.paper_sync import PULLS_PER_STEP
 
     cfg = RunConfig(insecure_shared_secret=True, rank=0, mode="paper", sync=True, num_ps=4, fps=1, num_workers=7, fw=1,
                     dataset="synthetic:1x28x28:10:64:64")
@@ -175,8 +176,8 @@ SYNTH = "synthetic:1x28x28:10:64:64"
 
 def test_each_mode_builds_its_own_classes_with_only_their_state():
     from byzsgd.roles import garfield, paper, paper_sync
-    from byzsgd.roles.ps import ParameterServer
-    from byzsgd.roles.worker import Worker
+    from byzsgd.roles.nodes import ParameterServer
+    from byzsgd.roles.nodes import Worker
 
     base = dict(num_ps=4, fps=1, num_workers=7, fw=1, dataset=SYNTH)
     modes = {"garfield": dict(), "paper": dict(mode="paper"), "sync": dict(mode="paper", sync=True)}
@@ -198,7 +199,7 @@ def test_each_mode_builds_its_own_classes_with_only_their_state():
 
 
 def test_paper_ps_gathers_every_period_garfield_every_step():
-    from byzsgd.roles.ps import ParameterServer
+    from byzsgd.roles.nodes import ParameterServer
 
     base = dict(rank=0, num_ps=4, fps=1, num_workers=7, fw=1, dataset=SYNTH)
     garfield_ps = ParameterServer(RunConfig(insecure_shared_secret=True, **base))

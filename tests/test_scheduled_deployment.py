@@ -2,7 +2,7 @@
 adversarial``): the launcher's defaults, 4 PS + 7 workers, fw = 2, two Byzantine workers.
 
 Why: the asynchronous adversary puts its fw workers in every gradient quorum and tells them the
-step's honest gradients (DESIGN.md §5); without the harness the colluding workers, which compute
+step's honest gradients (docs/design.md §5); without the harness the colluding workers, which compute
 the others' gradients themselves, arrive after the quorum closed (Byzantine share 0.00-0.01),
 so no deployment could show what a defence does against that worst case.  Here each correct PS
 must have aggregated every Byzantine worker it still took gradients from in at least 95% of its
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from byzsgd.deploy.options import LAUNCH_DEFAULTS
-from byzsgd.deploy.rundir import ps_series
+from byzsgd.deploy.summary import ps_series
 from byzsgd.metrics import read_metrics
 from byzsgd.roles.adversary_schedule import byzantine_in_quorums
 
@@ -72,4 +72,24 @@ def test_byzantine_workers_are_in_every_quorum_of_a_real_deployment(tmp_path, ex
           f"share per PS {shares} over {eligible} steps with a Byzantine worker not banned, wall "
           f"{summary['wall_time']:.1f} s")
     assert min(shares.values()) >= MIN_SHARE, shares
+    assert summary["min_accuracy"] is not None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_two_nan_workers_in_the_first_quorum_do_not_stop_a_correct_ps(tmp_path):
+    """The defaults' ``recent`` momentum rows, both Byzantine workers in every quorum sending
+    NaN from step 0, no gradient check to ban them: the rows that enter at step 0 are the 3
+    correct ones, and the rule ran them with f = 2 (ResilienceError: every correct PS stopped
+    at step 0).  Known non-finite senders without a row are now not counted."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "byzsgd.launch", "--num_iter", "30", "--acc_freq", "30", "--seed", "1",
+           "--fw", "2", "--byz_workers", "2", "--worker_attack", "nan", "--schedule", "adversarial",
+           "--check_gradients", "0", "--quiet", "--json", "--run_dir", str(run), "--timeout", "300"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=360, env=env, stdin=subprocess.DEVNULL)
+    summary = json.loads((run / "summary.json").read_text())
+    assert res.returncode == 0 and summary["outcome"] == "ok", (res.stdout + res.stderr)[-3000:]
+    for rank in range(4):
+        assert "needs at least" not in (run / f"ps{rank}.log").read_text(), rank
     assert summary["min_accuracy"] is not None

@@ -101,11 +101,11 @@ def test_sbatch_trains_and_scancel_leaves_nothing(slurm, tmp_path):
     # a second job, cancelled while it trains: nothing of it may stay behind
     job, run_dir = _submit(slurm, tmp_path, "cancel", steps=100000)
     deadline = time.monotonic() + 600
-    from byzsgd.deploy import rundir
+    from byzsgd.deploy import summary as runsum
 
     while time.monotonic() < deadline:
-        if slurm.job_state(job) == "RUNNING" and rundir.ps_series(run_dir) and \
-                max(rundir.ps_steps(run_dir).values()) >= 5:
+        if slurm.job_state(job) == "RUNNING" and runsum.ps_series(run_dir) and \
+                max(runsum.ps_steps(run_dir).values()) >= 5:
             break
         time.sleep(1.0)
     else:

@@ -204,7 +204,7 @@ SYNTH = "synthetic:1x8x8:4:64:16"
 def worker(clock: Clock, **kw):
     """Worker 5 of 4 PS (fps = 1) + 4 workers, its node a recorder, its departure on ``clock``."""
     from byzsgd.config import RunConfig
-    from byzsgd.roles.worker import Worker
+    from byzsgd.roles.nodes import Worker
 
     args = dict(num_ps=4, fps=1, num_workers=4, fw=1, dataset=SYNTH, model="linear",
                 loss="cross-entropy", rank=5, num_iter=10)

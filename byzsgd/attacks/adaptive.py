@@ -184,7 +184,7 @@ _PARAMS = ("direction", "gamma_init", "tol", "expand", "search", "gar", "gar_f",
 
 
 @register("minmax", reference="Min-Max, Shejwalkar & Houmansadr, Manipulating the Byzantine, NDSS 2021",
-          params=_PARAMS, needs_rule=True)
+          params=_PARAMS, needs_rule=True, needs_estimate=True)
 def minmax(honest: torch.Tensor, f: int, direction: str = "std", gamma_init: float = 10.0,
            tol: float = 1e-5, expand: bool = True, search: str = "distance", gar: str | None = None,
            gar_f: int | None = None, n: int | None = None, gar_params: dict | None = None,
@@ -195,7 +195,7 @@ def minmax(honest: torch.Tensor, f: int, direction: str = "std", gamma_init: flo
 
 
 @register("minsum", reference="Min-Sum, Shejwalkar & Houmansadr, Manipulating the Byzantine, NDSS 2021",
-          params=_PARAMS + ("bound",), needs_rule=True)
+          params=_PARAMS + ("bound",), needs_rule=True, needs_estimate=True)
 def minsum(honest: torch.Tensor, f: int, direction: str = "std", gamma_init: float = 10.0,
            tol: float = 1e-5, expand: bool = True, search: str = "distance", gar: str | None = None,
            gar_f: int | None = None, n: int | None = None, gar_params: dict | None = None,

@@ -70,7 +70,7 @@ def fang_interval(honest: torch.Tensor, b: float = 2.0, knowledge: str = "full")
 
 @register("fang", reference="Fang, Cao, Jia, Gong, Local Model Poisoning Attacks to Byzantine-Robust "
                             "Federated Learning, USENIX Security 2020 (trimmed-mean/median attack, on gradients)",
-          params=("variant", "b", "knowledge", "seed"))
+          params=("variant", "b", "knowledge", "seed"), needs_estimate=True)
 def fang(honest: torch.Tensor, f: int, variant: str = "trimmed_mean", b: float = 2.0,
          knowledge: str = "full", seed: int | None = None) -> torch.Tensor:
     if variant not in VARIANTS:

@@ -30,6 +30,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from byzsgd.attacks.registry import forge as forge_rows
 from byzsgd.errors import ConfigError
 
 __all__ = ["MomentumAwareAttacker", "MomentumAwareWorker"]
@@ -120,7 +121,6 @@ class MomentumAwareAttacker:
         tracked rank not in ``byzantine``) and return, per Byzantine rank, the gradient that
         puts its forged row into the PS's momentum (committed).  Rule-aware attacks take the
         rule, f, n and pipeline the PS aggregates these rows with in ``params``."""
-        from byzsgd.attacks import forge as forge_rows  # the package imports this module
 
         byz = [int(r) for r in byzantine]
         if not byz:
@@ -157,7 +157,6 @@ class MomentumAwareWorker:
 
     def gradient(self, step: int, known: torch.Tensor, params: dict) -> torch.Tensor:
         """The gradient to send at ``step`` given the known rows [k, d] (see the class doc)."""
-        from byzsgd.attacks import forge as forge_rows
 
         tr = self.tracker
         if known.shape[0] < 2:

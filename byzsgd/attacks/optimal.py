@@ -102,7 +102,7 @@ def optimal_ipm_factor(honest: torch.Tensor, f: int, gar: str | None = None, gar
 
 @register("optimal_alie", reference="ALIE (Baruch et al., NeurIPS 2019) with z tuned against the GAR (ByzFL Opt-ALIE)",
           params=("gar", "gar_f", "n", "gar_params", "pipeline", "start", "levels", "golden_steps"),
-          needs_rule=True)
+          needs_rule=True, needs_estimate=True, search=(optimal_alie_factor, "alie", "z"))
 def optimal_alie(honest: torch.Tensor, f: int, gar: str | None = None, gar_f: int | None = None,
                  n: int | None = None, gar_params: dict | None = None, start: float = 0.125,
                  levels: int = 14, golden_steps: int = 20, pipeline=None) -> torch.Tensor:
@@ -113,7 +113,7 @@ def optimal_alie(honest: torch.Tensor, f: int, gar: str | None = None, gar_f: in
 
 @register("optimal_ipm", reference="IPM (Xie et al., UAI 2019) with epsilon tuned against the GAR (ByzFL Opt-IPM)",
           params=("gar", "gar_f", "n", "gar_params", "pipeline", "start", "levels", "golden_steps"),
-          needs_rule=True)
+          needs_rule=True, needs_estimate=True, search=(optimal_ipm_factor, "ipm", "epsilon"))
 def optimal_ipm(honest: torch.Tensor, f: int, gar: str | None = None, gar_f: int | None = None,
                 n: int | None = None, gar_params: dict | None = None, start: float = 0.125,
                 levels: int = 14, golden_steps: int = 20, pipeline=None) -> torch.Tensor:

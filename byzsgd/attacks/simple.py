@@ -89,7 +89,7 @@ def nan(honest: torch.Tensor, f: int) -> torch.Tensor:
 
 
 @register("mimic", reference="Karimireddy, He, Jaggi, Byzantine-Robust Learning on Heterogeneous Datasets via Bucketing, ICLR 2022",
-          params=("target",))
+          params=("target",), needs_estimate=True)
 def mimic(honest: torch.Tensor, f: int, target: int = 0) -> torch.Tensor:
     k = honest.shape[0]
     if isinstance(target, bool) or not isinstance(target, int) or not (-k <= target < k):

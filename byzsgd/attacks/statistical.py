@@ -86,7 +86,14 @@ def alie_strength(z, n: int | None = None, f: int | None = None) -> float | None
     return value
 
 
-@register("alie", reference="Baruch, Baruch, Goldberg, A Little Is Enough, NeurIPS 2019", params=("n", "z"))
+def _checked_z(z):
+    """A bad z fails at start, not at the first forged gradient."""
+    alie_strength(z)
+    return z
+
+
+@register("alie", reference="Baruch, Baruch, Goldberg, A Little Is Enough, NeurIPS 2019", params=("n", "z"),
+          needs_estimate=True, checks={"z": lambda z, cfg: _checked_z(z)})
 def alie(honest: torch.Tensor, f: int, n: int | None = None, z: float | str | None = None) -> torch.Tensor:
     textbook = z is None or z == TEXTBOOK
     z = alie_strength(z, _default_n(honest, f, n) if textbook else None, f)
@@ -95,12 +102,12 @@ def alie(honest: torch.Tensor, f: int, n: int | None = None, z: float | str | No
 
 
 @register("ipm", reference="Xie, Koyejo, Gupta, Fall of Empires (inner product manipulation), UAI 2019",
-          params=("epsilon",))
+          params=("epsilon",), needs_estimate=True)
 def ipm(honest: torch.Tensor, f: int, epsilon: float = 0.1) -> torch.Tensor:
     return (honest.mean(dim=0) * -float(epsilon)).unsqueeze(0).repeat(f, 1)
 
 
 @register("empire", reference="Garfield's fall-of-empires attack: -epsilon * mean, epsilon 10",
-          params=("epsilon",))
+          params=("epsilon",), needs_estimate=True)
 def empire(honest: torch.Tensor, f: int, epsilon: float = 10.0) -> torch.Tensor:
     return ipm(honest, f, epsilon=epsilon)

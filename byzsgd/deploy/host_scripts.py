@@ -1,23 +1,23 @@
 """What runs on each host of a multi-host deployment, as ``sh`` text.
 
 :func:`start_script` (the host's directories, the credentials of *its* ranks only, the TLS
-files, one wrapped trainer per rank), :func:`status_script` and :func:`kill_script`: each is
+files, each rank's configuration as JSON, one wrapped node per rank started from that file),
+:func:`status_script` and :func:`kill_script`: each is
 written to the stdin of the runner (``ssh HOST sh -s`` by default, see
 :mod:`byzsgd.deploy.cluster`), so nothing secret is ever on a command line.  Also the rule by
-which a host picks its interpreter (:data:`PY_PICK`, :func:`default_python`).
+which a host picks its interpreter (:data:`PY_PICK`; the default one is
+:func:`byzsgd.deploy.plan.default_python`).  The scripts render a :class:`~byzsgd.deploy.plan.Plan`:
+this module imports the plan, never the reverse.
 """
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from byzsgd.deploy.plan import NODE_COMMAND, Host, Plan, Rank, default_python
 from byzsgd.device import LOCAL_INDEX_ENV
 from byzsgd.net.credentials import credentials_path
-
-if TYPE_CHECKING:
-    from byzsgd.deploy.plan import Host, Plan, Rank
 
 RUN_ID_ENV = "BYZSGD_RUN_ID"
 
@@ -50,21 +50,7 @@ for m in ("msgpack", "numpy", "torch", "byzsgd.net"):
 [ -z "$miss" ] || { echo "byzsgd-error: $(hostname): $PY cannot import $miss"; exit 3; }
 """
 
-def runs_on_this_machine(runner: str) -> bool:
-    """Runners whose "hosts" are this machine (plain local, network namespaces): there the
-    default interpreter is the one running the launcher, whatever environment it lives in."""
-    words = " ".join(shlex.split(runner))
-    return words in ("", "local") or words.startswith("ip netns exec")
-
-
-def default_python(runner: str) -> str | None:
-    """The interpreter a host runs when neither its ``python=`` nor ``--python`` says:
-    this very interpreter where the hosts are this machine, else None (the host picks
-    ``$REPO/.venv/bin/python``, else ``python3``)."""
-    return sys.executable if runs_on_this_machine(runner) else None
-
-
-def python_rule(host: "Host", runner: str) -> str:
+def python_rule(host: Host, runner: str) -> str:
     """What ``--dry_run`` prints: the interpreter a host will use, or the rule it follows."""
     return host.python or default_python(runner) or "<repo>/.venv/bin/python if present, else python3"
 
@@ -80,7 +66,8 @@ def start_script(plan: Plan, ranks: list[Rank], secret: str | None, probe: str, 
                  creds: dict[int, str] | None = None) -> str:
     """The script a host runs (on its stdin): its directories, the credentials files of *its*
     ranks only (``creds``: rank -> file text; or the shared ``secret`` under
-    --insecure_shared_secret), the TLS files, then one wrapped trainer per rank."""
+    --insecure_shared_secret), the TLS files, each rank's configuration (its JSON, a file
+    beside its log), then one wrapped node per rank, started from that file."""
     host = ranks[0].host
     dirs = sorted({r.dir for r in ranks})
     lines = ["set -u", "umask 077"]
@@ -108,8 +95,11 @@ def start_script(plan: Plan, ranks: list[Rank], secret: str | None, probe: str, 
     for local, r in enumerate(ranks):  # local: the rank's index on this host (--device auto)
         stem = q(r.dir + "/" + r.stem)
         lines.append(f"rm -f {stem}.pid {stem}.pgid {stem}.rc")
-        lines.append(f"{env} {LOCAL_INDEX_ENV}={local} setsid sh -c {q(WRAPPER)} byzsgd-rank {stem} \"$PY\" -m byzsgd.trainer "
-                     + " ".join(q(a) for a in r.argv) + f" < /dev/null >> {q(r.remote('.log'))} 2>&1 &")
+        lines.append(f"printf '%s\\n' {q(r.config.to_json())} > {q(r.remote_config)} || "
+                     f"{{ echo 'byzsgd-error: cannot write the configuration of rank {r.rank}'; exit 3; }}")
+        lines.append(f"{env} {LOCAL_INDEX_ENV}={local} setsid sh -c {q(WRAPPER)} byzsgd-rank {stem} \"$PY\" "
+                     + " ".join(q(a) for a in (*NODE_COMMAND, r.remote_config))
+                     + f" < /dev/null >> {q(r.remote('.log'))} 2>&1 &")
     # report the exact pids once every wrapper wrote them
     lines.append("n=0")
     wait_for = " ".join(f"{q(r.remote('.pid'))} {q(r.remote('.pgid'))}" for r in ranks)

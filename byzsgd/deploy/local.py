@@ -6,9 +6,9 @@ byzsgd.net.credentials) are provisioned from it into ``run_dir/credentials/rank<
 (0600, directory 0700), rank r getting ``--credentials`` of its own file only (Byzantine ranks
 included).  Both happen in a short-lived child of the launcher, which never holds the secret
 nor any key: a forked node, which shares the launcher's memory, finds only what it loads itself,
-its own rank's keys.  And the run directory (:mod:`byzsgd.deploy.rundir`) holds each node's log and metrics plus
+its own rank's keys.  And the run directory (:mod:`byzsgd.rundir`) holds each node's log and metrics plus
 ``deployment.json``.  A forked node gets its :class:`~byzsgd.config.RunConfig` in memory;
-an exec'd one (and a restart by scripts/fault.py) its argv.  Progress (step, loss,
+an exec'd one (and a restart by byzsgd.deploy.faults) its argv.  Progress (step, loss,
 accuracy) is read from the PSes' metrics files; nodes never poll.
 """
 from __future__ import annotations
@@ -23,18 +23,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from byzsgd.config import CREDENTIALS_ENV, SECRET_ENV, SECRET_FILE_ENV, RunConfig
-from byzsgd.deploy import rundir
+from byzsgd.config import CREDENTIALS_ENV, SECRET_ENV, SECRET_FILE_ENV, RunConfig, ValidatedConfig
+from byzsgd import rundir
+from byzsgd.deploy import summary as runsum
 from byzsgd.device import LOCAL_INDEX_ENV, cuda_initialized
 from byzsgd.deploy.options import LaunchConfig
+from byzsgd.flags import PER_RANK, scoped
 from byzsgd.deploy.spawn import fork_node, preload_optimizer, preload_roles, warm_dataset_cache
 from byzsgd.metrics import gather_diameters, read_metrics
 from byzsgd.net.credentials import provision_in_child
 from byzsgd.net.peers import free_ports
 from byzsgd.roles.entry import run_role
 
-#: node fields that differ per rank: not part of the shared ``config`` of deployment.json
-NODE_OWN = ("rank", "peers", "metrics", "attack", "attack_args", "byzantine", "secret_file", "credentials")
+#: node fields that differ per rank (declared ``scope=PER_RANK``, and ``byzantine``, which
+#: follows --attack): not part of the shared ``config`` of deployment.json
+NODE_OWN = scoped(RunConfig, PER_RANK) + ("byzantine",)
 
 
 @dataclass
@@ -47,7 +50,7 @@ class NodeProcess:
     attack_args: dict
     log_path: Path
     metrics_path: Path | None
-    cfg: RunConfig  # what the node runs with: in memory for a fork, as argv for an exec
+    cfg: ValidatedConfig  # what the node runs with: in memory for a fork, as argv for an exec
     proc: subprocess.Popen | None = None
     progress: dict = field(default_factory=lambda: {"offset": 0, "last": None, "acc": None, "done": None})
     returncode: int | None = None
@@ -61,7 +64,7 @@ class NodeProcess:
 
     @property
     def cmd(self) -> list[str]:
-        """The node's command line (exec spawning; scripts/fault.py restarts it with it)."""
+        """The node's command line (exec spawning; byzsgd.deploy.faults restarts it with it)."""
         return [sys.executable, "-m", f"byzsgd.roles.{self.role}", *self.cfg.to_argv()]
 
 
@@ -91,21 +94,21 @@ class Deployment:
                    byzantine_ranks=[n.rank for n in self.nodes if n.byzantine],
                    ranks=[n.describe(self.host) for n in self.nodes])
         restarted = read_faults(self.run_dir)[1]
-        for r in doc["ranks"]:  # a node restarted by scripts/fault.py runs under a new pid
+        for r in doc["ranks"]:  # a node restarted by byzsgd.deploy.faults runs under a new pid
             r["pid"] = restarted.get(r["rank"], r["pid"])
         return rundir.write_deployment(self.run_dir, doc)
 
 
 def plan(lc: LaunchConfig) -> Deployment:
-    """Validate the configuration and lay out the ranks, ports and files (nothing started)."""
-    lc.validate()
+    """Validate the configuration and lay out the ranks, ports and files (nothing started);
+    each rank's configuration is validated here, once (a forked node does not check it again)."""
     cfg = lc.run
     run_dir = Path(lc.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    nodes = lc.node_configs(run_dir)  # refused before the run directory exists
     run_dir.mkdir(parents=True, exist_ok=True)
     dep = Deployment(cfg, run_dir, lc.host)
     ports = free_ports(cfg.world_size, lc.host)
-    for rank in range(cfg.world_size):
-        node = lc.node_config(rank, run_dir=run_dir)
+    for rank, node in enumerate(nodes):
         dep.nodes.append(NodeProcess(rank, node.role, ports[rank], node.byzantine, node.attack,
                                      node.attack_args, rundir.rank_file(run_dir, node.role, rank, "log"),
                                      Path(node.metrics) if node.metrics else None, node))
@@ -248,7 +251,7 @@ def _bar(dep: Deployment, prog: dict[int, dict], width: int = 30) -> str:
 
 
 def read_faults(run_dir: Path) -> tuple[set[int], dict[int, int]]:
-    """``run_dir/faults.json``, written by scripts/fault.py before it kills, pauses or
+    """``run_dir/faults.json``, written by byzsgd.deploy.faults before it kills, pauses or
     restarts a node: the ranks that fail on purpose, and the pids of restarted ranks."""
     doc = rundir.read_faults(run_dir)
     try:
@@ -281,7 +284,7 @@ def _ps_finished(n: NodeProcess, faulty: set[int], restarted: dict[int, int]) ->
 
 
 def stop_restarted(dep: Deployment, grace: float = 3.0) -> None:
-    """Stop the nodes scripts/fault.py restarted (not our children): SIGTERM, then SIGKILL."""
+    """Stop the nodes byzsgd.deploy.faults restarted (not our children): SIGTERM, then SIGKILL."""
     live = []
     for rank, pid in read_faults(dep.run_dir)[1].items():
         try:  # each is a session leader running its rank's argv: never a recycled pid
@@ -304,13 +307,13 @@ def stop_restarted(dep: Deployment, grace: float = 3.0) -> None:
                 pass
 
 
-#: how long a restarted PS (scripts/fault.py) is waited for once every other correct PS is done
+#: how long a restarted PS (byzsgd.deploy.faults) is waited for once every other correct PS is done
 RESTARTED_GRACE_S = 30.0
 
 
 def monitor(dep: Deployment, *, quiet: bool, timeout: float) -> str:
     """Wait until every correct PS is done; returns 'ok', 'failed:<rank>' or 'timeout'.
-    Ranks listed in ``faults.json`` (scripts/fault.py) failed on purpose: their exit is not
+    Ranks listed in ``faults.json`` (byzsgd.deploy.faults) failed on purpose: their exit is not
     fatal and they are not waited for, except a restarted PS (its new process is)."""
     tty = sys.stderr.isatty()
     last_print = 0.0
@@ -344,7 +347,7 @@ def monitor(dep: Deployment, *, quiet: bool, timeout: float) -> str:
 def summarize(dep: Deployment, outcome: str) -> dict:
     faulty, restarted = read_faults(dep.run_dir)
     # a PS killed on purpose (and not restarted) does not count in the minimum
-    summary = rundir.run_summary(dep.run_dir, outcome, started=dep.started,
+    summary = runsum.run_summary(dep.run_dir, outcome, started=dep.started,
                                  returncodes={n.rank: n.returncode for n in dep.nodes},
                                  exclude=faulty - set(restarted),
                                  byzantine_ranks=[n.rank for n in dep.nodes if n.byzantine])

@@ -2,9 +2,11 @@
 
 ``LaunchConfig`` is what ``python -m byzsgd.launch`` parses and what the experiment harness
 builds per grid cell; :meth:`LaunchConfig.validate` refuses whatever a node would refuse
-(each Byzantine role's attack checked on that role's own configuration), and
-:meth:`LaunchConfig.node_config` is the configuration a rank runs with — handed over in
-memory to a forked node, as argv to an exec'd one.
+(every rank's configuration checked in full, each Byzantine rank's attack on its own), and
+:meth:`LaunchConfig.node_configs` are the :class:`~byzsgd.config.ValidatedConfig` the ranks run
+with — handed over in memory to a forked node, which does not check it again, as argv to an
+exec'd one.  Every field of ``LaunchConfig`` is declared ``scope=LAUNCHER``: it never reaches
+a node.
 """
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from byzsgd.config import RunConfig, config_from_args
+from byzsgd.config import RunConfig, ValidatedConfig, config_from_args
 from byzsgd.errors import ConfigError
-from byzsgd.flags import DEPLOYMENT, build_parser, coerce, flag, to_argv, values_from
+from byzsgd.flags import DEPLOYMENT, LAUNCHER, build_parser, coerce, flag, to_argv, values_from
 
 #: the main job's settings, chosen by their worst case over worker and PS attacks (docs/
 #: worst_case.md): median after nearest-neighbour mixing of per-worker momentums 0.9 (the
@@ -45,9 +47,11 @@ def _spawn_default() -> str:
 
 
 def _d(default: Any, help: str, **kw) -> Any:
+    """A launcher-only flag field."""
+    meta = flag(help, group=DEPLOYMENT, scope=LAUNCHER, **kw)
     if isinstance(default, dict):
-        return field(default_factory=dict, metadata=flag(help, group=DEPLOYMENT, **kw))
-    return field(default=default, metadata=flag(help, group=DEPLOYMENT, **kw))
+        return field(default_factory=dict, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -119,6 +123,23 @@ class LaunchConfig:
     # -- checks -----------------------------------------------------------------------------
     def validate(self) -> "LaunchConfig":
         """Everything the nodes would refuse, refused before anything starts."""
+        self.node_configs()
+        return self
+
+    def node_configs(self, run_dir: Path | None = None) -> list[ValidatedConfig]:
+        """Every rank's configuration (:meth:`node_config`; ``run_dir``: with the run's files),
+        each checked in full once: the deployment's own flags first, then each rank's (a
+        Byzantine rank's attack on its own rank).  The pre-start check and the layout of the
+        same deployment share the checks (the files are not part of them)."""
+        key = tuple(self.to_argv())
+        if getattr(self, "_checked", (None,))[0] != key:
+            self._checked = (key, self._check_nodes())
+        nodes = self._checked[1]
+        if run_dir is None:
+            return list(nodes)
+        return [n.with_files(**self._files(n.rank, run_dir)) for n in nodes]
+
+    def _check_nodes(self) -> list[ValidatedConfig]:
         cfg = self.run
         if not 0 <= self.byz_workers <= cfg.num_workers:
             raise ConfigError(f"--byz_workers must be in [0, {cfg.num_workers}]")
@@ -142,13 +163,11 @@ class LaunchConfig:
             if protocol_attacks.is_protocol_attack(self.worker_attack):
                 raise ConfigError(f"--schedule adversarial needs a value attack; --worker_attack "
                                   f"{self.worker_attack} is a protocol attack")
-        self.node_config(0).validate()
-        # each Byzantine role's attack, on that role's configuration (what the node checks)
-        if self.worker_attack:
+        if self.worker_attack and not self.byz_workers:  # still checked, on the last worker
             self.node_config(cfg.world_size - 1, byzantine=True).validate()
-        if self.ps_attack:
+        if self.ps_attack and not self.byz_ps:
             self.node_config(cfg.num_ps - 1, byzantine=True).validate()
-        return self
+        return [self.node_config(rank).validate() for rank in range(cfg.world_size)]
 
     # -- the ranks ----------------------------------------------------------------------------
     def byzantine_worker_ranks(self) -> list[int]:
@@ -176,11 +195,18 @@ class LaunchConfig:
         if self.schedule == "adversarial" and self.byz_workers:  # every node: the PSes order, the
             changes["scheduled_byzantine"] = ",".join(map(str, self.byzantine_worker_ranks()))  # workers forge
         if run_dir is not None:
-            from byzsgd.deploy import rundir
-            from byzsgd.net.credentials import credentials_path
-            changes["peers"] = str(rundir.deployment_path(run_dir))
-            if not cfg.insecure_shared_secret:  # its own file only (launch.start provisions)
-                changes["credentials"] = str(credentials_path(rundir.credentials_dir(run_dir), rank))
-            if is_ps:
-                changes["metrics"] = str(rundir.rank_file(run_dir, "ps", rank, "metrics"))
+            changes.update(self._files(rank, run_dir))
         return dataclasses.replace(cfg, **changes)
+
+    def _files(self, rank: int, run_dir: Path) -> dict[str, str]:
+        """Rank ``rank``'s files in ``run_dir``: the peers file, its own credentials file
+        (launch.start provisions them) and, for a PS, its metrics."""
+        from byzsgd import rundir
+        from byzsgd.net.credentials import credentials_path
+
+        files = dict(peers=str(rundir.deployment_path(run_dir)))
+        if not self.run.insecure_shared_secret:
+            files["credentials"] = str(credentials_path(rundir.credentials_dir(run_dir), rank))
+        if rank < self.run.num_ps:
+            files["metrics"] = str(rundir.rank_file(run_dir, "ps", rank, "metrics"))
+        return files

@@ -2,9 +2,13 @@
 
 ``make_plan`` turns ``run``'s arguments (the ``servers`` / ``workers`` hosts files, the config
 file of trainer flags, TLS files, ports, runner) into a :class:`Plan`: one :class:`Rank` per
-line of the hosts files, each with its host, port, run directory on the host and its trainer
-argv.  Nothing is started here (:mod:`byzsgd.deploy.cluster` does; the per-host shell scripts
-are :mod:`byzsgd.deploy.host_scripts`).
+line of the hosts files, each with its host, port, run directory on the host and its
+configuration: the trainer flags' shared :class:`~byzsgd.config.RunConfig` with the per-rank
+fields (those declared ``scope=PER_RANK``) filled in.  That configuration is what a host
+receives, as JSON (:meth:`RunConfig.to_json`), and its node loads
+(:mod:`byzsgd.deploy.shipped`): no argv is rebuilt on the way.  Nothing is started here
+(:mod:`byzsgd.deploy.cluster` does; the per-host shell scripts are
+:mod:`byzsgd.deploy.host_scripts`, which read a plan: this module imports none of them).
 """
 from __future__ import annotations
 
@@ -13,15 +17,15 @@ import dataclasses
 import os
 import secrets
 import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from byzsgd.config import RunConfig
-from byzsgd.deploy import rundir
-from byzsgd.deploy.host_scripts import default_python
+from byzsgd import rundir
 from byzsgd.errors import ConfigError
-from byzsgd.flags import split_argv
+from byzsgd.flags import PER_RANK, scoped, split_argv
 from byzsgd.net.credentials import credentials_path
 
 DEFAULT_RUNNER = "ssh -o BatchMode=yes"
@@ -29,10 +33,11 @@ RUNNER_ENV = "BYZSGD_RUNNER"
 #: the trainer flags ``run`` reads when --config is not given: this file beside --servers
 DEFAULT_CONFIG = "exp.conf"
 HOST_KEYS = ("addr", "python", "repo", "dir", "listen")
-#: trainer flags the deployment sets per rank: refused in the config
-OWNED_FLAGS = ("rank", "master", "port", "listen_host", "advertise_host", "secret_file", "metrics",
-               "peers", "credentials")
+#: trainer flags the deployment sets per rank (declared so): refused in the config
+OWNED_FLAGS = scoped(RunConfig, PER_RANK)
 TLS_FLAGS = ("tls_cert", "tls_key", "tls_ca")
+#: what a host runs per rank, followed by the rank's configuration file
+NODE_COMMAND = ("-m", "byzsgd.deploy.shipped")
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -113,6 +118,20 @@ def default_config(servers: str | os.PathLike) -> Path | None:
 split_flags = split_argv
 
 
+def runs_on_this_machine(runner: str) -> bool:
+    """Runners whose "hosts" are this machine (plain local, network namespaces): there the
+    default interpreter is the one running the launcher, whatever environment it lives in."""
+    words = " ".join(shlex.split(runner))
+    return words in ("", "local") or words.startswith("ip netns exec")
+
+
+def default_python(runner: str) -> str | None:
+    """The interpreter a host runs when neither its ``python=`` nor ``--python`` says:
+    this very interpreter where the hosts are this machine, else None (the host picks
+    ``$REPO/.venv/bin/python``, else ``python3``)."""
+    return sys.executable if runs_on_this_machine(runner) else None
+
+
 # ----------------------------------------------------------------------------- the plan
 @dataclass
 class Rank:
@@ -121,7 +140,7 @@ class Rank:
     host: Host
     port: int | None
     dir: str
-    argv: list[str] = field(default_factory=list)
+    config: RunConfig | None = None  # what the rank runs: shipped to its host as JSON
     pid: int | None = None
     pgid: int | None = None
 
@@ -131,6 +150,11 @@ class Rank:
 
     def remote(self, suffix: str) -> str:
         return f"{self.dir}/{self.stem}{suffix}"
+
+    @property
+    def remote_config(self) -> str:
+        """Where the rank's configuration (JSON) is written on its host."""
+        return self.remote(".config.json")
 
     @property
     def remote_metrics(self) -> str | None:
@@ -185,8 +209,8 @@ class Plan:
                 log=str(self.local(r, "log")),
                 metrics=str(self.local(r, "metrics")) if r.role == "ps" else None,
                 remote_dir=r.dir, remote_log=r.remote(".log"), remote_metrics=r.remote_metrics,
-                python=r.host.python, repo=r.host.repo,
-                cmd=[r.host.python or "<repo>/.venv/bin/python|python3", "-m", "byzsgd.trainer"] + r.argv))
+                python=r.host.python, repo=r.host.repo, config=r.remote_config,
+                cmd=[r.host.python or "<repo>/.venv/bin/python|python3", *NODE_COMMAND, r.remote_config]))
         return dict(num_ps=self.num_ps, num_workers=self.num_workers, kind="multihost",
                     run_dir=str(self.run_dir), run_id=self.run_id, runner=self.runner,
                     master=self.master, base_port=self.base_port, ports=self.ports,
@@ -199,21 +223,25 @@ class Plan:
         return rundir.write_deployment(self.run_dir, self.describe())
 
 
-def check_flags(flags: list[str], num_ps: int, num_workers: int) -> RunConfig:
+def check_flags(flags: list[str], num_ps: int | None = None, num_workers: int | None = None) -> RunConfig:
     """Refuse flags the deployment owns; parse and validate the rest (the trainer's flags)
-    into the configuration every rank shares."""
+    into the configuration every rank shares (rank 0's; the per-rank fields are filled per
+    rank).  ``num_ps`` / ``num_workers``: the hosts files' counts, which the flags must match."""
     given = split_argv(flags)
     for name in OWNED_FLAGS:
         if name in given:
             raise ConfigError(f"--{name} is set per rank by the deployment; remove it from the "
                               f"config / command line")
+    counts: list[str] = []
     for name, count, what in (("num_ps", num_ps, "servers"), ("num_workers", num_workers, "workers")):
+        if count is None:
+            continue
         if name in given and given[name] != str(count):
             raise ConfigError(f"--{name} {given[name]} but the {what} file lists {count} "
                               f"rank{'s' if count != 1 else ''}")
+        counts += [f"--{name}", str(count)]
     try:
-        cfg = RunConfig.from_argv(list(flags) + ["--rank", "0", "--num_ps", str(num_ps),
-                                                 "--num_workers", str(num_workers)],
+        cfg = RunConfig.from_argv(list(flags) + ["--rank", "0", *counts],
                                   prog="python -m byzsgd.trainer")
     except ConfigError as exc:
         raise ConfigError(f"bad trainer flags {' '.join(flags)!r}: {exc}") from None
@@ -278,11 +306,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
         port = args.base_port + rank if (args.ports == "fixed" or rank == 0) else None
         r = Rank(rank, role, host, port, (host.dir or args.remote_dir or str(run_dir)).rstrip("/") or "/")
         plan.ranks.append(r)
-    for r in plan.ranks:  # each rank's configuration, as argv: it starts on another host
+    for r in plan.ranks:  # each rank's configuration: shipped as JSON to its host
         own = dict(rank=r.rank, master=plan.master, port=r.port or 0, listen_host=r.host.listen,
                    advertise_host=r.host.addr, metrics=r.remote_metrics,
                    secret_file=f"{r.dir}/{rundir.SECRET}" if plan.insecure else None,
                    credentials=None if plan.insecure else str(credentials_path(plan.cred_dir(r), r.rank)),
                    **{k: f"{r.dir}/{k.replace('_', '-')}.pem" if k in tls else None for k in TLS_FLAGS})
-        r.argv = dataclasses.replace(shared, **own).to_argv()
+        r.config = dataclasses.replace(shared, **own)
     return plan

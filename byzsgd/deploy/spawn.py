@@ -54,8 +54,7 @@ def preload_roles() -> None:
     """Import what every node needs, once, in the parent; then move every object the imports
     made out of the garbage collector's reach (``gc.freeze``): a child's collections would
     otherwise write into each of them and copy every page of the shared heap into the child."""
-    import byzsgd.roles.ps  # noqa: F401
-    import byzsgd.roles.worker  # noqa: F401
+    import byzsgd.roles.nodes  # noqa: F401
 
     _freeze_heap()
 
@@ -82,7 +81,7 @@ def warm_dataset_cache(dataset: str, data_root: str | None, timeout: float = 600
     child, so that the nodes memory-map it instead of each decoding it (the parent imports no
     decoder and starts no thread).  False when it could not (the nodes then read the source
     themselves, as without a cache)."""
-    from byzsgd.learning.data import cache_dir
+    from byzsgd.learning.dataset import cache_dir
 
     if not FORK_AVAILABLE or cache_dir() is None:
         return False

@@ -48,14 +48,14 @@ Resumable: a cell whose canonical key already has a line in the results file is 
 A cell that fails is recorded with its outcome and the grid goes on.  Ctrl-C stops the
 running cell cleanly and records nothing for it: rerun the same command to resume.
 
-This module loads and validates an experiment (and is its CLI); the cells run in
-:mod:`byzsgd.experiments.runner`.
+This module loads and validates an experiment (and is its CLI); what it builds is
+:mod:`byzsgd.experiments.spec`'s, and the cells run in :mod:`byzsgd.experiments.runner`, which
+imports neither this module nor its CLI.
 """
 from __future__ import annotations
 
 import argparse
 import difflib
-import importlib
 import hashlib
 import itertools
 import json
@@ -63,21 +63,16 @@ import os
 import re
 import signal
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from byzsgd.config import RunConfig
 from byzsgd.deploy.options import LAUNCH_DEFAULTS, LaunchConfig
 from byzsgd.errors import ByzSGDError, ConfigError
-from byzsgd.flags import flag_fields, to_argv
-from byzsgd.experiments.results import append_result, read_results  # noqa: F401  (append_result: re-exported)
+from byzsgd.flags import flag_fields
+from byzsgd.experiments.results import read_results
+from byzsgd.experiments.spec import HARNESS_FLAGS, Cell, Experiment, short, canonical_key
 
-ROOT = Path(__file__).resolve().parents[2]
-
-#: launcher flags the harness sets itself (per cell) or that make no sense in a grid
-HARNESS_FLAGS = {"help", "run_dir", "json", "quiet", "timeout", "rank", "peers", "metrics", "attack",
-                 "attack_args", "master", "host", "listen_host", "advertise_host", "port"}
 EXPERIMENT_KEYS = {
     "name": "a name for the experiment (titles of the plots)",
     "description": "free text",
@@ -88,22 +83,7 @@ EXPERIMENT_KEYS = {
     "workers": "multi-host: worker host file of scripts/run_exp.sh (with 'servers')",
     "run_exp": "multi-host: the script that runs a cell (default scripts/run_exp.sh)",
 }
-#: launcher flags that are not trainer flags (a multi-host cell cannot use them)
-LAUNCHER_ONLY = ("byz_workers", "worker_attack", "worker_attack_args", "byz_ps", "ps_attack",
-                 "ps_attack_args", "node_log")
 NONE_ATTACK = "none"
-
-#: names that moved to :mod:`byzsgd.experiments.runner` (running the cells), still importable
-#: from here: loaded on first use (PEP 562), since the runner itself imports this module
-_RUNNER_NAMES = ("HARD_LIMIT_SLACK", "CellProgress", "multihost_runner", "cell_command", "run_cell",
-                 "run_experiment", "_fmt_s", "_current_step", "_default_sigint",
-                 "_kill_leftover_nodes", "_stop")
-
-
-def __getattr__(name: str):
-    if name in _RUNNER_NAMES:
-        return getattr(importlib.import_module("byzsgd.experiments.runner"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # --------------------------------------------------------------------------------------------
 # configuration
@@ -154,53 +134,8 @@ def _suggest(name: str, known: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-@dataclass
-class Cell:
-    index: int
-    values: dict[str, Any]           # canonical: the fields of this cell (axes + scalars)
-    axes: dict[str, Any]             # the values of the list-valued fields only
-    config: LaunchConfig | None      # the cell's deployment (None only while describing)
-    key: str
-    label: str
-
-    @property
-    def flags(self) -> list[str]:
-        """Launcher flags of the whole configuration (a cell is exec'd as byzsgd.launch)."""
-        return self.config.to_argv(skip=HARNESS_FLAGS)
-
-    @property
-    def trainer_flags(self) -> list[str]:
-        """Multi-host: the byzsgd.trainer flags of the fields the cell sets."""
-        return to_argv(self.config.run, only=set(self.values) - set(LAUNCHER_ONLY))
-
-    def describe(self) -> str:
-        return " ".join(f"{k}={_short(v)}" for k, v in self.axes.items()) or "(single cell)"
-
-
-@dataclass
-class Experiment:
-    name: str
-    results: Path
-    runs_dir: Path
-    timeout: float
-    cells: list[Cell]
-    axes: list[str]
-    remote: dict[str, str] = field(default_factory=dict)  # servers + workers [+ run_exp]
-    source: str = ""
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, dict):
-        return json.dumps(value, separators=(",", ":"), sort_keys=True)
-    return str(value)
-
-
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text)[:60].strip("_")
-
-
-def canonical_key(values: dict[str, Any]) -> str:
-    return json.dumps(values, sort_keys=True, separators=(",", ":"))
 
 
 def _resolve(fields, defaults: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
@@ -263,7 +198,7 @@ def build_cells(grid: dict[str, Any]) -> tuple[list[Cell], list[str]]:
         except ByzSGDError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         digest = hashlib.sha1(key.encode()).hexdigest()[:8]
-        label = f"{index:03d}-" + "-".join(_slug(_short(v)) for v in chosen.values())
+        label = f"{index:03d}-" + "-".join(_slug(short(v)) for v in chosen.values())
         label = (label[:100] + "-" + digest).replace("--", "-")
         cells.append(Cell(index, values, chosen, config, key, label))
     return cells, axes

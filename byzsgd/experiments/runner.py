@@ -1,6 +1,7 @@
 """Running the cells of an experiment grid (:mod:`byzsgd.experiments.grid` loads and validates
-it): one launcher process per cell (``python -m byzsgd.launch``, or ``scripts/run_exp.sh`` for
-a multi-host cell), stopped at the cell's hard limit or on Ctrl-C with every node it started,
+it into :mod:`byzsgd.experiments.spec`'s cells, all this module imports of it): one launcher
+process per cell (``python -m byzsgd.launch``, or ``scripts/run_exp.sh`` for a multi-host
+cell), stopped at the cell's hard limit or on Ctrl-C with every node it started,
 its result record appended to the results file; the progress bar over cells.
 """
 from __future__ import annotations
@@ -15,9 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from byzsgd.deploy import rundir
+from byzsgd import rundir
+from byzsgd.deploy import summary as runsum
 from byzsgd.errors import ConfigError
-from byzsgd.experiments.grid import ROOT, Cell, Experiment
+from byzsgd.experiments.spec import ROOT, Cell, Experiment
 from byzsgd.experiments.results import append_result, read_results
 
 #: seconds the harness waits past [experiment] timeout before it stops a cell itself (the
@@ -99,7 +101,7 @@ class CellProgress:
 
 
 def _current_step(run_dir: Path) -> int | None:
-    steps = rundir.ps_steps(run_dir)
+    steps = runsum.ps_steps(run_dir)
     return max(steps.values()) + 1 if steps else None
 
 
@@ -229,7 +231,7 @@ def run_cell(exp: Experiment, cell: Cell, progress: CellProgress | None = None) 
         outcome = summary.get("outcome") or ("ok" if rc == 0 else "error")
     record = dict(key=cell.key, index=cell.index, label=cell.label, cell=cell.values, axes=cell.axes,
                   outcome=outcome, returncode=rc)
-    record.update(rundir.summarize_run(run_dir))
+    record.update(runsum.summarize_run(run_dir))
     if record["final_accuracy"] is None and isinstance(summary.get("min_accuracy"), (int, float)):
         record["final_accuracy"] = summary["min_accuracy"]
     record.update(wall_time=wall, median_step_time=summary.get("median_step_time"),

@@ -7,10 +7,11 @@ are in **every** gradient quorum and know the step's honest gradients.  The scre
 exactly that, with the deployment's own code:
 
 * the PS is a real :class:`byzsgd.roles.replica.Replica` (model, FlatSGD / torch.optim
-  optimizer, test set) and aggregates with the PS's own
-  :class:`byzsgd.roles.gradient_aggregation.GradientAggregation` (non-finite rows, the
-  per-worker momentum stage, which rows enter, ``--pre_agg``, ``--gar``), configured from a
-  :class:`byzsgd.config.RunConfig` (the launcher's defaults unless overridden);
+  optimizer, test set) and steps with the deployed PS's own :class:`byzsgd.roles.ps_step.PSStep`
+  (the spot checks, then :class:`byzsgd.roles.gradient_aggregation.GradientAggregation`:
+  non-finite rows, the per-worker momentum stage, which rows enter, ``--pre_agg``, ``--gar``),
+  configured from a :class:`byzsgd.config.RunConfig` (the launcher's defaults unless
+  overridden);
 * every worker is a real worker replica (its shard, its batches, its seeded forward pass);
 * each step the quorum is the fw Byzantine workers plus ``q_w - fw`` correct ones drawn at
   random (seeded): the Byzantine share of the quorums is 1 by construction;
@@ -42,7 +43,7 @@ from byzsgd import attacks
 from byzsgd.config import RunConfig
 from byzsgd.errors import ConfigError
 from byzsgd.roles.gradient_aggregation import GradientAggregation
-from byzsgd.roles.gradient_check import GradientCheck
+from byzsgd.roles.ps_step import PSStep
 from byzsgd.roles.replica import Replica
 
 __all__ = ["Cell", "Screen", "screen_config", "DEFAULT_ATTACK_ARGS"]
@@ -105,13 +106,8 @@ class Screen:
                    for r in cfg.worker_ranks}
         for r in byz:
             workers[r].flip_labels = attack == "label_flip"
-        agg = GradientAggregation(cfg.gar, cfg.fw, cfg.gar_args, dim=ps.grad_size,
-                                  worker_ranks=cfg.worker_ranks, pipeline=cfg.pre_agg,
-                                  beta=cfg.worker_momentum, rows=cfg.wm_rows,
-                                  staleness=cfg.wm_staleness, drop_nonfinite=cfg.drop_nonfinite,
-                                  seed=cfg.seed)
-        check = GradientCheck(cfg, cfg.check_gradients, cfg.check_tolerance,
-                              rng=random.Random(cfg.seed)) if cfg.check_gradients else None
+        ps_step = PSStep(cfg, ps, rng=random.Random(cfg.seed))  # the deployed PS's step
+        agg = ps_step.gradients
         forger = _Forger(cfg, attack, cell, agg, byz) if attack and attack != "silent" else None
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + 17)
         q_honest = cfg.q_w - (len(byz) if attack != "silent" else 0)
@@ -139,12 +135,8 @@ class Screen:
                 grads.update({r: forged[r] for r in active})
             senders = sorted(grads)
             rows = torch.stack([grads[s] for s in senders])
-            if check is not None:
-                for r in check.check(t, state, senders, rows):
-                    agg.ban(r)
-                    banned_at.setdefault(r, t)
-            g, _ = agg(t, senders, rows)
-            ps.apply_gradient(g)
+            for r in ps_step(t, state, senders, rows).banned:
+                banned_at.setdefault(r, t)
             if active:  # a step with a Byzantine worker not yet banned: were they all in?
                 eligible += 1
                 quorums_with_byz += set(active) <= set(senders)
@@ -297,7 +289,6 @@ def parse_cell(spec: str, *, fw: int, seed: int, steps: int, overrides: dict) ->
 def main(argv=None) -> int:
     import argparse
     import json
-    import sys
 
     p = argparse.ArgumentParser(
         prog="python -m byzsgd.experiments.screen",

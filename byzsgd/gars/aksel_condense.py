@@ -62,7 +62,6 @@ def _sq_dist_to(vectors: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
     min_inputs=lambda f: 2 * f + 1,
     condition="n >= 2f + 1",
     reference="Boussetta et al., AKSEL: Fast Byzantine SGD, OPODIS 2020 (Garfield's aksel.py)",
-    params=("mode",),
 )
 def aksel(vectors: torch.Tensor, f: int, mode: str = "mid") -> torch.Tensor:
     """Average of the inputs closest (squared L2) to the coordinate-wise median."""
@@ -84,7 +83,6 @@ def aksel(vectors: torch.Tensor, f: int, mode: str = "mid") -> torch.Tensor:
     min_inputs=lambda f: 2 * f + 2,
     condition="n >= 2f + 2",
     reference="Garfield's condense.py (El-Mhamdi et al., Genuinely Distributed Byzantine ML, PODC 2020)",
-    params=("p", "seed", "own_index"),
 )
 def condense(vectors: torch.Tensor, f: int, p: float = 0.9, seed: int | None = None,
              own_index: int = 0) -> torch.Tensor:

@@ -75,8 +75,7 @@ def _dists(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 @register("geometric_median", min_inputs=lambda f: 2 * f + 1, condition="n >= 2f + 1",
           reference="Pillutla, Kakade, Harchaoui, 'Robust Aggregation for Federated Learning' "
-                    "(RFA, smoothed Weiszfeld), 2019; Weiszfeld 1937",
-          params=("eps", "max_iter", "nu", "center"))
+                    "(RFA, smoothed Weiszfeld), 2019; Weiszfeld 1937")
 def geometric_median(vectors: torch.Tensor, f: int, eps: float = 1e-6, max_iter: int = 100,
                      nu: float = 1e-6, center="median") -> torch.Tensor:
     """Approximate geometric median argmin_z sum_i ||z - x_i|| (breakdown point 1/2).
@@ -112,8 +111,7 @@ def geometric_median(vectors: torch.Tensor, f: int, eps: float = 1e-6, max_iter:
 @register("centered_clipping", min_inputs=lambda f: max(1, 10 * f),
           condition="f <= 0.1 n (n >= 10f)",
           reference="Karimireddy, He, Jaggi, 'Learning from History for Byzantine Robust "
-                    "Optimization', ICML 2021 (Centered Clipping)",
-          params=("tau", "iterations", "center"))
+                    "Optimization', ICML 2021 (Centered Clipping)")
 def centered_clipping(vectors: torch.Tensor, f: int, tau: float = 10.0, iterations: int = 1,
                       center="median") -> torch.Tensor:
     """Centered Clipping (Karimireddy et al., ICML 2021, Eq. (CC)): starting from ``v`` =

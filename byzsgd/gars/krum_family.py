@@ -45,8 +45,7 @@ def krum(vectors: torch.Tensor, f: int) -> torch.Tensor:
 
 
 @register("multi_krum", min_inputs=lambda f: 2 * f + 3, condition="n >= 2f + 3",
-          reference="Blanchard et al., NeurIPS 2017 / El Mhamdi et al., ICML 2018 (Multi-Krum)",
-          params=("m",))
+          reference="Blanchard et al., NeurIPS 2017 / El Mhamdi et al., ICML 2018 (Multi-Krum)")
 def multi_krum(vectors: torch.Tensor, f: int, m: int | None = None) -> torch.Tensor:
     """Multi-Krum (Blanchard et al. 2017; El Mhamdi, Guerraoui, Rouault, ICML 2018): the
     mean of the m inputs with the lowest Krum scores (scores computed once on all n);

@@ -30,7 +30,6 @@ __all__ = ["monna"]
     min_inputs=lambda f: 2 * f + 1,
     condition="n >= 2f + 1",
     reference="Farhadkhani et al., Robust Collaborative Learning with Linear Gradient Overhead (MoNNA), ICML 2023",
-    params=("reference_index",),
 )
 def monna(vectors: torch.Tensor, f: int, reference_index: int = 0) -> torch.Tensor:
     """Average of the n - f nearest neighbours of ``vectors[reference_index]`` (itself included)."""

@@ -96,7 +96,6 @@ def nnm(vectors: torch.Tensor, f: int) -> torch.Tensor:
     condition="n >= 2*bucket_size*f + 1, i.e. n >= 4f + 1 at the default bucket_size=2",
     reference="Karimireddy, He, Jaggi, Byzantine-Robust Learning on Heterogeneous Datasets via Bucketing, ICLR 2022",
     pre=True,
-    params=("bucket_size", "seed"),
 )
 def bucketing(vectors: torch.Tensor, f: int, bucket_size: int = 2, seed: int | None = None) -> torch.Tensor:
     """Seeded shuffle, then the averages of consecutive buckets of ``bucket_size`` rows."""
@@ -128,7 +127,6 @@ def bucketing(vectors: torch.Tensor, f: int, bucket_size: int = 2, seed: int | N
     condition="n >= f + 1 (the downstream rule carries the robustness bound)",
     reference="Static norm clipping (e.g. Allouah et al., The Vital Role of Gradient Clipping..., 2024)",
     pre=True,
-    params=("tau",),
 )
 def clipping(vectors: torch.Tensor, f: int, tau: float | None = None) -> torch.Tensor:
     """Clip every row to norm ``tau`` (default: the median of the row norms)."""

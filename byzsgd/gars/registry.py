@@ -6,7 +6,7 @@ Garfield's registry does; ``--gar`` flags and ``--help`` read this table.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -24,9 +24,21 @@ class Rule:
     fn: AggregateFn
     min_inputs: Callable[[int], int]  # least n for f Byzantine inputs
     condition: str  # human-readable bound, e.g. "n >= 2f + 3"
-    reference: str  # one line: authors, venue, year
+    reference: str  # one line: authors, venue, year (python -m byzsgd.gars lists it)
     pre: bool = False  # True: pre-aggregation, returns Tensor[m, d]
-    params: tuple[str, ...] = field(default=())  # documented keyword parameters
+
+    def keywords(self) -> list[str] | None:
+        """The keyword parameters the rule takes: its function's signature after ``(vectors, f)``
+        (None: any, the function takes ``**kwargs``)."""
+        import inspect
+
+        sig = inspect.signature(self.fn)
+        if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+            return None
+        positional = [p for p in sig.parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:2]
+        return [p.name for p in sig.parameters.values()
+                if p not in positional and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
     def check(self, n: int, f: int) -> None:
         """Raise ResilienceError naming rule, n, f and the bound when n is too small."""
@@ -47,14 +59,13 @@ def register(
     condition: str,
     reference: str,
     pre: bool = False,
-    params: tuple[str, ...] = (),
 ) -> Callable[[AggregateFn], AggregateFn]:
     """Decorator: add a rule to the registry under ``name``."""
 
     def deco(fn: AggregateFn) -> AggregateFn:
         if name in _RULES:
             raise RuntimeError(f"GAR {name!r} registered twice")
-        _RULES[name] = Rule(name, fn, min_inputs, condition, reference, pre, params)
+        _RULES[name] = Rule(name, fn, min_inputs, condition, reference, pre)
         return fn
 
     return deco
@@ -78,18 +89,26 @@ def rules() -> dict[str, Rule]:
 def check_params(name: str, params: dict, *, what: str = "parameters") -> None:
     """Refuse, before step 0, keyword parameters rule ``name`` does not take (an unknown key
     would otherwise be a TypeError at the first aggregation).  The rule function's own
-    signature is the reference: every keyword after ``(vectors, f)``."""
-    import inspect
-
-    rule = get(name)
-    sig = inspect.signature(rule.fn)
-    positional = [p for p in sig.parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:2]
-    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+    signature is the reference (:meth:`Rule.keywords`)."""
+    known = get(name).keywords()
+    if known is None:
         return
-    known = [p for p in sig.parameters.values()
-             if p not in positional and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    unknown = sorted(set(params) - {p.name for p in known})
+    unknown = sorted(set(params) - set(known))
     if unknown:
         raise ConfigError(f"{what}: rule {name!r} takes no parameter {', '.join(map(repr, unknown))}; "
-                          f"known: {', '.join(p.name for p in known) or 'none'}")
+                          f"known: {', '.join(known) or 'none'}")
+
+
+def describe() -> str:
+    """Every registered rule: its bound, its keyword parameters and its reference (what
+    ``--gar``, ``--model_rule``, ``--gar_args`` and ``--pre_agg`` accept)."""
+    lines = []
+    for kind, pre in (("rules (--gar, --model_rule)", False), ("pre-aggregations (--pre_agg)", True)):
+        lines.append(f"{kind}:")
+        for name in names(pre=pre):
+            rule = _RULES[name]
+            keywords = rule.keywords()
+            args = "any" if keywords is None else ", ".join(keywords) or "none"
+            lines.append(f"  {name}: {rule.condition}; parameters: {args}")
+            lines.append(f"      {rule.reference}")
+    return "\n".join(lines)

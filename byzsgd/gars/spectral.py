@@ -78,7 +78,6 @@ def _nan_like(vectors: torch.Tensor) -> torch.Tensor:
     min_inputs=lambda f: 2 * f + 1,
     condition="n >= 2f + 1",
     reference="Allouah et al., On the Privacy-Robustness-Utility Trilemma in Distributed Learning (SMEA), ICML 2023",
-    params=("max_subsets",),
 )
 def smea(vectors: torch.Tensor, f: int, max_subsets: int = 1_000_000) -> torch.Tensor:
     """Mean of the size-(n-f) subset whose empirical covariance has the smallest top eigenvalue."""

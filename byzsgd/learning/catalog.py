@@ -2,9 +2,8 @@
 
 Torch-free on purpose: :mod:`byzsgd.config` builds every parser from these, and ``--help``
 (or a launching machine without torch, ``scripts/run_exp.sh``) must not import torch.
-:func:`byzsgd.learning.models.model_help` and :func:`byzsgd.learning.data.dataset_help` are
-these functions; ``tests/test_models.py`` / ``tests/test_data.py`` check they name every
-registered model and dataset.
+``tests/test_models.py`` / ``tests/test_data.py`` check that :func:`model_help` and
+:func:`dataset_help` name every registered model and dataset.
 """
 from __future__ import annotations
 

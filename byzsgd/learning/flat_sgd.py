@@ -2,7 +2,7 @@
 
 Why not ``torch.optim.SGD``: its first ``step()`` imports ``torch._dynamo`` (sympy, triton:
 ~80 MB of heap and 2-9 s of CPU in every process that steps, i.e. every PS).  A PS's
-parameters and gradient are already one flat vector each (:class:`~byzsgd.learning.optim.FlatState`),
+parameters and gradient are already one flat vector each (:class:`~byzsgd.learning.flat_state.FlatState`),
 so the whole update is five element-wise ops on one tensor.
 
 The update is torch.optim.SGD's single-tensor one, term for term (``maximize``, ``weight_decay``,
@@ -28,7 +28,7 @@ _TORCH_ONLY = {"foreach": None, "differentiable": False, "fused": None}
 
 
 class FlatSGD:
-    """SGD over ``flat`` (a :class:`~byzsgd.learning.optim.FlatState`): steps ``flat.params``
+    """SGD over ``flat`` (a :class:`~byzsgd.learning.flat_state.FlatState`): steps ``flat.params``
     with ``flat.grad``.  Keyword arguments and their checks are torch.optim.SGD's."""
 
     def __init__(self, flat, **hyper: Any):
@@ -65,7 +65,7 @@ class FlatSGD:
         params.add_(grad, alpha=-g["lr"])
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: ARG002 - torch's signature
-        """The next :meth:`~byzsgd.learning.optim.FlatState.load_grad` overwrites the gradient;
+        """The next :meth:`~byzsgd.learning.flat_state.FlatState.load_grad` overwrites the gradient;
         zeroing keeps the views the model's ``.grad`` points at."""
         self.flat.grad.zero_()
 

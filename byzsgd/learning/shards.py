@@ -17,7 +17,7 @@ from torch import Tensor
 from byzsgd.errors import ConfigError, UnknownNameError
 
 if TYPE_CHECKING:
-    from byzsgd.learning.data import Dataset
+    from byzsgd.learning.dataset import Dataset
 
 __all__ = ["WorkerShard", "partition", "test_batches", "evaluate", "augment_batch", "default_augment"]
 

@@ -128,31 +128,30 @@ class RankCredentials:
 
     @classmethod
     def from_json(cls, text: str, *, source: str = "credentials") -> "RankCredentials":
-        C = errors.ConfigError
         try:
             obj = json.loads(text)
         except ValueError as e:
-            raise C(f"{source}: not JSON ({e})") from None
+            raise errors.ConfigError(f"{source}: not JSON ({e})") from None
         if type(obj) is not dict or obj.get("format") != FORMAT:
-            raise C(f"{source}: not a byzsgd credentials file (format must be {FORMAT!r})")
+            raise errors.ConfigError(f"{source}: not a byzsgd credentials file (format must be {FORMAT!r})")
         rank, world, dep, keys = obj.get("rank"), obj.get("world_size"), obj.get("deployment"), obj.get("keys")
         if type(keys) is not list:
-            raise C(f"{source}: 'keys' must be a list")
+            raise errors.ConfigError(f"{source}: 'keys' must be a list")
         out = []
         for j, k in enumerate(keys):
             if k is None:
                 out.append(None)
                 continue
             if type(k) is not str or len(k) != 2 * KEY_BYTES:
-                raise C(f"{source}: key {j} must be {2 * KEY_BYTES} hex chars")
+                raise errors.ConfigError(f"{source}: key {j} must be {2 * KEY_BYTES} hex chars")
             try:
                 out.append(bytes.fromhex(k))
             except ValueError:
-                raise C(f"{source}: key {j} is not hex") from None
+                raise errors.ConfigError(f"{source}: key {j} is not hex") from None
         try:
             return cls(rank, world, dep, tuple(out))
         except errors.ConfigError as e:
-            raise C(f"{source}: {e}") from None
+            raise errors.ConfigError(f"{source}: {e}") from None
 
     def save(self, path) -> Path:
         """Write atomically, mode 0600 (created so, never widened by the umask's absence)."""
@@ -179,21 +178,20 @@ class RankCredentials:
         """Read and validate a credentials file; refuse one readable by group or others, and
         (when given) one for another rank or world size.  :class:`errors.ConfigError` on any
         problem, with the path in the message."""
-        C = errors.ConfigError
         path = Path(path)
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         except OSError as e:
-            raise C(f"cannot open the credentials file {path}: {e.strerror or e}") from None
+            raise errors.ConfigError(f"cannot open the credentials file {path}: {e.strerror or e}") from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise C(f"the credentials file {path} is not a regular file")
+                raise errors.ConfigError(f"the credentials file {path} is not a regular file")
             if st.st_mode & 0o077:
-                raise C(f"the credentials file {path} is readable by others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                raise errors.ConfigError(f"the credentials file {path} is readable by others (mode {stat.S_IMODE(st.st_mode):04o}); "
                         f"chmod 600 it")
             if st.st_size > _MAX_FILE_BYTES:
-                raise C(f"the credentials file {path} is too large ({st.st_size} bytes)")
+                raise errors.ConfigError(f"the credentials file {path} is too large ({st.st_size} bytes)")
             with os.fdopen(fd, "rb") as fh:
                 fd = None
                 data = fh.read(_MAX_FILE_BYTES + 1)
@@ -203,12 +201,12 @@ class RankCredentials:
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
-            raise C(f"the credentials file {path} is not UTF-8") from None
+            raise errors.ConfigError(f"the credentials file {path} is not UTF-8") from None
         cred = cls.from_json(text, source=str(path))
         if rank is not None and cred.rank != rank:
-            raise C(f"the credentials file {path} is for rank {cred.rank}, this node is rank {rank}")
+            raise errors.ConfigError(f"the credentials file {path} is for rank {cred.rank}, this node is rank {rank}")
         if world_size is not None and cred.world_size != world_size:
-            raise C(f"the credentials file {path} is for a world of {cred.world_size}, this one has {world_size}")
+            raise errors.ConfigError(f"the credentials file {path} is for a world of {cred.world_size}, this one has {world_size}")
         return cred
 
 

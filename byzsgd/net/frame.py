@@ -270,10 +270,6 @@ def _unpack(data, limit: int):
         raise errors.BadHeader(f"invalid msgpack: {type(e).__name__}: {e}"[:200]) from None
 
 
-def _int(x) -> bool:
-    return type(x) is int
-
-
 def decode_header(data, body_len: int, limits: FrameLimits, *,
                   kinds: Mapping[str, Any] | None = None, sender: int | None = None) -> Header:
     """Validate a header (bytes-like) against ``limits``.

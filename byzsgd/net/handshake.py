@@ -37,21 +37,35 @@ is what the binding must give here.  Comparisons use ``hmac.compare_digest``.  T
 authenticates itself to a dialer that presented a valid rank/role for this world; the dialer's
 proof is checked before its rank is bound to the connection, and no frame is parsed before both
 proofs passed.
+
+:func:`dial` and :func:`serve` run the two sides of this exchange for a node on one
+:class:`~.protocol.Connection` (duck-typed here, so this module stays importable without torch).
+``serve`` owns the listener's error contract: whatever goes wrong closes that connection with a
+counted, logged reason (:meth:`Connection.abort`) and nothing propagates.  What they use of the
+node: its identity (``rank``, ``role``, ``num_ps``, ``world_size``, ``credentials``,
+``peer_roles``, ``bind_address``, ``handshake_timeout``), its admission (``_admission``: the
+passed hello moves to the proving budget) and ``_attach`` / ``connection`` (the live one for a
+rank, for the duplicate check).
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import ipaddress
+import logging
 import os
 from dataclasses import dataclass
 
 import msgpack
 
 from . import errors
+from .peers import role_of
 
 __all__ = ["PROTOCOL_VERSION", "NONCE_BYTES", "mac", "verify", "transcript", "check_hello_fields", "Hello",
-           "resolve_secret", "SECRET_ENV", "norm_addr", "channel_binding", "REFUSALS", "refusal"]
+           "resolve_secret", "SECRET_ENV", "norm_addr", "channel_binding", "REFUSALS", "refusal", "dial", "serve"]
+
+log = logging.getLogger("byzsgd.net")
 
 SECRET_ENV = "BYZSGD_SECRET"
 
@@ -178,3 +192,103 @@ def check_hello_fields(msg: dict, *, dialer: bool) -> Hello:
             or type(to[1]) is not int or not 0 <= to[1] <= 65535):
         raise errors.HandshakeError("hello must say which [ip, port] it dialed")
     return Hello(role, rank, nonce, dep, want, to)
+
+
+# ---------------------------------------------------------------------- the state machine
+async def dial(node, conn) -> None:
+    """The dialer's side on ``conn`` (towards ``conn.expect_rank``); attaches the connection to
+    ``node`` once both proofs passed.  Raises the :class:`errors.HandshakeError` that ended it
+    (the caller, the dial loop, closes and counts)."""
+    want = conn.expect_rank
+    cred = node.credentials
+    key = cred.key(want)
+    nonce_d = new_nonce()
+    to = norm_addr(conn.transport.get_extra_info("peername"))
+    binding = channel_binding(conn.transport)
+    conn.send_hs({"v": PROTOCOL_VERSION, "dep": cred.deployment, "role": node.role, "rank": node.rank,
+                  "want": want, "nonce": nonce_d, "to": to})
+    reply = await conn.recv_hs()
+    h = check_hello_fields(reply, dialer=False)
+    if h.dep != cred.deployment:
+        raise errors.DeploymentMismatch(f"rank {want} is in deployment {h.dep[:16]!r}, this is {cred.deployment!r}")
+    if h.rank != want or h.role != role_of(want, node.num_ps):
+        raise errors.BadRank(f"dialed rank {want} but reached rank {h.rank} ({h.role})")
+    tr = transcript(cred.deployment, node.role, node.rank, nonce_d, h.role, h.rank, h.nonce, to, binding)
+    verify(key, True, tr, reply.get("mac"))
+    conn.send_hs({"mac": mac(key, False, tr)})
+    ok = await conn.recv_hs()
+    if ok.get("ok") is not True:
+        check_hello_fields(ok, dialer=False)  # raises the peer's refusal
+        raise errors.HandshakeError("no ok from the listener")
+    node._attach(conn, h.rank, h.role)
+
+
+def check_inbound(node, rank: int, role: str, want) -> None:
+    """Whether a dialer claiming ``rank``/``role`` and asking for ``want`` may dial ``node``."""
+    if want != node.rank:
+        raise errors.BadRank(f"the dialer wants rank {want!r}, this is rank {node.rank}")
+    if rank >= node.world_size:
+        raise errors.BadRank(f"rank {rank} outside the world of {node.world_size}")
+    if role != role_of(rank, node.num_ps):
+        raise errors.BadRank(f"rank {rank} claims role {role}, but is a {role_of(rank, node.num_ps)}")
+    if rank <= node.rank:
+        raise errors.BadRank(f"rank {rank} dialed rank {node.rank}: only higher ranks dial lower ones")
+    if node.peer_roles is not None and role not in node.peer_roles:
+        raise errors.BadRank(f"rank {rank} ({role}) dialed rank {node.rank} ({node.role}), which exchanges "
+                             f"messages only with {'/'.join(sorted(node.peer_roles))} nodes")
+
+
+async def serve(node, conn) -> None:
+    """The listener's side on an accepted ``conn``, within ``node.handshake_timeout``; never
+    raises but ``CancelledError`` (see the module docstring)."""
+    cred = node.credentials
+    try:
+        async with asyncio.timeout(node.handshake_timeout):
+            hello = await conn.recv_hs()
+            conn.progressed = True
+            try:
+                h = check_hello_fields(hello, dialer=True)
+                if h.dep != cred.deployment:
+                    raise errors.DeploymentMismatch(
+                        f"the dialer is in deployment {h.dep[:16]!r}, this is {cred.deployment!r}")
+                check_inbound(node, h.rank, h.role, h.want)
+                if not conn.tls and node.bind_address:
+                    here = norm_addr(conn.transport.get_extra_info("sockname"))
+                    if h.to != here:
+                        raise errors.AddressMismatch(
+                            f"the dialer reached {h.to[0][:64]}:{h.to[1]}, this socket is {here[0]}:{here[1]}")
+            except (errors.VersionMismatch, errors.BadRank, errors.DeploymentMismatch,
+                    errors.AddressMismatch) as e:
+                conn.send_hs(refusal(e))  # a code: the details (ids, ranks) stay in our log
+                raise e
+            node._admission.promote(conn, h.rank)
+            key = cred.key(h.rank)
+            nonce_l = new_nonce()
+            tr = transcript(cred.deployment, h.role, h.rank, h.nonce, node.role, node.rank, nonce_l, h.to,
+                            channel_binding(conn.transport))
+            conn.send_hs({"v": PROTOCOL_VERSION, "dep": cred.deployment, "role": node.role, "rank": node.rank,
+                          "nonce": nonce_l, "mac": mac(key, True, tr)})
+            reply = await conn.recv_hs()
+            verify(key, False, tr, reply.get("mac"))
+            if node.connection(h.rank) is not None:
+                err = errors.DuplicateRank(f"rank {h.rank} already has a live connection")
+                conn.send_hs(refusal(err))
+                raise err
+            conn.send_hs({"ok": True})
+            node._attach(conn, h.rank, h.role)
+    except (TimeoutError, asyncio.TimeoutError):
+        conn.abort(errors.HandshakeTimeout(f"no complete handshake within {node.handshake_timeout}s"))
+    except errors.HandshakeError as e:
+        conn.abort(e)
+    except errors.PeerClosed:
+        pass
+    except asyncio.CancelledError:
+        conn.close()
+        raise
+    except Exception as e:
+        node._rlog.log(logging.ERROR, conn.source, f"handshake error: {type(e).__name__}",
+                       "rank %d: unexpected handshake error: %r", node.rank, e, exc_info=e)
+        conn.abort(errors.HandshakeError(repr(e)))
+    finally:
+        if conn.rank is None:
+            node._admission.done(conn)

@@ -9,7 +9,9 @@ missing part of that body, so the kernel copies large tensors straight into thei
 
 :class:`Connection` is the ``asyncio.BufferedProtocol``: it runs the handshake (through tiny
 length-prefixed msgpack messages, at most ``HS_MAX`` bytes, parsed by the same reader in its
-handshake mode), then feeds frames to the node.  Error contract: any
+handshake mode: the state machine is :func:`.handshake.dial` / :func:`.handshake.serve`), then
+feeds frames to the node, which hands each one back with its handler (:meth:`Connection.deliver`):
+the connection owns the order its handlers run in (:class:`.dispatch.HandlerQueue`).  Error contract: any
 :class:`~byzsgd.net.errors.ProtocolError` or :class:`~byzsgd.net.errors.HandshakeError` raised
 while reading closes *this* connection (``abort``) with a logged, counted reason; nothing
 propagates to the event loop.  Writes are driven by the peer's outbox (:mod:`.outbox`): the
@@ -26,8 +28,9 @@ from typing import Any, Mapping
 
 import msgpack
 
-from . import errors
+from . import errors, handshake
 from .bufpool import BufferPool
+from .dispatch import HandlerQueue
 from .frame import PREFIX, SMALL_FRAME, FrameLimits, Header, build_message, decode_header, parse_prefix
 
 __all__ = ["FrameReader", "Connection", "HS_MAX", "HS_PREFIX"]
@@ -233,8 +236,10 @@ def _keepalive(sock) -> None:
 class Connection(asyncio.BufferedProtocol):
     """One TCP connection to one peer.  ``rank`` is None until the handshake authenticated it.
 
-    ``on_ready(conn)`` is called by the node once authenticated; frames go to
-    ``node._dispatch(conn, msg)``; ``node._connection_lost(conn)`` on close.
+    Frames go to ``node._dispatch(conn, msg)``, which routes them back to :meth:`deliver`;
+    ``node._connection_lost(conn)`` on close.  What else it uses of the node: ``limits``,
+    ``pool``, ``loop``, ``closing``, ``stats``, ``_rlog``, its kinds, its admission (an accepted
+    connection counts as unauthenticated until the handshake ends) and ``_connections``.
     """
 
     def __init__(self, node, *, expect_rank: int | None = None, tls_slot=None):
@@ -244,7 +249,7 @@ class Connection(asyncio.BufferedProtocol):
         self.rank: int | None = None
         self.role: str | None = None
         self.transport: asyncio.Transport | None = None
-        self.reader = FrameReader(node.limits, node.pool, kinds=node._kinds)
+        self.reader = FrameReader(node.limits, node.pool, kinds=node._dispatcher.kinds)
         self.closed = False
         self.close_reason: str | None = None
         self.write_paused = False
@@ -252,12 +257,10 @@ class Connection(asyncio.BufferedProtocol):
         self.outbox = None  # the peer's Outbox once attached
         self.peername = None
         self._hs_waiter: asyncio.Future | None = None
-        self._lost = node._loop.create_future()
-        self._dispatch_q = None  # deque of pending messages for async handlers
-        self._dispatch_task = None
+        self._lost = node.loop.create_future()
+        self.queue: HandlerQueue | None = None  # messages waiting for (or behind) an async handler
         self.handshake_task: asyncio.Task | None = None
         self._read_paused = False
-        self._dispatch_paused = False
         self.source: str | None = None  # source IP, for the per-address limit (accepted side)
         self.progressed = False          # a complete hello arrived (eviction spares these first)
         self.claim: int | None = None    # the rank its hello claimed, once that hello passed
@@ -282,15 +285,16 @@ class Connection(asyncio.BufferedProtocol):
                 transport.set_write_buffer_limits(high=0, low=0)
             except Exception:  # pragma: no cover - every transport we use supports it
                 pass
+        node = self.node
         if self.tls_slot is not None:
-            self.node._preauth_done(self.tls_slot)
-        if self.node._closing:
+            node._admission.done(self.tls_slot)
+        if node.closing:
             self.abort(None)
             return
-        self.node._connections.add(self)
+        node._connections.add(self)
         if accepted:  # the server runs its half of the handshake, counted as unauthenticated
-            self.node._admit(self)
-            self.handshake_task = self.node._loop.create_task(self.node._serve_handshake(self))
+            node._admission.admit(self)
+            self.handshake_task = node.loop.create_task(handshake.serve(node, self))
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.reader.get_buffer()
@@ -335,6 +339,21 @@ class Connection(asyncio.BufferedProtocol):
         if not self._lost.done():
             self._lost.set_result(None)
         self.node._connection_lost(self)
+        if self.queue is not None and self.node.closing:
+            self.queue.cancel()
+
+    # ------------------------------------------------------------------ dispatch
+    def deliver(self, handler, msg, is_async: bool) -> None:
+        """Run ``handler(msg)`` for a frame of this connection: at once (a sync handler with
+        nothing queued), else behind the messages queued before it, so one connection's
+        handlers always run in arrival order."""
+        q = self.queue
+        if is_async or (q is not None and len(q)):
+            if q is None:
+                q = self.queue = HandlerQueue(self, self.node._dispatcher.failed)
+            q.put(handler, msg, self.node.loop)
+        else:
+            self.node._dispatcher.call(handler, msg)
 
     # ------------------------------------------------------------------ handshake I/O
     def _wake_hs(self) -> None:
@@ -355,7 +374,7 @@ class Connection(asyncio.BufferedProtocol):
             raise errors.PeerClosed("connection closed during handshake")
         data = self.reader.pop_handshake()
         if data is None:
-            self._hs_waiter = self.node._loop.create_future()
+            self._hs_waiter = self.node.loop.create_future()
             data = await self._hs_waiter
         self.progressed = True
         return hs_unpack(data)

@@ -24,18 +24,24 @@ So a legitimate restart (a rank that has not changed its address in the last few
 reaches everyone within ``COALESCE_S``, and a flapping rank costs at most
 ``(world_size - 1) / CHANGE_EVERY_S`` frames per second, plus one reply to itself per
 ``COALESCE_S``.  The first start (before the directory is complete) is not delayed.
+
+What it uses of the node: its identity and addresses (``rank``, ``world_size``, ``num_ps``,
+``master``, ``listen_host``, ``advertise_host``, ``port``), ``loop``, ``closing``, ``stats`` and
+``send``; the node registers :meth:`Rendezvous.handlers`, dials the master itself, and gives the
+callback through which a directory the rendezvous learnt becomes the node's.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import math
+from typing import Callable
 
 import msgpack
 
 from . import errors
-from .outbox import Outbox
 from .peers import PeerDirectory
+from .ratelog import RateLog
 
 __all__ = ["Rendezvous", "REG", "DIR"]
 
@@ -50,8 +56,14 @@ CHANGE_EVERY_S = 1.0   # ...then one per this many seconds
 
 
 class Rendezvous:
-    def __init__(self, node):
+    """``set_directory(d)``: make ``d`` the node's directory (it dials who it must);
+    ``rlog``: the node's rate-limited log for what peers cause."""
+
+    def __init__(self, node, *, set_directory: Callable[[PeerDirectory], None], rlog: RateLog):
         self.node = node
+        self._set_directory = set_directory
+        self._rlog = rlog
+        self.directory: PeerDirectory | None = None  # the last one this rendezvous set
         self.addrs: dict[int, tuple[str, int]] = {}
         self.done: asyncio.Future | None = None
         self._changed: set[int] = set()   # ranks whose new address everyone must learn
@@ -60,20 +72,22 @@ class Rendezvous:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
 
-    def register_kinds(self) -> None:
-        self.node._register(REG, self._on_reg, None, internal=True)
-        self.node._register(DIR, self._on_dir, None, internal=True)
+    def handlers(self) -> dict:
+        """The internal kinds and their handlers, for the node to register."""
+        return {REG: self._on_reg, DIR: self._on_dir}
+
+    def set_directory(self, d: PeerDirectory) -> None:
+        self.directory = d
+        self._set_directory(d)
 
     async def run(self, timeout: float | None) -> None:
+        """Until the directory is complete (the node dials the master meanwhile)."""
         node = self.node
-        self.done = node._loop.create_future()
+        self.done = node.loop.create_future()
         if node.rank == 0:
             host = node.advertise_host or (node.listen_host if node.listen_host not in _WILDCARDS else node.master[0])
             self.addrs[0] = (host, node.port)
             self._maybe_complete()
-        else:
-            node._peers[0] = Outbox(0, node.outbox_depth, node.stats)
-            node._dialers[0] = node._loop.create_task(node._dial_loop(0))
         try:
             await asyncio.wait_for(asyncio.shield(self.done), timeout)
         except asyncio.TimeoutError:
@@ -107,18 +121,18 @@ class Rendezvous:
             return
         host, port = msg.meta.get("host"), msg.meta.get("port")
         if type(host) is not str or not host or len(host) > 255 or type(port) is not int or not 1 <= port <= 65535:
-            node._rlog.warning(f"rank {msg.sender}", "bad_registration",
+            self._rlog.warning(f"rank {msg.sender}", "bad_registration",
                                "rank 0: bad registration from rank %d: %r", msg.sender, dict(list(msg.meta.items())[:4]))
             node.stats.rejected["bad_registration"] += 1
             return
         r = msg.sender
         changed = self.addrs.get(r) != (host, port)
         self.addrs[r] = (host, port)
-        node._rlog.info(f"rank {r}", "registered", "rank 0: rank %d registered %s:%d (%d/%d)",
+        self._rlog.info(f"rank {r}", "registered", "rank 0: rank %d registered %s:%d (%d/%d)",
                         r, host, port, len(self.addrs), node.world_size)
         if self.done is not None and self.done.done():
             if changed:  # a restart on a new address: everyone must learn it, the master first
-                node._set_directory(node._directory.with_address(r, (host, port)))
+                self.set_directory(self.directory.with_address(r, (host, port)))
                 self._changed.add(r)
             self._reply.add(r)  # (a reconnect: only the registrant needs the directory)
             self._schedule()
@@ -143,7 +157,7 @@ class Rendezvous:
         return math.inf
 
     def _schedule(self) -> None:
-        loop = self.node._loop
+        loop = self.node.loop
         at = self._due(loop.time())
         if at < self._timer_at:  # an earlier send wins over one armed later
             if self._timer is not None:
@@ -154,9 +168,9 @@ class Rendezvous:
     def _flush(self) -> None:
         self._timer, self._timer_at = None, math.inf
         node = self.node
-        if node._closing:
+        if node.closing:
             return
-        now = node._loop.time()
+        now = node.loop.time()
         due = [r for r in self._changed if self._has_token(r, now)]
         if due:  # one broadcast carries every change so far, held-back ones included
             for r in due:
@@ -174,14 +188,14 @@ class Rendezvous:
         node = self.node
         if len(self.addrs) < node.world_size:
             return
-        node._set_directory(PeerDirectory(dict(self.addrs), node.num_ps))
+        self.set_directory(PeerDirectory(dict(self.addrs), node.num_ps))
         self._broadcast()
         if not self.done.done():
             self.done.set_result(None)
 
     def _broadcast(self, ranks=None) -> None:
         node = self.node
-        d = node._directory
+        d = self.directory
         blob = msgpack.packb([list(d[r]) for r in range(d.world_size)], use_bin_type=True)
         for r in (range(1, d.world_size) if ranks is None else ranks):
             node.send(r, DIR, 0, meta={"dir": blob, "num_ps": d.num_ps})
@@ -210,9 +224,9 @@ class Rendezvous:
             d = PeerDirectory(addrs, node.num_ps)
         except Exception as e:
             node.stats.rejected["bad_directory"] += 1
-            node._rlog.log(logging.ERROR, "rank 0", "bad_directory",
+            self._rlog.log(logging.ERROR, "rank 0", "bad_directory",
                            "rank %d: bad directory from the master: %s", node.rank, e)
             return
-        node._set_directory(d)
+        self.set_directory(d)
         if self.done is not None and not self.done.done():
             self.done.set_result(None)

@@ -10,7 +10,6 @@ import asyncio
 
 from . import handshake as hs
 from .credentials import RankCredentials
-from .frame import PREFIX, encode
 from .peers import role_of
 from .protocol import HS_PREFIX, hs_pack, hs_unpack
 
@@ -67,11 +66,6 @@ class RawPeer:
             return await self.recv_hs()
         except (asyncio.IncompleteReadError, ConnectionError):
             return {"closed": True}
-
-    def send_frame(self, kind: str, step: int, sender: int, tensors=(), meta=None) -> None:
-        buffers, _, _ = encode(kind, step, sender, tensors, meta)
-        for b in buffers:
-            self.writer.write(bytes(b))
 
     async def closed_by_peer(self, timeout: float = 5.0) -> bool:
         """True once the other side closed the connection (EOF or reset) within ``timeout``."""

@@ -2,7 +2,7 @@
 
 Why: ByzSGD assumes an asynchronous network, so the adversary decides the order in which
 messages arrive.  Its fw Byzantine workers can then be in **every** gradient quorum (the first
-q_w = n_w - fw gradients of a step) and know that step's honest gradients (DESIGN.md §5).  A
+q_w = n_w - fw gradients of a step) and know that step's honest gradients (docs/design.md §5).  A
 real deployment on loopback never produces that order by itself: a Byzantine worker that
 computes more than the honest ones arrives after the quorum closed.  This module lets a real
 deployment (real processes, real TCP) be judged against that worst case.  It is not a
@@ -39,7 +39,7 @@ import logging
 from typing import Any, Callable, Collection
 
 from byzsgd.net import Mailbox, Message
-from byzsgd.roles.common import KIND_GRAD, KIND_LEAK, SENDERS
+from byzsgd.roles.messages import KIND_GRAD, KIND_LEAK, SENDERS
 
 __all__ = ["AdversarySchedule", "gradient_intake", "byzantine_in_quorums"]
 

@@ -18,11 +18,12 @@ import logging
 import sys
 
 from byzsgd.config import RunConfig
-from byzsgd.deploy import rundir
+from byzsgd import rundir
 from byzsgd.errors import ByzSGDError
 from byzsgd.net import FrameLimits, Message, race
 from byzsgd.roles import protocol_attacks
-from byzsgd.roles.common import SENDERS, install_stop_signals, make_node
+from byzsgd.roles.messages import SENDERS
+from byzsgd.roles.process import install_stop_signals, make_node
 from byzsgd.roles.replica import Replica
 
 
@@ -40,7 +41,7 @@ class Role:
         self.replica = replica
         self.limits = FrameLimits.for_model(replica.state_size)
         self.node = make_node(cfg, self.limits, device=replica.device)
-        # --attack NAME of byzsgd.roles.protocol_attacks: wraps the node's send (None otherwise)
+        # --attack NAME of byzsgd.roles.protocol_attacks: filters the node's sends (None otherwise)
         self.protocol_attack = protocol_attacks.attach(self)
         self.stop: asyncio.Event | None = None  # created inside the event loop
         self._logged_failures: set[str] = set()

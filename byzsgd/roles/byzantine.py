@@ -30,8 +30,12 @@ different model to each recipient), stale (replay an old model), silent (never a
 delay (answers late), crash (exits at a set step).
 
 Protocol attacks (impersonate, request_flood, huge_step, far_future, withhold_from,
-rendezvous_lie) keep the values honest and abuse the wire instead: see
+rendezvous_lie, linger) keep the values honest and abuse the wire instead: see
 :mod:`byzsgd.roles.protocol_attacks`.
+
+Every attack's name, roles, arguments (defaults, checks) and needs are entries of the attack
+catalog (:mod:`byzsgd.attacks.catalog`); the classes here are only the behaviours, and find
+what they run in the catalog by name.
 """
 from __future__ import annotations
 
@@ -44,30 +48,23 @@ from typing import Any
 import torch
 
 from byzsgd import attacks
+from byzsgd.attacks import catalog
 from byzsgd.attacks.momentum_aware import MomentumAwareWorker
-from byzsgd.attacks.optimal import optimal_alie_factor, optimal_ipm_factor
-from byzsgd.attacks.statistical import alie_strength
 from byzsgd.config import RunConfig
 from byzsgd.errors import ConfigError
-from byzsgd.roles import protocol_attacks
-from byzsgd.roles.common import KIND_MODEL, KIND_PS_MODEL
+from byzsgd.roles.messages import KIND_MODEL, KIND_PS_MODEL
 
 log = logging.getLogger("byzsgd.byzantine")
 
-WORKER_ATTACKS_EXTRA = ("label_flip", "silent", "honest")
+#: views of the catalog that scripts and tests list (read from it, not kept here)
+WORKER_ATTACKS_EXTRA = tuple(catalog.names("worker", kinds=("worker",)))
 #: attack_args a Byzantine worker takes besides its attack's own parameters
-WORKER_ROLE_ARGS = ("estimate", "estimate_batches", "collude", "search_every", "meta", "momentum_aware")
-PS_ATTACKS = ("random", "reverse", "drop", "nan", "equivocate", "stale", "silent", "delay", "crash")
-#: PS attacks that forge models (the others withhold, delay or stop them)
-_FORGING_PS = ("random", "reverse", "drop", "nan", "equivocate", "stale")
-
-#: attacks that need an estimate of the honest distribution, not only one gradient
-_NEEDS_ESTIMATE = ("alie", "ipm", "empire", "optimal_alie", "optimal_ipm", "mimic", "minmax", "minsum",
-                   "fang")
+WORKER_ROLE_ARGS = tuple(a.name for a in catalog.common_args("value"))
+PS_ATTACKS = tuple(e.name for e in catalog.entries() if e.kind == "ps")
 
 
 def worker_attack_names() -> list[str]:
-    return sorted(set(attacks.names()) | set(WORKER_ATTACKS_EXTRA))
+    return catalog.names("worker", kinds=("value", "worker"))
 
 
 class WorkerAttack:
@@ -94,64 +91,37 @@ class WorkerAttack:
     """
 
     def __init__(self, cfg: RunConfig, replica: Any):
-        name = cfg.attack
-        self.name = name
+        self.name = cfg.attack
+        self.spec = spec = catalog.get(cfg.attack, "worker")
+        if spec.kind == "protocol":
+            raise ConfigError(f"{cfg.attack!r} is a protocol attack, not a value attack")
         self.replica = replica
-        params = dict(cfg.attack_args)
-        self.estimate_batches = int(params.pop("estimate_batches", 4))
-        self.estimate = str(params.pop("estimate", "history"))
-        self.search_every = int(params.pop("search_every", 10))
+        params = catalog.parse(cfg)  # the attack's and the role's arguments, with defaults, checked
+        self.estimate_batches = params.pop("estimate_batches")
+        self.estimate = params.pop("estimate")
+        self.search_every = params.pop("search_every")
         # The omniscient (colluding) adversary: it knows every worker's honest gradient of
         # the step.  It computes them itself from the other workers' shards (the shards are
         # a seeded, public function of the deployment), which is exactly what a side
         # channel carrying the honest gradients would tell it.
-        self.collude = bool(params.pop("collude", False))
+        self.collude = params.pop("collude")
         # the adversarial schedule's worker (test harness): the PSes leak the step's honest
         # gradients to it (byzsgd.roles.scheduled_attacker), no need to compute them
         self.scheduled = cfg.rank in cfg.scheduled_ranks
-        self.momentum_aware = momentum_aware = bool(params.pop("momentum_aware", False))
-        self.meta = _forged_meta(params.pop("meta", {}))
-        if self.estimate_batches < 1:
-            raise ConfigError("attack argument estimate_batches must be >= 1")
-        if self.estimate not in ("history", "fresh"):
-            raise ConfigError(f"attack argument estimate must be 'history' or 'fresh', got {self.estimate!r}")
-        if self.search_every < 1:
-            raise ConfigError("attack argument search_every must be >= 1")
-        self.label_flip = name == "label_flip"
-        self.silent = name == "silent"
-        self.honest = name == "honest"
-        if not (self.label_flip or self.silent or self.honest):
-            spec = attacks.get(name)  # raises UnknownNameError listing the known attacks
-            if spec.needs_rule:
-                params.setdefault("gar", cfg.gar)
-                params.setdefault("gar_f", cfg.fw)
-                if cfg.gar_args:
-                    params.setdefault("gar_params", dict(cfg.gar_args))
-            if "pipeline" in spec.params:  # search against the deployed pipeline, not the rule alone
-                params.setdefault("pipeline", cfg.pre_agg)
-            if "n" in spec.params:
-                # the rows the rule sees: the quorum's, or every worker's (--wm_rows recent)
-                params.setdefault("n", cfg.num_workers if cfg.worker_momentum and cfg.wm_rows == "recent"
-                                  else cfg.q_w)
-            if "seed" in spec.params:  # scheduled (coordinated) workers forge the same rows
-                params.setdefault("seed", cfg.seed * 1000 + (0 if self.scheduled else cfg.rank))
-            unknown = set(params) - set(spec.params)
-            if unknown:
-                raise ConfigError(f"worker attack {name!r}: unknown arguments {sorted(unknown)}; known: "
-                                  f"{', '.join(spec.params + WORKER_ROLE_ARGS)}")
-        if name == "alie" and "z" in params:
-            alie_strength(params["z"])  # a bad z fails at start, not at the first forged gradient
+        # (the catalog checked it: --worker_momentum > 0, collude or scheduled, a forging attack)
+        self.momentum_aware = params.pop("momentum_aware")
+        self.meta = params.pop("meta")
+        # what the worker loop asks (from the entry's declarations, not its name)
+        self.silent = spec.sends == "nothing"
+        self.label_flip = "labels" in spec.needs
+        self.honest = spec.sends == "honest" and not self.label_flip
+        # the rule, pipeline, quorum and seed an attack needs are its arguments' defaults
         self.params = params
         self.f = max(1, cfg.fw)
         # the attack aims at the PS's per-worker momentum rows (byzsgd.attacks.momentum_aware)
         self._momentum = None
-        if momentum_aware:
-            if not (cfg.worker_momentum > 0 and (self.collude or self.scheduled)) or self.label_flip \
-                    or self.silent or self.honest:
-                raise ConfigError("attack argument momentum_aware needs --worker_momentum > 0, "
-                                  "collude: true or the adversarial schedule (it tracks the honest "
-                                  "momentums from the honest gradients) and a forging attack")
-            self._momentum = MomentumAwareWorker(cfg.worker_momentum, name, self.f)
+        if self.momentum_aware:
+            self._momentum = MomentumAwareWorker(cfg.worker_momentum, self.name, self.f)
         self._history: collections.OrderedDict[int, torch.Tensor] = collections.OrderedDict()
         self._offsets_step: int | None = None
         self._offsets: list[torch.Tensor] = []
@@ -179,7 +149,7 @@ class WorkerAttack:
             others = self._cached(step, honest, lambda: self.replica.other_workers_gradients(step))
             return torch.stack([honest, *others])
         need = self.estimate_batches - 1
-        if self.name not in _NEEDS_ESTIMATE or need == 0:
+        if "estimate" not in self.spec.needs or need == 0:
             return honest.unsqueeze(0)
         if self.estimate == "fresh":
             extra = self._cached(step, honest, lambda: self.replica.extra_gradients(step, need))
@@ -192,9 +162,9 @@ class WorkerAttack:
         return torch.stack([honest, *extra])
 
     def forge(self, honest: torch.Tensor, step: int) -> torch.Tensor | None:
-        if self.silent:
+        if self.spec.sends == "nothing":
             return None
-        if self.label_flip or self.honest:
+        if self.spec.sends == "honest":
             return honest  # label_flip: the replica already computed it on flipped labels
         # ``honest`` is the replica's reusable gradient buffer: extra gradients overwrite it
         honest = honest.clone()
@@ -214,40 +184,22 @@ class WorkerAttack:
         """The f rows [f, d] the attack forges at ``step`` from the known rows [k, d]
         (:meth:`known_rows`, or what the adversarial schedule leaked)."""
         params = self.step_params(step)
-        if self.name in ("optimal_alie", "optimal_ipm"):
+        if self.spec.search is not None:  # (factor search, attack, its argument): optimal_*
+            search, attack, argument = self.spec.search
             if self._factor_step is None or step - self._factor_step >= self.search_every or step < self._factor_step:
-                search = optimal_alie_factor if self.name == "optimal_alie" else optimal_ipm_factor
                 self._factor = search(known, self.f, **params)
                 self._factor_step = step
-            if self.name == "optimal_alie":
-                return attacks.forge("alie", known, self.f, z=self._factor)
-            return attacks.forge("ipm", known, self.f, epsilon=self._factor)
+            return attacks.forge(attack, known, self.f, **{argument: self._factor})
         return attacks.forge(self.name, known, self.f, **params)
-
-
-def _forged_meta(meta: Any) -> dict:
-    """The ``meta`` attack argument: a map of str to what a frame's meta may carry (None,
-    bool, a 64-bit int, float, str), so that the attack fails at start, not at its first
-    send."""
-    if not isinstance(meta, dict):
-        raise ConfigError(f"attack argument meta must be a JSON object, got {meta!r}")
-    if len(meta) > 32:  # a frame's meta holds at most 64 (MAX_META_ITEMS), the loss included
-        raise ConfigError(f"attack argument meta: {len(meta)} fields, at most 32")
-    for key, value in meta.items():
-        ok = value is None or type(value) in (bool, float, str) or (
-            type(value) is int and -(1 << 63) <= value < (1 << 64))
-        if not isinstance(key, str) or not ok:
-            raise ConfigError(f"attack argument meta: {key!r}: {value!r} is not a frame's meta "
-                              "value (null, bool, 64-bit int, float or string)")
-    return dict(meta)
 
 
 def worker_behaviour(cfg: RunConfig, replica: Any) -> WorkerAttack | None:
     """The value attack of a Byzantine worker; None for a protocol attack (honest values,
     :mod:`byzsgd.roles.protocol_attacks` plays with the wire instead)."""
-    if protocol_attacks.is_protocol_attack(cfg.attack):
+    spec = catalog.get(cfg.attack, "worker")
+    if spec.kind == "protocol":
         return None
-    if cfg.attack == "label_flip":
+    if "labels" in spec.needs:
         replica.flip_labels = True
     return WorkerAttack(cfg, replica)
 
@@ -265,70 +217,35 @@ class PSAttack:
     """
 
     def __init__(self, cfg: RunConfig):
-        if cfg.attack not in PS_ATTACKS:
-            raise ConfigError(f"unknown PS attack {cfg.attack!r}; known: {', '.join(PS_ATTACKS)}; "
-                              f"protocol attacks: {', '.join(protocol_attacks.names('ps'))}")
+        self.spec = spec = catalog.get(cfg.attack, "ps")
+        if spec.kind != "ps":
+            raise ConfigError(f"{cfg.attack!r} is a protocol attack, not a PS value attack")
         self.name = cfg.attack
-        args = dict(cfg.attack_args)
-        self.scale = float(args.pop("scale", 10.0))
-        self.fraction = float(args.pop("fraction", 0.5))
-        self.lag = int(args.pop("lag", 20))
-        self.delay_s = float(args.pop("delay", 1.0))
-        self.crash_step = int(args.pop("step", max(1, cfg.num_iter // 4)))
-        self.seed = int(args.pop("seed", cfg.seed * 1000 + cfg.rank))
-        self.eager = bool(args.pop("eager", True)) and cfg.mode == "garfield" and self.name in _FORGING_PS
-        if args:
-            raise ConfigError(f"PS attack {self.name!r}: unknown arguments {sorted(args)}; known: "
-                              "scale, fraction, lag, delay, step, seed, eager")
+        self.args = args = catalog.parse(cfg)
+        self.delay_s = args["delay"]
+        self.crash_step = args["step"]
+        self.eager = args["eager"] and cfg.mode == "garfield" and spec.sends == "forged"
         self.peers = [r for r in cfg.ps_ranks if r != cfg.rank]
-        if not 0.0 <= self.fraction <= 1.0:
-            raise ConfigError(f"PS attack {self.name!r}: fraction must be in [0, 1]")
-        self.history: collections.deque[torch.Tensor] = collections.deque(maxlen=max(1, self.lag + 1))
-        self._history_step = -1
+        self._memory: dict = {}  # what the attack keeps between models (stale's history)
 
     def before_step(self, step: int) -> bool:
         """True: stop training here (crash exits the process)."""
-        if self.name == "crash" and step >= self.crash_step:
+        if self.spec.timing == "exit" and step >= self.crash_step:
             log.warning("Byzantine PS crashing at step %d", step)
             logging.shutdown()
             os._exit(3)
         return False
 
-    def _gen(self, step: int, rank: int) -> torch.Generator:
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + step * 1009 + rank) % (2**63))
-
     def model_for(self, rank: int, kind: str, step: int, state: torch.Tensor) -> torch.Tensor | None:
-        name = self.name
-        if name == "silent":
-            return None
-        if name == "reverse":
-            return -self.scale * state
-        if name == "random":
-            return torch.randn(state.shape, generator=self._gen(step, rank), dtype=state.dtype).to(state.device) * self.scale
-        if name == "nan":
-            return torch.full_like(state, float("nan"))
-        if name == "drop":
-            mask = (torch.rand(state.shape, generator=self._gen(step, 0)) < self.fraction).to(state.device)
-            return state.masked_fill(mask, 0.0)
-        if name == "equivocate":
-            # every recipient gets its own model: honest plus recipient-seeded noise, and
-            # recipients of odd rank the reversed model
-            noise = torch.randn(state.shape, generator=self._gen(step, rank), dtype=state.dtype).to(state.device)
-            forged = state + self.scale * noise * (state.abs().mean() + 1e-3)
-            return -forged if rank % 2 else forged
-        if name == "stale":
-            if step != self._history_step:
-                self.history.append(state.clone())
-                self._history_step = step
-            return self.history[0]
-        return state  # delay (sent late by send()) and anything honest-looking
+        """The model sent to ``rank`` (None: nothing): the catalog's forgery (byzsgd.attacks.ps)."""
+        return self.spec.fn(state, rank, step, self.args, self._memory)
 
     def send(self, node: Any, ranks, kind: str, step: int, state: torch.Tensor) -> None:
         outgoing = [(r, kind, self.model_for(r, kind, step, state)) for r in ranks]
         if self.eager and kind == KIND_MODEL:  # the peers get step t's forged model now
             outgoing += [(r, KIND_PS_MODEL, self.model_for(r, KIND_PS_MODEL, step, state)) for r in self.peers]
         outgoing = [(r, k, m) for r, k, m in outgoing if m is not None]
-        if self.name == "delay":
+        if self.spec.timing == "late":
             loop = asyncio.get_running_loop()
             for r, k, m in outgoing:
                 loop.call_later(self.delay_s, node.send, r, k, step, [m])
@@ -339,37 +256,12 @@ class PSAttack:
 
 def ps_behaviour(cfg: RunConfig) -> PSAttack | None:
     """The value attack of a Byzantine PS; None for a protocol attack (see worker_behaviour)."""
-    if protocol_attacks.is_protocol_attack(cfg.attack):
+    if catalog.get(cfg.attack, "ps").kind == "protocol":
         return None
     return PSAttack(cfg)
 
 
 def check_attack(cfg: RunConfig) -> None:
-    """Refuse, before step 0, an unknown attack or an argument the node would refuse: the
-    same constructors the node runs (nothing is computed), so the launcher and the
-    experiment harness accept exactly what a node accepts."""
-    if not cfg.attack:
-        return
-    role = "PS" if cfg.is_ps else "worker"
-    if protocol_attacks.is_protocol_attack(cfg.attack):
-        protocol_attacks.parse_args(cfg)
-        return
-    try:
-        if cfg.is_ps:
-            PSAttack(cfg)
-            return
-        if cfg.attack not in worker_attack_names():
-            raise ConfigError(f"unknown worker attack {cfg.attack!r}; known: "
-                              f"{', '.join(worker_attack_names())}; protocol attacks: "
-                              f"{', '.join(protocol_attacks.names('worker'))}")
-        if cfg.attack in WORKER_ATTACKS_EXTRA:
-            extra = sorted(set(cfg.attack_args) - set(WORKER_ROLE_ARGS))
-            if extra:
-                raise ConfigError(f"worker attack {cfg.attack!r}: unknown arguments {extra}; "
-                                  f"known: {', '.join(WORKER_ROLE_ARGS)}")
-        WorkerAttack(cfg, replica=None)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as exc:  # e.g. {"lag": "soon"}
-        raise ConfigError(f"{role} attack {cfg.attack!r}: bad argument in "
-                          f"{cfg.attack_args}: {exc}") from None
+    """Refuse, before step 0, an unknown attack or an argument the node would refuse (the
+    catalog's check, :func:`byzsgd.attacks.catalog.check`, which the behaviours parse with)."""
+    catalog.check(cfg)

@@ -22,7 +22,7 @@ import torch
 
 from byzsgd.metrics import MetricsWriter
 from byzsgd.net import Message
-from byzsgd.roles.common import KIND_PS_AFTER
+from byzsgd.roles.messages import KIND_PS_AFTER
 
 
 def pair(a: int, b: int) -> str:

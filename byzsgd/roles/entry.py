@@ -29,22 +29,19 @@ def run_role(cfg: RunConfig, role: str | None = None, *, prog: str | None = None
     import torch
 
     from byzsgd.net import install_event_loop
-    from byzsgd.roles.common import setup_logging
+    from byzsgd.roles.process import setup_logging
 
     role = role or cfg.role
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     prog = prog or f"byzsgd.roles.{role}"
     try:
-        cfg.validate()
+        cfg = cfg.validate()  # a ValidatedConfig: the role does not check it again
         setup_logging(cfg)
         torch.set_num_threads(cfg.threads)
-        if role == "ps":
-            from byzsgd.roles.ps import ParameterServer
-            node = ParameterServer(cfg)
-        else:
-            from byzsgd.roles.worker import Worker
-            node = Worker(cfg)
+        from byzsgd.roles.nodes import ParameterServer, Worker  # torch: after the flag errors
+
+        node = ParameterServer(cfg) if role == "ps" else Worker(cfg)
     except ByzSGDError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2

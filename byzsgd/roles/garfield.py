@@ -1,4 +1,4 @@
-"""Mode ``garfield`` (the default; DESIGN.md §3): each PS drives its own learning.
+"""Mode ``garfield`` (the default; docs/design.md §3): each PS drives its own learning.
 
 PS: pushes its model of step t to every worker as the gradient request, takes the first
 q_w gradients, steps, and gathers q_ps models (own included) after **every** step.
@@ -30,7 +30,7 @@ import time
 from byzsgd.config import RunConfig
 from byzsgd.net import Message
 from byzsgd.roles import scheduled_attacker
-from byzsgd.roles.common import KIND_MODEL
+from byzsgd.roles.messages import KIND_MODEL
 from byzsgd.roles.ps_base import PSBase
 from byzsgd.roles.worker_base import WorkerBase
 

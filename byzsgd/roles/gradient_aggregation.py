@@ -32,7 +32,7 @@ import torch
 from byzsgd.errors import ConfigError
 from byzsgd.gars.pipeline import Pipeline
 from byzsgd.gars.worker_momentum import WorkerMomentum
-from byzsgd.roles.aggregation import aggregate_finite
+from byzsgd.roles.aggregation import apply_rule, finite_rows
 
 __all__ = ["GradientAggregation", "WM_ROWS"]
 
@@ -66,6 +66,10 @@ class GradientAggregation:
         #: rank -> the last step its momentum row was updated at (``recent`` rows)
         self.updated_at: dict[int, int] = {}
         self.nonfinite_dropped = 0
+        #: workers that sent a non-finite row while others' were finite (``recent`` rows):
+        #: Byzantine, as stage 1 counts them; while such a worker has no row among those that
+        #: enter, the rule tolerates one Byzantine row fewer (it cannot be among them)
+        self.nonfinite_senders: set[int] = set()
         #: workers caught forging (:mod:`byzsgd.roles.gradient_check`): never in the rows
         #: again, and no longer among the fw Byzantine rows the rule must tolerate
         self.banned: set[int] = set()
@@ -83,28 +87,28 @@ class GradientAggregation:
         ``rows`` (row i from ``senders[i]``)."""
         if self.momentum is not None and self.rows_mode == "recent":
             return self._recent(step, senders, rows)
-        prepare = self._quorum_momentum(senders) if self.momentum is not None else None
-        out, dropped = aggregate_finite(self.rule, rows, self.f_now, drop_nonfinite=self.drop_nonfinite,
-                                        pipeline=self.pipeline, step=step, seed=self.seed,
-                                        prepare=prepare, **self.rule_args)
-        self.nonfinite_dropped += len(dropped)
-        return out, [senders[i] for i in dropped]
+        kept = finite_rows(self.rule, rows, self.f_now, self.pipeline,          # stage 1
+                           drop_nonfinite=self.drop_nonfinite)
+        rows_in = kept.rows
+        if self.momentum is not None:                                            # stage 2
+            rows_in = self._momentum_rows([senders[i] for i in kept.kept], kept.rows)
+        out = apply_rule(self.rule, rows_in, kept.f, pipeline=self.pipeline,     # stage 4
+                         step=step, seed=self.seed, **self.rule_args)
+        self.nonfinite_dropped += len(kept.dropped)
+        return out, [senders[i] for i in kept.dropped]
 
-    def _quorum_momentum(self, senders: list[int]):
-        """``prepare`` of :func:`aggregate_finite`: each finite kept row replaced by its sender's
-        momentum; a non-finite row handed to the rule anyway (--drop_nonfinite false, or too
-        few finite rows) stays as it is and never enters a momentum."""
-        wm = self.momentum
-
-        def prepare(kept: list[int], rows: torch.Tensor) -> torch.Tensor:
-            finite = torch.isfinite(rows).all(dim=1).tolist()
-            use = [j for j, ok in enumerate(finite) if ok]
-            if not use:
-                return rows
-            out = rows.clone()
-            out[use] = wm.heavy_ball_rows({senders[kept[j]]: rows[j] for j in use})
-            return out
-        return prepare
+    def _momentum_rows(self, senders: list[int], rows: torch.Tensor) -> torch.Tensor:
+        """The momentum stage (``quorum`` rows): each finite row replaced by its sender's
+        momentum, updated with it; a non-finite row handed to the rule anyway
+        (--drop_nonfinite false, or too few finite rows) stays as it is and never enters a
+        momentum."""
+        finite = torch.isfinite(rows).all(dim=1).tolist()
+        use = [j for j, ok in enumerate(finite) if ok]
+        if not use:
+            return rows
+        out = rows.clone()
+        out[use] = self.momentum.heavy_ball_rows({senders[j]: rows[j] for j in use})
+        return out
 
     def _recent(self, step: int, senders: list[int], rows: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         finite = torch.isfinite(rows).all(dim=1).tolist()
@@ -116,6 +120,7 @@ class GradientAggregation:
             self.momentum.heavy_ball_rows(fresh)
             for r in fresh:
                 self.updated_at[r] = step
+            self.nonfinite_senders.update(dropped)
         self.nonfinite_dropped += len(dropped)
         # every row updated recently: the quorum's (fresh) and the others' as they were; a
         # Byzantine worker that sent NaN keeps its last row, still one of the fw
@@ -125,11 +130,14 @@ class GradientAggregation:
             return self._rule_on(step, rows), []
         idx = torch.tensor([self._slot[r] for r in ranks], device=self.momentum.momenta.device)
         stacked = self.momentum.momenta.index_select(0, idx).div_(1.0 - self.momentum.beta)
-        return self._rule_on(step, stacked), dropped
+        # a worker known Byzantine (non-finite) with no row here is one Byzantine row fewer
+        # among these: without it, 2 NaN senders of a first quorum of 5 left 3 rows for f = 2
+        absent = self.nonfinite_senders - self.banned - set(ranks)
+        return self._rule_on(step, stacked, max(0, self.f_now - len(absent))), dropped
 
-    def _rule_on(self, step: int, rows: torch.Tensor) -> torch.Tensor:
-        return aggregate_finite(self.rule, rows, self.f_now, drop_nonfinite=False, pipeline=self.pipeline,
-                                step=step, seed=self.seed, **self.rule_args)[0]
+    def _rule_on(self, step: int, rows: torch.Tensor, f: int | None = None) -> torch.Tensor:
+        return apply_rule(self.rule, rows, self.f_now if f is None else f, pipeline=self.pipeline,
+                          step=step, seed=self.seed, **self.rule_args)
 
     # -- what an attacker that knows the PS's state sees (the screen, the scheduled harness) --
     def rows_entering(self, step: int, quorum: list[int]) -> list[int]:
@@ -146,6 +154,7 @@ class GradientAggregation:
         out = self.momentum.state_dict() if self.momentum is not None else {}
         out["updated_at"] = dict(self.updated_at)
         out["banned"] = sorted(self.banned)
+        out["nonfinite_senders"] = sorted(self.nonfinite_senders)
         return out
 
     def load_state_dict(self, state: dict) -> None:
@@ -153,10 +162,13 @@ class GradientAggregation:
         state = dict(state)
         updated = state.pop("updated_at", {}) or {}
         banned = state.pop("banned", []) or []
+        nonfinite = state.pop("nonfinite_senders", []) or []
         if self.momentum is not None:
             self.momentum.load_state_dict(state)
         try:
             self.updated_at = {int(r): int(s) for r, s in dict(updated).items()}
             self.banned = {int(r) for r in banned}
+            self.nonfinite_senders = {int(r) for r in nonfinite}
         except (TypeError, ValueError):
-            raise ConfigError("gradient aggregation checkpoint: bad updated_at / banned") from None
+            raise ConfigError("gradient aggregation checkpoint: bad updated_at / banned / "
+                              "nonfinite_senders") from None

@@ -92,12 +92,14 @@ class GradientCheck:
 
     # -- the default recomputation: a worker replica of this deployment ---------------------
     def _replica_gradient(self, rank: int, state: torch.Tensor, step: int) -> torch.Tensor:
-        from byzsgd.learning import data, device_data
+        from byzsgd.learning import device_data, shards
         from byzsgd.roles.replica import Replica
 
         cfg = self.cfg
         if self._replica is None:
-            first = dataclasses.replace(cfg, rank=cfg.worker_ranks[0], attack=None, attack_args={})
+            # a plain RunConfig (a ValidatedConfig's replace would run every check again)
+            plain = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(RunConfig)}
+            first = RunConfig(**{**plain, "rank": cfg.worker_ranks[0], "attack": None, "attack_args": {}})
             self._replica = Replica(first, with_train_shard=True)
         replica = self._replica
         shard = self._shards.get(rank)
@@ -105,7 +107,7 @@ class GradientCheck:
             index = rank - cfg.num_ps
             base = replica.shard
             shard = device_data.on_device(
-                data.WorkerShard(base.dataset, index, cfg.num_workers, cfg.batch, split=cfg.split,
+                shards.WorkerShard(base.dataset, index, cfg.num_workers, cfg.batch, split=cfg.split,
                                  seed=cfg.seed, augment=base.augment), replica.device)
             self._shards[rank] = shard
         return replica.gradient_of(shard, rank - cfg.num_ps, state, step)

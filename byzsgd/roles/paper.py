@@ -23,7 +23,7 @@ from byzsgd.config import RunConfig
 from byzsgd.metrics import diameter
 from byzsgd.net import Message, NewestModels, race
 from byzsgd.roles.aggregation import aggregate_finite
-from byzsgd.roles.common import KIND_GRAD, KIND_MODEL, KIND_PS_AFTER, KIND_PS_MODEL
+from byzsgd.roles.messages import KIND_GRAD, KIND_MODEL, KIND_PS_AFTER, KIND_PS_MODEL
 from byzsgd.roles.diameter import DiameterProbe
 from byzsgd.roles.ps_base import PSBase
 from byzsgd.roles.worker_base import WorkerBase
@@ -47,15 +47,15 @@ class PaperPS(PSBase):
         self.probe.start(t, own, self.models.newest)
         self._send_model(self.peers, KIND_PS_MODEL, t, own)
         t_next = await self._gather(t, own)
-        # self.M still holds the gathered models: what DMC contracts
-        record["diameter_before"] = diameter(self.M)
+        # self.model_rows still holds the gathered models: what DMC contracts
+        record["diameter_before"] = diameter(self.model_rows)
         record["distances_before"] = self.probe.before
         if self.probe.measure_after and t_next == t + 1:
             self.probe.publish_after(t, self.replica.state_vector())
         return t_next
 
     def _gathered(self, t: int, steps: dict[int, int]) -> None:
-        self.probe.gathered(t, steps, self.M)
+        self.probe.gathered(t, steps, self.model_rows)
 
     def _ended(self) -> None:
         self.probe.finish(self.models.newest)
@@ -80,7 +80,7 @@ class PaperWorker(WorkerBase):
         self.models = NewestModels(KIND_MODEL, cfg.ps_ranks, window=cfg.step_window,
                                    f=cfg.fps)
         self.accept(KIND_MODEL, self._on_model, shapes=[(self.replica.state_size,)])
-        self.M = torch.empty(cfg.q_ps, self.replica.state_size,  # the models the median takes
+        self.model_rows = torch.empty(cfg.q_ps, self.replica.state_size,  # the models the median takes
                              device=self.replica.device)
         self.step = 0  # the step the worker waits for
         self.last_sent: tuple[list[torch.Tensor], dict] | None = None
@@ -124,7 +124,7 @@ class PaperWorker(WorkerBase):
     async def _median_of_models(self, t: int) -> tuple[torch.Tensor, dict[int, int]]:
         """The coordinate-wise median of the first q_ps PS models of step >= t, and the
         step of each model used."""
-        cfg, M = self.cfg, self.M
+        cfg, M = self.cfg, self.model_rows
         models = await self._or_done(self.models.collect(cfg.q_ps, t, forget_older=False))
         steps = {sender: msg.step for sender, msg in models.items()}
         try:

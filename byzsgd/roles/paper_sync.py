@@ -27,7 +27,7 @@ import torch
 from byzsgd.config import RunConfig
 from byzsgd.net import Message
 from byzsgd.net import errors as net_errors
-from byzsgd.roles.common import KIND_MODEL, KIND_PULL
+from byzsgd.roles.messages import KIND_MODEL, KIND_PULL
 from byzsgd.roles.filters import filters_for
 from byzsgd.roles.paper import PaperPS, PaperWorker
 

@@ -2,7 +2,7 @@
 
 The value attacks of :mod:`byzsgd.roles.byzantine` forge *what* a Byzantine node sends; the
 attacks here keep its values honest and play with *how, when, to whom and under which step or
-rank* it sends them (DESIGN.md §5: replays, far-future or out-of-range steps, floods, withholding,
+rank* it sends them (docs/design.md §5: replays, far-future or out-of-range steps, floods, withholding,
 a lying rendezvous master, attempts to pass as another rank).  Each one runs inside a real node
 (``--attack NAME --attack_args JSON`` on ``byzsgd.roles.ps`` / ``byzsgd.roles.worker``, or the
 launcher's ``--byz_workers/--worker_attack/--worker_attack_args`` and ``--byz_ps/--ps_attack/
@@ -50,10 +50,12 @@ linger         PS     after its last step (when its node would close), keeps its
                       the correct PSes finished (docs/design.md §3, Liveness).
 ============== ====== ====================================================================
 
-How: :func:`attach` wraps the node's ``send`` (``broadcast`` goes through it) so the role's own
-loop stays the honest one; the extra frames go out through the node's own outboxes (encoded and
-limit-checked like any frame), except the out-of-range steps, which are written raw on the live
-connection.  Extra frames are sent *after* the real one so an outbox overflow drops the
+How: :func:`attach` installs a send filter on the node (``Node.add_send_filter``: it sees every
+send, each recipient of a broadcast too) and a close hook (``Node.add_close_hook``), so the
+role's own loop stays the honest one; the extra frames go out through the node's own outboxes
+(encoded and limit-checked like any frame), except the out-of-range steps, which are queued as
+raw bytes (``Node.send_bytes``).  ``rendezvous_lie`` filters the directory frames its
+rendezvous sends.  Extra frames are sent *after* the real one so an outbox overflow drops the
 attacker's own flood first... of its older items only (the outbox drops its oldest), which the
 flood sizes keep below the outbox depth.
 
@@ -71,32 +73,15 @@ from typing import Any
 
 import msgpack
 
+from byzsgd.attacks import catalog
 from byzsgd.config import RunConfig
 from byzsgd.errors import ConfigError
 
 log = logging.getLogger("byzsgd.protocol_attack")
 
-#: name -> the roles that may run it
-PROTOCOL_ATTACKS = {
-    "impersonate": ("ps", "worker"),
-    "request_flood": ("ps", "worker"),
-    "huge_step": ("ps", "worker"),
-    "far_future": ("ps",),
-    "withhold_from": ("ps", "worker"),
-    "rendezvous_lie": ("ps",),
-    "linger": ("ps",),
-}
-#: each attack's arguments and their defaults
-ARGS: dict[str, dict[str, Any]] = {
-    "impersonate": {"every": 50, "max_claims": 64},
-    "request_flood": {"copies": 8, "step": 0, "pull": None},
-    "huge_step": {"kill_every": 10},
-    "far_future": {"ahead": 1000},
-    "withhold_from": {"ranks": None},
-    "rendezvous_lie": {"ranks": None, "to": "self", "for_s": 10.0},
-    "linger": {"every": 2.0, "for_s": 60.0, "start": None, "stride": 1, "say_done": False},
-}
-COMMON_ARGS = {"report_every": 25}
+#: name -> the roles that may run it (each attack's entry in the attack catalog,
+#: byzsgd.attacks.protocol, declares its roles, arguments and checks)
+PROTOCOL_ATTACKS = {e.name: e.roles for e in catalog.entries() if e.kind == "protocol"}
 
 MAX_FRAME_STEP = (1 << 62) - 1     # the largest step a received frame may carry
 INT64_MAX = (1 << 63) - 1          # encodable, refused by every receiver
@@ -108,92 +93,17 @@ _REPORT = re.compile(r"protocol attack (\w+): (.*)$")
 
 
 def is_protocol_attack(name: str | None) -> bool:
-    return name in PROTOCOL_ATTACKS
+    return catalog.is_protocol(name)
 
 
 def names(role: str) -> list[str]:
-    return sorted(n for n, roles in PROTOCOL_ATTACKS.items() if role in roles)
+    return catalog.names(role, kinds=("protocol",))
 
 
 def parse_args(cfg: RunConfig) -> dict[str, Any]:
     """The attack's arguments with defaults; :class:`ConfigError` for a role, a rank or an
-    argument the attack refuses (what ``check_attack`` runs before step 0)."""
-    name, role = cfg.attack, cfg.role
-    if role not in PROTOCOL_ATTACKS[name]:
-        raise ConfigError(f"protocol attack {name!r} is for {' and '.join(PROTOCOL_ATTACKS[name])} "
-                          f"nodes, rank {cfg.rank} is a {role}")
-    args = dict(cfg.attack_args)
-    known = {**ARGS[name], **COMMON_ARGS}
-    unknown = sorted(set(args) - set(known))
-    if unknown:
-        raise ConfigError(f"protocol attack {name!r}: unknown arguments {unknown}; known: "
-                          f"{', '.join(sorted(known))}")
-    out = {**known, **args}
-    try:
-        out["report_every"] = int(out["report_every"])
-        if out["report_every"] < 1:
-            raise ValueError("report_every must be >= 1")
-        if name == "impersonate":
-            out["every"], out["max_claims"] = int(out["every"]), int(out["max_claims"])
-            if out["every"] < 1 or out["max_claims"] < 1:
-                raise ValueError("every and max_claims must be >= 1")
-        elif name == "request_flood":
-            out["copies"], out["step"] = int(out["copies"]), int(out["step"])
-            if not 1 <= out["copies"] <= 64:
-                raise ValueError("copies must be in [1, 64]")
-            if not 0 <= out["step"] <= MAX_FRAME_STEP:
-                raise ValueError(f"step must be in [0, 2**62)")
-            if out["pull"] is None:
-                out["pull"] = cfg.mode == "paper" and bool(getattr(cfg, "sync", False))
-            out["pull"] = bool(out["pull"])
-        elif name == "huge_step":
-            out["kill_every"] = int(out["kill_every"])
-            if out["kill_every"] < 1:
-                raise ValueError("kill_every must be >= 1")
-        elif name == "far_future":
-            out["ahead"] = int(out["ahead"])
-            if not 1 <= out["ahead"] < (1 << 61):
-                raise ValueError("ahead must be in [1, 2**61)")
-        elif name == "withhold_from":
-            ranks = out["ranks"]
-            if not isinstance(ranks, list) or not ranks or any(type(r) is not int for r in ranks):
-                raise ValueError('needs {"ranks": [rank, ...]} (a non-empty list of ints)')
-            bad = [r for r in ranks if not 0 <= r < cfg.world_size or r == cfg.rank]
-            if bad:
-                raise ValueError(f"ranks {bad} are not other ranks of this world of {cfg.world_size}")
-            out["ranks"] = frozenset(ranks)
-        elif name == "rendezvous_lie":
-            if cfg.rank != 0 or cfg.peers:
-                raise ValueError("only rank 0, as the rendezvous master (--master, no --peers), "
-                                 "hands out the directory")
-            ranks = out["ranks"] if out["ranks"] is not None else list(range(1, cfg.num_ps))
-            if not isinstance(ranks, list) or any(type(r) is not int or not 0 < r < cfg.world_size
-                                                  for r in ranks):
-                raise ValueError("ranks must be a list of ranks in [1, world_size)")
-            if out["to"] not in ("self", "swap"):
-                raise ValueError('to must be "self" or "swap"')
-            if out["to"] == "swap" and len(ranks) < 2:
-                raise ValueError('"swap" needs at least two ranks')
-            out["ranks"] = sorted(set(ranks))
-            out["for_s"] = float(out["for_s"])
-            if out["for_s"] < 0:
-                raise ValueError("for_s must be >= 0")
-        elif name == "linger":
-            out["every"], out["for_s"] = float(out["every"]), float(out["for_s"])
-            if not 0.01 <= out["every"] <= 3600 or not 0 <= out["for_s"] <= 86400:
-                raise ValueError("every must be in [0.01, 3600] s and for_s in [0, 86400] s")
-            if out["start"] is not None:
-                out["start"] = int(out["start"])
-                if not 0 <= out["start"] <= MAX_FRAME_STEP - (1 << 32):
-                    raise ValueError("start must be in [0, 2**62 - 2**32]")
-            out["stride"] = int(out["stride"])
-            if not 0 <= out["stride"] <= 1 << 20:
-                raise ValueError("stride must be in [0, 2**20]")
-            if type(out["say_done"]) is not bool:
-                raise ValueError("say_done must be true or false")
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"protocol attack {name!r}: bad arguments {cfg.attack_args}: {exc}") from None
-    return out
+    argument the attack refuses (the catalog's checks, what ``RunConfig.validate`` runs)."""
+    return catalog.parse(cfg)
 
 
 def parse_report(text: str, name: str | None = None) -> dict[str, int] | None:
@@ -209,6 +119,11 @@ def parse_report(text: str, name: str | None = None) -> dict[str, int] | None:
 class ProtocolAttack:
     """One protocol attack running inside ``role`` (see the module docstring)."""
 
+    def __new__(cls, cfg: RunConfig, role: Any):
+        if cls is ProtocolAttack:  # the subclass the catalog names for cfg.attack
+            cls = behaviour(cfg)
+        return super().__new__(cls)
+
     def __init__(self, cfg: RunConfig, role: Any):
         self.cfg = cfg
         self.name = cfg.attack
@@ -216,17 +131,29 @@ class ProtocolAttack:
         self.role = role
         self.node = role.node
         self.counts: dict[str, int] = {}
-        self._send = self.node.send        # the node's own send, bound
-        self.node.send = self._intercept    # broadcast() calls self.send: goes through here too
-        self._close = self.node.close
-        self.node.close = self._closing     # a last report when the node closes
+        # every send (each recipient of a broadcast too) passes _intercept; _send is what
+        # comes after it (the wire): the attack's own extra frames go out through it
+        self._send = self.node.add_send_filter(self._intercept)
+        self.node.add_close_hook(self._closing)  # a last report when the node closes
         self._steps_seen: set[int] = set()
         self._last_report = -1
         self._tasks: set[asyncio.Task] = set()
         self._imp_round = -1
         self._lingered = False
-        if self.name == "rendezvous_lie":
-            self._lie = RendezvousLie(self)
+
+    # -- what a concrete attack overrides (the subclasses below; the catalog names them) ----
+    def withhold(self, rank: int, kind: str) -> str | None:
+        """A counter name when the frame ``kind`` to ``rank`` must not go out (None: send it)."""
+        return None
+
+    def after_send(self, rank: int, kind: str, step: int, tensors, meta) -> None:
+        """Extra frames after a real data frame (``model``/``ps_model``/``grad``) went out."""
+
+    def on_new_step(self, step: int) -> None:
+        """The role's own traffic reached a new step label."""
+
+    async def before_close(self) -> None:
+        """The node is closing (the report and the close follow)."""
 
     # -- bookkeeping ----------------------------------------------------------------
     def count(self, key: str, n: int = 1) -> None:
@@ -236,19 +163,15 @@ class ProtocolAttack:
         body = " ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
         log.warning("protocol attack %s: %s", self.name, body)
 
-    async def _closing(self, *args, **kwargs) -> None:
-        """The node's close (same arguments), after a last report (and, for ``linger``,
-        after lingering)."""
-        if self.name == "linger" and not self._lingered:
-            self._lingered = True
-            await self._linger()
+    async def _closing(self) -> None:
+        """The node's close hook: a last report (and, for ``linger``, lingering first)."""
+        await self.before_close()
         for task in list(self._tasks):
             task.cancel()
         lie = getattr(self, "_lie", None)
         if lie is not None and lie.trap is not None:
             lie.trap.close()
         self.report()
-        await self._close(*args, **kwargs)
 
     def _on_step(self, step: int) -> None:
         """The role's own traffic reached ``step`` (called once per new step label)."""
@@ -258,11 +181,7 @@ class ProtocolAttack:
         if len(self._steps_seen) > 4096:
             self._steps_seen = set(sorted(self._steps_seen)[-1024:])
         self.count("steps")
-        if self.name == "impersonate":
-            rnd = step // self.args["every"]
-            if rnd != self._imp_round:
-                self._imp_round = rnd
-                self._spawn(self._impersonate())
+        self.on_new_step(step)
         if self.counts["steps"] - self._last_report >= self.args["report_every"]:
             self._last_report = self.counts["steps"]
             self.report()
@@ -274,15 +193,11 @@ class ProtocolAttack:
 
     # -- the send hook -----------------------------------------------------------------
     def _intercept(self, rank: int, kind: str, step: int, tensors=(), meta=None):
-        name, args, send = self.name, self.args, self._send
+        send = self._send
         internal = kind.startswith("__")
-        if name == "withhold_from" and rank in args["ranks"] and not internal:
-            self.count("withheld")
-            fut = asyncio.get_running_loop().create_future()
-            fut.set_result(False)
-            return fut
-        if name == "linger" and kind == "done" and not args["say_done"]:
-            self.count("done_withheld")
+        withheld = None if internal else self.withhold(rank, kind)
+        if withheld:
+            self.count(withheld)
             fut = asyncio.get_running_loop().create_future()
             fut.set_result(False)
             return fut
@@ -290,13 +205,7 @@ class ProtocolAttack:
         if internal or rank == self.node.rank or kind not in _DATA_KINDS:
             return fut
         self._on_step(step)
-        if name == "request_flood":
-            self._flood(rank, kind, step, tensors, meta)
-        elif name == "far_future" and kind in ("model", "ps_model"):
-            send(rank, kind, step + args["ahead"], tensors, meta)
-            self.count(f"sent_{kind}_ahead")
-        elif name == "huge_step":
-            self._huge(rank, kind, step, tensors, meta)
+        self.after_send(rank, kind, step, tensors, meta)
         return fut
 
     def _flood(self, rank, kind, step, tensors, meta) -> None:
@@ -345,12 +254,11 @@ class ProtocolAttack:
         return False
 
     def _write_raw(self, rank: int, data: bytes) -> bool:
-        """Bytes straight onto the live connection to ``rank`` (after whatever the outbox
-        already handed to the transport, so the framing before it stays intact)."""
-        conn = self.node._conns.get(rank)
-        if conn is None or conn.closed or conn.transport is None:
+        """Bytes as they are to ``rank``, if connected: queued in its outbox behind the
+        frames already there (so the framing before them stays intact)."""
+        if rank not in self.node.connected:
             return False
-        conn.transport.write(data)
+        self.node.send_bytes(rank, data)
         return True
 
     # -- lingering -----------------------------------------------------------------------
@@ -425,48 +333,49 @@ def _raw_frame(kind: str, step: int, sender: int) -> bytes:
 
 
 class RendezvousLie:
-    """Rank 0's rendezvous hands out a lying directory (see the module docstring)."""
+    """Rank 0's rendezvous hands out a lying directory (see the module docstring): a send
+    filter of its own rewrites the directory frames the rendezvous sends while it lies."""
 
     def __init__(self, attack: ProtocolAttack):
+        from byzsgd.net.rendezvous import DIR
+
         self.attack = attack
         self.node = node = attack.node
-        if node._rdv is None:
+        if node.master is None:
             raise ConfigError("rendezvous_lie needs a rendezvous (--master, not --peers)")
-        self.rdv = node._rdv
-        self._honest = self.rdv._broadcast
-        self.rdv._broadcast = self._broadcast
+        self._dir_kind = DIR
+        self._send = node.add_send_filter(self._filter)  # past this filter: the wire
         self.trap: asyncio.AbstractServer | None = None
         self.trap_addr: tuple[str, int] | None = None
         self._opening = False
+        self._held: set[int] = set()  # ranks whose directory waits for the trap to listen
+        self._counting = False
         self.lying = True
         self._ended = False
 
-    def _broadcast(self, ranks=None) -> None:
-        if not self.lying:
-            self._honest(ranks)
-            return
-        loop = asyncio.get_running_loop()
+    def _filter(self, rank: int, kind: str, step: int, tensors=(), meta=None):
+        if kind != self._dir_kind or not self.lying:
+            return self._send(rank, kind, step, tensors, meta)
         if self.attack.args["to"] == "self" and self.trap_addr is None:
-            if not self._opening:  # the trap listens before the first lie goes out
+            self._held.add(rank)  # the trap listens before the first lie goes out
+            if not self._opening:
                 self._opening = True
-                task = loop.create_task(self._open_trap_then_lie(ranks))
-                self.attack._tasks.add(task)
-                task.add_done_callback(self.attack._tasks.discard)
-            else:
-                loop.call_later(0.05, self._broadcast, ranks)
-            return
-        self._send_lie(ranks)
+                self.attack._spawn(self._open_trap_then_lie())
+            return None
+        return self._send_lie([rank])[0]
 
-    async def _open_trap_then_lie(self, ranks) -> None:
-        host = self.node._directory[0][0]
+    async def _open_trap_then_lie(self) -> None:
+        host = self.node.directory[0][0]
         server = await asyncio.start_server(self._trap_conn, host, 0)
         self.trap = server
         self.trap_addr = (host, server.sockets[0].getsockname()[1])
-        self._send_lie(ranks)
+        ranks, self._held = sorted(self._held), set()
+        if self.lying:
+            self._send_lie(ranks)
 
-    def _send_lie(self, ranks) -> None:
+    def _send_lie(self, ranks) -> list:
         node, args = self.node, self.attack.args
-        d = node._directory
+        d = node.directory
         entries = [list(d[r]) for r in range(d.world_size)]
         victims = args["ranks"]
         if args["to"] == "self":
@@ -476,17 +385,27 @@ class RendezvousLie:
             for i, r in enumerate(victims):
                 entries[r] = list(d[victims[(i + 1) % len(victims)]])
         blob = msgpack.packb(entries, use_bin_type=True)
-        for r in (range(1, d.world_size) if ranks is None else ranks):
-            self.attack._send(r, "__rdv_dir", 0, meta={"dir": blob, "num_ps": d.num_ps})
+        futs = [self._send(r, self._dir_kind, 0, meta={"dir": blob, "num_ps": d.num_ps}) for r in ranks]
+        if not self._counting:  # the rendezvous sends a directory to each rank in one go: one lie
+            self._counting = True
+            asyncio.get_running_loop().call_soon(self._lied)
+        return futs
+
+    def _lied(self) -> None:
+        self._counting = False
         self.attack.count("lies_sent")
         self.attack.report()
-        if not self._ended and args["for_s"] > 0:
+        if not self._ended and self.attack.args["for_s"] > 0:
             self._ended = True
-            asyncio.get_running_loop().call_later(args["for_s"], self._repent)
+            asyncio.get_running_loop().call_later(self.attack.args["for_s"], self._repent)
 
     def _repent(self) -> None:
+        """The true directory, to everyone."""
         self.lying = False
-        self._honest(None)
+        d = self.node.directory
+        blob = msgpack.packb([list(d[r]) for r in range(d.world_size)], use_bin_type=True)
+        for r in range(1, d.world_size):
+            self._send(r, self._dir_kind, 0, meta={"dir": blob, "num_ps": d.num_ps})
         self.attack.count("truth_sent")
         self.attack.report()
 
@@ -524,12 +443,64 @@ class RendezvousLie:
             writer.close()
 
 
+# -- the behaviours the catalog's protocol entries name (byzsgd.attacks.protocol) ------------
+class Impersonate(ProtocolAttack):
+    def on_new_step(self, step: int) -> None:
+        rnd = step // self.args["every"]
+        if rnd != self._imp_round:
+            self._imp_round = rnd
+            self._spawn(self._impersonate())
+
+
+class RequestFlood(ProtocolAttack):
+    def after_send(self, rank, kind, step, tensors, meta) -> None:
+        self._flood(rank, kind, step, tensors, meta)
+
+
+class HugeStep(ProtocolAttack):
+    def after_send(self, rank, kind, step, tensors, meta) -> None:
+        self._huge(rank, kind, step, tensors, meta)
+
+
+class FarFuture(ProtocolAttack):
+    def after_send(self, rank, kind, step, tensors, meta) -> None:
+        if kind in ("model", "ps_model"):
+            self._send(rank, kind, step + self.args["ahead"], tensors, meta)
+            self.count(f"sent_{kind}_ahead")
+
+
+class WithholdFrom(ProtocolAttack):
+    def withhold(self, rank: int, kind: str) -> str | None:
+        return "withheld" if rank in self.args["ranks"] else None
+
+
+class LyingRendezvous(ProtocolAttack):
+    def __init__(self, cfg: RunConfig, role: Any):
+        super().__init__(cfg, role)
+        self._lie = RendezvousLie(self)
+
+
+class Linger(ProtocolAttack):
+    def withhold(self, rank: int, kind: str) -> str | None:
+        return "done_withheld" if kind == "done" and not self.args["say_done"] else None
+
+    async def before_close(self) -> None:
+        if not self._lingered:
+            self._lingered = True
+            await self._linger()
+
+
+def behaviour(cfg: RunConfig) -> type[ProtocolAttack]:
+    """The class that runs ``cfg.attack`` (the catalog entry names it)."""
+    return catalog.get(cfg.attack, cfg.role).load()
+
+
 def attach(role: Any) -> ProtocolAttack | None:
     """Start ``role``'s protocol attack (``--attack NAME``), if it has one."""
     cfg = role.cfg
     if not is_protocol_attack(cfg.attack):
         return None
-    attack = ProtocolAttack(cfg, role)
+    attack = behaviour(cfg)(cfg, role)
     log.warning("Byzantine %s %d runs protocol attack %s %s", cfg.role, cfg.rank, cfg.attack,
                 {k: (sorted(v) if isinstance(v, frozenset) else v) for k, v in attack.args.items()})
     return attack

@@ -1,6 +1,6 @@
 """What a parameter server does in every mode: the step loop and its phases.
 
-Step t (DESIGN.md §3):
+Step t (docs/design.md §3):
 
 1. ask for gradients on the model of step t — how is the mode's (:meth:`PSBase._request_gradients`);
 2. take gradients for step t as they arrive: the first q_w = n_w - fw distinct workers;
@@ -37,10 +37,9 @@ from byzsgd.roles import byzantine
 from byzsgd.roles.adversary_schedule import gradient_intake  # the mailbox, or the test harness's schedule
 from byzsgd.roles.aggregation import aggregate_finite
 from byzsgd.roles.base import DRAIN_S, Role
-from byzsgd.roles.common import KIND_DONE, KIND_GRAD, KIND_MODEL, KIND_PS_ASK, KIND_PS_MODEL, SENDERS
-from byzsgd.roles.gradient_aggregation import GradientAggregation
-from byzsgd.roles.gradient_check import GradientCheck
 from byzsgd.roles.member_input import grad_meta, median_finite
+from byzsgd.roles.messages import KIND_DONE, KIND_GRAD, KIND_MODEL, KIND_PS_ASK, KIND_PS_MODEL, SENDERS
+from byzsgd.roles.ps_step import PSStep
 from byzsgd.roles.replica import Replica
 
 log = logging.getLogger("byzsgd.ps")
@@ -97,24 +96,22 @@ class PSBase(Role):
         # rows the quorums are stacked into: gradients, BatchNorm buffers, models
         # (on the replica's device: the rules run there, docs/gpu.md)
         dev = replica.device
-        self.G = torch.empty(cfg.q_w, replica.grad_size, device=dev)
-        self.B = torch.empty(cfg.q_w, replica.buffer_size, device=dev) if replica.buffer_size else None
-        self.M = torch.empty(cfg.q_ps, replica.state_size, device=dev)
+        self.grad_rows = torch.empty(cfg.q_w, replica.grad_size, device=dev)
+        self.buffer_rows = torch.empty(cfg.q_w, replica.buffer_size, device=dev) \
+            if replica.buffer_size else None
+        self.model_rows = torch.empty(cfg.q_ps, replica.state_size, device=dev)
         self.nonfinite_dropped = 0  # NaN/Inf rows left out of aggregations
         self.model_quorum: list[int] = []  # the peers whose models the last gather used
         self.models_rejected = 0  # models the workers' filters refused (their gradients say)
         self.step = 0
-        # the gradient side of the step (roles/gradient_aggregation.py): non-finite rows, the
-        # per-worker momentum stage (--worker_momentum: the PS computes each worker's momentum
-        # from what it received, so no worker can opt out), the rows that enter (--wm_rows),
-        # --pre_agg, --gar; and the spot checks that ban a forging worker (--check_gradients)
-        self.gradients = GradientAggregation(
-            cfg.gar, cfg.fw, cfg.gar_args, dim=replica.grad_size, worker_ranks=cfg.worker_ranks,
-            pipeline=cfg.pre_agg, beta=cfg.worker_momentum, rows=cfg.wm_rows,
-            staleness=cfg.wm_staleness, drop_nonfinite=cfg.drop_nonfinite, seed=cfg.seed, device=dev)
+        # the PS step on a gradient quorum (roles/ps_step.py): the spot checks that ban a
+        # forging worker (--check_gradients), then the gradient aggregation's stages
+        # (roles/gradient_aggregation.py): non-finite rows, the per-worker momentum
+        # (--worker_momentum: the PS computes each worker's momentum from what it received,
+        # so no worker can opt out), the rows that enter (--wm_rows), --pre_agg, --gar
+        self.ps_step = PSStep(cfg, replica)
+        self.gradients = self.ps_step.gradients
         self.worker_momentum = self.gradients.momentum
-        self.check = GradientCheck(cfg, cfg.check_gradients, cfg.check_tolerance) \
-            if cfg.check_gradients else None
         self.model_pre_agg = Pipeline.parse(cfg.model_pre_agg)
         self.checkpoints = CheckpointPolicy(
             cfg.checkpoint_dir, cfg.checkpoint_every, cfg.rank,
@@ -156,8 +153,9 @@ class PSBase(Role):
         return await self._gather(t, own)
 
     def _gathered(self, t: int, steps: dict[int, int]) -> None:
-        """The gather of step ``t`` took peers' models of ``steps`` (sender -> step); ``self.M``
-        holds them (row 0 ours, then the peers in rank order) until the next gather."""
+        """The gather of step ``t`` took peers' models of ``steps`` (sender -> step);
+        ``self.model_rows`` holds them (row 0 ours, then the peers in rank order) until the next
+        gather."""
 
     def _ended(self) -> None:
         """The last step is done; the ``done`` record comes next."""
@@ -239,9 +237,9 @@ class PSBase(Role):
             return None
         losses = []
         try:
-            self._stack(grads, 0, self.G)
-            if self.B is not None:
-                self._stack(grads, 1, self.B)
+            self._stack(grads, 0, self.grad_rows)
+            if self.buffer_rows is not None:
+                self._stack(grads, 1, self.buffer_rows)
             for sender, msg in grads.items():
                 with self.member(msg):  # docs/design.md §3: what we do with each field
                     meta = grad_meta(msg.meta, cfg.num_ps)
@@ -259,27 +257,22 @@ class PSBase(Role):
         senders = sorted(grads)
         record["quorum"] = senders
         record["late"] = [w for w in workers if w not in grads]
-        if self.check is not None:
-            caught = self.check.check(t, snapshot, senders, self.G)
-            for rank in caught:
-                self.gradients.ban(rank)
-                self.node.stats.refuse("forged", KIND_GRAD, rank)
-                self.metrics.write(event="banned", step=t, worker=rank)
-            if caught:
-                record["banned"] = caught
-        g, dropped = self.gradients(t, senders, self.G)
-        self.nonfinite_dropped += len(dropped)
-        if dropped:
-            record["nonfinite"] = dropped
-        buffers = self._aggregate(cfg.gar, self.B, cfg.fw, cfg.gar_args)[0] if self.B is not None else None
-        replica.apply_gradient(g, buffers)
+        outcome = self.ps_step(t, snapshot, senders, self.grad_rows, self.buffer_rows)
+        for rank in outcome.banned:
+            self.node.stats.refuse("forged", KIND_GRAD, rank)
+            self.metrics.write(event="banned", step=t, worker=rank)
+        if outcome.banned:
+            record["banned"] = outcome.banned
+        self.nonfinite_dropped += len(outcome.nonfinite) + len(outcome.nonfinite_buffers)
+        if outcome.nonfinite:
+            record["nonfinite"] = outcome.nonfinite
         return losses
 
     async def _gather(self, t: int, own: torch.Tensor, *, at_least: int | None = None) -> int:
         """The first q_ps - 1 peers' models of step >= t (>= ``at_least`` if given) with
         ours; the model rule aggregates them.  Returns the step the PS continues from (t + 1,
         or later when its peers are ahead and it jumps to them)."""
-        cfg, M = self.cfg, self.M
+        cfg, M = self.cfg, self.model_rows
         q = cfg.q_ps - 1
         least = t if at_least is None else at_least
         models = await until_quorum(

@@ -1,7 +1,7 @@
 """A node's model replica: the model as one flat state vector, its optimizer, its data.
 
 The state vector is ``[parameters | floating BatchNorm buffers]`` (see
-:class:`byzsgd.training.FlatState`): what PSes send and aggregate.  Gradients cover the
+:class:`byzsgd.learning.flat_state.FlatState`): what PSes send and aggregate.  Gradients cover the
 parameters only; a worker also sends the buffers its forward pass updated, which the PS
 aggregates with the same rule so that BatchNorm statistics are robust too.
 """
@@ -12,8 +12,8 @@ import torch
 from byzsgd.gars.worker_momentum import optimizer_args
 
 from byzsgd.device import resolve as resolve_device
-from byzsgd.learning import data, device_data, models
-from byzsgd.learning import optim as training
+from byzsgd.learning import data, device_data, models, shards
+from byzsgd.learning import flat_state, losses, optim
 from byzsgd.config import RunConfig
 
 
@@ -39,7 +39,7 @@ class Replica:
         if with_train_shard:
             train = data.load_dataset(cfg.dataset, train=True, root=cfg.data_root)
             self.shard = device_data.on_device(
-                data.WorkerShard(train, cfg.worker_index, cfg.num_workers, cfg.batch,
+                shards.WorkerShard(train, cfg.worker_index, cfg.num_workers, cfg.batch,
                                  split=cfg.split, seed=cfg.seed, augment=train.name.startswith("cifar")),
                 self.device)
             info = train
@@ -48,10 +48,10 @@ class Replica:
         self.model = models.build_model(cfg.model, dataset_info=info, seed=cfg.seed)
         if self.device.type != "cpu":
             self.model.to(self.device)
-        self.flat = training.flat_state(self.model)
-        self.loss_fn = training.build_loss(cfg.loss)
+        self.flat = flat_state.flat_state(self.model)
+        self.loss_fn = losses.build_loss(cfg.loss)
         # --worker_momentum moves the momentum to the workers' streams (never applied twice)
-        self.optimizer = training.build_flat_optimizer(cfg.optimizer, self.flat,
+        self.optimizer = optim.build_flat_optimizer(cfg.optimizer, self.flat,
                                                        optimizer_args(cfg.worker_momentum, cfg.opt_args)) \
             if with_test_set else None
         self.flip_labels = False
@@ -88,7 +88,7 @@ class Replica:
 
     def evaluate(self, *, full: bool = False) -> tuple[float, float]:
         limit = None if full or not self.cfg.eval_samples else self.cfg.eval_samples
-        return data.evaluate(self.model, self.test_set, max_samples=limit)
+        return shards.evaluate(self.model, self.test_set, max_samples=limit)
 
     # -- worker side ------------------------------------------------------------------
     def _batch(self, step: int):
@@ -117,7 +117,7 @@ class Replica:
         self.flat.load(state)
         x, y = batch
         torch.manual_seed(step_seed(self.cfg.seed, worker_index, step))
-        return training.compute_gradient(self.model, self.loss_fn, x, y)
+        return flat_state.compute_gradient(self.model, self.loss_fn, x, y)
 
     def gradient_of(self, shard, worker_index: int, state: torch.Tensor, step: int) -> torch.Tensor:
         """The gradient correct worker ``worker_index`` (its ``shard``) sends for ``step`` on
@@ -133,7 +133,7 @@ class Replica:
         span = self.shard.steps_per_epoch
         for k in range(1, count + 1):
             x, y = self._batch(step + k * max(1, span // (count + 1)) + k)
-            grad, _ = training.compute_gradient(self.model, self.loss_fn, x, y)
+            grad, _ = flat_state.compute_gradient(self.model, self.loss_fn, x, y)
             out.append(grad.clone())
             self.flat.load(state)  # BN buffers moved during the extra passes
         return out
@@ -145,14 +145,14 @@ class Replica:
             cfg = self.cfg
             self._other_shards = [
                 device_data.on_device(
-                    data.WorkerShard(self.shard.dataset, i, cfg.num_workers, cfg.batch, split=cfg.split,
+                    shards.WorkerShard(self.shard.dataset, i, cfg.num_workers, cfg.batch, split=cfg.split,
                                      seed=cfg.seed, augment=self.shard.augment), self.device)
                 for i in range(cfg.num_workers) if i != cfg.worker_index]
         state = self.flat.flat.clone()
         out = []
         for shard in self._other_shards:
             x, y = shard.batch(step)
-            grad, _ = training.compute_gradient(self.model, self.loss_fn, x, y)
+            grad, _ = flat_state.compute_gradient(self.model, self.loss_fn, x, y)
             out.append(grad.clone())
             self.flat.load(state)
         return out

@@ -46,7 +46,7 @@ from byzsgd import attacks
 from byzsgd.attacks.momentum_aware import MomentumAwareAttacker
 from byzsgd.errors import ConfigError
 from byzsgd.net import Message
-from byzsgd.roles.common import KIND_GRAD, KIND_LEAK
+from byzsgd.roles.messages import KIND_GRAD, KIND_LEAK
 
 __all__ = ["ScheduledAttacker", "attach"]
 

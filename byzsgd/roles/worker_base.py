@@ -15,7 +15,7 @@ from byzsgd.device import describe as describe_device
 from byzsgd.errors import ByzSGDError, ConfigError
 from byzsgd.roles import byzantine
 from byzsgd.roles.base import Role
-from byzsgd.roles.common import KIND_DONE, KIND_GRAD
+from byzsgd.roles.messages import KIND_DONE, KIND_GRAD
 from byzsgd.roles.departure import Departure
 from byzsgd.roles.replica import Replica
 

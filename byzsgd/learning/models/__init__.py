@@ -36,8 +36,7 @@ import torch
 import torch.nn as nn
 
 from byzsgd.errors import ConfigError, UnknownNameError
-from byzsgd.learning.catalog import model_help
-from byzsgd.learning.models.common import LARGE_SIDE, image_shape, is_large
+from byzsgd.learning.models.common import image_shape, is_large
 from byzsgd.learning.models.dense import DPN92, DenseNet121
 from byzsgd.learning.models.googlenet import GoogLeNet
 from byzsgd.learning.models.mobile import EfficientNetB0, MobileNet, MobileNetV2, ShuffleNetG2
@@ -45,7 +44,7 @@ from byzsgd.learning.models.regnet import RegNetX200
 from byzsgd.learning.models.resnets import PreActResNet18, ResNet18, ResNeXt29
 from byzsgd.learning.models.small import CNN, CifarNet, ConvNet, Linear
 
-__all__ = ["build_model", "model_names", "model_help", "register_model", "MODELS", "LARGE_SIDE",
+__all__ = ["build_model", "model_names", "register_model", "MODELS",
            "ConvNet", "CifarNet", "CNN", "Linear", "ResNet18", "PreActResNet18", "ResNeXt29", "DenseNet121",
            "DPN92", "GoogLeNet", "MobileNet", "MobileNetV2", "ShuffleNetG2", "EfficientNetB0",
            "RegNetX200"]
@@ -152,7 +151,7 @@ def build_model(name: str, *, dataset_info=None, input_shape: Optional[Sequence[
     """A freshly initialised model, identical for identical (name, shapes, seed).
 
     Give either ``dataset_info`` (anything with ``input_shape`` and ``num_classes``, e.g. a
-    :class:`byzsgd.learning.data.Dataset`) or ``input_shape`` and ``num_classes``.  The model is
+    :class:`byzsgd.learning.dataset.Dataset`) or ``input_shape`` and ``num_classes``.  The model is
     on CPU, in training mode, float32."""
     if dataset_info is not None:
         input_shape = tuple(dataset_info.input_shape) if input_shape is None else input_shape

@@ -1,176 +1,37 @@
-"""The run directory: what a deployment leaves on disk, written and read here only.
+"""What a run directory says about its run: per-PS series, quorum shares, rejoins, refusals,
+the outcome, and the ``summary.json`` every deployment ends with.
 
-One directory per run holds ``deployment.json`` (who runs where: each rank's role, address,
-pid, Byzantine or not, log and metrics files), per-rank files (``<role><rank>.log/.pid/
-.pgid/.rc/.host``, ``metrics-ps<rank>.jsonl``), ``credentials/rank<r>.cred`` (0600 each, in a
-0700 directory: the ranks' pairwise keys, byzsgd.net.credentials; the operator secret they are
-derived from is never written), ``secret`` (0600, only under ``--insecure_shared_secret``),
-``faults.json`` (scripts/fault.py) and ``summary.json``.  The launcher, the multi-host deployment, the
-experiment harness, the report and the fault injector all go through this module, so the
-schema and the summary (one definition of the median step time) cannot drift.
+The launcher, the multi-host deployment, ``kill.sh`` (byzsgd.deploy.stop), the experiment
+harness, the report and the fault injector all summarise through here, so the median step time
+and the outcome have one definition.  The files themselves are :mod:`byzsgd.rundir`'s.
 
-Light on purpose (standard library + byzsgd.errors + byzsgd.metrics): the roles read their
-peer directory through it, and the multi-host launcher runs where torch is absent.
+Outcomes (``summary["outcome"]``, details in ``summary["outcome_detail"]``):
+
+* ``ok``      every correct PS finished its last step;
+* ``failed``  a correct rank exited on its own with an error: ``rank``, ``exit_code`` and the
+              last error line of its log;
+* ``killed``  stopped from outside: ``by`` (``kill.sh``, ``--timeout``, ``signal``) and ``signal``;
+              the ranks it stopped have exit code 128 + the signal's number (143: SIGTERM),
+              whatever they exited with after finishing their step cleanly;
+* ``partial`` the run ended without a failure or a stop, yet some correct PS did not finish.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import os
 import re
-import secrets
+import signal as _signal
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from byzsgd import rundir
 from byzsgd.errors import ConfigError
 from byzsgd.metrics import read_metrics
+from byzsgd.rundir import read_deployment, read_faults, rank_file, read_net_stats
 
-DEPLOYMENT = "deployment.json"
-SUMMARY = "summary.json"
-FAULTS = "faults.json"
-SECRET = "secret"
-CREDENTIALS = "credentials"
-#: the line each node prints on stderr at exit (its log): transport rejections and failures
-NET_STATS_PREFIX = "byzsgd-net-stats "
-#: per-rank files: what -> file name pattern (``{stem}`` is ``<role><rank>``)
-RANK_FILES = {"log": "{stem}.log", "pid": "{stem}.pid", "pgid": "{stem}.pgid", "rc": "{stem}.rc",
-              "host": "{stem}.host", "metrics": "metrics-{stem}.jsonl"}
-#: what every rank entry of a deployment.json holds (writers); readers need rank and role
-RANK_KEYS = ("rank", "role", "host", "port", "pid", "byzantine", "attack", "attack_args", "log", "metrics")
-DOC_KEYS = ("num_ps", "num_workers", "run_dir", "started", "credentials", "byzantine_ranks", "ranks")
-
-
-# ----------------------------------------------------------------------------- file names
-def stem(role: str, rank: int) -> str:
-    return f"{role}{rank}"
-
-
-def rank_file(run_dir: str | os.PathLike, role: str, rank: int, what: str) -> Path:
-    """``run_dir``'s file ``what`` (log, pid, pgid, rc, host, metrics) of one rank."""
-    return Path(run_dir) / RANK_FILES[what].format(stem=stem(role, rank))
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader never sees half of it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def credentials_dir(run_dir: str | os.PathLike) -> Path:
-    """Where the launchers provision the ranks' credentials files (``rank<r>.cred``)."""
-    return Path(run_dir) / CREDENTIALS
-
-
-def write_secret(path: Path) -> Path:
-    """A fresh random shared secret in ``path`` (0600): ``--insecure_shared_secret`` only."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_hex(32))
-    return path
-
-
-# ----------------------------------------------------------------------------- deployment.json
-def _check_doc(doc: Any, source: str, *, full: bool) -> dict:
-    if not isinstance(doc, dict) or not isinstance(doc.get("ranks"), list):
-        raise ConfigError(f"{source}: not a deployment description (no 'ranks' list)")
-    missing = [k for k in DOC_KEYS if k not in doc] if full else []
-    for i, r in enumerate(doc["ranks"]):
-        need = RANK_KEYS if full else ("rank", "role")
-        if not isinstance(r, dict):
-            raise ConfigError(f"{source}: ranks[{i}] is not an object")
-        missing += [f"ranks[{i}].{k}" for k in need if k not in r]
-        if "role" in r and r["role"] not in ("ps", "worker"):
-            raise ConfigError(f"{source}: ranks[{i}].role must be ps or worker, got {r['role']!r}")
-    if missing:
-        raise ConfigError(f"{source}: missing {', '.join(missing)}")
-    return doc
-
-
-def write_deployment(run_dir: str | os.PathLike, doc: dict) -> Path:
-    """Check ``doc`` against the schema and write it atomically as ``deployment.json``."""
-    path = Path(run_dir) / DEPLOYMENT
-    _check_doc(doc, "deployment description", full=True)
-    atomic_write(path, json.dumps(doc, indent=1))
-    return path
-
-
-def deployment_path(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / DEPLOYMENT
-
-
-def read_deployment(where: str | os.PathLike) -> dict:
-    """``deployment.json`` of a run directory (or the file itself); ConfigError when it is
-    missing, not JSON or not a deployment description."""
-    path = Path(where)
-    if path.name != DEPLOYMENT and (path.is_dir() or not path.suffix):
-        path = path / DEPLOYMENT
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from None
-    return _check_doc(doc, str(path), full=False)
-
-
-def peer_addresses(doc: dict) -> dict[int, tuple[str, int]]:
-    """{rank: (host, port)} of a deployment description (the nodes' ``--peers``)."""
-    try:
-        return {int(r["rank"]): (str(r["host"]), int(r["port"])) for r in doc["ranks"]}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(f"the deployment description has no address for every rank: {exc}") from None
-
-
-def set_rank_pid(run_dir: str | os.PathLike, rank: int, pid: int) -> None:
-    """Record a new pid for ``rank`` (a node restarted by scripts/fault.py)."""
-    doc = read_deployment(run_dir)
-    for r in doc["ranks"]:
-        if int(r["rank"]) == rank:
-            r["pid"] = pid
-    atomic_write(Path(run_dir) / DEPLOYMENT, json.dumps(doc, indent=1))
-
-
-# ----------------------------------------------------------------------------- faults.json
-@contextlib.contextmanager
-def faults_lock(run_dir: str | os.PathLike) -> Iterator[None]:
-    with open(Path(run_dir) / ".faults.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def read_faults(run_dir: str | os.PathLike) -> dict:
-    """``faults.json`` (scripts/fault.py): faulty ranks, paused ranks, restarted {rank: pid},
-    events; every key present, empty when there is no file."""
-    try:
-        doc = json.loads((Path(run_dir) / FAULTS).read_text())
-        if not isinstance(doc, dict):
-            doc = {}
-    except (OSError, ValueError):
-        doc = {}
-    doc.setdefault("faulty", [])
-    doc.setdefault("paused", [])
-    doc.setdefault("restarted", {})
-    doc.setdefault("events", [])
-    return doc
-
-
-def write_faults(run_dir: str | os.PathLike, doc: dict) -> None:
-    atomic_write(Path(run_dir) / FAULTS, json.dumps(doc, indent=1))
+OUTCOMES = ("ok", "failed", "killed", "partial")
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -341,30 +202,40 @@ def summarize_run(run_dir: str | os.PathLike) -> dict[str, Any]:
                 quorum_share=quorum_shares(run_dir, series)["quorum_share"])
 
 
-def rejoins(run_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """Per rank restarted by scripts/fault.py (``faults.json``): whether and when it served
-    again, read from the correct PSes' per-step ``quorum`` (a worker whose gradient was
-    aggregated) and ``model_quorum`` (a PS whose model was gathered) fields.
-
-    ``{rank: {"restarted_at", "restart_step", "rejoined_step", "rejoined_after_s",
-    "steps_served", "aggregations"}}``: the first step after its (last) restart in which a
-    correct PS aggregated it (None: not yet), seconds from the restart to that step's record,
-    how many distinct steps some correct PS aggregated it in since, and how many times in all
-    (one per PS and step)."""
-    run_dir = Path(run_dir)
-    faults = read_faults(run_dir)
-    restarts: dict[int, dict] = {}
-    for ev in faults["events"]:
-        if isinstance(ev, dict) and ev.get("action") == "restarted":
+def restarts(run_dir: str | os.PathLike) -> dict[int, dict]:
+    """Per rank, its last restart by byzsgd.deploy.faults that happened: the ``restarted``
+    event (its new pid, when), unless a later ``restart_failed`` event says the new process
+    died before it served (then that event, with its ``reason``)."""
+    out: dict[int, dict] = {}
+    for ev in read_faults(run_dir)["events"]:
+        if isinstance(ev, dict) and ev.get("action") in ("restarted", "restart_failed"):
             try:
-                restarts[int(ev["rank"])] = ev
+                out[int(ev["rank"])] = ev
             except (KeyError, TypeError, ValueError):
                 continue
-    if not restarts:
+    return out
+
+
+def rejoins(run_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Per rank restarted by byzsgd.deploy.faults (``faults.json``): whether and when it served
+    again: a worker when a correct PS aggregated its gradient (the PSes' per-step ``quorum``),
+    a PS when a correct peer gathered its model (``model_quorum``) or it logged a step of its
+    own, in either case after the restart.
+
+    ``{rank: {"restarted_at", "restart_step", "rejoined_step", "rejoined_after_s",
+    "steps_served", "aggregations"}}``: the first step after its (last) restart in which it
+    served (None: not yet), seconds from the restart to that step's record, how many distinct
+    steps it served in since, and how many times in all (one per PS and step).  A restart
+    whose process died before serving (``restart_failed``) is reported with its ``failed``
+    reason and nothing served: records of the rank then come from no restarted process."""
+    run_dir = Path(run_dir)
+    events = restarts(run_dir)
+    if not events:
         return {}
+    live = {r: ev for r, ev in events.items() if ev.get("action") == "restarted"}
     ranks, _ = _correct_ps(run_dir)
-    seen: dict[int, dict[int, float]] = {r: {} for r in restarts}   # rank -> {step: first time}
-    count = dict.fromkeys(restarts, 0)
+    seen: dict[int, dict[int, float]] = {r: {} for r in live}   # rank -> {step: first time}
+    count = dict.fromkeys(live, 0)
     for ps_rank, path in ranks:
         if not path.is_absolute():
             path = run_dir / path
@@ -379,15 +250,22 @@ def rejoins(run_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
                 v = rec.get(key)
                 if isinstance(v, list):
                     members.update(x for x in v if type(x) is int)
-            for rank in members & set(restarts):
-                if ps_rank == rank or t is None or t < float(restarts[rank].get("time") or 0):
+            if ps_rank in live and "step_time" in rec:
+                members.add(ps_rank)  # a restarted PS that completed a step of its own
+            for rank in members & set(live):
+                if t is None or t < float(live[rank].get("time") or 0):
                     continue
                 count[rank] += 1
                 step = int(rec["step"])
                 seen[rank][step] = min(t, seen[rank].get(step, t))
     out = {}
-    for rank, ev in sorted(restarts.items()):
+    for rank, ev in sorted(events.items()):
         at = _num(ev.get("time"))
+        if rank not in live:
+            out[str(rank)] = dict(restarted_at=at, restart_step=ev.get("step"), rejoined_step=None,
+                                  rejoined_after_s=None, steps_served=0, aggregations=0,
+                                  failed=ev.get("reason"))
+            continue
         first = min(seen[rank]) if seen[rank] else None
         out[str(rank)] = dict(
             restarted_at=at, restart_step=ev.get("step"), rejoined_step=first,
@@ -397,46 +275,10 @@ def rejoins(run_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
     return out
 
 
-# ----------------------------------------------------------------------------- net stats
-def net_stats_line(rank: int, role: str, rejected: dict, failures: dict, *, refused: dict | None = None,
-                   **counts) -> str:
-    """The line a node prints at exit: ``byzsgd-net-stats {json}``: connections refused
-    (``rejected``: reason -> count), what members sent that was refused, the connection kept
-    (``refused``: "<reason>:<kind>:<sender>" -> count), contained failures; ``counts``
-    (numbers) are added as they are: what the node sent and received (``frames_sent``,
-    ``bytes_sent``, ...), its CPU seconds (``cpu_s``), its peak resident memory (``maxrss``),
-    ... (scripts/bench_scale.py reads them)."""
-    doc = {"rank": int(rank), "role": role,
-           "rejected": {str(k): int(v) for k, v in dict(rejected).items()},
-           "refused": {str(k): int(v) for k, v in dict(refused or {}).items()},
-           "failures": {str(k): int(v) for k, v in dict(failures).items()}}
-    doc.update({str(k): v for k, v in counts.items() if isinstance(v, (int, float))})
-    return NET_STATS_PREFIX + json.dumps(doc, sort_keys=True)
-
-
 def _count_map(value: Any) -> dict[str, int] | None:
     if not isinstance(value, dict):
         return None
     return {str(k): int(v) for k, v in value.items() if isinstance(v, int) and not isinstance(v, bool)}
-
-
-def read_net_stats(log: str | os.PathLike) -> dict | None:
-    """The last ``byzsgd-net-stats`` record of a node's log (None when there is none)."""
-    found = None
-    try:
-        with open(log, "rb") as fh:
-            for raw in fh:
-                if raw.startswith(NET_STATS_PREFIX.encode()):
-                    found = raw
-    except OSError:
-        return None
-    if found is None:
-        return None
-    try:
-        doc = json.loads(found[len(NET_STATS_PREFIX):].decode("utf-8", "replace"))
-    except ValueError:
-        return None
-    return doc if isinstance(doc, dict) else None
 
 
 def _refusals(doc: dict) -> dict[str, int] | None:
@@ -485,20 +327,88 @@ def rejections(run_dir: str | os.PathLike) -> dict[str, dict[str, int]]:
 
 
 # ----------------------------------------------------------------------------- run summary
+#: what a log's error line looks like (the last one is the failure's cause, as a rule)
+_ERROR_LINE = re.compile(r"(Error|Exception|error:|ERROR|Traceback|Errno|refused|failed)")
+
+
+def last_error_line(log: str | os.PathLike, *, scan: int = 200) -> str | None:
+    """The last line of ``log`` that reads like an error (else its last line; None: no log)."""
+    try:
+        lines = [ln.strip() for ln in Path(log).read_text(errors="replace").splitlines()[-scan:]]
+    except OSError:
+        return None
+    lines = [ln for ln in lines if ln and not ln.startswith(rundir.NET_STATS_PREFIX)]
+    for line in reversed(lines):
+        if _ERROR_LINE.search(line) and not line.startswith("Traceback"):
+            return line[:500]
+    return lines[-1][:500] if lines else None
+
+
+def _rank_log(run_dir: Path, rank: int) -> Path | None:
+    try:
+        info = next(r for r in read_deployment(run_dir)["ranks"] if int(r["rank"]) == rank)
+    except (ConfigError, StopIteration, KeyError, TypeError, ValueError):
+        return None
+    log = Path(info.get("log") or rank_file(run_dir, info["role"], rank, "log"))
+    return log if log.exists() else rank_file(run_dir, info["role"], rank, "log")
+
+
+def signal_number(name: str | None) -> int:
+    """SIGTERM -> 15 (SIGTERM when the name is unknown: what kill.sh and the launchers send)."""
+    try:
+        return int(getattr(_signal, str(name)))
+    except (AttributeError, TypeError, ValueError):
+        return int(_signal.SIGTERM)
+
+
+def run_outcome(run_dir: str | os.PathLike, observed: str, returncodes: dict[int, int | None],
+                series: dict[int, dict[str, Any]] | None = None,
+                faulty: set[int] = frozenset()) -> dict[str, Any]:
+    """The run's outcome (module docstring) from what its launcher ``observed`` (``ok``,
+    ``failed:<rank>``, ``timeout``, ``interrupted``, ``stopped``: every PS exited before the
+    last step, ``unknown``) and the run directory's records (``stop.json``, the PSes' done
+    records): ``{"outcome": ..., **detail}``."""
+    run_dir = Path(run_dir)
+    series = ps_series(run_dir) if series is None else series
+    unfinished = sorted(r for r, s in series.items() if not s["done"] and r not in faulty)
+    if observed.startswith("failed"):
+        try:
+            rank = int(observed.split(":")[1])
+        except (IndexError, ValueError):
+            rank = None
+        log = _rank_log(run_dir, rank) if rank is not None else None
+        return dict(outcome="failed", rank=rank, exit_code=returncodes.get(rank) if rank is not None else None,
+                    error=last_error_line(log) if log else None, log=str(log) if log else None)
+    if not unfinished and (series or observed == "ok"):  # every correct PS finished: whoever
+        return dict(outcome="ok")                       # stopped the rest
+    stop = rundir.read_stop(run_dir)
+    if observed == "timeout":
+        return dict(outcome="killed", by="--timeout", signal="SIGTERM", unfinished=unfinished)
+    if stop:
+        return dict(outcome="killed", by=stop.get("by"), signal=stop.get("signal"), unfinished=unfinished)
+    if observed in ("interrupted", "stopped"):
+        return dict(outcome="killed", by="signal", signal=None, unfinished=unfinished)
+    return dict(outcome="partial", unfinished=unfinished)
+
+
 def run_summary(run_dir: str | os.PathLike, outcome: str, *, started: float,
                 returncodes: dict[int, int | None], exclude: set[int] = frozenset(),
-                byzantine_ranks: list[int] = ()) -> dict[str, Any]:
-    """The fields every deployment's ``summary.json`` (and ``--json`` line) has: per correct
-    PS its final accuracy (its done record's, else its last evaluation), the least of them
-    (ranks in ``exclude`` — killed on purpose — left out), the median step time, which
-    workers the gradient quorums held (:func:`quorum_shares`), per rank what its transport
-    refused (``rejections``: reason -> count, see :func:`rejections`) and, for nodes restarted
-    by scripts/fault.py, whether and when they served again (``rejoined``)."""
+                byzantine_ranks: list[int] = (), stopped_ranks: Any = ()) -> dict[str, Any]:
+    """The fields every deployment's ``summary.json`` (and ``--json`` line) has: the outcome
+    (:func:`run_outcome`: ``outcome`` and ``outcome_detail``; ``outcome`` is what the launcher
+    observed), per correct PS its final accuracy (its done record's, else its last
+    evaluation), the least of them (ranks in ``exclude`` — killed on purpose — left out), the
+    median step time, which workers the gradient quorums held (:func:`quorum_shares`), per
+    rank what its transport refused (``rejections``: reason -> count, see :func:`rejections`)
+    and, for nodes restarted by byzsgd.deploy.faults, whether and when they served again
+    (``rejoined``).  ``stopped_ranks``: the ranks a stop signalled while they ran; a killed
+    run reports them with exit code 128 + the signal's number (they exit 0 once they have
+    closed cleanly, which must not read as a finished run)."""
     series = ps_series(run_dir)
     final = {str(r): s["final"] for r, s in series.items()}
     accs = [a for r, a in final.items() if a is not None and int(r) not in exclude]
-    summary = dict(outcome=outcome, run_dir=str(run_dir), final_accuracy=final,
-                   min_accuracy=min(accs) if accs else None,
+    summary = dict(outcome=outcome, run_dir=str(run_dir),
+                   final_accuracy=final, min_accuracy=min(accs) if accs else None,
                    median_step_time=median_step_time(series), wall_time=time.time() - started,
                    byzantine_ranks=list(byzantine_ranks), **quorum_shares(run_dir, series),
                    rejections=rejections(run_dir),
@@ -506,26 +416,49 @@ def run_summary(run_dir: str | os.PathLike, outcome: str, *, started: float,
     rejoined = rejoins(run_dir)
     if rejoined:
         summary["rejoined"] = rejoined
+    return apply_outcome(summary, run_dir, outcome, stopped_ranks=stopped_ranks, faulty=exclude,
+                         series=series)
+
+
+def apply_outcome(summary: dict, run_dir: str | os.PathLike, observed: str, *, stopped_ranks: Any = (),
+                  faulty: Any = (), series: dict[int, dict[str, Any]] | None = None) -> dict:
+    """Set ``summary``'s ``outcome`` and ``outcome_detail`` from what the launcher
+    ``observed`` (:func:`run_outcome`) and, for a killed run, the exit code 128 + signal of
+    each rank in ``stopped_ranks`` that reported 0 or nothing; returns ``summary``."""
+    codes = {int(k): v for k, v in (summary.get("returncodes") or {}).items()}
+    detail = run_outcome(run_dir, observed, codes, series, set(faulty))
+    if detail["outcome"] == "killed":
+        sig = 128 + signal_number(detail.get("signal"))
+        for r in stopped_ranks:
+            if codes.get(int(r)) in (0, None):
+                codes[int(r)] = sig
+        detail["stopped_ranks"] = sorted(int(r) for r in stopped_ranks)
+    summary["outcome"] = detail.pop("outcome")
+    summary["outcome_detail"] = detail
+    summary["returncodes"] = {str(k): v for k, v in sorted(codes.items())}
     return summary
 
 
-def write_summary(run_dir: str | os.PathLike, summary: dict) -> Path:
-    path = Path(run_dir) / SUMMARY
-    atomic_write(path, json.dumps(summary, indent=1))
-    return path
-
-
-def read_summary(run_dir: str | os.PathLike) -> dict:
-    try:
-        doc = json.loads((Path(run_dir) / SUMMARY).read_text())
-    except (OSError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
+def outcome_line(summary: dict) -> str:
+    """One line: the outcome and its detail (``killed by kill.sh (SIGTERM)``, ``failed: rank 3
+    exited 1: ValueError: ...``)."""
+    out = summary.get("outcome") or "unknown"
+    d = summary.get("outcome_detail") or {}
+    if out == "failed":
+        return (f"failed: rank {d.get('rank')} exited {d.get('exit_code')}"
+                + (f": {d['error']}" if d.get("error") else ""))
+    if out == "killed":
+        text = f"killed by {d.get('by') or 'a signal'}" + (f" ({d['signal']})" if d.get("signal") else "")
+        return text + (f"; PS {', '.join(map(str, d['unfinished']))} did not finish" if d.get("unfinished") else "")
+    if out == "partial":
+        return f"partial: PS {', '.join(map(str, d.get('unfinished') or []))} did not finish"
+    return out
 
 
 def print_summary(summary: dict, prog: str, stream=None) -> None:
-    """The final accuracy of each PS and the step time, one line each, on stderr."""
+    """The outcome, the final accuracy of each PS and the step time, one line each, on stderr."""
     stream = stream or sys.stderr
+    print(f"{prog}: outcome {outcome_line(summary)}", file=stream)
     for rank, acc in summary["final_accuracy"].items():
         acc_s = f"{acc:.2f}%" if isinstance(acc, (int, float)) else "n/a"
         print(f"{prog}: PS {rank} final accuracy {acc_s}", file=stream)

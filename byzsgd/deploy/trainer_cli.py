@@ -50,10 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         if value.isdigit() and int(value) != expected:
             parser.error(f"{var}={value} but --num_ps {args.num_ps} + --num_workers "
                          f"{args.num_workers} = {expected} nodes: they must agree")
+    from byzsgd.deploy.preflight import check_node
     from byzsgd.roles.entry import run_role
 
     try:
-        cfg = config_from_args(args)
+        cfg = config_from_args(args).validate()  # checked once: run_role takes it as is
+        check_node(cfg)  # before any socket: data, model, optimizer, credentials, port
     except ByzSGDError as exc:
         print(f"byzsgd.trainer: error: {exc}", file=sys.stderr)
         return 2
@@ -62,6 +64,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     code = main()  # first: --help and flag errors must not import torch (byzsgd.roles does)
-    from byzsgd.roles.common import exit_now
+    from byzsgd.roles.process import exit_now
 
     exit_now(code)
