@@ -42,3 +42,21 @@ def test_main_job_prints_progress_and_every_ps_accuracy(tmp_path):
         assert done and done[-1]["final_accuracy"] == pytest.approx(acc, abs=0.006)
         assert acc > 80.0, f"PS {rank} at {acc}% after {STEPS} steps (about 89% measured)"
     assert re.search(r"median step time [\d.]+ s, wall time [\d.]+ s", out)
+
+
+def test_the_launchers_paper_mode_defaults_are_its_own_and_explicit_flags_win():
+    """--mode paper has no gradient check, so its main-job defaults are the rule alone's best
+    worst case (docs/worst_case.md): momentums 0.99 at lr 0.005; garfield mode keeps 0.9 at
+    0.05 with the check.  A flag given explicitly is never replaced by a mode default."""
+    from byzsgd.deploy.options import LaunchConfig
+
+    g = LaunchConfig.from_argv([]).run
+    assert (g.worker_momentum, g.opt_args["lr"], g.check_gradients) == (0.9, "0.05", 1)
+    p = LaunchConfig.from_argv(["--mode", "paper"]).run
+    assert (p.worker_momentum, p.opt_args["lr"], p.check_gradients) == (0.99, "0.005", 0)
+    mine = LaunchConfig.from_argv(["--mode", "paper", "--worker_momentum", "0.9",
+                                   "--opt_args", '{"lr": "0.02"}']).run
+    assert (mine.worker_momentum, mine.opt_args) == (0.9, {"lr": "0.02"})
+    grid = LaunchConfig.from_values({"mode": "paper"}).run
+    assert (grid.worker_momentum, grid.opt_args["lr"], grid.check_gradients) == (0.99, "0.005", 0)
+    assert LaunchConfig.from_values({"mode": "paper", "worker_momentum": 0.5}).run.worker_momentum == 0.5
