@@ -186,3 +186,10 @@ def test_the_checks_see_what_they_must(tmp_path):
 def test_layer_of_takes_the_longest_prefix(module, layer):
     index = layer_of(module)
     assert (LAYERS[index][0] if index is not None else None) == layer
+
+
+def test_no_module_over_500_lines():
+    """One concept per module (issue 26): a module that grows past 500 lines holds several."""
+    long = {str(p.relative_to(ROOT)): n for p in ROOT.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 500}
+    assert not long, long

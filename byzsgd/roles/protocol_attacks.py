@@ -8,47 +8,16 @@ a lying rendezvous master, attempts to pass as another rank).  Each one runs ins
 launcher's ``--byz_workers/--worker_attack/--worker_attack_args`` and ``--byz_ps/--ps_attack/
 --ps_attack_args``) and does on the wire what it says:
 
-============== ====== ====================================================================
-name           roles  what it does
-============== ====== ====================================================================
-impersonate    both   besides its own connections, every ``every`` steps (default 50) dials
-                      every other rank ``r`` and runs the handshake claiming each rank ``c > r``
-                      it is not, with the credentials it holds (its own pair keys).  It must
-                      fail; it counts ``tried``/``refused``/``succeeded`` (log line below).
-request_flood  both   PS: after each gradient request (``model`` of step t) to a worker, sends
-                      that worker ``copies`` (default 8) more requests labelled ``step``
-                      (default 0) with its model.  Worker: after each gradient it sends, sends
-                      the PS ``copies`` duplicates of it (same step) and ``copies`` copies
-                      labelled ``step``; with ``"pull": true`` (default in paper --sync mode,
-                      where PSes serve pulls) also ``copies`` pulls of ``step``.
-huge_step      both   with each real message (``model``/``ps_model``/``grad``), the same tensors
-                      labelled 2**62 - 1 (the largest step a frame may carry) and t + 10**6
-                      (beyond any window); every ``kill_every`` steps (default 10) frames
-                      labelled 2**63 - 1 and 2**64 - 1 (out of the frame range: the receiver
-                      must close that connection, counted ``bad_step``); the last is written raw
-                      on the connection because the encoder refuses it.
-far_future     PS     with each ``model`` / ``ps_model`` of step t, the same model labelled
-                      t + ``ahead`` (default 1000).
-withhold_from  both   ``{"ranks": [...]}``: never sends anything to those ranks (the
-                      rendezvous' own frames excepted); honest towards the others.
-rendezvous_lie PS 0   as the rendezvous master (``--master``, not ``--peers``): hands out a
-                      directory that routes ``ranks`` (default: every other PS) to a trap
-                      listener of its own that answers each handshake as the rank dialed
-                      (``"to": "self"``, default), or to another rank's real address
-                      (``"to": "swap"``); after ``for_s`` seconds (default 10; 0: never) it
-                      hands out the true one.  The dialers' handshakes fail (the trap cannot
-                      prove a pair key it lacks; a real node refuses a hello for another rank):
-                      never an impostor.
-linger         PS     after its last step (when its node would close), keeps its connections
-                      and sends every worker a gradient request (``model``, its last model)
-                      every ``every`` seconds (default 2) for ``for_s`` seconds (default 60;
-                      until a signal stops it first), labelled ``start`` (default: the step
-                      after its last), ``start + stride``, ... (``stride`` default 1: each one
-                      a new step a worker has not answered).  Its own ``done`` goes out only
-                      with ``"say_done": true`` (default false: it never says so, as a crashed
-                      PS would not).  What it tries: to keep every correct worker running after
-                      the correct PSes finished (docs/design.md §3, Liveness).
-============== ====== ====================================================================
+Which attacks exist, their roles, arguments, defaults and references: the attack catalog
+(:mod:`byzsgd.attacks.protocol`; ``python -m byzsgd.attacks`` lists it).  What each does on the
+wire, one class each below: ``impersonate`` (handshakes claiming other ranks, which must fail),
+``request_flood`` (duplicate and old-step requests, gradients and pulls), ``huge_step`` (steps
+2**62 - 1, t + 10**6, and out-of-range 2**63 - 1 / 2**64 - 1 written raw), ``far_future``
+(models labelled t + ``ahead``), ``withhold_from`` (sends nothing to some ranks),
+``rendezvous_lie`` (PS 0's rendezvous hands out a directory to a trap or swapped addresses for
+``for_s`` s) and ``linger`` (a PS that keeps asking the workers after its last step and never
+says done: docs/design.md §3, Liveness).  README.md's protocol-attack table gives each one's
+arguments in full.
 
 How: :func:`attach` installs a send filter on the node (``Node.add_send_filter``: it sees every
 send, each recipient of a broadcast too) and a close hook (``Node.add_close_hook``), so the
