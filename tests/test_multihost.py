@@ -795,3 +795,21 @@ def test_tls_run_and_kill_leaves_nothing(netns, tmp_path):
     assert run_ids_alive(run_id) == []
     for r in doc["ranks"]:
         assert not running_in_run(r["pid"], run_id) and not running_in_run(r["pgid"], run_id)
+
+
+def test_a_runner_that_times_out_gives_text_like_any_other_answer(monkeypatch):
+    """``subprocess.TimeoutExpired`` carries the partial output as bytes even with text=True:
+    a host that answered part of a status script and then hung (a loaded machine, a slow ssh)
+    crashed ``poll`` with "a bytes-like object is required" and stopped run_exp.sh."""
+    from byzsgd.deploy.multihost import poll
+    from byzsgd.deploy.remote import run_script
+
+    res = run_script("local", "127.0.0.1", "echo byzsgd-status 3 1 -\nsleep 30\n", timeout=1.0)
+    assert res.returncode == 124 and isinstance(res.stdout, str), res
+    assert "byzsgd-status 3 1 -" in res.stdout
+
+    import byzsgd.deploy.multihost as mh
+    doc = {"runner": "local", "run_id": "x", "ranks": [{"host": "127.0.0.1", "rank": 3}]}
+    monkeypatch.setattr(mh, "status_script", lambda run_id, ranks: "")
+    monkeypatch.setattr(mh, "run_script", lambda runner, host, script, timeout=30: res)
+    assert poll(doc) == {3: {"alive": True, "rc": None}}

@@ -27,7 +27,10 @@ def run_script(runner: str, host: str, script: str, timeout: float = 60.0) -> su
     try:
         return subprocess.run(argv, input=script, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        return subprocess.CompletedProcess(argv, 124, exc.stdout or "", f"runner timed out after {timeout}s")
+        # TimeoutExpired carries the partial output as bytes even under text=True
+        out = exc.stdout or b""
+        out = out.decode(errors="replace") if isinstance(out, bytes) else out
+        return subprocess.CompletedProcess(argv, 124, out, f"runner timed out after {timeout}s")
     except OSError as exc:
         return subprocess.CompletedProcess(argv, 127, "", f"cannot run {argv[0]!r}: {exc}")
 
