@@ -169,11 +169,16 @@ def kill(run_dir: Path, rank: int) -> int:
     return pid
 
 
-def pause(run_dir: Path, rank: int, seconds: float = 0.0) -> int:
-    info = rank_info(load_deployment(run_dir), rank)
-    pid = node_pid(run_dir, info)
+def _live_pid(run_dir: Path, rank: int) -> int:
+    """The pid of ``rank``'s live process of this run (FaultError when it has none)."""
+    pid = node_pid(run_dir, rank_info(load_deployment(run_dir), rank))
     if pid is None:
         raise FaultError(f"rank {rank} has no live process of this run")
+    return pid
+
+
+def pause(run_dir: Path, rank: int, seconds: float = 0.0) -> int:
+    pid = _live_pid(run_dir, rank)
     update_faults(run_dir, rank, "pause", pid, paused=True)
     signal_node(pid, signal.SIGSTOP)
     if seconds > 0:
@@ -183,10 +188,7 @@ def pause(run_dir: Path, rank: int, seconds: float = 0.0) -> int:
 
 
 def resume(run_dir: Path, rank: int) -> int:
-    info = rank_info(load_deployment(run_dir), rank)
-    pid = node_pid(run_dir, info)
-    if pid is None:
-        raise FaultError(f"rank {rank} has no live process of this run")
+    pid = _live_pid(run_dir, rank)
     update_faults(run_dir, rank, "resume", pid, paused=False)
     signal_node(pid, signal.SIGCONT)
     return pid

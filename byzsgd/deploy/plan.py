@@ -52,6 +52,20 @@ class Host:
     line: str = ""
 
 
+
+def without_tls(flags: list[str]) -> list[str]:
+    """Trainer flags minus the TLS files (``--tls_cert x`` or ``--tls_cert=x``): the cluster
+    launcher ships those files itself."""
+    kept, i = [], 0
+    while i < len(flags):
+        name = flags[i][2:].partition("=")[0] if flags[i].startswith("--") else None
+        if name in TLS_FLAGS:
+            i += 1 if "=" in flags[i] else 2
+            continue
+        kept.append(flags[i])
+        i += 1
+    return kept
+
 def parse_hosts(text: str, source: str = "hosts") -> list[Host]:
     """One rank per non-empty line: ``HOST [key=value ...]``; ``#`` comments."""
     hosts = []
@@ -263,15 +277,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     for k in TLS_FLAGS:
         if k in given:
             tls.setdefault(k, given[k])
-    kept, i = [], 0
-    while i < len(flags):
-        name = flags[i][2:].partition("=")[0] if flags[i].startswith("--") else None
-        if name in TLS_FLAGS:
-            i += 1 if "=" in flags[i] else 2
-            continue
-        kept.append(flags[i])
-        i += 1
-    flags = kept
+    flags = without_tls(flags)
     if bool(tls.get("tls_cert")) != bool(tls.get("tls_key")):
         raise ConfigError("--tls_cert and --tls_key go together")
     for k, path in tls.items():

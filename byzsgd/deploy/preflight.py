@@ -323,7 +323,7 @@ def run_exp(argv: list[str]) -> str:
         return chosen
     flags = plan.read_config(args.config or plan.default_config(args.servers)) + list(args.trainer_flags)
     try:
-        cfg = plan.check_flags(_without_tls(flags), len(servers), len(workers))
+        cfg = plan.check_flags(plan.without_tls(flags), len(servers), len(workers))
     except ConfigError:
         return chosen  # the cluster launcher reports the bad flags itself
     try:
@@ -338,21 +338,6 @@ def run_exp(argv: list[str]) -> str:
     if mine and all(mine):  # the data the nodes will read is this machine's
         check_data(cfg)
     return chosen
-
-
-def _without_tls(flags: list[str]) -> list[str]:
-    """Trainer flags minus the TLS files (the cluster launcher ships those itself)."""
-    from byzsgd.deploy.plan import TLS_FLAGS
-
-    kept, i = [], 0
-    while i < len(flags):
-        name = flags[i][2:].partition("=")[0] if flags[i].startswith("--") else None
-        if name in TLS_FLAGS:
-            i += 1 if "=" in flags[i] else 2
-            continue
-        kept.append(flags[i])
-        i += 1
-    return kept
 
 
 def main(argv: list[str] | None = None) -> int:
