@@ -10,6 +10,7 @@ an uninterrupted run (93.4% at 200 steps on this configuration; a fault costs a 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -68,7 +69,8 @@ def test_a_killed_run_resumes_into_the_same_accuracy_band(tmp_path):
         states = faults.status(run_dir)
         assert all(" alive" in line for line in states), states
         res = subprocess.run(["bash", str(ROOT / "scripts" / "kill.sh"), str(run_dir)],
-                             capture_output=True, text=True, timeout=180)
+                             capture_output=True, text=True, timeout=180,
+                             env={**os.environ, "BYZSGD_PYTHON": sys.executable})
         assert res.returncode == 0, res.stderr
         first.communicate(timeout=60)
     finally:

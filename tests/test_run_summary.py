@@ -158,7 +158,8 @@ def test_kill_sh_leaves_a_killed_summary_and_exit_codes_that_say_so(tmp_path):
             num_ps=1, num_workers=1, run_id=run_id, runner="local", run_dir=str(run), started=time.time(),
             byzantine_ranks=[], shared_dirs={"here": True}, ranks=ranks)))
         res = subprocess.run(["bash", str(Path(__file__).resolve().parent.parent / "scripts" / "kill.sh"),
-                              str(run), "--grace", "3"], capture_output=True, text=True, timeout=120)
+                              str(run), "--grace", "3"], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "BYZSGD_PYTHON": sys.executable})
         assert res.returncode == 0, res.stderr
         for p in procs:
             p.wait(10)
