@@ -780,6 +780,7 @@ def cost(quick: bool) -> dict:
 
     from byzsgd.net import FrameLimits, Node, PeerDirectory
     from byzsgd.net.bufpool import BufferPool
+    from byzsgd.net.codec import from_buffer
     from byzsgd.net.frame import build_message, decode_header, encode, parse_prefix, PREFIX
     from byzsgd.net.protocol import FrameReader
 
@@ -872,13 +873,16 @@ def cost(quick: bool) -> dict:
             res["profile_total_us_per_rtt"] = round(total / n * 1e6, 1)
         else:
             # the send path alone: Node.send (encode, outbox, transport.write) of a 64-byte
-            # message, batches of 500 that the peer's handler counts before the next batch
+            # message, bursts of 50 (the first written at once, the rest corked and joined
+            # into one write at the end of the loop iteration: included, the last future waits
+            # for it) that the peer's handler counts before the next burst
             runs = []
             for _ in range(max(n // 50, 5)):
                 st["want"], st["g"] = st["nop"] + 50, loop.create_future()
                 c0 = time.process_time()
                 for i in range(50):
-                    b.send(0, "nop", i, [x])
+                    last = b.send(0, "nop", i, [x])
+                await last
                 runs.append((time.process_time() - c0) / 50 * 1e6)
                 await st["g"]
             res["send_call_us"] = statistics.median(runs)
@@ -958,12 +962,14 @@ def cost(quick: bool) -> dict:
     stages = {
         "encode (frame.encode: checks, msgpack header, join)": _per_call_us(
             lambda: encode("ping", 1, 1, [x], None, lim), n),
-        "send path (Node.send: encode + outbox + transport.write)": plain["send_call_us"],
+        "send path, per message of a burst (Node.send: encode + outbox + joined write)": plain["send_call_us"],
         "receive: FrameReader.feed (prefix, header, Message)": _per_call_us(feed, n),
         "  of which decode_header (msgpack unpack + validation)": _per_call_us(
             lambda: decode_header(hmv, blen, lim, kinds=kinds, sender=1), n),
-        "  of which build_message (torch.frombuffer + Message)": _per_call_us(
+        "  of which the Message (its tensors are built on first use)": _per_call_us(
             lambda: build_message(hdr, body, None), n),
+        "a handler's first read of msg.tensors (codec.from_buffer: torch.frombuffer)": _per_call_us(
+            lambda: from_buffer(body, 0, torch.float32, (16,), 64), n),
         "dispatch (route + deliver + handler call)": plain["route_us"],
         "future resolved -> awaiting task resumed (uvloop)": _per_call_us(lambda: wakes(20), n // 20, 1) / 20,
     }

@@ -21,6 +21,8 @@ convnet's gradients would dominate), the MNIST row the ``convnet`` on MNIST.
     python scripts/bench_scale.py --rows mnist --json
     python scripts/bench_scale.py --rows 4x7,4x30,7x50 --plot docs/scale.png
     python scripts/bench_scale.py --from_json a.out b.out --plot docs/scale.png   # re-plot
+    python scripts/bench_scale.py --rows mnist --compare_spawn --repeats 3 --steps 20
+        # byzsgd-launch vs run_exp.sh --spawn fork vs --spawn exec: start-up and PSS per node
 
 Prints a table and, with ``--json``, one JSON line (the last) with every row.
 
@@ -105,9 +107,11 @@ class MemorySampler(threading.Thread):
     """Samples a run directory's nodes every ``period`` s; keeps each rank's largest PSS
     sample (``peak``) and its last CPU-seconds reading (``cpu``)."""
 
-    def __init__(self, run_dir, period: float = 0.5):
+    def __init__(self, run_dir, period: float = 0.5, parents=None):
         super().__init__(daemon=True)
         self.run_dir, self.period = run_dir, period
+        self.parents = parents  # () -> pids the nodes are forked from (sampled into parent_peak)
+        self.parent_peak: dict[int, dict] = {}
         self.peak: dict[int, dict] = {}
         self.cpu: dict[int, float] = {}
         self.total_peak = 0  # the largest sum of PSS over one sample
@@ -123,6 +127,10 @@ class MemorySampler(threading.Thread):
                 if cpu is not None:
                     self.cpu[rank] = cpu
             self.total_peak = max(self.total_peak, sum(m["pss"] for m in sample.values()))
+            for pid in self.parents() if self.parents else ():
+                mem = node_memory(pid)
+                if mem is not None and mem["pss"] > self.parent_peak.get(pid, {}).get("pss", -1):
+                    self.parent_peak[pid] = mem
             self._halt.wait(self.period)
 
     def stop(self) -> None:
@@ -254,6 +262,132 @@ def run_row(n_ps: int, n_w: int, mode: str, *, dataset: str, model: str, steps: 
     return row
 
 
+# ----------------------------------------------------------------------------- spawning
+#: how the ranks of one deployment start: byzsgd-launch (forks from the launcher), run_exp.sh
+#: with one fork server per host, run_exp.sh with one interpreter per rank
+SPAWN_WAYS = ("launch", "run_exp-fork", "run_exp-exec")
+
+
+def _parent_pids(run_dir: Path, way: str) -> list[int]:
+    """The processes the nodes are forked from (a launcher's zygote, the fork servers)."""
+    try:
+        doc = json.loads((run_dir / "deployment.json").read_text())
+    except (OSError, ValueError):
+        return []
+    if way == "launch":
+        return [int(doc["launcher_pid"])] if doc.get("launcher_pid") else []
+    return [int(p) for p in (doc.get("fork_servers") or {}).values()]
+
+
+def run_spawn_way(way: str, n_ps: int, n_w: int, *, dataset: str, model: str, steps: int,
+                  batch: int, run_dir: Path, timeout: float) -> dict:
+    """One deployment started ``way`` (see SPAWN_WAYS), every host this machine (run_exp.sh:
+    runner local, one host, so one fork server); the same node configuration each way (the
+    launcher's, shipped to run_exp.sh as trainer flags).  Start-up: from the command's start to
+    the first step of *every* PS; memory: each node's largest PSS sample, and the parents'."""
+    from byzsgd import rundir
+    from byzsgd.deploy import summary as runsum
+
+    flags = ["--num_ps", str(n_ps), "--num_workers", str(n_w), "--dataset", dataset, "--model", model,
+             "--batch", str(batch), "--num_iter", str(steps), "--acc_freq", str(steps)]
+    if model != "convnet":
+        flags += ["--loss", "cross-entropy"]
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               BYZSGD_PYTHON=sys.executable, BYZSGD_RUNNER="local")
+    if way == "launch":
+        cmd = [sys.executable, "-m", "byzsgd.launch", "--run_dir", str(run_dir), "--quiet", "--spawn",
+               "fork", "--timeout", str(timeout), *flags]
+    else:
+        from byzsgd.deploy.options import LaunchConfig
+        from byzsgd.deploy.plan import OWNED_FLAGS
+
+        argv = LaunchConfig.from_argv(flags).run.to_argv()
+        trainer = [w for i in range(0, len(argv), 2) if argv[i][2:] not in OWNED_FLAGS
+                   for w in argv[i:i + 2]]
+        hosts = run_dir.parent / f"{run_dir.name}-hosts"
+        hosts.mkdir(parents=True, exist_ok=True)
+        (hosts / "servers").write_text("127.0.0.1\n" * n_ps)
+        (hosts / "workers").write_text("127.0.0.1\n" * n_w)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = ["bash", str(REPO / "scripts" / "run_exp.sh"), "--servers", str(hosts / "servers"),
+               "--workers", str(hosts / "workers"), "--run_dir", str(run_dir), "--base_port", str(port),
+               "--ports", "ephemeral", "--spawn", way.rpartition("-")[2], "--quiet", "--timeout",
+               str(timeout), "--", *trainer]
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    sampler = MemorySampler(run_dir, parents=lambda: _parent_pids(run_dir, way))
+    sampler.start()
+    out, err = proc.communicate()
+    sampler.stop()
+    summary = rundir.read_summary(run_dir)
+    firsts = [s["first_time"] for s in runsum.ps_series(run_dir).values() if s.get("first_time")]
+    pss = sorted(m["pss"] for m in sampler.peak.values())
+    row = {"way": way, "outcome": summary.get("outcome", f"exit {proc.returncode}"),
+           "startup_all_s": max(firsts) - t0 if len(firsts) == n_ps else None,
+           "startup_first_s": min(firsts) - t0 if firsts else None,
+           "node_pss_median": pss[len(pss) // 2] if pss else None, "node_pss_max": pss[-1] if pss else None,
+           "nodes_sampled": len(pss), "total_pss_peak": sampler.total_peak,
+           "parent_pss": sum(m["pss"] for m in sampler.parent_peak.values()) or None,
+           "wall_s": time.time() - t0}
+    if row["outcome"] != "ok":
+        row["stderr_tail"] = err[-2000:]
+    return row
+
+
+def compare_spawn(n_ps: int, n_w: int, *, repeats: int, workdir: Path, **kw) -> dict:
+    """Every way of SPAWN_WAYS, ``repeats`` times, interleaved (the order turns each round);
+    the median of each figure per way, and the ratios the issue asks for."""
+    runs: dict[str, list[dict]] = {w: [] for w in SPAWN_WAYS}
+    for rep in range(repeats):
+        for i in range(len(SPAWN_WAYS)):
+            way = SPAWN_WAYS[(i + rep) % len(SPAWN_WAYS)]
+            row = run_spawn_way(way, n_ps, n_w, run_dir=workdir / f"{way}-{n_ps}x{n_w}-{rep}", **kw)
+            runs[way].append(row)
+            print(f"bench_scale: {way} #{rep}: {row['outcome']}, every PS stepping after "
+                  f"{_f(row['startup_all_s'], '{:.1f}')} s, node PSS median {_mb(row['node_pss_median'])} "
+                  f"MB, parent {_mb(row['parent_pss'])} MB", file=sys.stderr, flush=True)
+
+    def median(way: str, key: str):
+        vals = sorted(r[key] for r in runs[way] if r.get(key) is not None)
+        return vals[len(vals) // 2] if vals else None
+
+    keys = ("startup_all_s", "startup_first_s", "node_pss_median", "node_pss_max", "total_pss_peak",
+            "parent_pss")
+    med = {w: {k: median(w, k) for k in keys} for w in SPAWN_WAYS}
+
+    def ratio(a: str, b: str, key: str):
+        x, y = med[a][key], med[b][key]
+        return x / y if x is not None and y else None
+
+    return {"n_ps": n_ps, "n_w": n_w, "repeats": repeats, "runs": runs, "median": med,
+            "ratios": {"startup_fork_over_launch": ratio("run_exp-fork", "launch", "startup_all_s"),
+                       "startup_exec_over_launch": ratio("run_exp-exec", "launch", "startup_all_s"),
+                       "node_pss_fork_over_exec": ratio("run_exp-fork", "run_exp-exec", "node_pss_median"),
+                       "node_pss_fork_over_launch": ratio("run_exp-fork", "launch", "node_pss_median")}}
+
+
+def spawn_table(res: dict) -> str:
+    lines = [f"{res['n_ps']} PS x {res['n_w']} workers, medians of {res['repeats']} interleaved runs "
+             f"({os.cpu_count()} cores)",
+             "way | ok | every PS stepping s | first PS s | node PSS MB median|max | nodes total MB | parent MB"]
+    for w in SPAWN_WAYS:
+        m = res["median"][w]
+        ok = sum(r["outcome"] == "ok" for r in res["runs"][w])
+        lines.append(f"{w} | {ok}/{len(res['runs'][w])} | {_f(m['startup_all_s'], '{:.1f}')} | "
+                     f"{_f(m['startup_first_s'], '{:.1f}')} | {_mb(m['node_pss_median'])}|"
+                     f"{_mb(m['node_pss_max'])} | {_mb(m['total_pss_peak'])} | {_mb(m['parent_pss'])}")
+    r = res["ratios"]
+    lines.append(f"start-up (every PS stepping): run_exp fork / byzsgd-launch = "
+                 f"{_f(r['startup_fork_over_launch'], '{:.2f}')} (target <= 2), run_exp exec / "
+                 f"byzsgd-launch = {_f(r['startup_exec_over_launch'], '{:.2f}')}")
+    lines.append(f"node PSS: run_exp fork / exec = {_f(r['node_pss_fork_over_exec'], '{:.2f}')}, "
+                 f"fork / byzsgd-launch = {_f(r['node_pss_fork_over_launch'], '{:.2f}')}; fork median "
+                 f"{_mb(res['median']['run_exp-fork']['node_pss_median'])} MB a node (target <= 100)")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- output
 def _mb(v) -> str:
     return "-" if v is None else f"{v / 2**20:.0f}"
@@ -332,6 +466,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="last line: one JSON object")
     ap.add_argument("--plot", default=None, help="write the curve there (e.g. docs/scale.png)")
     ap.add_argument("--no_floor", action="store_true", help="skip the raw-socket floor")
+    ap.add_argument("--compare_spawn", action="store_true",
+                    help="the first row started three ways (byzsgd-launch; run_exp.sh --spawn "
+                         "fork; run_exp.sh --spawn exec), --repeats times interleaved: medians and "
+                         "ratios of start-up (every PS stepping) and PSS per node")
+    ap.add_argument("--repeats", type=int, default=3, help="with --compare_spawn")
     ap.add_argument("--from_json", nargs="+", default=None, metavar="FILE",
                     help="run nothing: table (and --plot) of the rows of earlier --json outputs "
                          "(their last line each)")
@@ -351,6 +490,16 @@ def main(argv=None) -> int:
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_scale-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    if args.compare_spawn:
+        name = args.rows.split(",")[0].strip()
+        n_ps, n_w = ROWS[name] if name in ROWS else (int(v) for v in name.lower().split("x"))
+        dataset, model = MNIST_MODEL if name == "mnist" else PROTOCOL_MODEL
+        res = compare_spawn(n_ps, n_w, repeats=args.repeats, workdir=workdir, dataset=dataset,
+                            model=model, steps=args.steps, batch=args.batch, timeout=args.timeout)
+        print(spawn_table(res))
+        if args.json:
+            print(json.dumps(res))
+        return 0 if all(r["outcome"] == "ok" for rs in res["runs"].values() for r in rs) else 1
     floors: dict[int, dict] = {}
     rows = []
     for name in [r.strip() for r in args.rows.split(",") if r.strip()]:

@@ -2,13 +2,16 @@
 # Start a ByzSGD experiment over several hosts: one node per rank, started from its configuration
 # (the trainer flags below, checked here, with the rank's own fields filled in), which is shipped
 # to its host as JSON (<dir>/<role><rank>.config.json; python -m byzsgd.deploy.shipped).
+# --spawn fork (the default): on each Linux host ONE fork server (python -m
+# byzsgd.deploy.fork_server, log <dir>/forkserver-<first rank>.log) imports torch once and forks
+# that host's ranks; --spawn exec: one interpreter per rank (hosts that are not Linux always).
 #
 # Garfield's way: in a directory holding `servers`, `workers` and `exp.conf` (trainer flags,
 # see scripts/exp.conf.example), run `path/to/scripts/run_exp.sh` with no argument; then
 # `path/to/scripts/kill.sh` (no argument) stops that run, the latest one of this checkout.
 #
 #   scripts/run_exp.sh [--servers FILE] [--workers FILE] [--config FILE] [--run_dir DIR]
-#                      [--base_port 29500] [--ports fixed|ephemeral] [--runner CMD]
+#                      [--base_port 29500] [--ports fixed|ephemeral] [--runner CMD] [--spawn fork|exec]
 #                      [--tls_cert PEM --tls_key PEM [--tls_ca PEM]] [--timeout S]
 #                      [--detach] [--json] [--dry_run] [-- TRAINER FLAGS...]
 #
@@ -42,10 +45,12 @@
 # else <repo>/.venv/bin/python, else python3; --dry_run prints each host's.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# torch is optional here (the hosts' interpreters are checked on the hosts): not imported
+# only to be checked, which would cost every start ~2 s of CPU
+PICK_PYTHON_NEEDS=${PICK_PYTHON_NEEDS:-msgpack numpy byzsgd.net}
 source "$here/scripts/pick_python.sh"
-# Checks before anything starts (byzsgd.deploy.preflight: trainer flags, optimizer arguments,
-# ports and data of the ranks on this machine): one line and exit 2.  It prints "local" when
-# no runner is given and every host is this machine (127.0.0.1, localhost, its own names).
-runner=$("$py" -m byzsgd.deploy.preflight run_exp "$@") || exit $?
-if [ -n "$runner" ]; then export BYZSGD_RUNNER="$runner"; fi
-exec "$py" -m byzsgd.deploy.cluster run "$@"
+# --preflight: checks before anything starts (byzsgd.deploy.preflight: trainer flags, optimizer
+# arguments, ports and data of the ranks on this machine), one line and exit 2; runner local
+# when none is given and every host is this machine (127.0.0.1, localhost, its own names).
+# In the launcher's own process: one interpreter, one import of torch, for the whole start.
+exec "$py" -m byzsgd.deploy.cluster run --preflight "$@"

@@ -7,7 +7,6 @@ Needs root; SLURM is installed with apt-get when missing and ``BYZSGD_SLURM_INST
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,8 @@ def slurm():
         yield cluster
 
 
-def _submit(slurm: SlurmCluster, tmp: Path, name: str, steps: int) -> tuple[str, Path]:
+def _submit(slurm: SlurmCluster, tmp: Path, name: str, steps: int, nodes: int = 1,
+            sbatch_args: tuple[str, ...] = (), **extra_env: str) -> tuple[str, Path]:
     conf = tmp / f"{name}.conf"
     conf.write_text(f"""\
 --dataset mnist
@@ -51,9 +51,9 @@ def _submit(slurm: SlurmCluster, tmp: Path, name: str, steps: int) -> tuple[str,
     run_dir = tmp / name
     env = {"BYZSGD_CONF": str(conf), "BYZSGD_RUN_DIR": str(run_dir),
            "BYZSGD_PYTHON": sys.executable, "BYZSGD_REPO": str(ROOT),
-           "BYZSGD_MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
-    r = slurm.run(["sbatch", "--parsable", "--nodes=1", f"--ntasks={NUM_PS + NUM_WORKERS}",
-                   f"--output={tmp}/{name}-%j.out", "--time=00:20:00", str(SBATCH)],
+           "BYZSGD_MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1", **extra_env}
+    r = slurm.run(["sbatch", "--parsable", f"--nodes={nodes}", f"--ntasks={NUM_PS + NUM_WORKERS}",
+                   f"--output={tmp}/{name}-%j.out", "--time=00:20:00", *sbatch_args, str(SBATCH)],
                   env=env, cwd=str(ROOT))
     return r.stdout.strip().split(";")[0], run_dir
 
@@ -103,13 +103,17 @@ def test_sbatch_trains_and_scancel_leaves_nothing(slurm, tmp_path):
     deadline = time.monotonic() + 600
     from byzsgd.deploy import summary as runsum
 
+    trained = False
     while time.monotonic() < deadline:
-        if slurm.job_state(job) == "RUNNING" and runsum.ps_series(run_dir) and \
-                max(runsum.ps_steps(run_dir).values()) >= 5:
+        state = slurm.job_state(job)
+        trained = state == "RUNNING" and bool(runsum.ps_series(run_dir)) and \
+            max(runsum.ps_steps(run_dir).values()) >= 5
+        if trained or state not in ("PENDING", "CONFIGURING", "RUNNING", None):  # or it ended
             break
         time.sleep(1.0)
-    else:
-        pytest.fail(f"job {job} never trained: {slurm.job_state(job)}\n{slurm.logs()}")
+    if not trained:
+        out = "\n".join(p.read_text(errors="replace")[-3000:] for p in tmp_path.glob("cancel-*.out"))
+        pytest.fail(f"job {job} never trained: {state}\n{out}\n{slurm.logs()}")
     assert len(_ours(run_dir)) >= NUM_PS + NUM_WORKERS  # the trainers are there
     slurm.run(["scancel", job])
     state = slurm.wait_job(job, timeout=120)

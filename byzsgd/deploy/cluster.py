@@ -1,8 +1,9 @@
 """Multi-host deployments: what ``scripts/run_exp.sh`` and ``scripts/kill.sh`` run.
 
-``python -m byzsgd.deploy.cluster run``  starts one ``python -m byzsgd.trainer`` per rank, each on its
-host, through a *runner* (a command that runs ``sh -s`` on a host: ``ssh`` by default), waits
-for the run, collects the files and writes ``summary.json``.  ``kill [RUN_DIR]`` stops exactly the
+``python -m byzsgd.deploy.cluster run``  starts every rank on its host (forked by one fork server
+per host, or one interpreter per rank: ``--spawn``), through a *runner* (a command that runs
+``sh -s`` on a host: ``ssh`` by default), waits for the run, collects the files and writes
+``summary.json``.  ``kill [RUN_DIR]`` stops exactly the
 ranks of a run (without RUN_DIR: the latest run started from this checkout, recorded by ``run``
 in ``runs/latest``; see :func:`latest_pointer`).  ``wait``, ``status`` and ``collect`` act on a
 run started with ``--detach``;
@@ -47,14 +48,17 @@ instead (``--secret_file`` / ``$BYZSGD_SECRET_FILE`` or a fresh ``RUN_DIR/secret
 --tls_ca``, local files) travel the same way; the HMAC handshake always runs, TLS under it
 when certificates are given.
 
-Each rank runs as ``setsid sh -c '<trainer> & echo $! > <role><rank>.pid; wait; echo $? >
-<role><rank>.rc'`` (see ``WRAPPER``): its own session (the process group id, ``.pgid``, is the wrapper's pid),
-the trainer's exact pid, its exit code; the environment carries ``BYZSGD_RUN_ID`` so that
-``kill`` checks, before signalling, that a pid is still one of this run's.
+Spawning (``--spawn``, named as byzsgd-launch's): ``fork`` (the default) starts one fork server
+per host (``python -m byzsgd.deploy.fork_server``, on Linux hosts; others exec): it imports torch
+and byzsgd once and forks the host's ranks, each in its own session (its process group id,
+``.pgid``, is its pid).  ``exec`` runs each rank as ``setsid sh -c '<trainer> & echo $! >
+<role><rank>.pid; wait; echo $? > <role><rank>.rc'`` (see ``WRAPPER``): its own session (the
+process group id, ``.pgid``, is the wrapper's pid).  Either way each rank has its exact pid, its
+log and its exit code (``.rc``, 128 + N after signal N), and its environment carries
+``BYZSGD_RUN_ID`` so that ``kill`` checks, before signalling, that a pid is still one of this run's.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -62,72 +66,14 @@ from pathlib import Path
 
 from byzsgd import rundir
 from byzsgd.deploy.host_scripts import python_rule, start_script
-from byzsgd.deploy.latest import LATEST_ENV, REPO, latest_run, record_latest
+from byzsgd.deploy.cluster_args import build_parser
+from byzsgd.deploy.latest import latest_run, record_latest
 from byzsgd.deploy.multihost import (StartError, collect, kill, load, poll, start, summarize,
                                      wait_and_finish)
-from byzsgd.deploy.plan import (DEFAULT_CONFIG, DEFAULT_RUNNER, RUNNER_ENV, TLS_FLAGS, default_config,
-                                make_plan)
+from byzsgd.deploy.plan import DEFAULT_CONFIG, RUNNER_ENV, default_config, make_plan
 from byzsgd.deploy.remote import runner_argv
 from byzsgd.deploy.slurm import describe_slurm
-from byzsgd.errors import ByzSGDError
-
-LATEST_HELP = (f"the run directory (default: the latest run started from this checkout, "
-               f"${LATEST_ENV} or <checkout>/runs/latest)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m byzsgd.deploy.cluster",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="start a multi-host deployment (scripts/run_exp.sh)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    r.add_argument("--servers", default="servers", help="hosts of the PSes, one rank a line")
-    r.add_argument("--workers", default="workers", help="hosts of the workers, one rank a line")
-    r.add_argument("--config", default=None, help=f"file of trainer flags (shell words, # comments; "
-                   f"default: {DEFAULT_CONFIG} beside the servers file, if there is one)")
-    r.add_argument("--run_dir", default=None, help="local run directory (default runs/multihost-<time>)")
-    r.add_argument("--remote_dir", default=None, help="run directory on the hosts (default: --run_dir)")
-    r.add_argument("--repo", default=str(REPO), help="byzsgd checkout on the hosts (default: this one)")
-    r.add_argument("--python", default=None, help="python on the hosts (default: this interpreter where the hosts are this machine (runner local or ip netns exec), else <repo>/.venv/bin/python, else python3)")
-    r.add_argument("--runner", default=None, help=f"remote command runner (default ${RUNNER_ENV} or '{DEFAULT_RUNNER}')")
-    r.add_argument("--base_port", type=int, default=29500, help="rank r listens on base_port + r")
-    r.add_argument("--ports", default="fixed", choices=("fixed", "ephemeral"),
-                   help="fixed: base_port + rank; ephemeral: only the master's port is fixed")
-    r.add_argument("--secret_file", default=None, help="with --insecure_shared_secret true among the "
-                   "trainer flags only: the shared secret (default: a fresh random one)")
-    for k in TLS_FLAGS:
-        r.add_argument(f"--{k}", default=None, help="local PEM file, shipped to every host (TLS on)")
-    r.add_argument("--timeout", type=float, default=0, help="stop the run after N s (0: never)")
-    r.add_argument("--detach", action="store_true", help="start and return (see wait / kill)")
-    r.add_argument("--force", action="store_true", help="reuse a run directory")
-    r.add_argument("--dry_run", action="store_true", help="print the per-host scripts (credentials and secret redacted)")
-    r.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
-    r.add_argument("--quiet", action="store_true", help="no progress lines")
-    r.add_argument("trainer_flags", nargs=argparse.REMAINDER,
-                   help="after --: more trainer flags (override the config file)")
-    w = sub.add_parser("wait", help="wait for a detached run, then stop, collect, summarize")
-    w.add_argument("run_dir", nargs="?", help=LATEST_HELP)
-    w.add_argument("--timeout", type=float, default=0)
-    w.add_argument("--json", action="store_true")
-    w.add_argument("--quiet", action="store_true")
-    k = sub.add_parser("kill", help="stop every rank of a run (scripts/kill.sh)")
-    k.add_argument("run_dir", nargs="?", help=LATEST_HELP)
-    k.add_argument("--grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL")
-    s = sub.add_parser("status", help="per-rank state of a run, as JSON")
-    s.add_argument("run_dir", nargs="?", help=LATEST_HELP)
-    c = sub.add_parser("collect", help="copy logs/metrics of non-shared hosts into the run dir")
-    c.add_argument("run_dir", nargs="?", help=LATEST_HELP)
-    sm = sub.add_parser("summary", help="summary of a finished run (metrics of the PSes), as JSON")
-    sm.add_argument("run_dir", nargs="?", help=LATEST_HELP)
-    d = sub.add_parser("describe", help="write deployment.json for a SLURM run")
-    d.add_argument("run_dir")
-    d.add_argument("--num_ps", type=int, required=True)
-    d.add_argument("--num_workers", type=int, required=True)
-    d.add_argument("--master", default="")
-    d.add_argument("--wait", type=float, default=120.0)
-    return p
-
+from byzsgd.errors import ByzSGDError, ConfigError
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -138,16 +84,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "run":
             if args.trainer_flags and args.trainer_flags[0] == "--":
                 args.trainer_flags = args.trainer_flags[1:]
+            if args.preflight:  # scripts/run_exp.sh: checked before anything starts, here
+                from byzsgd.deploy.preflight import check_run
+                try:
+                    if check_run(args) == "local" and args.runner is None:
+                        os.environ[RUNNER_ENV] = "local"
+                except ConfigError as exc:  # PreflightError included
+                    print(f"byzsgd.cluster: error: {exc}", file=sys.stderr)
+                    return 2
             plan = make_plan(args)
             if args.dry_run:
                 for host, ranks in plan.hosts().items():
                     print(f"# {host}: python {python_rule(ranks[0].host, plan.runner)}")
+                    print(f"# {host}: spawn {plan.spawn}" + (" (one fork server for its ranks where "
+                          "the host is Linux, else exec)" if plan.spawn == "fork" else ""))
                     print(f"# {' '.join(runner_argv(plan.runner, host))} <<'EOF'")
                     print(start_script(plan, ranks, "" if plan.insecure else None, "probe", redact=True) + "EOF")
                 return 0
             print(f"byzsgd.cluster: {plan.num_ps} PS + {plan.num_workers} workers on "
-                  f"{len(plan.hosts())} hosts, master {plan.master}, runner {plan.runner!r}; "
-                  f"run dir {plan.run_dir}", file=sys.stderr)
+                  f"{len(plan.hosts())} hosts, master {plan.master}, runner {plan.runner!r}, "
+                  f"spawn {plan.spawn}; run dir {plan.run_dir}", file=sys.stderr)
             config = args.config or default_config(args.servers)
             print(f"byzsgd.cluster: trainer flags from {config}" if config else
                   f"byzsgd.cluster: no --config and no {DEFAULT_CONFIG} beside the servers file: "

@@ -1,7 +1,9 @@
 """What runs on each host of a multi-host deployment, as ``sh`` text.
 
 :func:`start_script` (the host's directories, the credentials of *its* ranks only, the TLS
-files, each rank's configuration as JSON, one wrapped node per rank started from that file),
+files, each rank's configuration as JSON, then the ranks, started from those files: under
+``--spawn fork``, on a Linux host, one fork server that forks them all
+(:mod:`byzsgd.deploy.fork_server`); else one wrapped interpreter per rank, :data:`WRAPPER`),
 :func:`status_script` and :func:`kill_script`: each is
 written to the stdin of the runner (``ssh HOST sh -s`` by default, see
 :mod:`byzsgd.deploy.cluster`), so nothing secret is ever on a command line.  Also the rule by
@@ -15,7 +17,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from byzsgd.deploy.plan import NODE_COMMAND, Host, Plan, Rank, default_python
+from byzsgd.deploy.plan import FORK_SERVER_COMMAND, NODE_COMMAND, Host, Plan, Rank, default_python
 from byzsgd.device import LOCAL_INDEX_ENV
 from byzsgd.net.credentials import credentials_path
 
@@ -56,7 +58,9 @@ def python_rule(host: Host, runner: str) -> str:
 
 
 #: the per-rank wrapper: own session, exact trainer pid, exit code kept
-#: (a signal to the wrapper is passed on to the trainer, and the wrapper stays to record its exit)
+#: (a signal to the wrapper is passed on to the trainer, and the wrapper stays to record its exit).
+#: A forked rank keeps the same files (byzsgd.deploy.fork_server): <stem>.pgid and .pid once it
+#: runs, .rc (its $?) once it ended, output appended to <stem>.log
 WRAPPER = ('echo $$ > "$1.pgid"; s=$1; shift; "$@" & c=$!; echo $c > "$s.pid"; '
            'trap \'kill -TERM $c 2>/dev/null\' TERM INT HUP; wait $c; rc=$?; '
            'while kill -0 $c 2>/dev/null; do wait $c; rc=$?; done; echo $rc > "$s.rc"')
@@ -67,7 +71,8 @@ def start_script(plan: Plan, ranks: list[Rank], secret: str | None, probe: str, 
     """The script a host runs (on its stdin): its directories, the credentials files of *its*
     ranks only (``creds``: rank -> file text; or the shared ``secret`` under
     --insecure_shared_secret), the TLS files, each rank's configuration (its JSON, a file
-    beside its log), then one wrapped node per rank, started from that file."""
+    beside its log), then the ranks, started from those files: one fork server for them all
+    (``plan.spawn == "fork"`` on a Linux host), else one wrapped interpreter each."""
     host = ranks[0].host
     dirs = sorted({r.dir for r in ranks})
     lines = ["set -u", "umask 077"]
@@ -89,26 +94,67 @@ def start_script(plan: Plan, ranks: list[Rank], secret: str | None, probe: str, 
         lines.append(f"mkdir -p {q(cdir)} && chmod 700 {q(cdir)} && rm -f {q(path)} && "
                      f"printf '%s' {q(text)} > {q(path)} || "
                      f"{{ echo 'byzsgd-error: cannot write the credentials of rank {r.rank} in {cdir}'; exit 3; }}")
-    lines += [f"REPO={q(host.repo)}", f"PYSEL={q(host.python or '')}", PY_PICK.rstrip(), PY_PROBE.rstrip()]
+    lines += [f"REPO={q(host.repo)}", f"PYSEL={q(host.python or '')}", PY_PICK.rstrip()]
     env = (f"{RUN_ID_ENV}={q(plan.run_id)} OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1 "
            f"PYTHONPATH=\"$REPO${{PYTHONPATH:+:$PYTHONPATH}}\"")
-    for local, r in enumerate(ranks):  # local: the rank's index on this host (--device auto)
+    for r in ranks:
         stem = q(r.dir + "/" + r.stem)
         lines.append(f"rm -f {stem}.pid {stem}.pgid {stem}.rc")
         lines.append(f"printf '%s\\n' {q(r.config.to_json())} > {q(r.remote_config)} || "
                      f"{{ echo 'byzsgd-error: cannot write the configuration of rank {r.rank}'; exit 3; }}")
-        lines.append(f"{env} {LOCAL_INDEX_ENV}={local} setsid sh -c {q(WRAPPER)} byzsgd-rank {stem} \"$PY\" "
-                     + " ".join(q(a) for a in (*NODE_COMMAND, r.remote_config))
-                     + f" < /dev/null >> {q(r.remote('.log'))} 2>&1 &")
-    # report the exact pids once every wrapper wrote them
+    # a rank's local index on this host (--device auto): its position; the fork server sets it
+    # for each rank it forks the same way
+    envs = [f"{env} {LOCAL_INDEX_ENV}={local}" for local in range(len(ranks))]
+    if plan.spawn == "fork":
+        log = server_log(ranks)
+        lines += ['srv=', 'if [ "$(uname -s)" = Linux ]; then',
+                  f"{env} setsid \"$PY\" {' '.join(FORK_SERVER_COMMAND)} "
+                  + f" {NEXT} ".join(f"{q(r.dir + '/' + r.stem)} {q(r.remote_config)}" for r in ranks)
+                  + f" < /dev/null >> {q(log)} 2>&1 &",
+                  'srv=$!; echo "byzsgd-server $srv"', "else", *_exec_lines(ranks, envs), "fi", RUNNING]
+        patience = 2000  # the server imports torch before it forks: up to 100 s
+    else:
+        lines += _exec_lines(ranks, envs) + ["srv="]
+        patience = 200
+    # report the exact pids once every wrapper (or the fork server) wrote them
     lines.append("n=0")
     wait_for = " ".join(f"{q(r.remote('.pid'))} {q(r.remote('.pgid'))}" for r in ranks)
-    lines.append(f"for f in {wait_for}; do while [ ! -s \"$f\" ] && [ $n -lt 200 ]; do "
-                 f"sleep 0.05; n=$((n+1)); done; done")
+    lines.append(f"for f in {wait_for}; do while [ ! -s \"$f\" ] && [ $n -lt {patience} ] && "
+                 f"{{ [ -z \"$srv\" ] || running $srv; }}; do sleep 0.05; n=$((n+1)); done; done")
+    if plan.spawn == "fork":  # a server gone before its ranks ran: say why, as the probe would
+        lines.append(f"if [ -n \"$srv\" ] && ! running $srv && [ ! -s {q(ranks[-1].remote('.pid'))} ]; "
+                     f"then\n{PY_PROBE.rstrip()}\necho \"byzsgd-error: $(hostname): the fork server "
+                     f"exited before it started every rank: $(tail -n 5 {q(log)} | tr '\\n' ' ')\"; "
+                     f"exit 3; fi")
     for r in ranks:
         lines.append(f"echo \"byzsgd-rank {r.rank} $(cat {q(r.remote('.pid'))} 2>/dev/null || echo -) "
                      f"$(cat {q(r.remote('.pgid'))} 2>/dev/null || echo -)\"")
     return "\n".join(lines) + "\n"
+
+
+#: the word between two ranks on the fork server's command line: byzsgd.deploy.fork_server.NEXT
+#: (not imported: the fork server reaches this module through the node's checks)
+NEXT = "--next"
+#: ``running PID``: a live process, not a zombie (the fork server is a child of the script)
+RUNNING = ('running() { s=$(sed -n \'s/^.*) \\([A-Za-z]\\) .*$/\\1/p\' /proc/$1/stat 2>/dev/null); '
+           '[ -n "$s" ] && [ "$s" != Z ] && [ "$s" != X ]; }')
+
+
+def server_log(ranks: list[Rank]) -> str:
+    """The fork server's own log on its host: beside its first rank's (forkserver-<stem>.log)."""
+    return f"{ranks[0].dir}/forkserver-{ranks[0].stem}.log"
+
+
+def _exec_lines(ranks: list[Rank], envs: list[str]) -> list[str]:
+    """One wrapped interpreter per rank (``--spawn exec``, or a host that is not Linux), each
+    with its environment (``envs``, in rank order)."""
+    lines = [PY_PROBE.rstrip()]
+    for r, env in zip(ranks, envs):
+        stem = q(r.dir + "/" + r.stem)
+        lines.append(f"{env} setsid sh -c {q(WRAPPER)} byzsgd-rank {stem} \"$PY\" "
+                     + " ".join(q(a) for a in (*NODE_COMMAND, r.remote_config))
+                     + f" < /dev/null >> {q(r.remote('.log'))} 2>&1 &")
+    return lines
 
 
 def _ours(run_id: str) -> str:

@@ -64,6 +64,8 @@ def start(plan: Plan, quiet: bool = False) -> None:
             if line.startswith("byzsgd-rank "):
                 _, rank, pid, pgid = line.split()
                 got[int(rank)] = (pid, pgid)
+            elif line.startswith("byzsgd-server ") and line.split()[1].isdigit():
+                plan.servers[host] = int(line.split()[1])  # the host's fork server
             elif line.startswith("byzsgd-error"):
                 errors.append(f"{host}: {line}")
         for r in groups[host]:

@@ -38,6 +38,11 @@ OWNED_FLAGS = scoped(RunConfig, PER_RANK)
 TLS_FLAGS = ("tls_cert", "tls_key", "tls_ca")
 #: what a host runs per rank, followed by the rank's configuration file
 NODE_COMMAND = ("-m", "byzsgd.deploy.shipped")
+#: what a host runs once, under ``--spawn fork``, to fork its ranks (byzsgd.deploy.fork_server)
+FORK_SERVER_COMMAND = ("-m", "byzsgd.deploy.fork_server")
+#: ``--spawn``: how a host starts its ranks (named as byzsgd-launch's option)
+SPAWN_CHOICES = ("fork", "exec")
+DEFAULT_SPAWN = "fork"
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -190,6 +195,8 @@ class Plan:
     secret_file: Path | None  # --insecure_shared_secret only
     started: float = 0.0
     shared: dict[str, bool] = field(default_factory=dict)  # host -> run dir shared with us
+    spawn: str = DEFAULT_SPAWN  # fork: one fork server per (Linux) host; exec: one interpreter a rank
+    servers: dict[str, int] = field(default_factory=dict)  # host -> its fork server's pid
 
     @property
     def master(self) -> str:
@@ -231,7 +238,8 @@ class Plan:
                     launcher_pid=os.getpid(), started=self.started,
                     credentials=None if self.insecure else "per host: <dir>/credentials",
                     secret_file=str(self.secret_file) if self.insecure else None, flags=self.flags,
-                    tls=bool(self.tls), shared_dirs=self.shared, byzantine_ranks=[], ranks=ranks)
+                    tls=bool(self.tls), shared_dirs=self.shared, spawn=self.spawn,
+                    fork_servers=self.servers, byzantine_ranks=[], ranks=ranks)
 
     def write_description(self) -> Path:
         return rundir.write_deployment(self.run_dir, self.describe())
@@ -286,6 +294,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
     shared = check_flags(flags, len(servers), len(workers))
     if args.ports not in ("fixed", "ephemeral"):
         raise ConfigError(f"--ports must be fixed or ephemeral, got {args.ports!r}")
+    spawn = getattr(args, "spawn", None) or DEFAULT_SPAWN
+    if spawn not in SPAWN_CHOICES:
+        raise ConfigError(f"--spawn must be {' or '.join(SPAWN_CHOICES)}, got {spawn!r}")
     world = len(servers) + len(workers)
     if not 1 <= args.base_port <= 65535 - (world if args.ports == "fixed" else 0):
         raise ConfigError(f"--base_port {args.base_port}: ports up to base_port + {world - 1} must exist")
@@ -304,7 +315,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         secret_file = None
     plan = Plan(run_dir=run_dir, run_id=f"{os.uname().nodename}-{os.getpid()}-{secrets.token_hex(4)}",
                 runner=runner, base_port=args.base_port, ports=args.ports, num_ps=len(servers),
-                num_workers=len(workers), flags=flags, ranks=[], tls=tls, secret_file=secret_file)
+                num_workers=len(workers), flags=flags, ranks=[], tls=tls, secret_file=secret_file,
+                spawn=spawn)
     for rank, host in enumerate(servers + workers):
         host.repo = host.repo or args.repo
         host.python = host.python or args.python or default_python(runner)

@@ -290,17 +290,24 @@ def run_exp(argv: list[str]) -> str:
     to use: ``local`` when neither ``--runner`` nor ``$BYZSGD_RUNNER`` is given and every host
     is this machine, else "" (the cluster launcher's own choice).  Raises PreflightError for
     a run that cannot start here; argument errors are left to the cluster launcher."""
-    from byzsgd.deploy import cluster, plan
+    from byzsgd.deploy.cluster_args import build_parser
 
     if any(a in ("-h", "--help") for a in argv):
         return ""
-    parser = cluster.build_parser()
     try:
-        args = parser.parse_args(["run", *argv])
+        args = build_parser().parse_args(["run", *argv])
     except SystemExit:
         return ""  # the cluster launcher says what is wrong with its arguments
     if args.trainer_flags and args.trainer_flags[0] == "--":
         args.trainer_flags = args.trainer_flags[1:]
+    return check_run(args)
+
+
+def check_run(args) -> str:
+    """:func:`run_exp` on ``cluster run``'s parsed arguments (``trainer_flags`` without a
+    leading ``--``): what ``cluster run --preflight`` calls, in the launcher's own process."""
+    from byzsgd.deploy import plan
+
     servers, workers = plan.read_hosts(args.servers), plan.read_hosts(args.workers)
     ranks = servers + workers
     runner = args.runner if args.runner is not None else os.environ.get(plan.RUNNER_ENV)

@@ -6,7 +6,8 @@ each node from itself ("zygote"): the child starts its own session, points stdou
 its log, takes its environment and runs the node (``run_role(cfg)``) on the configuration
 the launcher holds: no argv is written nor parsed again.  The parent has run no torch computation and
 holds no threads when it forks, so the children start clean.  ``exec`` mode (a plain
-``subprocess.Popen`` of the same command) stays available everywhere.
+``subprocess.Popen`` of the same command) stays available everywhere.  A multi-host
+deployment's per-host fork server (:mod:`byzsgd.deploy.fork_server`) forks its ranks the same way.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import traceback
 from typing import Callable
 
 FORK_AVAILABLE = hasattr(os, "fork") and sys.platform.startswith("linux")
+#: what a parent of forked nodes may handle (and a node must not inherit a handler of)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class ForkedProcess:
@@ -111,17 +114,29 @@ def warm_dataset_cache(dataset: str, data_root: str | None, timeout: float = 600
 def fork_node(target: Callable[[], int], log_path: str, env: dict[str, str], *,
               name: str = "byzsgd-node") -> ForkedProcess:
     """Fork a child that runs ``target()`` (its return value: the exit code) with ``env``,
-    output to ``log_path``; ``name`` is its ``sys.argv[0]``."""
+    output to ``log_path``; ``name`` is its ``sys.argv[0]``.
+
+    The stop signals are blocked across the fork: one that reaches the child before it has
+    dropped the parent's handlers waits, and then takes the default action (a handler of the
+    parent's, say one that forwards a SIGTERM to every node, must never run in a node)."""
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
     if pid:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         return ForkedProcess(pid)
     code = 1
     try:  # the child: never return into the launcher's code
         os.setsid()
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
+        for sig in (*STOP_SIGNALS, signal.SIGCHLD):
+            if sig != signal.SIGHUP or callable(signal.getsignal(sig)):  # nohup's SIG_IGN stays
+                signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)

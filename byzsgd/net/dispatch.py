@@ -29,6 +29,7 @@ __all__ = ["Dispatcher", "HandlerQueue", "ROLES"]
 log = logging.getLogger("byzsgd.net")
 
 ROLES = ("ps", "worker")
+_isawaitable = inspect.isawaitable
 
 
 class Dispatcher:
@@ -83,21 +84,35 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ routing
     def route(self, conn, msg: Message) -> None:
-        """A frame ``conn`` received: to its handler, through ``conn``'s queue when needed."""
+        """A frame ``conn`` received: to its handler, through ``conn``'s queue when needed
+        (:meth:`.protocol.Connection.deliver`'s rule, inline: this runs once per frame)."""
         try:
             self.node.stats.frames_received += 1
-            entry = self.handlers.get(msg.kind)
+            kind = msg.kind
+            entry = self.handlers.get(kind)
             if entry is None:  # cannot happen for frames (the decoder checks kinds)
                 msg.release()
                 return
-            if not self.may_send(msg.kind, msg.sender):
+            if kind in self.senders and not self.may_send(kind, msg.sender):
                 msg.release()
                 return
             handler, is_async = entry
-            conn.deliver(handler, msg, is_async)
+            q = conn.queue
+            if is_async or (q is not None and len(q)):
+                conn.deliver(handler, msg, is_async)
+                return
         except Exception as e:  # the dispatch path itself must never take the node down
             msg.release()
             self.failed(f"dispatch:{type(e).__name__}", e, msg)
+            return
+        try:  # self.call, inline
+            r = handler(msg)
+            if r is not None and _isawaitable(r):
+                t = self.node.loop.create_task(self._guard(r, msg))
+                self.tasks.add(t)
+                t.add_done_callback(self._task_done)
+        except Exception as e:
+            self.failed(f"handler:{kind}:{type(e).__name__}", e, msg)
 
     def route_local(self, msg: Message) -> None:
         """A message the node sent to itself."""
@@ -110,7 +125,7 @@ class Dispatcher:
         """Run a handler now; what it returns to await runs as a task, contained too."""
         try:
             r = handler(msg)
-            if r is not None and inspect.isawaitable(r):
+            if r is not None and _isawaitable(r):
                 t = self.node.loop.create_task(self._guard(r, msg))
                 self.tasks.add(t)
                 t.add_done_callback(self._task_done)

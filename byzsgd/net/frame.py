@@ -13,15 +13,21 @@ anything*; the header is decoded with msgpack's strict options (``raw=False``,
 ``body_len``, registered kind and shapes, authenticated sender).  Only then is a body buffer taken
 from the pool.  Nothing from a peer is ever pickled, evaluated or ``torch.load``-ed.
 
-Sending never copies tensor data: ``encode`` returns the prefix+header bytes and memoryviews over
-the tensors' own storage, for ``transport.writelines``.
+Sending never copies the tensor data of a large frame: ``encode`` returns the prefix+header bytes
+and memoryviews over the tensors' own storage, for ``transport.writelines``; a small frame (at
+most ``SMALL_FRAME`` bytes) is one joined ``bytes``.  The small-message hot path (docs/design.md
+§9) adds, without changing a byte on the wire or skipping a check: header templates on the
+sending side (``encode(templates=)``), the receiver's cache of validated headers
+(:mod:`.hcache`, used by :class:`~.protocol.FrameReader`), and received messages that build
+their tensors on first use (:class:`Message`).
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import struct
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import msgpack
@@ -44,6 +50,12 @@ MAX_KIND_LEN = 64
 MAX_STEP = 1 << 62
 MAX_SEND_STEP = 1 << 63
 _ZEROS = bytes(ALIGN)
+_AMASK = ALIGN - 1
+_PACK_PREFIX = PREFIX.pack
+# ctypes.string_at is a Python wrapper around this foreign function; call it directly
+_string_at = getattr(ctypes, "_string_at", ctypes.string_at)
+_PSIZE = PREFIX.size
+_TENSOR = torch.Tensor
 #: frames up to this size are sent as one joined ``bytes`` and received into a fresh buffer
 #: instead of a pooled one: for a few KB, a copy is cheaper than the bookkeeping it saves
 SMALL_FRAME = 16 << 10
@@ -51,10 +63,11 @@ _TLS = threading.local()  # one reusable msgpack Packer per thread (Packer is no
 
 
 def _packer() -> msgpack.Packer:
-    p = getattr(_TLS, "packer", None)
-    if p is None:
+    try:
+        return _TLS.packer
+    except AttributeError:
         p = _TLS.packer = msgpack.Packer(use_bin_type=True)
-    return p
+        return p
 
 DEFAULT_DTYPES = frozenset({
     torch.float32, torch.float64, torch.float16, torch.bfloat16,
@@ -106,32 +119,50 @@ class FrameLimits:
                    allowed_dtypes=allowed_dtypes)
 
 
-@dataclass
 class Message:
     """One received (or locally delivered) message.
 
     ``sender`` is the *authenticated* rank of the connection it came on (the header's claim is
-    checked against it).  For received messages ``tensors`` are zero-copy views into a pooled
-    buffer: the message owns that buffer until :meth:`release` gives it back to the pool, after
+    checked against it).  For received messages ``tensors`` are zero-copy views into the
+    frame's body: a pooled buffer for a large frame, a private copy for a small one.  A pooled
+    buffer is owned by the message until :meth:`release` gives it back to the pool, after
     which the tensors may be overwritten by a later message at any time.  Clone what you keep
     (``t.clone()``) or keep the message unreleased while you use its tensors.  ``release`` is
     idempotent; a message never released is garbage-collected normally (its buffer is then
     simply not reused).
+
+    A received message builds its tensors on the first read of ``tensors`` (every check of
+    the header already passed; ``torch.frombuffer`` costs ~1-2 µs per tensor, the biggest
+    single item of a small frame's receive path, and control messages are often never
+    looked at); after ``release`` an unread message's ``tensors`` is ``[]``.
     """
 
-    kind: str
-    step: int
-    sender: int
-    tensors: list = field(default_factory=list)
-    meta: dict = field(default_factory=dict)
-    _buffer: Any = field(default=None, repr=False, compare=False)
-    _release_to: Callable | None = field(default=None, repr=False, compare=False)
+    def __init__(self, kind: str, step: int, sender: int, tensors=None, meta=None, _buffer=None,
+                 _release_to: Callable | None = None):
+        self.kind, self.step, self.sender = kind, step, sender
+        self._tensors = [] if tensors is None else tensors
+        self.meta = {} if meta is None else meta
+        self._specs = self._data = None
+        self._buffer, self._release_to = _buffer, _release_to
+
+    @property
+    def tensors(self) -> list:
+        t = self._tensors
+        if t is None:  # a received message's first look: views over its body
+            data, specs = self._data, self._specs
+            t = self._tensors = [from_buffer(data, s.offset, s.dtype, s.shape, s.nbytes) for s in specs]
+            self._data = self._specs = None
+        return t
+
+    @tensors.setter
+    def tensors(self, value) -> None:
+        self._tensors, self._data, self._specs = value, None, None
 
     def release(self) -> None:
         buf, fn = self._buffer, self._release_to
         self._buffer = self._release_to = None
         if buf is not None and fn is not None:
-            self.tensors = []
+            self._tensors, self._data, self._specs = [], None, None
             fn(buf)
 
     @property
@@ -140,7 +171,13 @@ class Message:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors)
+        if self._tensors is None:
+            return sum(s.nbytes for s in self._specs)
+        return sum(t.numel() * t.element_size() for t in self._tensors)
+
+    def __repr__(self) -> str:
+        n = len(self._specs) if self._tensors is None else len(self._tensors)
+        return f"Message(kind={self.kind!r}, step={self.step}, sender={self.sender}, tensors={n}, meta={self.meta!r})"
 
 
 class TensorSpec(NamedTuple):
@@ -181,7 +218,8 @@ def _check_meta(meta) -> dict:
 
 
 def encode(kind: str, step: int, sender: int, tensors: Sequence[torch.Tensor] = (), meta=None,
-           limits: FrameLimits | None = None, *, join_small: bool = True) -> tuple[list, int, list]:
+           limits: FrameLimits | None = None, *, join_small: bool = True,
+           templates: dict | None = None) -> tuple[list, int, list]:
     """Frame a message without copying tensor data (small frames excepted, below).
 
     Returns ``(buffers, total_bytes, keep)``: ``buffers`` is for ``transport.writelines`` (the
@@ -193,13 +231,31 @@ def encode(kind: str, step: int, sender: int, tensors: Sequence[torch.Tensor] = 
     ``ValueError``/:class:`errors.ProtocolError` for a message this node's limits would refuse.
 
     This runs once per message sent (twice per round trip), so the checks are written flat:
-    no helper call per tensor.
+    no helper call per tensor.  ``templates``: a dict owned by the caller, always used with the
+    same ``limits`` (a node's :class:`~.sending.Sender`): a small frame of one tensor and no
+    meta whose (kind, sender, dtype, shape) was framed before reuses that header's bytes
+    around a fresh step (the checks that depend on those four passed then; the step and the
+    tensor's device, contiguity and negation bit are checked again), which skips the msgpack packing and
+    most per-tensor checks; the bytes on the wire are identical.
     """
+    if (templates is not None and meta is None and join_small and type(step) is int and type(kind) is str
+            and 0 <= step < MAX_SEND_STEP and (type(tensors) is list or type(tensors) is tuple)
+            and len(tensors) == 1):
+        t = tensors[0]
+        if type(t) is _TENSOR:
+            tpl = templates.get((kind, sender, t.dtype, t.shape))
+            if tpl is not None and t.is_cpu and t.is_contiguous() and not t.is_neg():
+                kb, tail, nb = tpl
+                sb = _packer().pack(step)
+                hl = len(kb) + len(sb) + len(tail)
+                return ([b"".join((_PACK_PREFIX(hl, nb), kb, sb, tail, _string_at(t.data_ptr(), nb)))],
+                        _PSIZE + hl + nb, [])
     if not isinstance(kind, str) or not kind or len(kind) > MAX_KIND_LEN:
         raise ValueError(f"kind must be a non-empty str of at most {MAX_KIND_LEN} chars, got {kind!r}")
     if type(step) is not int or not 0 <= step < MAX_SEND_STEP:
         raise errors.BadStep(f"step must be an int in [0, 2**63), got {step!r}"[:120])
-    meta = {} if meta is None else _check_meta(meta)
+    meta_none = meta is None
+    meta = {} if meta_none else _check_meta(meta)
     if type(tensors) is not list and type(tensors) is not tuple:
         tensors = list(tensors)
     if limits is not None:
@@ -209,7 +265,6 @@ def encode(kind: str, step: int, sender: int, tensors: Sequence[torch.Tensor] = 
     else:
         allowed = None
     specs = []
-    views = []
     keep = []
     off = 0
     for t in tensors:
@@ -225,26 +280,71 @@ def encode(kind: str, step: int, sender: int, tensors: Sequence[torch.Tensor] = 
             raise errors.BadDtype(f"dtype {dt} not allowed")
         if not t.is_contiguous():
             t = t.contiguous()  # a copy, only for non-contiguous input
+        if t.is_neg():  # a lazily negated view (a conjugate's .imag): its memory is not its value
+            t = t.resolve_neg()
         keep.append(t)
         nb = t.numel() * ITEMSIZE[dt]
-        start = align(off)
-        if start > off:
-            views.append(_ZEROS[: start - off])
-        specs.append([name, list(t.shape), nb])
-        if nb:
-            views.append(tensor_view(t))
-        off = start + nb
+        specs.append([name, t.shape, nb])  # torch.Size packs as an array, like a list
+        off = ((off + _AMASK) & ~_AMASK) + nb
     body_len = off
     if limits is not None and body_len > limits.max_frame_bytes:
         raise errors.FrameTooLarge(f"body of {body_len} bytes, limit {limits.max_frame_bytes}")
     header = _packer().pack([kind, step, sender, specs, meta])
     if limits is not None and len(header) > limits.max_header_bytes:
         raise errors.HeaderTooLarge(f"header of {len(header)} bytes, limit {limits.max_header_bytes}")
-    head = PREFIX.pack(len(header), body_len) + header
+    head = _PACK_PREFIX(len(header), body_len) + header
     total = len(head) + body_len
+    if not keep:
+        return [head], total, []
     if total <= SMALL_FRAME and join_small:
-        return [b"".join([head, *views]) if views else head], total, []
-    return [head, *views], total, keep
+        # one bytes object, the tensors' bytes copied straight from their (contiguous, CPU,
+        # checked above) memory: ``ctypes.string_at`` costs a third of ``t.numpy()``'s
+        # memoryview, which is the single biggest item of a small frame's encoding
+        parts = [head]
+        off = 0
+        for t, sp in zip(keep, specs):
+            nb = sp[2]
+            start = (off + _AMASK) & ~_AMASK
+            if start > off:
+                parts.append(_ZEROS[: start - off])
+            if nb:
+                parts.append(_string_at(t.data_ptr(), nb))
+            off = start + nb
+        if templates is not None and meta_none and len(keep) == 1 and keep[0] is tensors[0]:
+            _remember(templates, kind, step, sender, tensors[0], specs, header, limits, total - len(head))
+        return [b"".join(parts)], total, []
+    views = [head]
+    off = 0
+    for t, sp in zip(keep, specs):
+        nb = sp[2]
+        start = (off + _AMASK) & ~_AMASK
+        if start > off:
+            views.append(_ZEROS[: start - off])
+        if nb:
+            views.append(tensor_view(t))
+        off = start + nb
+    return views, total, keep
+
+
+#: at most this many header templates per sender (a role sends a handful of (kind, shape)s)
+TEMPLATES_MAX = 256
+
+
+def _remember(templates: dict, kind, step, sender, t, specs, header: bytes, limits, nb: int) -> None:
+    """Keep ``header``'s bytes around its step for :func:`encode`'s ``templates`` when any step
+    would fit the header limit and the frame would stay small, and it splits as expected."""
+    if type(t) is not _TENSOR or not nb or nb + _PSIZE + len(header) + 8 > SMALL_FRAME:
+        return
+    p = _packer()
+    kb = b"\x95" + p.pack(kind)
+    tail = p.pack(sender) + p.pack(specs) + b"\x80"
+    if kb + p.pack(step) + tail != header:  # defensive: the layout is the encoder's own
+        return
+    if limits is not None and len(kb) + 9 + len(tail) > limits.max_header_bytes:
+        return
+    if len(templates) >= TEMPLATES_MAX:
+        templates.clear()
+    templates[(kind, sender, t.dtype, t.shape)] = (kb, tail, nb)
 
 
 # ----------------------------------------------------------------------------------- decoding
@@ -348,6 +448,22 @@ def decode_header(data, body_len: int, limits: FrameLimits, *,
     return Header(kind, step, hsender, tuple(specs), meta, body_len)
 
 
+def received_message(kind: str, step: int, sender: int, specs: tuple, meta: dict, data,
+                     release: Callable | None) -> Message:
+    """A received message whose tensors are built over ``data`` on first use (``specs``:
+    validated :class:`TensorSpec` s); ``release`` (pooled ``data``) or None (a private copy)."""
+    m = _new(Message)
+    m.kind, m.step, m.sender, m.meta = kind, step, sender, meta
+    if specs:
+        m._tensors, m._specs, m._data = None, specs, data
+    else:
+        m._tensors, m._specs, m._data = [], None, None
+    m._buffer, m._release_to = (data, release) if release is not None else (None, None)
+    return m
+
+
 def build_message(h: Header, buf, release: Callable | None) -> Message:
-    tensors = [from_buffer(buf, s.offset, s.dtype, s.shape, s.nbytes) for s in h.specs]
-    return Message(h.kind, h.step, h.sender, tensors, h.meta, buf if release else None, release)
+    return received_message(h.kind, h.step, h.sender, h.specs, h.meta, buf, release)
+
+
+_new = object.__new__

@@ -4,7 +4,10 @@
 whenever the peer's connection is up and the previous message has been fully taken by the
 kernel (backpressure: the transport's high-water mark is 0, so ``pause_writing`` /
 ``resume_writing`` play the role of ``drain()`` without a task hop per message, which keeps the
-64-byte round trip close to a raw socket's).  The future resolves
+64-byte round trip close to a raw socket's).  Bursts are *corked*: a message is written at once
+unless another was since the peer last sent data (a burst); those go out together when the loop
+iteration ends (one joined write, :meth:`Outbox._take_batch`), or as soon as half the outbox is
+queued, so corking never makes a burst overflow it.  The future resolves
 
 * ``True`` once every byte of the message was handed to the kernel (the tensors may be reused);
 * ``False`` if the message was dropped: the outbox overflowed (the *oldest* queued message is
@@ -47,6 +50,17 @@ class Outbox:
         self._q: deque[_Item] = deque()
         self._conn = None
         self._inflight: list[_Item] = []  # written, not all taken by the kernel yet
+        # Corking: a message put when nothing waits is written at once, unless one already was
+        # since this peer's connection last delivered data (``on_read``) or since the last
+        # flush: such a message (a burst: several sends in a row without an answer in between)
+        # is queued, and the queue goes out in joined writes (one syscall for many small
+        # frames: the 4 KB message rate) when the loop iteration ends (one callback per
+        # burst), or as soon as half the outbox is queued: corking never drops a message.  A
+        # request/answer exchange never waits for the callback: each answer re-arms the direct
+        # write.
+        self._hot = False
+        self._flush_scheduled = False
+        self._flush_at = max(1, min(depth // 2, 32))
 
     def __len__(self) -> int:
         return len(self._q)
@@ -56,24 +70,64 @@ class Outbox:
         """A message is being written (not all of it taken by the kernel yet)."""
         return bool(self._inflight)
 
+    def on_read(self) -> None:
+        """The peer's connection delivered data: the next message is written at once."""
+        self._hot = False
+
     def put(self, buffers, nbytes, future, keep, ready: bool = True):
         """Queue a message; ``ready=False``: its bytes are not there yet (a device -> host
         copy in flight, :mod:`.staging`): it keeps its place in the queue and is written
         after :meth:`mark_ready`, the messages behind it waiting (per-peer order).  Returns
-        the queued item (the handle of :meth:`mark_ready`)."""
-        item = _Item(buffers, nbytes, future, keep, ready)
+        the queued item (the handle of :meth:`mark_ready`), None for a message written at
+        once."""
         q = self._q
         c = self._conn
-        if not q and ready and self._writable(c):  # the common case: nothing waits, write now
-            self._write(c, [item])
-            return item
+        if (not q and ready and not self._hot and c is not None and not self._inflight
+                and not c.write_paused and not c.closed):
+            self._hot = True  # the common case: nothing waits, write now
+            self._write_one(c, buffers, nbytes, future, keep)
+            return None
+        item = _Item(buffers, nbytes, future, keep, ready)
         while len(q) >= self.depth:
             old = q.popleft()
             self.stats.dropped += 1
             _resolve(old.future, False)
         q.append(item)
-        self._pump()
+        if not self._hot or len(q) >= self._flush_at:
+            self._pump()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            future.get_loop().call_soon(self._flush)
         return item
+
+    def _flush(self) -> None:
+        """The loop iteration of a burst ended: write what it queued."""
+        self._flush_scheduled = False
+        self._hot = False
+        if self._q:
+            self._pump()
+
+    def _write_one(self, c, buffers, nbytes, future, keep) -> None:
+        """:meth:`_write` for one message, without building its queue item unless the
+        kernel did not take all of it."""
+        tr = c.transport
+        try:
+            if len(buffers) == 1:
+                tr.write(buffers[0])
+            elif c.tls:
+                tr.write(b"".join(buffers))  # a copy: see Connection.connection_made
+            else:
+                tr.writelines(buffers)
+        except Exception:  # transport closing under us
+            _resolve(future, False)
+            return
+        stats = self.stats
+        stats.frames_sent += 1
+        stats.bytes_sent += nbytes
+        if not c.tls and (c.write_paused or tr.get_write_buffer_size()):
+            self._inflight = [_Item(buffers, nbytes, future, keep)]
+        elif not future.done():
+            future.set_result(True)
 
     def mark_ready(self, item) -> None:
         item.ready = True

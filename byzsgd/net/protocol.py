@@ -6,6 +6,10 @@ buffer from the :class:`~byzsgd.net.bufpool.BufferPool` *after* the prefix and t
 every check.  While a body is being received, ``get_buffer()`` hands out a view of exactly the
 missing part of that body, so the kernel copies large tensors straight into their final place
 (``asyncio.BufferedProtocol``; ``StreamReader.readexactly`` is 6-9x slower, docs/design.md §9).
+All the frames of one read are parsed in place in the staging buffer; a header that is
+byte-identical, step aside, to one already validated on this connection is taken from a small
+cache (:mod:`.hcache`: the full decode and its checks are the cost of a small
+frame; only the step is new, and it is range-checked).
 
 :class:`Connection` is the ``asyncio.BufferedProtocol``: it runs the handshake (through tiny
 length-prefixed msgpack messages, at most ``HS_MAX`` bytes, parsed by the same reader in its
@@ -31,7 +35,8 @@ import msgpack
 from . import errors, handshake
 from .bufpool import BufferPool
 from .dispatch import HandlerQueue
-from .frame import PREFIX, SMALL_FRAME, FrameLimits, Header, build_message, decode_header, parse_prefix
+from .frame import MAX_STEP, PREFIX, SMALL_FRAME, FrameLimits, Header, decode_header, parse_prefix, received_message
+from .hcache import HCACHE_ENTRIES, header_key
 
 __all__ = ["FrameReader", "Connection", "HS_MAX", "HS_PREFIX"]
 
@@ -41,6 +46,8 @@ HS_PREFIX = struct.Struct("<H")
 HS_MAX = 1024
 HS_STAGE = 4096
 _HEAD, _BODY = 0, 1
+_PSIZE = PREFIX.size
+_UNPACK_PREFIX = PREFIX.unpack_from
 
 
 class FrameReader:
@@ -67,6 +74,7 @@ class FrameReader:
         self._bmv: memoryview | None = None
         self._filled = 0
         self.bytes_in = 0
+        self._hcache: dict = {}  # see .hcache
 
     # ------------------------------------------------------------------ buffer hand-out
     def get_buffer(self) -> memoryview:
@@ -120,6 +128,7 @@ class FrameReader:
         """Leave handshake mode; parse whatever frames already arrived."""
         self.handshake = False
         self.sender = sender
+        self._hcache.clear()  # validated for another sender (none cached before: defensive)
         n = self._end - self._start
         stage = bytearray(self._stage_bytes)
         stage[:n] = self._smv[self._start:self._end]
@@ -132,29 +141,47 @@ class FrameReader:
     def _parse(self) -> list:
         out = []
         lim = self.limits
-        psize = PREFIX.size
+        max_h, max_b = lim.max_header_bytes, lim.max_frame_bytes
+        psize = _PSIZE
         stage, smv = self._stage, self._smv
+        cache = self._hcache
         while True:
             start = self._start
             avail = self._end - start
             if avail < psize:
                 break
-            hlen, blen = parse_prefix(stage, lim, start)
+            hlen, blen = _UNPACK_PREFIX(stage, start)  # parse_prefix's checks, inline
+            if hlen == 0 or hlen > max_h or blen > max_b:
+                parse_prefix(stage, lim, start)  # raises the exact error
             if avail < psize + hlen:
                 break  # the staging buffer always has room for prefix + max header
             hs = start + psize
-            hdr = decode_header(smv[hs:hs + hlen], blen, lim, kinds=self.kinds, sender=self.sender)
-            start = self._start = hs + hlen
+            he = hs + hlen
+            # The header cache (.hcache): a header byte-identical, step aside, to one
+            # that passed decode_header on this connection passes again; only the step is new.
+            key = header_key(stage, smv, hs, he, blen) if stage[he - 1] == 0x80 else None
+            hit = cache.get(key[0]) if key is not None else None
+            if hit is not None and key[1] < MAX_STEP:
+                kind, sender, specs = hit
+                step, meta = key[1], {}
+            else:
+                hdr = decode_header(smv[hs:he], blen, lim, kinds=self.kinds, sender=self.sender)
+                kind, step, sender, specs, meta = hdr.kind, hdr.step, hdr.sender, hdr.specs, hdr.meta
+                if key is not None and step == key[1] and not meta:
+                    if len(cache) >= HCACHE_ENTRIES:
+                        cache.clear()
+                    cache[key[0]] = (kind, sender, specs)
+            start = self._start = he
             if blen == 0:
-                out.append(build_message(hdr, None, None))
+                out.append(received_message(kind, step, sender, specs, meta, None, None))
                 continue
             k = min(blen, self._end - start)
             if k == blen and blen <= SMALL_FRAME:
                 # a small body already here: a fresh copy, no pool round trip
                 self._start = start + blen
-                out.append(build_message(hdr, stage[start:start + blen], None))
+                out.append(received_message(kind, step, sender, specs, meta, stage[start:start + blen], None))
                 continue
-            self._hdr = hdr
+            self._hdr = Header(kind, step, sender, specs, meta, blen)
             body = self.pool.acquire(blen)
             self._body, self._bmv = body, memoryview(body)
             if k:
@@ -175,7 +202,7 @@ class FrameReader:
         self._hdr = self._body = self._bmv = None
         self._state = _HEAD
         self._filled = 0
-        return build_message(hdr, body, self.pool.release)
+        return received_message(hdr.kind, hdr.step, hdr.sender, hdr.specs, hdr.meta, body, self.pool.release)
 
     def close(self) -> None:
         """Return a half-received body to the pool."""
@@ -313,9 +340,15 @@ class Connection(asyncio.BufferedProtocol):
                 self._read_paused = True
             self._wake_hs()
             return
-        self.node.stats.bytes_received += nbytes
-        for m in msgs:
-            self.node._dispatch(self, m)
+        node = self.node
+        node.stats.bytes_received += nbytes
+        ob = self.outbox
+        if ob is not None:
+            ob._hot = False  # Outbox.on_read, inline: an answer re-arms the direct write
+        if msgs:
+            dispatch = node._dispatch
+            for m in msgs:
+                dispatch(self, m)
 
     def eof_received(self):
         return False  # close the transport

@@ -44,6 +44,7 @@ class Sender:
     def __init__(self, node):
         self.node = node
         self.filters: list[SendFilter] = []
+        self._templates: dict = {}  # encode's header templates (always with node.limits)
 
     # ------------------------------------------------------------------ filters
     def add_filter(self, fn: SendFilter) -> Callable[..., asyncio.Future]:
@@ -88,10 +89,24 @@ class Sender:
 
     def send(self, rank: int, kind: str, step: int, tensors=(), meta=None) -> asyncio.Future:
         """See :meth:`Node.send`: through the filters, then the wire."""
-        self._loop()
         if self.filters:
+            self._loop()
             return self._through(0, rank, kind, step, tensors, meta)
-        return self.send_now(rank, kind, step, tensors, meta)
+        node = self.node
+        loop = node._loop
+        if loop is None:
+            self._loop()  # raises
+        if node.staging is not None and needs_staging(tensors):
+            return self._send_staged([rank], kind, step, tensors, meta)[0]
+        ob = node._peers.get(rank)
+        if ob is None or node._closing or rank == node.rank:  # itself, unknown, closing: _send
+            return self._send(rank, kind, step, tensors, meta)
+        # _send's common case, inline (this runs once per message)
+        fut = loop.create_future()
+        buffers, nbytes, keep = encode(kind, step, node.rank, tensors, meta, node.limits,
+                                       templates=self._templates)
+        ob.put(buffers, nbytes, fut, keep)
+        return fut
 
     def send_now(self, rank: int, kind: str, step: int, tensors=(), meta=None) -> asyncio.Future:
         """A send past every filter."""
@@ -160,17 +175,19 @@ class Sender:
         """One send; ``framed``: the ``encode`` result shared by every recipient of a
         broadcast (framed once, not once per recipient)."""
         node = self.node
-        loop = node.loop
+        loop = node._loop
         fut = loop.create_future()
-        if node.closing:
+        if node._closing:
             encode(kind, step, node.rank, tensors, meta, node.limits)  # same errors as when open
             fut.set_result(False)
             return fut
         if rank == node.rank:
             return self._send_local(kind, step, tensors, meta, fut, staged)
-        ob = self._outbox(rank)
+        ob = node._peers.get(rank)
+        if ob is None:
+            raise errors.UnknownPeer(f"rank {rank!r} is not a known peer of rank {node.rank}")
         buffers, nbytes, keep = framed if framed is not None else encode(
-            kind, step, node.rank, tensors, meta, node.limits)
+            kind, step, node.rank, tensors, meta, node.limits, templates=self._templates)
         if staged is None or staged.ready is None or staged.ready.done():
             ob.put(buffers, nbytes, fut, keep)
         else:  # its place in the queue now, its bytes once the device -> host copy ended
