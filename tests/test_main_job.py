@@ -60,3 +60,15 @@ def test_the_launchers_paper_mode_defaults_are_its_own_and_explicit_flags_win():
     grid = LaunchConfig.from_values({"mode": "paper"}).run
     assert (grid.worker_momentum, grid.opt_args["lr"], grid.check_gradients) == (0.99, "0.005", 0)
     assert LaunchConfig.from_values({"mode": "paper", "worker_momentum": 0.5}).run.worker_momentum == 0.5
+
+
+def test_the_launchers_defaults_validate_in_both_modes():
+    """``byzsgd-launch --mode paper`` with no other flag was refused at start: its default
+    optimizer momentum (0.9) was not its default worker momentum (0.99), so the check that a
+    momentum is never applied twice refused the launcher's own defaults."""
+    from byzsgd.deploy.options import LaunchConfig
+
+    for argv in ([], ["--mode", "paper"]):
+        run = LaunchConfig.from_argv(argv).run
+        run.validate()  # raised ConfigError: "--worker_momentum 0.99 with optimizer momentum 0.9"
+        assert float(run.opt_args.get("momentum", 0)) in (0.0, run.worker_momentum), argv

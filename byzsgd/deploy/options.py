@@ -42,7 +42,7 @@ DESCRIPTION = ("Start a whole ByzSGD deployment on this machine (loopback): ever
 #: the momentum that shrinks the honest spread most does best: β = 0.99 at lr 0.005 (worst
 #: run 90.0% at fw = 2 of 7 in the screen, 1,000 steps; β = 0.9 at lr 0.05 falls to 11.7%)
 PAPER_DEFAULTS = dict(check_gradients=0, worker_momentum=0.99,
-                      opt_args={"lr": "0.005", "momentum": "0.9"})
+                      opt_args={"lr": "0.005", "momentum": "0.99"})
 #: the launcher's flags whose default depends on --mode (None in the parser: "not given")
 MODE_DEPENDENT = tuple(PAPER_DEFAULTS)
 
