@@ -60,10 +60,13 @@ def python_rule(host: Host, runner: str) -> str:
 #: the per-rank wrapper: own session, exact trainer pid, exit code kept
 #: (a signal to the wrapper is passed on to the trainer, and the wrapper stays to record its exit).
 #: A forked rank keeps the same files (byzsgd.deploy.fork_server): <stem>.pgid and .pid once it
-#: runs, .rc (its $?) once it ended, output appended to <stem>.log
-WRAPPER = ('echo $$ > "$1.pgid"; s=$1; shift; "$@" & c=$!; echo $c > "$s.pid"; '
+#: runs, .rc (its $?) once it ended, output appended to <stem>.log.  Each file is written
+#: whole then renamed, so a reader (kill.sh, the fault injector, a test) never sees it empty.
+WRAPPER = ('echo $$ > "$1.pgid.tmp" && mv -f "$1.pgid.tmp" "$1.pgid"; s=$1; shift; "$@" & c=$!; '
+           'echo $c > "$s.pid.tmp" && mv -f "$s.pid.tmp" "$s.pid"; '
            'trap \'kill -TERM $c 2>/dev/null\' TERM INT HUP; wait $c; rc=$?; '
-           'while kill -0 $c 2>/dev/null; do wait $c; rc=$?; done; echo $rc > "$s.rc"')
+           'while kill -0 $c 2>/dev/null; do wait $c; rc=$?; done; '
+           'echo $rc > "$s.rc.tmp" && mv -f "$s.rc.tmp" "$s.rc"')
 
 
 def start_script(plan: Plan, ranks: list[Rank], secret: str | None, probe: str, redact: bool = False,
