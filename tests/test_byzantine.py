@@ -102,6 +102,12 @@ BITING = {
     "nan": ["--drop_nonfinite", "false"],
 }
 NOT_BITING = {"sign_flip": [], "label_flip": []}  # cannot hurt an i.i.d. average (see above)
+# ... but they do shorten the step: when MDA keeps the -g row (5 of the 6 in the quorum), the
+# step is (4 - 1)/5 = 0.6 of an honest one, so 150 steps train like ~90.  Measured under MDA:
+# 94.37 vs 96.41, 95.61 vs 96.14 (this machine), 93.76 vs 95.74 (CI, 2026-12-06): a 2-point
+# slow-down, never a collapse.  The bar says "slower, still learning"; a wrong direction
+# would cost tens of points (reverse under the average: 9.8%).
+SLOWDOWN_BAR = 3.5
 # robust-rule cases: a Byzantine worker, and in five of them a Byzantine PS at the same time
 ROBUST_CASES = [("reverse", "equivocate"), ("alie", "stale"), ("ipm", "random"),
                 ("optimal_alie", "reverse"), ("nan", "nan"), ("sign_flip", None), ("label_flip", None)]
@@ -280,7 +286,8 @@ def test_robust_rule_holds_against_byzantine_workers_and_pses(tmp_path, baseline
     # only the correct PSes count
     assert set(summary["final_accuracy"]) == ({"0", "1", "2"} if ps_attack else {"0", "1", "2", "3"})
     reached(summary, ps=bool(ps_attack))
-    assert summary["min_accuracy"] >= baseline - 1.5, (summary["final_accuracy"], baseline)
+    bar = SLOWDOWN_BAR if attack in NOT_BITING else 1.5
+    assert summary["min_accuracy"] >= baseline - bar, (summary["final_accuracy"], baseline)
 
 
 @pytest.mark.slow

@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 HAVE_MNIST = R._pureml_mnist_path() is not None
 
 #: the issue's goal for a worker of the MNIST convnet (measured here: 83-85 MB with 2 PS + 4 workers,
-#: 56 MB with 4 PS + 7; 95-99 MB, and 105 MB on CI, while the launcher also preloaded torch._dynamo)
+#: 56 MB with 4 PS + 7; 95-99 MB, and 105 MB on CI, while the launcher also preloaded torch._dynamo;
+#: 92-94 MB here and 101-102 MB on CI while its preflight built a torch.optim.SGD, which imported
+#: torch._dynamo all the same; 69-82 MB since that check goes through FlatSGD)
 WORKER_PSS_BAR = 100 << 20
 
 
@@ -86,6 +88,7 @@ def test_live_worker_pss_under_bar(tmp_path):
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         assert steps >= 30 and len(peak) == 4, f"steps {steps}, workers sampled {sorted(peak)}"
         worst = max(peak.values())
+        print("worker PSS", {r: f"{v / 2**20:.1f} MB" for r, v in peak.items()})
         assert worst < WORKER_PSS_BAR, {r: f"{v / 2**20:.0f} MB" for r, v in peak.items()}
     finally:
         if proc.poll() is None:

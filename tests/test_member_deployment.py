@@ -19,6 +19,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 80
+#: the liars send honest gradients, so only the arrival order differs from the clean run; at 80
+#: steps that order alone moves the lowest correct PS by up to ~2 points (measured 92.37 against
+#: 94.11 once, within 0.5 in other runs).  The harm this test guards against -- a mean
+#: overflowed by 1e308, a crashed PS -- costs tens of points or the run.
+HARM_BAR = 3.0
 BYZ = (9, 10)  # the launcher makes the last workers Byzantine
 #: NaN, inf, a string, a 64-bit int: none is a finite loss or a count a worker may report
 NON_FINITE = {"loss": float("nan"), "rejected": (1 << 64) - 1, "inf": float("inf"), "note": "a string"}
@@ -53,7 +58,7 @@ def test_two_workers_with_extreme_metadata_neither_crash_nor_harm_the_pses(tmp_p
         assert set(summary["returncodes"].values()) == {0}, summary["returncodes"]
         accs = summary["final_accuracy"]
         assert sorted(accs) == ["0", "1", "2", "3"] and None not in accs.values(), accs
-        assert summary["min_accuracy"] >= clean["min_accuracy"] - 1.5, (name, accs, clean["final_accuracy"])
+        assert summary["min_accuracy"] >= clean["min_accuracy"] - HARM_BAR, (name, accs, clean["final_accuracy"])
         # both liars reached the rule together (what overflowed the mean), and the loss the
         # PSes report stayed a correct worker's
         quorums = [r["quorum"] for r in records if "quorum" in r]

@@ -77,11 +77,26 @@ def test_launcher_refuses_a_model_that_does_not_take_the_dataset(tmp_path):
 def test_check_optimizer_uses_torchs_own_ranges():
     from byzsgd.config import RunConfig
 
-    with pytest.raises(preflight.PreflightError, match="Invalid learning rate"):
-        preflight.check_optimizer(RunConfig(opt_args={"lr": "-1"}))
-    with pytest.raises(preflight.PreflightError, match="does not accept 'lrr'"):
-        preflight.check_optimizer(RunConfig(opt_args={"lrr": "0.1"}))
+    for opt in ("sgd", "adam"):  # sgd through FlatSGD's checks, adam through torch.optim's
+        with pytest.raises(preflight.PreflightError, match="(?i)invalid learning rate"):
+            preflight.check_optimizer(RunConfig(optimizer=opt, opt_args={"lr": "-1"}))
+        with pytest.raises(preflight.PreflightError, match="does not accept 'lrr'"):
+            preflight.check_optimizer(RunConfig(optimizer=opt, opt_args={"lrr": "0.1"}))
+    with pytest.raises(preflight.PreflightError, match="nesterov"):
+        preflight.check_optimizer(RunConfig(opt_args={"lr": "0.1", "nesterov": "true"}, worker_momentum=0))
     preflight.check_optimizer(RunConfig(opt_args={"lr": "0.1", "momentum": "0.9"}))
+
+
+def test_check_optimizer_for_sgd_leaves_torch_dynamo_unimported():
+    """The launcher checks before it forks the nodes: a torch.optim.SGD built there imported
+    torch._dynamo (sympy, triton: ~80 MB of heap) into the launcher, and every forked node's PSS
+    carried a share of it (a worker measured 101-102 MB on CI against a 100 MB bar)."""
+    code = ("import sys; from byzsgd.config import RunConfig; from byzsgd.deploy import preflight; "
+            "preflight.check_optimizer(RunConfig()); "
+            "print(sorted(m for m in ('torch._dynamo', 'sympy', 'triton') if m in sys.modules))")
+    res = subprocess.run([PY, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "[]", res.stdout
 
 
 # ============================================================================ the trainer

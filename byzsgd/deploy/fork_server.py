@@ -83,10 +83,11 @@ def exit_status(waitstatus: int) -> int:
 def preload(first_config: str) -> str | None:
     """Import what every rank needs, once; the first module that cannot be imported, as
     ``"module (Error: message)"``, or None.  Everything a rank imports after the fork is its
-    own copy: the node's entry point and checks are imported here too, and torch._dynamo,
-    which each rank's optimizer check (``check_node``: a torch optimizer is built) would
-    otherwise import by itself (~1 s of CPU and ~90 MB of private heap a rank).  Then the
-    first rank's dataset, decoded into the cache (:mod:`byzsgd.deploy.spawn`)."""
+    own copy: the node's entry point and checks are imported here too, and torch._dynamo when
+    the run's optimizer is a torch.optim one (whose constructor, in each rank's optimizer
+    check, would otherwise import it: ~1 s of CPU and ~90 MB of private heap a rank; ``sgd``,
+    the default, is checked and stepped without it).  Then the first rank's dataset, decoded
+    into the cache (:mod:`byzsgd.deploy.spawn`)."""
     import importlib
 
     for name in NEEDED:
@@ -96,14 +97,16 @@ def preload(first_config: str) -> str | None:
             return f"{name} ({type(exc).__name__}: {exc})"
     from byzsgd.deploy import preflight, shipped  # noqa: F401  (the rank's entry point, checks)
     from byzsgd.errors import ByzSGDError
+    from byzsgd.learning.optim import steps_flat
     from byzsgd.roles import entry  # noqa: F401
 
     spawn.preload_roles()
-    spawn.preload_optimizer()
     try:
         cfg = shipped.load(first_config)
     except ByzSGDError:
         return None  # each rank reports its own configuration's error
+    if not steps_flat(cfg.optimizer):
+        spawn.preload_optimizer()
     spawn.warm_dataset_cache(cfg.dataset, cfg.data_root)
     return None
 

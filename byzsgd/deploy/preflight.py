@@ -76,14 +76,11 @@ def check_data(cfg: RunConfig, splits: tuple[bool, ...] = (True, False)) -> None
 
 def check_optimizer(cfg: RunConfig) -> None:
     """``--optimizer`` and ``--opt_args`` as the PS builds them (keys, values, torch's ranges)."""
-    import torch
-
     from byzsgd.gars.worker_momentum import optimizer_args
     from byzsgd.learning import optim as training
 
     try:
-        args = optimizer_args(cfg.worker_momentum, cfg.opt_args)
-        training.build_optimizer(cfg.optimizer, [torch.nn.Parameter(torch.zeros(1))], args)
+        training.check_optimizer_args(cfg.optimizer, optimizer_args(cfg.worker_momentum, cfg.opt_args))
     except ConfigError as exc:
         raise PreflightError(f"--optimizer {cfg.optimizer} --opt_args "
                              f"'{_json(cfg.opt_args)}': {_one_line(exc)}") from None

@@ -136,6 +136,18 @@ def steps_flat(name: str) -> bool:
     return str(name).strip().lower() == "sgd"
 
 
+def check_optimizer_args(name: str, opt_args=None) -> None:
+    """Refuse (:class:`ConfigError`) what :func:`build_flat_optimizer` would refuse, without a
+    model.  For ``sgd`` no torch.optim object is built: its constructor imports torch._dynamo
+    (~80 MB of heap), which a launcher that forks its nodes would hand to every one of them."""
+    if steps_flat(name):
+        from byzsgd.learning.flat_sgd import FlatSGD
+
+        FlatSGD(None, **parse_opt_args(name, opt_args))
+        return
+    build_optimizer(name, [nn.Parameter(torch.zeros(1))], opt_args)
+
+
 def build_flat_optimizer(name: str, flat: FlatState, opt_args=None):
     """The optimizer a PS steps ``flat`` with: ``sgd`` is :class:`~byzsgd.learning.flat_sgd.FlatSGD`
     (torch.optim.SGD's update on the flat vector, without importing torch._dynamo); the others
