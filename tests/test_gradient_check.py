@@ -100,3 +100,55 @@ def test_every_forging_worker_is_banned_at_every_correct_ps(tmp_path):
         quorums = [set(e["quorum"]) for e in events if "quorum" in e and e["step"] > max(banned.values())]
         assert quorums and not any(q & byz for q in quorums)
     assert summary["min_accuracy"] > 80, summary["min_accuracy"]
+
+
+def test_more_failures_than_fw_turn_the_checks_off_and_lift_every_ban():
+    """A PS whose recomputation is not what its correct workers compute (a CUDA worker and a
+    CPU PS draw different dropout masks from one seed) would ban correct workers: at most fw
+    workers are Byzantine, so a (fw+1)-th failing worker means the setting, not an attack.
+    The checks go off, every ban is lifted (the PS keeps q_w workers to ask: before, an
+    uncapped ban list left it fewer and it waited for ever), and a resumed PS keeps them off."""
+    from byzsgd.roles.ps_step import PSStep
+
+    cfg = RunConfig(num_ps=1, fps=0, num_workers=5, fw=1, rank=0, model="linear", batch=8,
+                    dataset="synthetic:1x4x4:3:60:20", loss="cross-entropy", check_gradients=1,
+                    worker_momentum=0.9)
+    replica = Replica(cfg, with_test_set=True)
+    ps = PSStep(cfg, replica, rng=random.Random(0))
+    ps.check._recompute = lambda rank, state, step: torch.ones(replica.grad_size)  # nobody's row
+    senders = [1, 2, 3, 4]
+    rows = torch.randn(4, replica.grad_size)
+    first = ps(0, replica.state_vector(), senders, rows)
+    assert len(first.banned) == 1 and first.lifted is None and ps.banned == set(first.banned)
+    assert ps.gradients.f_now == 0
+    second_senders = [w for w in (1, 2, 3, 4, 5) if w not in first.banned]
+    second = ps(1, replica.state_vector(), second_senders, rows)
+    assert second.banned == [] and second.lifted == first.banned  # the one ban, lifted
+    assert ps.banned == set() and ps.check is None and ps.gradients.f_now == cfg.fw
+    assert ps(2, replica.state_vector(), senders, rows).banned == []  # no more checks
+    state = ps.gradients.state_dict()
+    assert state["check_off"] is True and state["banned"] == []
+    resumed = PSStep(cfg, Replica(cfg, with_test_set=True), rng=random.Random(0))
+    resumed.gradients.load_state_dict(state)
+    resumed.check._recompute = lambda rank, s, t: pytest.fail("a resumed PS checked again")
+    assert resumed(3, replica.state_vector(), senders, rows).banned == []
+    assert resumed.check is None
+
+
+def test_fw_forgers_alone_never_turn_the_checks_off():
+    """The cap counts distinct workers: fw forgers caught again and again stay banned."""
+    from byzsgd.roles.ps_step import PSStep
+
+    cfg = RunConfig(num_ps=1, fps=0, num_workers=7, fw=2, rank=0, model="linear", batch=8,
+                    dataset="synthetic:1x4x4:3:60:20", loss="cross-entropy", check_gradients=5,
+                    worker_momentum=0.9)
+    replica = Replica(cfg, with_test_set=True)
+    ps = PSStep(cfg, replica, rng=random.Random(0))
+    honest = torch.randn(replica.grad_size)
+    ps.check._recompute = lambda rank, state, step: honest
+    for t in range(3):
+        senders = [w for w in (6, 7, 1, 2, 3, 4, 5) if w not in ps.banned][:5]  # forgers first
+        rows = torch.stack([honest * (3.0 if w in (6, 7) else 1.0) for w in senders])
+        out = ps(t, replica.state_vector(), senders, rows)
+        assert out.lifted is None
+    assert ps.banned == {6, 7} and ps.check is not None and ps.gradients.f_now == 0

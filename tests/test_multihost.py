@@ -376,6 +376,11 @@ def test_local_runner_with_separate_host_dirs_collects_the_files(tmp_path):
     assert not (run / "credentials").exists() and not (run / "secret").exists()
     assert set(summary["rejections"]) == {"0", "1", "2"}  # every rank reported (nothing refused)
     assert (run / "metrics-ps0.jsonl").read_text() == (tmp_path / "hostA" / "metrics-ps0.jsonl").read_text()
+    # the host's one fork server (its log beside its first rank's, on hostA) was collected too
+    assert doc["spawn"] == "fork" and set(doc["fork_servers"]) == {"127.0.0.1"}
+    server_log = (run / "forkserver-ps0.log").read_text()
+    assert server_log == (tmp_path / "hostA" / "forkserver-ps0.log").read_text()
+    assert all(f"{r['remote_dir']}/{r['role']}{r['rank']}: exit 0\n" in server_log for r in doc["ranks"]), server_log
 
 
 # ============================================================================ SLURM / torchrun

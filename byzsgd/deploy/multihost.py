@@ -154,7 +154,8 @@ def kill(doc: dict, grace: float = 5.0, runner: str | None = None) -> dict[str, 
 
 
 def collect(doc: dict, runner: str | None = None) -> None:
-    """Copy logs, metrics and exit codes of hosts without a shared run directory (via ``cat``)."""
+    """Copy logs, metrics and exit codes of hosts without a shared run directory (via ``cat``),
+    and the log of each such host's fork server (what it forked, how each rank ended)."""
     runner = runner if runner is not None else doc["runner"]
     shared = doc.get("shared_dirs", {})
     run_dir = Path(doc["run_dir"])
@@ -167,6 +168,10 @@ def collect(doc: dict, runner: str | None = None) -> None:
         if r.get("remote_metrics"):
             files.append((r["remote_metrics"], local("metrics")))
         jobs += [(r["host"], remote, local) for remote, local in files]
+    for host, ranks in by_host(doc).items():  # a fork server's own log: beside its first rank's
+        if host in doc.get("fork_servers", {}) and not shared.get(host):
+            name = f"forkserver-{ranks[0]['role']}{ranks[0]['rank']}.log"
+            jobs.append((host, f"{ranks[0]['remote_dir']}/{name}", run_dir / name))
 
     def one(job):
         host, remote, local = job

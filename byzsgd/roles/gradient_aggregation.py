@@ -73,6 +73,9 @@ class GradientAggregation:
         #: workers caught forging (:mod:`byzsgd.roles.gradient_check`): never in the rows
         #: again, and no longer among the fw Byzantine rows the rule must tolerate
         self.banned: set[int] = set()
+        #: the spot checks were found unreliable on this PS (more than fw distinct workers
+        #: failed them: :meth:`byzsgd.roles.ps_step.PSStep.lift_bans`) and are off for good
+        self.check_off = False
 
     def ban(self, rank: int) -> None:
         self.banned.add(int(rank))
@@ -149,12 +152,14 @@ class GradientAggregation:
 
     # -- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The momentum buffers (:meth:`WorkerMomentum.state_dict`), the rows' ages and the
-        banned workers: a resumed PS aggregates the same rows."""
+        """The momentum buffers (:meth:`WorkerMomentum.state_dict`), the rows' ages, the
+        banned workers and whether the checks are off: a resumed PS aggregates the same rows."""
         out = self.momentum.state_dict() if self.momentum is not None else {}
         out["updated_at"] = dict(self.updated_at)
         out["banned"] = sorted(self.banned)
         out["nonfinite_senders"] = sorted(self.nonfinite_senders)
+        if self.check_off:
+            out["check_off"] = True
         return out
 
     def load_state_dict(self, state: dict) -> None:
@@ -163,6 +168,7 @@ class GradientAggregation:
         updated = state.pop("updated_at", {}) or {}
         banned = state.pop("banned", []) or []
         nonfinite = state.pop("nonfinite_senders", []) or []
+        self.check_off = state.pop("check_off", False) is True
         if self.momentum is not None:
             self.momentum.load_state_dict(state)
         try:

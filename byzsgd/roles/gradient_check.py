@@ -20,7 +20,12 @@ What it costs: ``k`` gradient computations per step at the PS (a worker's cost),
 and the training set.  What it bounds: a Byzantine worker that forges a row every step is
 checked with probability k / q_w each step, so it is banned after q_w / k forged steps on
 average, whatever it forges; one that forges rarely to stay unbanned does proportionally
-little.  What it cannot check: ``--mode paper`` (a worker's gradient is computed on the median
+little.  What it never does: ban more than fw workers.  Correct workers fail the check only
+when the PS's recomputation is not theirs (a CUDA worker and a CPU PS draw different dropout
+masks from one seed; other software or data), so a (fw+1)-th failing worker proves the setting
+wrong, and the PS turns the checks off and lifts every ban
+(:meth:`byzsgd.roles.ps_step.PSStep.lift_bans`) rather than ban its correct workers until it
+has fewer than q_w to ask.  What it cannot check: ``--mode paper`` (a worker's gradient is computed on the median
 of the models it gathered, which the PS does not know), so it is refused there.
 """
 from __future__ import annotations

@@ -263,6 +263,9 @@ class PSBase(Role):
             self.metrics.write(event="banned", step=t, worker=rank)
         if outcome.banned:
             record["banned"] = outcome.banned
+        if outcome.lifted is not None:
+            self.metrics.write(event="checks_off", step=t, lifted=outcome.lifted)
+            record["checks_off"] = True
         self.nonfinite_dropped += len(outcome.nonfinite) + len(outcome.nonfinite_buffers)
         if outcome.nonfinite:
             record["nonfinite"] = outcome.nonfinite

@@ -14,6 +14,7 @@ Collecting the quorum, its members' metadata and the metrics stay with the calle
 """
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 
@@ -27,15 +28,20 @@ from byzsgd.roles.replica import Replica
 
 __all__ = ["PSStep", "StepOutcome"]
 
+log = logging.getLogger("byzsgd.ps")
+
 
 @dataclass
 class StepOutcome:
-    """What one step found: the workers ``banned`` by the spot checks at this step and the
+    """What one step found: the workers ``banned`` by the spot checks at this step, the
     senders whose gradient rows (``nonfinite``) or buffer rows (``nonfinite_buffers``) were
-    left out as NaN/Inf."""
+    left out as NaN/Inf, and ``lifted`` when the checks went off (:meth:`PSStep.lift_bans`)."""
     banned: list[int] = field(default_factory=list)
     nonfinite: list[int] = field(default_factory=list)
     nonfinite_buffers: list[int] = field(default_factory=list)
+    #: the workers whose bans were lifted when the checks were found unreliable at this step
+    #: (:meth:`PSStep.lift_bans`); None when that did not happen
+    lifted: list[int] | None = None
 
 
 class PSStep:
@@ -62,10 +68,16 @@ class PSStep:
         """Step the replica with the quorum ``rows`` (row i from ``senders[i]``, computed on
         the model ``snapshot`` of ``step``) and, when given, its BatchNorm ``buffers`` rows."""
         cfg, out = self.cfg, StepOutcome()
+        if self.check is not None and self.gradients.check_off:
+            self.check = None  # a resumed PS whose checks were found unreliable before
         if self.check is not None:
-            out.banned = self.check.check(step, snapshot, senders, rows)
-            for rank in out.banned:
-                self.gradients.ban(rank)
+            caught = self.check.check(step, snapshot, senders, rows)
+            if len(self.gradients.banned | set(caught)) > cfg.fw:
+                out.lifted = self.lift_bans(step, caught)
+            else:
+                out.banned = caught
+                for rank in caught:
+                    self.gradients.ban(rank)
         g, out.nonfinite = self.gradients(step, senders, rows)
         agg_buffers = None
         if buffers is not None:
@@ -75,3 +87,24 @@ class PSStep:
             out.nonfinite_buffers = [senders[i] for i in dropped]
         self.replica.apply_gradient(g, agg_buffers)
         return out
+
+    def lift_bans(self, step: int, caught: list[int]) -> list[int]:
+        """More than fw distinct workers failed the spot checks, so correct workers fail them:
+        this PS's recomputation is not what its correct workers compute (a different device
+        type -- CUDA and CPU draw different dropout masks from one seed --, a different model
+        or data).  At most fw workers are Byzantine, so this can only be the setting, never an
+        attack: the checks go off for the rest of the run (persisted in the checkpoint) and
+        every ban is lifted, so that the PS keeps its quorum of q_w and the rule tolerates fw
+        again (an uncapped ban list left fewer than q_w workers to ask: the PS waited for ever).
+        Returns the workers whose bans were lifted."""
+        lifted = sorted(self.gradients.banned)
+        log.error("PS %d, step %d: %d distinct workers (%s) failed the gradient spot checks, more "
+                  "than fw=%d Byzantine ones can be: this PS does not recompute what its correct "
+                  "workers compute (different device types or software?). The checks are off for "
+                  "the rest of the run and every ban is lifted; the rule alone remains.",
+                  self.cfg.rank, step, len(self.gradients.banned | set(caught)),
+                  ",".join(map(str, sorted(self.gradients.banned | set(caught)))), self.cfg.fw)
+        self.gradients.banned.clear()
+        self.gradients.check_off = True
+        self.check = None
+        return lifted
