@@ -98,3 +98,27 @@ def test_live_worker_pss_under_bar(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_cpu_evaluation_runs_in_small_batches():
+    """A PS evaluates on the CPU in batches of at most CPU_EVAL_BATCH images: with 1,000 the
+    convnet's activations lifted its PSS from 70 MB to 131-142 MB at every evaluation."""
+    import torch
+
+    from byzsgd.learning import data, shards
+
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(64, 3)
+
+        def forward(self, x):
+            seen.append(x.shape[0])
+            return self.lin(x.flatten(1))
+
+    test = data.load_dataset("synthetic:1x8x8:3:60:700", train=False)
+    acc, _ = shards.evaluate(Recorder(), test)
+    assert 0 <= acc <= 100 and sum(seen) == 700
+    assert max(seen) == shards.CPU_EVAL_BATCH == 250, seen
