@@ -193,12 +193,16 @@ def test_launcher_provisions_per_rank_credentials_and_counts_an_impostor(tmp_pat
         port0 = doc["ranks"][0]["port"]
         reply = asyncio.run(_impostor(port0, creds[5], 6, 4))
         assert reply.get("ok") is not True, reply
-        # fault.py: kill worker 10, restart it from its argv (its own --credentials file)
+        # fault.py: kill worker 10, restart it from its argv (its own --credentials file);
+        # once it is up (exec'd nodes import torch each: PS 0 may listen long before, and a
+        # worker killed before its first line left a log with one "listening", the restart's)
+        log10 = run / "worker10.log"
+        _wait(lambda: (log10.exists() and "worker 10 listening" in log10.read_text())
+              or launcher.poll() is not None, 300, "worker 10 to start")
         res = subprocess.run([*FAULT, str(run), "kill", "10"], capture_output=True, text=True, timeout=60, env=env)
         assert res.returncode == 0, res.stderr
         res = subprocess.run([*FAULT, str(run), "restart", "10"], capture_output=True, text=True, timeout=60, env=env)
         assert res.returncode == 0, res.stderr
-        log10 = run / "worker10.log"
         _wait(lambda: log10.read_text().count("worker 10 listening") >= 2 or launcher.poll() is not None,
               300, "the restarted worker to meet its peers")
         assert log10.read_text().count("worker 10 listening") >= 2, log10.read_text()[-3000:]
