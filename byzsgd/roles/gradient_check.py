@@ -25,8 +25,9 @@ when the PS's recomputation is not theirs (a CUDA worker and a CPU PS draw diffe
 masks from one seed; other software or data), so a (fw+1)-th failing worker proves the setting
 wrong, and the PS turns the checks off and lifts every ban
 (:meth:`byzsgd.roles.ps_step.PSStep.lift_bans`) rather than ban its correct workers until it
-has fewer than q_w to ask.  What it cannot check: ``--mode paper`` (a worker's gradient is computed on the median
-of the models it gathered, which the PS does not know), so it is refused there.
+has fewer than q_w to ask.  What it cannot check: ``--mode paper`` (a worker's gradient is
+computed on the median of the models it gathered, which the PS does not know), so it is
+refused there.
 """
 from __future__ import annotations
 
