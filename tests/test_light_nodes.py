@@ -88,7 +88,6 @@ def test_live_worker_pss_under_bar(tmp_path):
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         assert steps >= 30 and len(peak) == 4, f"steps {steps}, workers sampled {sorted(peak)}"
         worst = max(peak.values())
-        print("worker PSS", {r: f"{v / 2**20:.1f} MB" for r, v in peak.items()})
         assert worst < WORKER_PSS_BAR, {r: f"{v / 2**20:.0f} MB" for r, v in peak.items()}
     finally:
         if proc.poll() is None:

@@ -250,8 +250,9 @@ def test_batches(dataset: Dataset, batch_size: int = 1000,
 test_batches.__test__ = False  # not a pytest test
 
 
-#: the evaluation batch on the CPU: as fast per image as 1,000 there, a quarter of the
-#: activations' memory (a PS's PSS peaked at 131-142 MB while it evaluated, 70 MB between)
+#: the evaluation batch on the CPU: a quarter of the activations' memory of 1,000 (a PS's PSS
+#: peaked at 131-142 MB while it evaluated, 70 MB between) and no slower (MNIST convnet, 10,000
+#: test images, one thread: 0.53 s against 0.76 s with 1,000)
 CPU_EVAL_BATCH = 250
 
 

@@ -72,8 +72,9 @@ class PSStep:
             self.check = None  # a resumed PS whose checks were found unreliable before
         if self.check is not None:
             caught = self.check.check(step, snapshot, senders, rows)
-            if len(self.gradients.banned | set(caught)) > cfg.fw:
-                out.lifted = self.lift_bans(step, caught)
+            failed = self.gradients.banned | set(caught)
+            if len(failed) > cfg.fw:
+                out.lifted = self.lift_bans(step, failed)
             else:
                 out.banned = caught
                 for rank in caught:
@@ -88,9 +89,9 @@ class PSStep:
         self.replica.apply_gradient(g, agg_buffers)
         return out
 
-    def lift_bans(self, step: int, caught: list[int]) -> list[int]:
-        """More than fw distinct workers failed the spot checks, so correct workers fail them:
-        this PS's recomputation is not what its correct workers compute (a different device
+    def lift_bans(self, step: int, failed: set[int]) -> list[int]:
+        """More than fw distinct workers (``failed``) failed the spot checks, so correct
+        workers fail them: this PS's recomputation is not what its correct workers compute (a different device
         type -- CUDA and CPU draw different dropout masks from one seed --, a different model
         or data).  At most fw workers are Byzantine, so this can only be the setting, never an
         attack: the checks go off for the rest of the run (persisted in the checkpoint) and
@@ -102,8 +103,7 @@ class PSStep:
                   "than fw=%d Byzantine ones can be: this PS does not recompute what its correct "
                   "workers compute (different device types or software?). The checks are off for "
                   "the rest of the run and every ban is lifted; the rule alone remains.",
-                  self.cfg.rank, step, len(self.gradients.banned | set(caught)),
-                  ",".join(map(str, sorted(self.gradients.banned | set(caught)))), self.cfg.fw)
+                  self.cfg.rank, step, len(failed), ",".join(map(str, sorted(failed))), self.cfg.fw)
         self.gradients.banned.clear()
         self.gradients.check_off = True
         self.check = None
