@@ -8,8 +8,11 @@ so no deployment could show what a defence does against that worst case.  Here e
 must have aggregated every Byzantine worker it still took gradients from in at least 95% of its
 steps (a default that spot-checks gradients, --check_gradients, bans a forger: from then on the
 PS neither asks nor waits for it), and the run must end normally (every node exits 0) without
-sitting out the schedule's deadline.  Accuracy is reported, not judged: whether the default
-holds is the defence's test (docs/worst_case.md), not the harness's.
+sitting out the schedule's deadline.  With the defaults as they are, the default must also
+hold there: the lowest correct PS within :data:`HOLD_BAR` points (issue 25's fw = 2 bar) of a
+no-attack deployment of the same size and seed (``--fw 2``, no Byzantine worker).  Without the
+gradient check the rule alone collapses against this attack (docs/worst_case.md), so that
+variant checks the schedule only.
 """
 from __future__ import annotations
 
@@ -30,6 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 STEPS = 120
 BYZANTINE = {9, 10}  # the launcher makes the last worker ranks Byzantine
 MIN_SHARE = 0.95
+#: issue 25's acceptance bar at fw = 2: the attacked run's lowest correct PS may trail the
+#: no-attack run's by at most this many points
+HOLD_BAR = 2.0
 
 
 #: the defaults as they are, and, when they spot-check gradients (a forger is banned within a
@@ -38,22 +44,16 @@ VARIANTS = [[]] + ([["--check_gradients", "0"]] if LAUNCH_DEFAULTS.get("check_gr
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("extra", VARIANTS, ids=lambda flags: " ".join(flags) or "defaults")
 def test_byzantine_workers_are_in_every_quorum_of_a_real_deployment(tmp_path, extra):
     run = tmp_path / "run"
     args = {"collude": True}
     if LAUNCH_DEFAULTS.get("worker_momentum", 0) > 0:  # the strongest variant the defaults admit
         args["momentum_aware"] = True
-    cmd = [sys.executable, "-m", "byzsgd.launch", "--num_iter", str(STEPS), "--acc_freq", str(STEPS),
-           "--seed", "0", "--fw", "2", "--byz_workers", "2", "--worker_attack", "minmax",
-           "--worker_attack_args", json.dumps(args), "--schedule", "adversarial",
-           "--quiet", "--json", "--run_dir", str(run), "--timeout", "500", *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=560, env=env, stdin=subprocess.DEVNULL)
-    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    res, summary = _launch(run, "--byz_workers", "2", "--worker_attack", "minmax",
+                           "--worker_attack_args", json.dumps(args), "--schedule", "adversarial", *extra)
     assert "TEST HARNESS --schedule adversarial" in res.stderr
-    summary = json.loads((run / "summary.json").read_text())
     assert summary["outcome"] == "ok" and set(summary["byzantine_ranks"]) == BYZANTINE
     assert all(code == 0 for code in summary["returncodes"].values()), summary["returncodes"]
     series = ps_series(run)
@@ -73,6 +73,24 @@ def test_byzantine_workers_are_in_every_quorum_of_a_real_deployment(tmp_path, ex
           f"{summary['wall_time']:.1f} s")
     assert min(shares.values()) >= MIN_SHARE, shares
     assert summary["min_accuracy"] is not None
+    if not extra:  # the defaults: the default must hold, not only the schedule
+        _res, clean = _launch(tmp_path / "clean")
+        print(f"no attack, same size and seed: min accuracy {clean['min_accuracy']}")
+        assert summary["min_accuracy"] >= clean["min_accuracy"] - HOLD_BAR, (summary["min_accuracy"],
+                                                                            clean["min_accuracy"])
+
+
+def _launch(run: Path, *flags: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """One launcher run of :data:`STEPS` steps, seed 0, fw = 2, the defaults plus ``flags``;
+    fails the test unless it ended normally.  Returns the process and its summary."""
+    cmd = [sys.executable, "-m", "byzsgd.launch", "--num_iter", str(STEPS), "--acc_freq", str(STEPS),
+           "--seed", "0", "--fw", "2", "--quiet", "--json", "--run_dir", str(run), "--timeout", "500", *flags]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=560, env=env, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["outcome"] == "ok", summary
+    return res, summary
 
 
 @pytest.mark.slow
