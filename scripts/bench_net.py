@@ -9,7 +9,10 @@ Every measurement runs a sender and a receiver in separate processes on loopback
   per second, for four kinds measured in the same run: ``byzsgd`` (two real, authenticated
   ``byzsgd.net.Node`` objects), ``uvloop`` (a bare ``asyncio.Protocol`` echo on uvloop: no
   framing, no dispatch: the floor of any asyncio design), ``asyncio`` (the same on the stock
-  loop) and ``raw`` (blocking ``sendall``/``recv_into``: the floor without an event loop).
+  loop) and ``raw`` (blocking ``sendall``/``recv_into``: the floor without an event loop);
+  and two floors of *this design's shape* (:func:`framed_child`): ``msgpack`` (a length prefix,
+  a msgpack header packed and unpacked, a handler looked up by kind: no checks, no queue) and
+  ``msgpack_torch`` (the same, the payload read from a tensor and received as one).
 * ``fanout``: a PS's fan-out: one model sent to ``--fanout`` (100) peers, timed until every
   peer acknowledged it (wall, and the sender's CPU: what the PS pays), byzsgd, uvloop and raw,
   against ``fanout`` memory copies of the model (the "one copy per recipient" floor).  The
@@ -46,7 +49,7 @@ Prints tables; with ``--json`` the last line is one JSON object:
 "rtt_us": {"<kind>_p50", "<kind>_p99", "byzsgd_over_raw_p50", "byzsgd_over_uvloop_p50", ...},
 "msgs": {"4096": {"<kind>_msgs_s", ...}}, "fanout": {"<bytes>": {"<kind>_s", "<kind>_cpu_s",
 "memcpy_s", "byzsgd_over_raw", "byzsgd_over_uvloop", "byzsgd_cpu_over_raw_cpu", ...}},
-"ratios": {"rtt_p50": {"byzsgd_over_uvloop", "byzsgd_over_raw"}, "rtt_p99": {...},
+"ratios": {"rtt_p50": {"byzsgd_over_uvloop", "byzsgd_over_raw", "byzsgd_over_msgpack", ...}, "rtt_p99": {...},
 "msgs_4096": {...}, "fanout_31400": {...}, "fanout_31400_cpu": {...}, ...}, "sockopts",
 "placement", "cost_us"}``.  A ratio is byzsgd's number over the other kind's: above 1 is slower
 for times, below 1 is slower for msgs/s.  ``*_cpu_s``: the sender's CPU seconds per fan-out.
@@ -70,7 +73,9 @@ SECRET = b"bench-secret-0123456789abcdef"
 #: round trips (rtt) or messages (msgs) every kind runs untimed before it measures
 WARMUP = 200
 MSG_SIZE = 4096
-SMALL_KINDS = ("byzsgd", "uvloop", "asyncio", "raw")
+SMALL_KINDS = ("byzsgd", "uvloop", "asyncio", "raw", "msgpack", "msgpack_torch")
+#: the kinds byzsgd's small-message rows are divided by (``byzsgd_over_<kind>``)
+BASELINES = ("uvloop", "raw", "asyncio", "msgpack", "msgpack_torch")
 PLACEMENTS = ("same", "split", "none")
 _CPUS_ENV = "BENCH_NET_CPUS"
 
@@ -333,6 +338,159 @@ def uvloop_child(role, size, n, ports, mode):
 
 def asyncio_child(role, size, n, ports, mode):
     return aio_child(role, size, n, ports, mode, "asyncio")
+
+
+# ----------------------------------------------------------------------------- the design's floor
+def framed_child(role: str, size: int, n: int, ports: list[int], mode: str, with_torch: bool = False) -> dict:
+    """The floor of *this design's shape*, whatever its implementation: every message is a
+    length prefix, a msgpack header (kind, step, sender, one tensor spec, meta) packed by the
+    sender and unpacked by the receiver, the payload, and a handler looked up by kind; on uvloop,
+    in a plain ``asyncio.Protocol``.  Nothing else: no limits, no validation of the header, no
+    check of the sender, no queue, no futures.  ``with_torch`` (kind ``msgpack_torch``): the
+    payload is a tensor's, as it is for a node: the sender reads its bytes
+    (``ctypes.string_at(t.data_ptr(), n)``, byzsgd's own way) and the receiver builds a tensor
+    over them (``torch.frombuffer``).  byzsgd over these kinds is what its checks and plumbing
+    cost; these kinds over the bare echo are what the shape costs before a line of byzsgd."""
+    import ctypes
+    import struct
+
+    import msgpack
+    import uvloop
+
+    torch = None
+    if with_torch:
+        import torch
+        torch.set_num_threads(1)
+    prefix = struct.Struct("<II")
+    packer = msgpack.Packer()  # reused, as byzsgd's is
+    elems = size // 4
+    warm = WARMUP
+
+    def payload_of(t):
+        return ctypes.string_at(t.data_ptr(), elems * 4) if with_torch else t
+
+    def frame(kind: str, step: int, t) -> bytes:
+        body = payload_of(t)
+        head = packer.pack([kind, step, 1, [["float32", [elems], len(body)]], {}])
+        return b"".join((prefix.pack(len(head), len(body)), head, body))
+
+    class Framed(asyncio.Protocol):
+        """Cuts frames out of the byte stream and calls ``handlers[kind](step, tensor)``."""
+
+        def __init__(self, handlers):
+            self.handlers, self.buf, self.tr = handlers, bytearray(), None
+
+        def connection_made(self, tr):
+            self.tr = tr
+            tune(tr.get_extra_info("socket"))
+
+        def data_received(self, data):
+            buf = self.buf
+            buf += data
+            pos, end = 0, len(buf)
+            while end - pos >= prefix.size:
+                hl, bl = prefix.unpack_from(buf, pos)
+                stop = pos + prefix.size + hl + bl
+                if stop > end:
+                    break
+                kind, step, _sender, _specs, _meta = msgpack.unpackb(buf[pos + prefix.size:pos + prefix.size + hl])
+                body = buf[stop - bl:stop]  # a copy, as a node's receive buffer is its own
+                t = torch.frombuffer(body, dtype=torch.float32) if with_torch else body
+                pos = stop
+                self.handlers[kind](step, t)
+            del buf[:pos]
+
+    async def recv():
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        st = {"n": 0}
+
+        def make():
+            proto = Framed({})
+
+            def on_ping(step, t):
+                proto.tr.write(frame("pong", step, t))
+
+            def on_t(step, t):
+                st["n"] += 1
+                if st["n"] in (warm, n + warm):
+                    proto.tr.write(frame("ack", 0, ack_payload))
+
+            proto.handlers.update(ping=on_ping, t=on_t)
+            proto.connection_lost = lambda exc: done.done() or done.set_result(None)
+            return proto
+
+        srv = await loop.create_server(make, "127.0.0.1", ports[0], reuse_address=True)
+        await done
+        srv.close()
+        return {}
+
+    async def send():
+        loop = asyncio.get_running_loop()
+        st = {"f": None, "paused": None}
+
+        def resolve(step, t):
+            f = st["f"]
+            if f is not None and not f.done():
+                f.set_result(None)
+
+        class Client(Framed):
+            def pause_writing(self):
+                st["paused"] = loop.create_future()
+
+            def resume_writing(self):
+                fut, st["paused"] = st["paused"], None
+                fut is not None and not fut.done() and fut.set_result(None)
+
+        for _ in range(500):
+            try:
+                tr, _p = await loop.create_connection(lambda: Client({"pong": resolve, "ack": resolve}),
+                                                      "127.0.0.1", ports[0])
+                break
+            except OSError:
+                await asyncio.sleep(0.01)
+        else:
+            raise SystemExit("cannot connect")
+        out = {"sockopts": sockopts(tr.get_extra_info("socket"))}
+        x = torch.zeros(elems, dtype=torch.float32) if with_torch else bytes(size)
+        if mode == "rtt":
+            lat = []
+            for i in range(n + warm):
+                st["f"] = loop.create_future()
+                t0 = time.perf_counter()
+                tr.write(frame("ping", i, x))
+                await st["f"]
+                if i >= warm:
+                    lat.append(time.perf_counter() - t0)
+            out.update(rtt_stats(lat))
+        else:
+            for count, timed in ((warm, False), (n, True)):
+                st["f"] = loop.create_future()
+                t0 = time.perf_counter()
+                for i in range(count):
+                    tr.write(frame("t", i, x))
+                    if st["paused"] is not None:
+                        await st["paused"]
+                await st["f"]
+            dt = time.perf_counter() - t0
+            out.update(gbps=n * size / dt / 1e9, msgs_s=n / dt)
+        tr.close()
+        return out
+
+    ack_payload = torch.zeros(elems, dtype=torch.float32) if with_torch else bytes(size)
+    loop = uvloop.new_event_loop()
+    try:
+        return loop.run_until_complete(recv() if role == "recv" else send())
+    finally:
+        loop.close()
+
+
+def msgpack_child(role, size, n, ports, mode):
+    return framed_child(role, size, n, ports, mode, with_torch=False)
+
+
+def msgpack_torch_child(role, size, n, ports, mode):
+    return framed_child(role, size, n, ports, mode, with_torch=True)
 
 
 # ----------------------------------------------------------------------------- raw socket children
@@ -722,7 +880,7 @@ FAN_KINDS = ("byzsgd", "uvloop", "raw")
 
 
 CHILDREN = {"byzsgd": byz_child, "uvloop": uvloop_child, "asyncio": asyncio_child, "raw": raw_child,
-            "gloo": gloo_child}
+            "msgpack": msgpack_child, "msgpack_torch": msgpack_torch_child, "gloo": gloo_child}
 
 
 def pair(kind: str, size: int, n: int, mode: str = "tput", timeout: float = 300, placement: str = "none") -> dict:
@@ -1055,12 +1213,14 @@ def main() -> None:
             r[f"{k}_p99"] = round(statistics.median(x["p99_us"] for x in rs), 1)
             r[f"{k}_p50_runs"] = [round(x["p50_us"], 1) for x in rs]
             result["sockopts"][k] = rs[0]["sockopts"]
-        for k in ("raw", "uvloop", "asyncio"):
+        for k in BASELINES:
             r[f"byzsgd_over_{k}_p50"] = _ratio(r["byzsgd_p50"], r[f"{k}_p50"])
             r[f"byzsgd_over_{k}_p99"] = _ratio(r["byzsgd_p99"], r[f"{k}_p99"])
+        for k in ("msgpack", "msgpack_torch"):  # the shape's own cost, before any byzsgd code
+            r[f"{k}_over_uvloop_p50"] = _ratio(r[f"{k}_p50"], r["uvloop_p50"])
         r["runs"], r["round_trips"] = many, n
         for q in ("p50", "p99"):
-            ratios[f"rtt_{q}"] = {f"byzsgd_over_{k}": r[f"byzsgd_over_{k}_{q}"] for k in ("uvloop", "raw", "asyncio")}
+            ratios[f"rtt_{q}"] = {f"byzsgd_over_{k}": r[f"byzsgd_over_{k}_{q}"] for k in BASELINES}
         print(f"64-byte RTT, µs (median of {many} interleaved runs of {n}, placement {a.placement}):", flush=True)
         for k in SMALL_KINDS:
             print(f"  {k:>8}: p50 {r[k + '_p50']:>8.1f}  p99 {r[k + '_p99']:>8.1f}  runs {r[k + '_p50_runs']}")
@@ -1075,11 +1235,13 @@ def main() -> None:
             row[f"{k}_msgs_s"] = round(statistics.median(x["msgs_s"] for x in rs))
             row[f"{k}_msgs_s_runs"] = [round(x["msgs_s"]) for x in rs]
             result["sockopts"].setdefault(k, rs[0]["sockopts"])
-        for k in ("raw", "uvloop", "asyncio"):
+        for k in BASELINES:
             row[f"byzsgd_over_{k}"] = _ratio(row["byzsgd_msgs_s"], row[f"{k}_msgs_s"])
+        for k in ("msgpack", "msgpack_torch"):
+            row[f"{k}_over_uvloop"] = _ratio(row[f"{k}_msgs_s"], row["uvloop_msgs_s"])
         row["runs"], row["messages"] = many, n
         result["msgs"][str(MSG_SIZE)] = row
-        ratios[f"msgs_{MSG_SIZE}"] = {f"byzsgd_over_{k}": row[f"byzsgd_over_{k}"] for k in ("uvloop", "raw", "asyncio")}
+        ratios[f"msgs_{MSG_SIZE}"] = {f"byzsgd_over_{k}": row[f"byzsgd_over_{k}"] for k in BASELINES}
         print(f"{MSG_SIZE}-byte one-way messages/s (median of {many} interleaved runs of {n}): "
               + ", ".join(f"{k} {row[k + '_msgs_s']}" for k in SMALL_KINDS), flush=True)
     if "fanout" in only:
@@ -1128,11 +1290,16 @@ def main() -> None:
             print(f"  {p['own_us_per_rtt']:>7.2f} {p['own_share']:>6.1%}  {p['calls_per_rtt']:>5} calls  {p['function']}")
     if ratios:
         print("\nratios (byzsgd's number over the other's: times above 1 and msgs/s below 1 are slower):")
-        print(f"{'measure':>22} {'byzsgd/uvloop':>14} {'byzsgd/raw':>11} {'byzsgd/asyncio':>15}")
+        cols = [(k, max(len(k) + 7, 11)) for k in BASELINES]
+        print(f"{'measure':>22} " + " ".join(f"{'byzsgd/' + k:>{w}}" for k, w in cols))
         for name, rr in ratios.items():
-            print(f"{name:>22} " + " ".join(f"{'' if rr.get(k) is None else rr[k]:>{w}}" for k, w in
-                                             (("byzsgd_over_uvloop", 14), ("byzsgd_over_raw", 11),
-                                              ("byzsgd_over_asyncio", 15))))
+            print(f"{name:>22} " + " ".join(f"{'' if rr.get('byzsgd_over_' + k) is None else rr['byzsgd_over_' + k]:>{w}}"
+                                             for k, w in cols))
+        for name, table in (("rtt_us", result["rtt_us"]), (f"msgs {MSG_SIZE}", result["msgs"].get(str(MSG_SIZE), {}))):
+            shape = {k: v for k, v in table.items() if k.endswith("_over_uvloop") or k.endswith("_over_uvloop_p50")}
+            if shape and not all(k.startswith("byzsgd") for k in shape):
+                print(f"{name}: the design's shape alone over the uvloop echo: "
+                      + ", ".join(f"{k} {v}" for k, v in shape.items() if not k.startswith("byzsgd")))
     if a.json:
         print(json.dumps(result))
 

@@ -62,7 +62,8 @@ def test_bench_summary_format():
 
 def test_bench_net_rtt_and_fanout_report_ratios_from_one_run():
     """The small-message rows of scripts/bench_net.py run end to end (real processes, real
-    loopback TCP): byzsgd, the bare uvloop and asyncio echoes and the raw socket in one run,
+    loopback TCP): byzsgd, the bare uvloop and asyncio echoes, the raw socket and the two floors
+    of the design's shape (msgpack-framed echoes, with and without tensors) in one run,
     pinned the same way and with the same socket options, and report the ratios issue 28 asks
     for (byzsgd over the uvloop echo and over raw: RTT p50/p99, 4 KB msgs/s, the fan-out), plus
     where the round trip's microseconds go, in one JSON line.  Behaviour, not timing."""
@@ -77,10 +78,13 @@ def test_bench_net_rtt_and_fanout_report_ratios_from_one_run():
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["sizes"] == {} and out["rtt_us"]["byzsgd_over_raw_p50"] > 0
     assert out["placement"] == "same"
-    kinds = {"byzsgd", "uvloop", "asyncio", "raw"}
+    kinds = {"byzsgd", "uvloop", "asyncio", "raw", "msgpack", "msgpack_torch"}
     assert set(out["sockopts"]) == kinds and all(o["nodelay"] == 1 for o in out["sockopts"].values())
     for name in ("rtt_p50", "rtt_p99", "msgs_4096", "fanout_31400", "fanout_31400_cpu"):
         assert out["ratios"][name]["byzsgd_over_uvloop"] > 0 and out["ratios"][name]["byzsgd_over_raw"] > 0, name
+    for name in ("rtt_p50", "rtt_p99", "msgs_4096"):  # and over the floors of the design's shape
+        assert out["ratios"][name]["byzsgd_over_msgpack"] > 0 and out["ratios"][name]["byzsgd_over_msgpack_torch"] > 0
+    assert out["rtt_us"]["msgpack_torch_over_uvloop_p50"] > 0 and out["msgs"]["4096"]["msgpack_over_uvloop"] > 0
     assert all(out["msgs"]["4096"][f"{k}_msgs_s"] > 0 for k in kinds)
     assert set(out["fanout"]) == {"31400", "1724320"}
     for row in out["fanout"].values():
