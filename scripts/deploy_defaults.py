@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ATTACK_ARGS: dict[str, dict] = {"alie": {"z": 100}, "ipm": {"epsilon": 10}}
 WORKER_ATTACKS = ("random", "gaussian", "reverse", "sign_flip", "drop", "alie", "ipm", "empire", "inf",
                   "nan", "mimic", "label_flip", "optimal_alie", "optimal_ipm", "silent", "minmax", "minsum",
-                  "fang")
+                  "fang", "stealth")
 #: cell variants: the attack arguments they add
 VARIANTS = {"": {}, "collude": {"collude": True}, "mom": {"momentum_aware": True, "collude": True}}
 PS_ATTACKS = ("random", "reverse", "drop", "nan", "equivocate", "stale", "silent", "delay", "crash")
@@ -55,7 +55,7 @@ PS_ATTACKS = ("random", "reverse", "drop", "nan", "equivocate", "stale", "silent
 DEFAULT_CELLS = (["none"] + list(WORKER_ATTACKS) + ["optimal_alie+collude", "alie+collude"]
                  + [f"fw2:{a}" for a in ("none", "optimal_alie", "optimal_ipm", "alie", "ipm", "empire",
                                          "optimal_alie+collude", "minmax", "minmax+mom", "minsum+mom",
-                                         "fang+mom")]
+                                         "fang+mom", "stealth")]
                  + [f"ps:{a}" for a in PS_ATTACKS])
 
 

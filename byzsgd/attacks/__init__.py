@@ -10,7 +10,8 @@ gradient(s) when acting alone, or the step's honest gradients when colluding (th
 adversary).  Modules: simple, statistical (ALIE, IPM), optimal (factor searched against the
 defence), adaptive (Min-Max, Min-Sum), fang (Fang et al.'s trimmed-mean/median attack),
 defence (the simulated PS aggregation the searches maximise against), momentum_aware (the
-gradient that puts a forged row into the PS's per-worker momentum); worker (the arguments
+gradient that puts a forged row into the PS's per-worker momentum), stealth (a forgery inside
+the gradient check's tolerance); worker (the arguments
 every worker attack takes; label_flip, silent, honest), ps (the models a Byzantine PS
 sends), protocol (the wire attacks' declarations).  Registering an attack: one module, and
 its import below.
@@ -25,7 +26,7 @@ from byzsgd.attacks.registry import forge, get, names
 from byzsgd.errors import ConfigError
 
 from byzsgd.attacks import simple, statistical, optimal  # noqa: F401,E402
-from byzsgd.attacks import defence, adaptive, fang, momentum_aware  # noqa: F401,E402
+from byzsgd.attacks import defence, adaptive, fang, momentum_aware, stealth  # noqa: F401,E402
 from byzsgd.attacks import worker, ps, protocol  # noqa: F401,E402
 
 __all__ = ["forge", "get", "names", "Attack", "catalog"]

@@ -9,7 +9,9 @@ attack, so that nothing else keeps a list of attack names:
 * what it needs: ``estimate`` (an estimate of the honest rows, not only its own gradient),
   ``rule`` / ``pipeline`` / ``quorum`` / ``seed`` (filled from the deployment), ``labels``
   (flipped training labels), ``wire`` (a hook on its node's sends), ``rendezvous`` (rank 0's
-  directory); and whether it may aim at the PS's momentum rows (``momentum``);
+  directory), ``own`` (its row is built around the sender's own gradient, so colluding workers
+  each forge their own instead of sending one row f times); and whether it may aim at the
+  PS's momentum rows (``momentum``);
 * its behaviour: a pure function here (value and PS forgeries), or a ``"module:attr"``
   reference to the behaviour a role runs (protocol attacks, in :mod:`byzsgd.roles`; a
   string, so this package never imports the roles).
@@ -31,7 +33,7 @@ CATALOG = "the attack catalog byzsgd.attacks (python -m byzsgd.attacks lists it)
 KINDS = ("value", "worker", "ps", "protocol")
 ROLES = ("worker", "ps")
 NEEDS = frozenset({"estimate", "rule", "pipeline", "quorum", "seed", "labels", "wire", "rendezvous",
-                   "momentum"})
+                   "momentum", "own"})
 #: what a worker entry sends in place of its honest gradient
 SENDS = ("forged", "honest", "nothing")
 

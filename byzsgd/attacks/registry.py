@@ -39,22 +39,26 @@ SUPPLIED = {
     "pipeline": ("pipeline", Derived(lambda cfg: cfg.pre_agg, "--pre_agg")),
     "n": ("quorum", Derived(_quorum, "the rule's rows: q_w, or n_w with --wm_rows recent")),
     "seed": ("seed", Derived(_seed, "seed * 1000 + rank")),
+    # the PSes' gradient check tolerance: public configuration, what a check-aware forger stays inside
+    "check_tolerance": (None, Derived(lambda cfg: cfg.check_tolerance, "--check_tolerance")),
 }
 
 
 def register(name: str, *, reference: str, params: tuple[str, ...] = (), needs_rule: bool = False,
-             needs_estimate: bool = False, checks: dict[str, Callable] | None = None,
+             needs_estimate: bool = False, own_row: bool = False, checks: dict[str, Callable] | None = None,
              search: tuple[Callable[..., float], str, str] | None = None):
     """Decorator: the forging function ``fn(honest [k, d], f, **params) -> [f, d]`` as the
     worker value attack ``name``.  ``needs_estimate``: it forges from the honest rows'
     statistics (a lone attacker then estimates them, :class:`byzsgd.roles.byzantine.WorkerAttack`);
-    ``search``: (factor search, attack, argument): the role runs the search every few steps
-    and forges ``attack`` with the factor found (optimal_*)."""
+    ``own_row``: its rows are built around ``honest[0]``, the sender's own gradient, so each
+    Byzantine worker forges with its own first (need ``own``); ``search``: (factor search,
+    attack, argument): the role runs the search every few steps and forges ``attack`` with the
+    factor found (optimal_*)."""
     checks = dict(checks or {})
 
     def deco(fn: ForgeFn) -> ForgeFn:
         sig = inspect.signature(fn).parameters
-        args, needs = [], {"estimate"} if needs_estimate else set()
+        args, needs = [], ({"estimate"} if needs_estimate else set()) | ({"own"} if own_row else set())
         for p in params:
             if p not in sig:
                 raise RuntimeError(f"attack {name!r}: parameter {p!r} is not in its signature")

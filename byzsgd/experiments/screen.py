@@ -179,8 +179,10 @@ class _Forger:
         if not 0.0 < self.forge_probability <= 1.0:
             raise ConfigError("forge_probability must be in (0, 1]")
         self.coin = random.Random(cfg.seed * 31 + 7)
+        self.own_row = False
         if not self.label_flip:
             spec = attacks.get(attack)
+            self.own_row = "own" in spec.needs
             if spec.needs_rule:
                 params.setdefault("gar", cfg.gar)
                 params.setdefault("gar_f", cfg.fw)
@@ -188,6 +190,8 @@ class _Forger:
                     params.setdefault("gar_params", dict(cfg.gar_args))
             if "pipeline" in spec.params:
                 params.setdefault("pipeline", cfg.pre_agg)
+            if "check_tolerance" in spec.params:  # the PSes' tolerance: public configuration
+                params.setdefault("check_tolerance", cfg.check_tolerance)
             unknown = set(params) - set(spec.params) - {"n"}
             if unknown:
                 raise ConfigError(f"screen attack {attack!r}: unknown arguments {sorted(unknown)}")
@@ -219,9 +223,12 @@ class _Forger:
         elif "seed" in attacks.get(self.name).params:
             params["seed"] = self.cfg.seed * 1000 + step
         if not self.momentum_aware:
-            known = torch.stack([own, *honest.values()])
             if self.wants_n:
                 params.setdefault("n", len(honest) + len(self.byz))
+            if self.own_row:  # each forges around its own gradient, as in a deployment
+                return {r: attacks.forge(self.name, torch.stack([own_by_rank[r], *honest.values()]), 1,
+                                         **params)[0].contiguous() for r in self.byz}
+            known = torch.stack([own, *honest.values()])
             forged = attacks.forge(self.name, known, len(self.byz), **params)
             return {r: forged[i].contiguous() for i, r in enumerate(self.byz)}
         # momentum-aware: the attack runs on the honest momentum rows the rule will see
@@ -240,12 +247,13 @@ class _Forger:
 #: value attacks whose forgery is computed from the honest rows: they get a momentum-aware
 #: variant (``+mom``) when the PS keeps worker momentums
 ADAPTIVE = ("alie", "ipm", "empire", "mimic", "optimal_alie", "optimal_ipm", "minmax", "minsum", "fang")
-#: extra cells beyond one per attack: the other perturbation directions, and the search of
-#: minmax's factor against the deployed pipeline instead of the paper's distance constraint
+#: extra cells beyond one per attack: the other perturbation directions (minmax, minsum,
+#: stealth), and the search of minmax's factor against the deployed pipeline instead of the
+#: paper's distance constraint
 VARIANTS = ("minmax:direction=unit", "minmax:direction=sign", "minsum:direction=unit",
             "minsum:direction=sign", "minmax+mom:direction=unit", "minmax+mom:direction=sign",
             "minsum+mom:direction=unit", "minsum+mom:direction=sign", "minmax+mom:search=defence",
-            "minsum+mom:forge_probability=0.1")
+            "minsum+mom:forge_probability=0.1", "stealth:direction=sign")
 
 
 def menu(momentum_aware: bool = True) -> list[str]:
