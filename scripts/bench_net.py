@@ -74,6 +74,10 @@ SECRET = b"bench-secret-0123456789abcdef"
 WARMUP = 200
 MSG_SIZE = 4096
 SMALL_KINDS = ("byzsgd", "uvloop", "asyncio", "raw", "msgpack", "msgpack_torch")
+#: a corked floor: the 4 KB messages only (a round trip has nothing to join)
+MSGS_KINDS = SMALL_KINDS + ("msgpack_torch_corked",)
+#: the bytes of a corked write (byzsgd's outbox joins small frames up to 64 KB)
+CORK_BYTES = 64 << 10
 #: the kinds byzsgd's small-message rows are divided by (``byzsgd_over_<kind>``)
 BASELINES = ("uvloop", "raw", "asyncio", "msgpack", "msgpack_torch")
 PLACEMENTS = ("same", "split", "none")
@@ -341,7 +345,8 @@ def asyncio_child(role, size, n, ports, mode):
 
 
 # ----------------------------------------------------------------------------- the design's floor
-def framed_child(role: str, size: int, n: int, ports: list[int], mode: str, with_torch: bool = False) -> dict:
+def framed_child(role: str, size: int, n: int, ports: list[int], mode: str, with_torch: bool = False,
+                 cork: bool = False) -> dict:
     """The floor of *this design's shape*, whatever its implementation: every message is a
     length prefix, a msgpack header (kind, step, sender, one tensor spec, meta) packed by the
     sender and unpacked by the receiver, the payload, and a handler looked up by kind; on uvloop,
@@ -350,7 +355,10 @@ def framed_child(role: str, size: int, n: int, ports: list[int], mode: str, with
     payload is a tensor's, as it is for a node: the sender reads its bytes
     (``ctypes.string_at(t.data_ptr(), n)``, byzsgd's own way) and the receiver builds a tensor
     over them (``torch.frombuffer``).  byzsgd over these kinds is what its checks and plumbing
-    cost; these kinds over the bare echo are what the shape costs before a line of byzsgd."""
+    cost; these kinds over the bare echo are what the shape costs before a line of byzsgd.
+    ``cork`` (kind ``msgpack_torch_corked``, msgs only): the sender joins the frames of a burst
+    into writes of up to :data:`CORK_BYTES`, as byzsgd's outbox does (a round trip has one
+    message in flight: nothing to join)."""
     import ctypes
     import struct
 
@@ -464,11 +472,15 @@ def framed_child(role: str, size: int, n: int, ports: list[int], mode: str, with
                     lat.append(time.perf_counter() - t0)
             out.update(rtt_stats(lat))
         else:
+            per_write = max(1, CORK_BYTES // (size + 64)) if cork else 1
             for count, timed in ((warm, False), (n, True)):
                 st["f"] = loop.create_future()
                 t0 = time.perf_counter()
-                for i in range(count):
-                    tr.write(frame("t", i, x))
+                for i in range(0, count, per_write):
+                    if per_write == 1:
+                        tr.write(frame("t", i, x))
+                    else:  # corked: the frames of a burst in one write, as byzsgd's outbox does
+                        tr.write(b"".join([frame("t", j, x) for j in range(i, min(i + per_write, count))]))
                     if st["paused"] is not None:
                         await st["paused"]
                 await st["f"]
@@ -491,6 +503,10 @@ def msgpack_child(role, size, n, ports, mode):
 
 def msgpack_torch_child(role, size, n, ports, mode):
     return framed_child(role, size, n, ports, mode, with_torch=True)
+
+
+def msgpack_torch_corked_child(role, size, n, ports, mode):
+    return framed_child(role, size, n, ports, mode, with_torch=True, cork=True)
 
 
 # ----------------------------------------------------------------------------- raw socket children
@@ -880,7 +896,8 @@ FAN_KINDS = ("byzsgd", "uvloop", "raw")
 
 
 CHILDREN = {"byzsgd": byz_child, "uvloop": uvloop_child, "asyncio": asyncio_child, "raw": raw_child,
-            "msgpack": msgpack_child, "msgpack_torch": msgpack_torch_child, "gloo": gloo_child}
+            "msgpack": msgpack_child, "msgpack_torch": msgpack_torch_child,
+            "msgpack_torch_corked": msgpack_torch_corked_child, "gloo": gloo_child}
 
 
 def pair(kind: str, size: int, n: int, mode: str = "tput", timeout: float = 300, placement: str = "none") -> dict:
@@ -1226,7 +1243,7 @@ def main() -> None:
             print(f"  {k:>8}: p50 {r[k + '_p50']:>8.1f}  p99 {r[k + '_p99']:>8.1f}  runs {r[k + '_p50_runs']}")
     if "msgs" in only:
         n = 3000 if a.quick else 20000
-        runs = {k: [] for k in SMALL_KINDS}
+        runs = {k: [] for k in MSGS_KINDS}
         for _ in range(many):
             for k in runs:
                 runs[k].append(pair(k, MSG_SIZE, n, "msgs", placement=a.placement))
@@ -1235,15 +1252,16 @@ def main() -> None:
             row[f"{k}_msgs_s"] = round(statistics.median(x["msgs_s"] for x in rs))
             row[f"{k}_msgs_s_runs"] = [round(x["msgs_s"]) for x in rs]
             result["sockopts"].setdefault(k, rs[0]["sockopts"])
-        for k in BASELINES:
+        for k in BASELINES + ("msgpack_torch_corked",):
             row[f"byzsgd_over_{k}"] = _ratio(row["byzsgd_msgs_s"], row[f"{k}_msgs_s"])
-        for k in ("msgpack", "msgpack_torch"):
+        for k in ("msgpack", "msgpack_torch", "msgpack_torch_corked"):
             row[f"{k}_over_uvloop"] = _ratio(row[f"{k}_msgs_s"], row["uvloop_msgs_s"])
         row["runs"], row["messages"] = many, n
         result["msgs"][str(MSG_SIZE)] = row
-        ratios[f"msgs_{MSG_SIZE}"] = {f"byzsgd_over_{k}": row[f"byzsgd_over_{k}"] for k in BASELINES}
+        ratios[f"msgs_{MSG_SIZE}"] = {f"byzsgd_over_{k}": row[f"byzsgd_over_{k}"]
+                                      for k in BASELINES + ("msgpack_torch_corked",)}
         print(f"{MSG_SIZE}-byte one-way messages/s (median of {many} interleaved runs of {n}): "
-              + ", ".join(f"{k} {row[k + '_msgs_s']}" for k in SMALL_KINDS), flush=True)
+              + ", ".join(f"{k} {row[k + '_msgs_s']}" for k in MSGS_KINDS), flush=True)
     if "fanout" in only:
         rounds = 5 if a.quick else 20
         print(f"fan-out of one model to {a.fanout} peers, until every peer acknowledged it "
@@ -1290,7 +1308,7 @@ def main() -> None:
             print(f"  {p['own_us_per_rtt']:>7.2f} {p['own_share']:>6.1%}  {p['calls_per_rtt']:>5} calls  {p['function']}")
     if ratios:
         print("\nratios (byzsgd's number over the other's: times above 1 and msgs/s below 1 are slower):")
-        cols = [(k, max(len(k) + 7, 11)) for k in BASELINES]
+        cols = [(k, max(len(k) + 7, 11)) for k in BASELINES + ("msgpack_torch_corked",)]
         print(f"{'measure':>22} " + " ".join(f"{'byzsgd/' + k:>{w}}" for k, w in cols))
         for name, rr in ratios.items():
             print(f"{name:>22} " + " ".join(f"{'' if rr.get('byzsgd_over_' + k) is None else rr['byzsgd_over_' + k]:>{w}}"
