@@ -292,14 +292,7 @@ def aio_child(role: str, size: int, n: int, ports: list[int], mode: str, loop_ki
                 p, st["paused"] = st["paused"], None
                 p is not None and not p.done() and p.set_result(None)
 
-        for _ in range(500):
-            try:
-                tr, _p = await loop.create_connection(Client, "127.0.0.1", ports[0])
-                break
-            except OSError:
-                await asyncio.sleep(0.01)
-        else:
-            raise SystemExit("cannot connect")
+        tr, _p = await aio_connect_retry(loop, Client, ports[0])
         sock = tr.get_extra_info("socket")
         tune(sock)
         out = {"sockopts": sockopts(sock)}
@@ -450,15 +443,7 @@ def framed_child(role: str, size: int, n: int, ports: list[int], mode: str, with
                 fut, st["paused"] = st["paused"], None
                 fut is not None and not fut.done() and fut.set_result(None)
 
-        for _ in range(500):
-            try:
-                tr, _p = await loop.create_connection(lambda: Client({"pong": resolve, "ack": resolve}),
-                                                      "127.0.0.1", ports[0])
-                break
-            except OSError:
-                await asyncio.sleep(0.01)
-        else:
-            raise SystemExit("cannot connect")
+        tr, _p = await aio_connect_retry(loop, lambda: Client({"pong": resolve, "ack": resolve}), ports[0])
         out = {"sockopts": sockopts(tr.get_extra_info("socket"))}
         x = torch.zeros(elems, dtype=torch.float32) if with_torch else bytes(size)
         if mode == "rtt":
@@ -579,6 +564,17 @@ def connect_retry(port: int) -> socket.socket:
             return socket.create_connection(("127.0.0.1", port))
         except OSError:
             time.sleep(0.01)
+    raise SystemExit("cannot connect")
+
+
+async def aio_connect_retry(loop, factory, port: int):
+    """:func:`connect_retry` for the asyncio kinds: ``(transport, protocol)`` once the receiver
+    listens (it starts at the same time as the sender)."""
+    for _ in range(500):
+        try:
+            return await loop.create_connection(factory, "127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.01)
     raise SystemExit("cannot connect")
 
 
@@ -789,14 +785,7 @@ def uvloop_fan_child(role: str, size: int, rounds: int, ports: list[int], nrecv:
                     lost["f"].set_result(None)
 
         for _ in mine:
-            for _ in range(500):
-                try:
-                    await loop.create_connection(Peer, "127.0.0.1", ports[0])
-                    break
-                except OSError:
-                    await asyncio.sleep(0.01)
-            else:
-                raise SystemExit("cannot connect")
+            await aio_connect_retry(loop, Peer, ports[0])
         await lost["f"]
         return {}
 
